@@ -1,0 +1,66 @@
+"""ResNet-18/34/50/101/152 (He et al. 2015) in torchvision's layout (v1.5 bottlenecks).
+
+Names mirror torchvision's state dict: ``conv1, bn1, layer{1-4}_{i}/{conv1,bn1,...,downsample_conv,
+downsample_bn}, fc`` (torch ``layer1.0.conv1.weight`` <-> ``params/layer1_0/conv1/kernel``).
+Explicit symmetric pads (stem 3, 3x3 convs 1, max-pool 1), unlike 'SAME', so torch weights load.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Type, Union
+
+import flax.linen as nn
+import jax
+
+from cnnjax.layers import (
+    BasicBlock,
+    BatchNorm,
+    Bottleneck,
+    Conv,
+    Dense,
+    MaxPool,
+    global_avg_pool,
+    kaiming_normal_fan_out,
+)
+
+Array = jax.Array
+Block = Type[Union[BasicBlock, Bottleneck]]
+
+STAGES: dict[str, tuple[Block, Sequence[int]]] = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet34": (BasicBlock, (3, 4, 6, 3)),
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+    "resnet101": (Bottleneck, (3, 4, 23, 3)),
+    "resnet152": (Bottleneck, (3, 8, 36, 3)),
+}
+
+
+class ResNet(nn.Module):
+    """``[N, H, W, 3] -> [N, num_classes]`` (any H, W >= 32; 224 for ImageNet).
+
+    ``zero_init_residual`` zeroes the last BN scale of every block (torchvision's option).
+    ``features_only=True`` returns the pooled ``[N, 512 * expansion]`` features instead of logits.
+    """
+
+    block: Block
+    stage_sizes: Sequence[int]
+    num_classes: int = 1000
+    zero_init_residual: bool = False
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False, features_only: bool = False) -> Array:
+        if min(x.shape[1:3]) < 32:
+            raise ValueError(f"ResNet needs inputs of at least 32x32 (total stride 32), got {x.shape[1:3]}")
+        x = Conv(64, 7, 2, 3, use_bias=False, kernel_init=kaiming_normal_fan_out, name="conv1")(x)
+        x = nn.relu(BatchNorm(axis_name=self.axis_name, name="bn1")(x, train))
+        x = MaxPool(3, 2, 1, name="maxpool")(x)
+        for stage, num_blocks in enumerate(self.stage_sizes):
+            for i in range(num_blocks):
+                stride = 2 if stage > 0 and i == 0 else 1
+                x = self.block(64 * 2**stage, stride, self.zero_init_residual, self.axis_name,
+                               name=f"layer{stage + 1}_{i}")(x, train)
+        x = global_avg_pool(x)
+        if features_only:
+            return x
+        return Dense(self.num_classes, name="fc")(x)
