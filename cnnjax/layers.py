@@ -17,7 +17,8 @@ Every module here is a pure function of ``(variables, inputs)``. Conventions:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence, Tuple, Union
+from collections.abc import Callable, Sequence
+from typing import Any, Union
 
 import flax.linen as nn
 import jax
@@ -25,8 +26,8 @@ import jax.numpy as jnp
 from jax import lax
 
 Array = jax.Array
-IntPair = Union[int, Tuple[int, int]]
-Padding = Union[str, int, Tuple[int, int]]
+IntPair = Union[int, tuple[int, int]]
+Padding = Union[str, int, tuple[int, int]]
 Initializer = Callable[..., Array]
 
 # torch's default: kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
@@ -45,7 +46,7 @@ def torch_default_bias_init(fan_in: int) -> Initializer:
     return init
 
 
-def _pair(value: IntPair, what: str) -> Tuple[int, int]:
+def _pair(value: IntPair, what: str) -> tuple[int, int]:
     if isinstance(value, int):
         return (value, value)
     if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
@@ -53,7 +54,7 @@ def _pair(value: IntPair, what: str) -> Tuple[int, int]:
     raise ValueError(f"{what} must be an int or a pair of ints (h, w), got {value!r}")
 
 
-def canonical_padding(padding: Padding) -> Union[str, Tuple[Tuple[int, int], Tuple[int, int]]]:
+def canonical_padding(padding: Padding) -> str | tuple[tuple[int, int], tuple[int, int]]:
     """torch-style ``p`` / ``(ph, pw)`` -> ``((ph, ph), (pw, pw))``; 'SAME'/'VALID' unchanged."""
     if isinstance(padding, str):
         mode = padding.upper()
@@ -86,8 +87,8 @@ class Conv(nn.Module):
     groups: int = 1
     use_bias: bool = True
     kernel_init: Initializer = torch_default_kernel_init
-    bias_init: Optional[Initializer] = None
-    dtype: Optional[Any] = None
+    bias_init: Initializer | None = None
+    dtype: Any | None = None
     precision: Any = None
 
     @nn.compact
@@ -130,8 +131,8 @@ class Dense(nn.Module):
     features: int
     use_bias: bool = True
     kernel_init: Initializer = torch_default_kernel_init
-    bias_init: Optional[Initializer] = None
-    dtype: Optional[Any] = None
+    bias_init: Initializer | None = None
+    dtype: Any | None = None
     precision: Any = None
 
     @nn.compact
@@ -161,7 +162,7 @@ class BatchNorm(nn.Module):
     epsilon: float = 1e-5
     use_scale: bool = True
     use_bias: bool = True
-    axis_name: Optional[str] = None
+    axis_name: str | None = None
     scale_init: Initializer = nn.initializers.ones
     bias_init: Initializer = nn.initializers.zeros
 
@@ -195,7 +196,7 @@ class BatchNorm(nn.Module):
         return y.astype(x.dtype)
 
 
-def _pool_geometry(x: Array, window: IntPair, stride: Optional[IntPair], padding: IntPair, name: str):
+def _pool_geometry(x: Array, window: IntPair, stride: IntPair | None, padding: IntPair, name: str):
     _check_nhwc(x, name)
     kh, kw = _pair(window, "window")
     sh, sw = _pair(stride if stride is not None else (kh, kw), "stride")
@@ -208,7 +209,7 @@ def _pool_geometry(x: Array, window: IntPair, stride: Optional[IntPair], padding
     return dims, strides, pads
 
 
-def max_pool(x: Array, window: IntPair, stride: Optional[IntPair] = None, padding: IntPair = 0) -> Array:
+def max_pool(x: Array, window: IntPair, stride: IntPair | None = None, padding: IntPair = 0) -> Array:
     """torch ``MaxPool2d`` on ``[N, H, W, C]``: padding counts as ``-inf``; stride defaults to window."""
     dims, strides, pads = _pool_geometry(x, window, stride, padding, "max_pool")
     init = jnp.array(-jnp.inf, x.dtype)
@@ -218,7 +219,7 @@ def max_pool(x: Array, window: IntPair, stride: Optional[IntPair] = None, paddin
 def avg_pool(
     x: Array,
     window: IntPair,
-    stride: Optional[IntPair] = None,
+    stride: IntPair | None = None,
     padding: IntPair = 0,
     count_include_pad: bool = True,
 ) -> Array:
@@ -264,7 +265,7 @@ class MaxPool(nn.Module):
     """Parameter-free module wrapper of :func:`max_pool` (so summaries and analysis see it)."""
 
     window: IntPair
-    stride: Optional[IntPair] = None
+    stride: IntPair | None = None
     padding: IntPair = 0
 
     def __call__(self, x: Array) -> Array:
@@ -275,7 +276,7 @@ class AvgPool(nn.Module):
     """Parameter-free module wrapper of :func:`avg_pool`."""
 
     window: IntPair
-    stride: Optional[IntPair] = None
+    stride: IntPair | None = None
     padding: IntPair = 0
     count_include_pad: bool = True
 
@@ -307,7 +308,7 @@ def flatten_nchw(x: Array) -> Array:
     return jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
 
 
-def check_head_input(model: str, x: Array, expected_hwc: Tuple[int, int, int], hint: str) -> None:
+def check_head_input(model: str, x: Array, expected_hwc: tuple[int, int, int], hint: str) -> None:
     """Raise a clear error when the feature map feeding a Dense head has the wrong shape."""
     got = tuple(x.shape[1:])
     if got != tuple(expected_hwc):
@@ -324,9 +325,9 @@ class ConvBN(nn.Module):
     kernel_size: IntPair = 3
     stride: IntPair = 1
     padding: Padding = 1
-    act: Optional[Callable[[Array], Array]] = nn.relu
+    act: Callable[[Array], Array] | None = nn.relu
     bn_momentum: float = 0.9
-    axis_name: Optional[str] = None
+    axis_name: str | None = None
     scale_init: Initializer = nn.initializers.ones
     kernel_init: Initializer = kaiming_normal_fan_out
 
@@ -349,7 +350,7 @@ class BasicBlock(nn.Module):
     features: int
     stride: int = 1
     zero_init_last_bn: bool = False
-    axis_name: Optional[str] = None
+    axis_name: str | None = None
     expansion = 1
 
     @nn.compact
@@ -374,7 +375,7 @@ class Bottleneck(nn.Module):
     features: int
     stride: int = 1
     zero_init_last_bn: bool = False
-    axis_name: Optional[str] = None
+    axis_name: str | None = None
     expansion = 4
 
     @nn.compact
@@ -392,7 +393,7 @@ class Bottleneck(nn.Module):
         return nn.relu(y + residual)
 
 
-def _projection_shortcut(x: Array, features: int, stride: int, axis_name: Optional[str], train: bool) -> Array:
+def _projection_shortcut(x: Array, features: int, stride: int, axis_name: str | None, train: bool) -> Array:
     """Identity, or 1x1 conv (stride) + BN when the shape changes. Call inside a compact method."""
     if stride == 1 and x.shape[-1] == features:
         return x

@@ -8,7 +8,8 @@ models with BatchNorm and ``rngs={'dropout': key}`` for models with Dropout.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 

@@ -7,7 +7,7 @@ Explicit symmetric pads (stem 3, 3x3 convs 1, max-pool 1), unlike 'SAME', so tor
 
 from __future__ import annotations
 
-from typing import Sequence, Type, Union
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -24,7 +24,7 @@ from cnnjax.layers import (
 )
 
 Array = jax.Array
-Block = Type[Union[BasicBlock, Bottleneck]]
+Block = type[BasicBlock | Bottleneck]
 
 STAGES: dict[str, tuple[Block, Sequence[int]]] = {
     "resnet18": (BasicBlock, (2, 2, 2, 2)),

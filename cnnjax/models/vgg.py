@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -20,7 +20,7 @@ from cnnjax.layers import (
 
 Array = jax.Array
 
-CONFIGS: dict[str, Sequence[Union[int, str]]] = {
+CONFIGS: dict[str, Sequence[int | str]] = {
     "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
     "vgg13": (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
     "vgg16": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),
@@ -37,7 +37,7 @@ class VGG(nn.Module):
     fan-out; linear init ``N(0, 0.01)``, as torchvision.
     """
 
-    config: Sequence[Union[int, str]]
+    config: Sequence[int | str]
     batch_norm: bool = False
     num_classes: int = 1000
     dropout_rate: float = 0.5
