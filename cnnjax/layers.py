@@ -155,7 +155,7 @@ class BatchNorm(nn.Module):
     variance statistic is unbiased (``n / (n - 1)``), exactly as torch. ``momentum=0.9`` here is
     torch's ``momentum=0.1``. With ``axis_name`` the statistics are averaged across that mapped
     axis (cross-replica / SyncBatchNorm). ``train=False``: use the running statistics.
-    Statistics are kept and computed in float32 whatever the input dtype.
+    Statistics are computed in at least float32 (bf16 inputs are promoted) and stored in float32.
     """
 
     momentum: float = 0.9
@@ -171,7 +171,7 @@ class BatchNorm(nn.Module):
         features = x.shape[-1]
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
-        xf = x.astype(jnp.float32)
+        xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # bf16 -> f32; f64 stays f64
         if train:
             axes = tuple(range(x.ndim - 1))
             count = math.prod(x.shape[:-1])
@@ -190,9 +190,9 @@ class BatchNorm(nn.Module):
             mean, var = ra_mean.value, ra_var.value
         y = (xf - mean) * lax.rsqrt(var + self.epsilon)
         if self.use_scale:
-            y = y * self.param("scale", self.scale_init, (features,), jnp.float32)
+            y = y * self.param("scale", self.scale_init, (features,), jnp.float32).astype(xf.dtype)
         if self.use_bias:
-            y = y + self.param("bias", self.bias_init, (features,), jnp.float32)
+            y = y + self.param("bias", self.bias_init, (features,), jnp.float32).astype(xf.dtype)
         return y.astype(x.dtype)
 
 
