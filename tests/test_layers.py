@@ -1,0 +1,265 @@
+"""Building blocks vs torch on identical weights (fp32, max |Δ| <= 1e-5), chex jit/no-jit variants."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cnnjax import layers
+from tests import torch_reference as ref
+from tests.parity import assert_parity, nchw, nhwc, variables_of
+
+TOL = 1e-5
+rng = np.random.RandomState(0)
+
+
+def rand(*shape):
+    return rng.randn(*shape).astype(np.float32)
+
+
+CONV_CASES = [
+    # (c_in, c_out, kernel, stride, padding, dilation, groups, bias, hw)
+    (3, 8, 3, 1, 1, 1, 1, True, (32, 32)),
+    (3, 8, 3, 1, 0, 1, 1, True, (9, 11)),
+    (4, 6, (3, 5), (2, 1), (1, 2), 1, 1, False, (15, 16)),
+    (4, 8, 3, 2, 1, 2, 1, True, (17, 17)),
+    (8, 8, 3, 1, 1, 1, 8, False, (10, 10)),  # depthwise
+    (6, 9, 1, 2, 0, 1, 3, True, (8, 8)),
+    (3, 5, 7, 2, 3, 1, 1, False, (23, 20)),
+]
+
+
+@pytest.mark.parametrize("c_in,c_out,k,s,p,d,g,bias,hw", CONV_CASES)
+def test_conv_matches_torch(c_in, c_out, k, s, p, d, g, bias, hw):
+    torch.manual_seed(0)
+    tconv = torch.nn.Conv2d(c_in, c_out, k, s, p, d, g, bias)
+    conv = layers.Conv(c_out, k, s, p, d, g, bias)
+    variables = {"params": variables_of(torch.nn.ModuleDict({"c": tconv}))["params"]["c"]}
+    x = rand(2, *hw, c_in)
+    want = nhwc(tconv(nchw(x)))
+    assert_parity("Conv (padding/stride/dilation/groups/bias)", conv.apply(variables, x), want, TOL)
+    # Flax's own init builds the same tree as the ported torch weights.
+    built = conv.init(jax.random.PRNGKey(0), x)
+    chex.assert_trees_all_equal_shapes(built, variables)
+
+
+@pytest.mark.parametrize("mode,torch_mode", [("SAME", "same"), ("VALID", "valid"), ("same", "same")])
+def test_conv_same_valid_match_torch_at_stride_1(mode, torch_mode):
+    torch.manual_seed(0)
+    tconv = torch.nn.Conv2d(3, 4, 3, padding=torch_mode)
+    variables = {"params": variables_of(torch.nn.ModuleDict({"c": tconv}))["params"]["c"]}
+    x = rand(1, 7, 9, 3)
+    assert_parity("Conv SAME/VALID", layers.Conv(4, 3, padding=mode).apply(variables, x),
+                  nhwc(tconv(nchw(x))), TOL)
+
+
+def test_conv_bad_arguments_fail_clearly():
+    x = jnp.zeros((1, 8, 8, 3))
+    with pytest.raises(ValueError, match="padding must be 'SAME', 'VALID', an int or"):
+        layers.Conv(4, padding="FULL").init(jax.random.PRNGKey(0), x)
+    with pytest.raises(ValueError, match="groups=2 must divide both input channels"):
+        layers.Conv(4, groups=2).init(jax.random.PRNGKey(0), x)
+    with pytest.raises(ValueError, match=r"expects an \[N, H, W, C\] array"):
+        layers.Conv(4).init(jax.random.PRNGKey(0), jnp.zeros((8, 8, 3)))
+
+
+def test_conv_default_init_is_torch_bound():
+    conv = layers.Conv(64, 3)
+    params = conv.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 32)))["params"]
+    bound = 1 / np.sqrt(3 * 3 * 32)
+    for leaf in (params["kernel"], params["bias"]):
+        assert np.abs(leaf).max() <= bound
+        assert np.abs(leaf).max() > 0.9 * bound  # uniform, fills the interval
+
+
+def test_dense_matches_torch_linear():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(12, 5)
+    variables = {"params": variables_of(torch.nn.ModuleDict({"l": lin}))["params"]["l"]}
+    x = rand(3, 12)
+    assert_parity("Dense", layers.Dense(5).apply(variables, x), lin(torch.from_numpy(x)).detach().numpy(), TOL)
+
+
+POOL_CASES = [
+    # (window, stride, padding, hw)
+    (2, None, 0, (8, 8)),
+    (3, 2, 1, (9, 10)),
+    (3, 1, 1, (5, 5)),
+    ((2, 3), (1, 2), (1, 1), (7, 8)),
+    (3, 2, 0, (7, 7)),
+]
+
+
+@pytest.mark.parametrize("window,stride,padding,hw", POOL_CASES)
+def test_max_pool_matches_torch(window, stride, padding, hw):
+    x = rand(2, *hw, 3)
+    got = jax.jit(lambda v: layers.max_pool(v, window, stride, padding))(x)
+    want = nhwc(F.max_pool2d(nchw(x), window, stride, padding))
+    assert_parity("max_pool", got, want, 0.0)
+
+
+@pytest.mark.parametrize("count_include_pad", [True, False])
+@pytest.mark.parametrize("window,stride,padding,hw", POOL_CASES)
+def test_avg_pool_matches_torch(window, stride, padding, hw, count_include_pad):
+    x = rand(2, *hw, 3)
+    got = jax.jit(lambda v: layers.avg_pool(v, window, stride, padding, count_include_pad))(x)
+    want = nhwc(F.avg_pool2d(nchw(x), window, stride, padding, count_include_pad=count_include_pad))
+    assert_parity("avg_pool (count_include_pad both ways)", got, want, TOL)
+
+
+@pytest.mark.parametrize("hw,out", [((7, 7), 7), ((9, 13), (7, 7)), ((1, 1), 7), ((14, 10), (3, 4))])
+def test_adaptive_avg_pool_matches_torch(hw, out):
+    x = rand(2, *hw, 3)
+    want = nhwc(F.adaptive_avg_pool2d(nchw(x), out))
+    assert_parity("adaptive_avg_pool", layers.adaptive_avg_pool(x, out), want, TOL)
+
+
+def test_global_avg_pool_matches_torch():
+    x = rand(2, 5, 6, 4)
+    want = F.adaptive_avg_pool2d(nchw(x), 1).flatten(1).numpy()
+    assert_parity("global_avg_pool", layers.global_avg_pool(x), want, TOL)
+
+
+def test_pool_padding_over_half_window_is_rejected():
+    with pytest.raises(ValueError, match="at most half the window"):
+        layers.max_pool(jnp.zeros((1, 4, 4, 1)), 2, 2, 2)
+
+
+class TestJitVariants(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_pools_jit_and_no_jit_agree_with_seed_001(self):
+        x = jnp.array([[1, 3, 2, 1], [4, 2, 0, 1], [0, 1, 5, 2], [1, 2, 3, 0]], jnp.float32)[None, :, :, None]
+        mx = self.variant(lambda v: layers.max_pool(v, 2))(x)
+        av = self.variant(lambda v: layers.avg_pool(v, 2))(x)
+        chex.assert_shape(mx, (1, 2, 2, 1))
+        np.testing.assert_array_equal(mx[0, :, :, 0], [[4, 2], [2, 5]])
+        np.testing.assert_allclose(av[0, :, :, 0], [[2.5, 1.0], [1.0, 2.5]])
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_conv_apply_jit_and_no_jit(self):
+        conv = layers.Conv(8, 3, padding=1)
+        x = jnp.ones((2, 6, 6, 3))
+        variables = conv.init(jax.random.PRNGKey(0), x)
+        y = self.variant(conv.apply)(variables, x)
+        chex.assert_shape(y, (2, 6, 6, 8))
+        chex.assert_tree_all_finite(y)
+
+
+def _bn_pair(features, momentum=0.1, two_d=True):
+    tbn = (torch.nn.BatchNorm2d if two_d else torch.nn.BatchNorm1d)(features, momentum=momentum)
+    ref.randomize_bn_stats(tbn, torch.Generator().manual_seed(3))
+    return tbn, variables_of(torch.nn.ModuleDict({"b": tbn}))
+
+
+def _sub(variables, key="b"):
+    return {col: tree[key] for col, tree in variables.items()}
+
+
+@pytest.mark.parametrize("two_d", [True, False])
+def test_batchnorm_train_and_eval_match_torch(two_d):
+    tbn, variables = _bn_pair(6, two_d=two_d)
+    variables = _sub(variables)
+    x = rand(4, 5, 5, 6) * 3 + 1 if two_d else rand(7, 6) * 3 + 1
+    xt = nchw(x) if two_d else torch.from_numpy(x)
+    bn = layers.BatchNorm()
+    tbn.eval()
+    assert_parity("BatchNorm eval", bn.apply(variables, x, train=False), nhwc(tbn(xt)), TOL)
+    tbn.train()
+    want = nhwc(tbn(xt))
+    got, updated = bn.apply(variables, x, train=True, mutable=["batch_stats"])
+    assert_parity("BatchNorm train output", got, want, TOL)
+    want_stats = _sub(variables_of(torch.nn.ModuleDict({"b": tbn})))["batch_stats"]
+    assert_parity("BatchNorm train running stats", updated["batch_stats"], want_stats, TOL)
+
+
+def test_batchnorm_momentum_is_flax_convention():
+    """Flax momentum 0.8 == torch momentum 0.2."""
+    tbn, variables = _bn_pair(3, momentum=0.2)
+    x = rand(8, 4, 4, 3)
+    tbn.train()
+    tbn(nchw(x))
+    _, updated = layers.BatchNorm(momentum=0.8).apply(_sub(variables), x, train=True, mutable=["batch_stats"])
+    want = _sub(variables_of(torch.nn.ModuleDict({"b": tbn})))["batch_stats"]
+    assert_parity("BatchNorm momentum convention", updated["batch_stats"], want, TOL)
+
+
+def test_cross_replica_batchnorm_equals_full_batch():
+    bn = layers.BatchNorm(axis_name="batch")
+    x = rand(8, 3, 3, 4) * 2 + 0.5
+    variables = bn.init(jax.random.PRNGKey(0), x, train=False)
+    full, full_upd = layers.BatchNorm().apply(variables, x, train=True, mutable=["batch_stats"])
+    shards = x.reshape(4, 2, 3, 3, 4)
+    per, per_upd = jax.vmap(lambda s: bn.apply(variables, s, train=True, mutable=["batch_stats"]),
+                            axis_name="batch")(shards)
+    assert_parity("BatchNorm cross-replica vs full batch", per.reshape(x.shape), full, TOL)
+    for key in ("mean", "var"):
+        np.testing.assert_allclose(per_upd["batch_stats"][key][0], full_upd["batch_stats"][key], atol=TOL)
+    # Without axis_name each shard normalises with its own statistics: different output.
+    local = jax.vmap(lambda s: layers.BatchNorm().apply(variables, s, train=True, mutable=["batch_stats"])[0])(shards)
+    assert np.abs(np.asarray(local).reshape(x.shape) - np.asarray(full)).max() > 1e-3
+
+
+def test_dropout_semantics():
+    drop = layers.Dropout(0.25)
+    x = jnp.ones((1000, 20))
+    np.testing.assert_array_equal(drop.apply({}, x, train=False), x)
+    y = drop.apply({}, x, train=True, rngs={"dropout": jax.random.PRNGKey(0)})
+    kept = np.asarray(y) != 0
+    assert abs(kept.mean() - 0.75) < 0.01
+    np.testing.assert_allclose(np.asarray(y)[kept], 1 / 0.75, rtol=1e-6)
+    y2 = drop.apply({}, x, train=True, rngs={"dropout": jax.random.PRNGKey(0)})
+    np.testing.assert_array_equal(y, y2)  # randomness only through the explicit key
+    with pytest.raises(ValueError, match=r"rate must be in \[0, 1\)"):
+        layers.Dropout(1.0).apply({}, x, train=True, rngs={"dropout": jax.random.PRNGKey(0)})
+
+
+class TorchConvBN(torch.nn.Module):
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(c_out)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+BLOCK_CASES = [
+    ("ConvBN", lambda: TorchConvBN(4, 8, 2), lambda: layers.ConvBN(8, 3, 2, 1), 4),
+    ("BasicBlock identity", lambda: ref.make_block(ref.BasicBlock, 8, 8, 1), lambda: layers.BasicBlock(8, 1), 8),
+    ("BasicBlock projection", lambda: ref.make_block(ref.BasicBlock, 8, 16, 2), lambda: layers.BasicBlock(16, 2), 8),
+    ("Bottleneck identity", lambda: ref.make_block(ref.Bottleneck, 32, 8, 1), lambda: layers.Bottleneck(8, 1), 32),
+    ("Bottleneck projection", lambda: ref.make_block(ref.Bottleneck, 16, 8, 2), lambda: layers.Bottleneck(8, 2), 16),
+]
+
+
+@pytest.mark.parametrize("label,make_torch,make_jax,c_in", BLOCK_CASES, ids=[c[0] for c in BLOCK_CASES])
+def test_blocks_match_torch_train_and_eval(label, make_torch, make_jax, c_in):
+    torch.manual_seed(0)
+    tblock = make_torch()
+    ref.randomize_bn_stats(tblock, torch.Generator().manual_seed(2))
+    variables = variables_of(tblock)
+    block = make_jax()
+    x = rand(4, 9, 9, c_in)
+    chex.assert_trees_all_equal_shapes(block.init(jax.random.PRNGKey(0), x, train=False), variables)
+    tblock.eval()
+    with torch.no_grad():
+        assert_parity(f"{label} eval", block.apply(variables, x, train=False), nhwc(tblock(nchw(x))), TOL)
+    tblock.train()
+    with torch.no_grad():
+        want = nhwc(tblock(nchw(x)))
+    got, updated = block.apply(variables, x, train=True, mutable=["batch_stats"])
+    assert_parity(f"{label} train", got, want, TOL)
+    assert_parity(f"{label} train running stats", updated["batch_stats"], variables_of(tblock)["batch_stats"], TOL)
+
+
+def test_zero_init_last_bn_makes_block_start_as_relu_of_shortcut():
+    x = jnp.asarray(rand(2, 6, 6, 8))
+    block = layers.BasicBlock(8, zero_init_last_bn=True)
+    variables = block.init(jax.random.PRNGKey(0), x, train=False)
+    np.testing.assert_array_equal(variables["params"]["bn2"]["scale"], 0)
+    np.testing.assert_allclose(block.apply(variables, x, train=False), jax.nn.relu(x), atol=1e-6)
