@@ -64,7 +64,8 @@ def test_torch_reference_has_same_count(name):
 
 # (name, input H, W, C, batch) for parity; big nets at reduced resolution keep the suite fast,
 # resnet50 also at 224. Train-mode BN over a tiny last stage (2x2 maps, batch 2) is
-# ill-conditioned in fp32 for the deep bottleneck nets, so those run at >= 96 px, batch 4. VGG at 64x64 exercises the non-divisible adaptive 7x7 pool.
+# ill-conditioned in fp32 for the deep bottleneck nets, so those run at >= 96 px, batch 4.
+# VGG at 64x64 exercises the non-divisible adaptive 7x7 pool.
 PARITY_CASES = [
     ("tiny_cnn", (8, 8, 1), 8),
     ("lenet5", (32, 32, 1), 4),
