@@ -212,8 +212,8 @@ def _pool_geometry(x: Array, window: IntPair, stride: IntPair | None, padding: I
 def max_pool(x: Array, window: IntPair, stride: IntPair | None = None, padding: IntPair = 0) -> Array:
     """torch ``MaxPool2d`` on ``[N, H, W, C]``: padding counts as ``-inf``; stride defaults to window."""
     dims, strides, pads = _pool_geometry(x, window, stride, padding, "max_pool")
-    init = jnp.array(-jnp.inf, x.dtype)
-    return lax.reduce_window(x, init, lax.max, dims, strides, pads)
+    # Python-scalar init values let XLA recognise max / add windows (and differentiate them).
+    return lax.reduce_window(x, -jnp.inf, lax.max, dims, strides, pads)
 
 
 def avg_pool(
@@ -225,12 +225,11 @@ def avg_pool(
 ) -> Array:
     """torch ``AvgPool2d`` on ``[N, H, W, C]``; ``count_include_pad`` as in torch (default True)."""
     dims, strides, pads = _pool_geometry(x, window, stride, padding, "avg_pool")
-    zero = jnp.array(0, x.dtype)
-    sums = lax.reduce_window(x, zero, lax.add, dims, strides, pads)
+    sums = lax.reduce_window(x, 0.0, lax.add, dims, strides, pads)
     if count_include_pad:
         return sums / (dims[1] * dims[2])
     ones = jnp.ones((1,) + x.shape[1:3] + (1,), x.dtype)
-    counts = lax.reduce_window(ones, zero, lax.add, dims, strides, pads)
+    counts = lax.reduce_window(ones, 0.0, lax.add, dims, strides, pads)
     return sums / counts
 
 

@@ -1,0 +1,28 @@
+"""TrainState: params, BatchNorm statistics, optimizer state, step and rng in one pytree."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+
+class TrainState(train_state.TrainState):
+    """Flax ``TrainState`` plus ``batch_stats`` (``{}`` for models without BN) and an ``rng`` key."""
+
+    batch_stats: Any
+    rng: jax.Array
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, input_shape: tuple[int, int, int],
+                       key: jax.Array) -> TrainState:
+    """Initialise ``model`` on a ``[1, *input_shape]`` input; ``key`` seeds init and the state's rng."""
+    init_key, state_key = jax.random.split(key)
+    variables = jax.jit(lambda k: model.init({"params": k, "dropout": k}, jnp.zeros((1, *input_shape)),
+                                             train=False))(init_key)
+    return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                             batch_stats=variables.get("batch_stats", {}), rng=state_key)

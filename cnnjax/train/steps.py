@@ -1,0 +1,224 @@
+"""Pure train / eval steps and their jit, pmap and sharded-jit wrappers.
+
+A step takes uint8 images ``[B, H, W, C]`` already on the device, augments and normalises them
+inside the compiled computation, and returns summed metrics (``loss_sum``, ``correct``,
+``count``) so that accumulation across steps and devices is exact and stays on the device.
+``run_steps`` scans a step over ``[steps, B]`` index chunks: one dispatch per chunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from cnnjax.data.pipeline import AugmentConfig, augment, normalize
+from cnnjax.train.state import TrainState
+
+Array = jax.Array
+Metrics = dict[str, Array]
+AXIS = "batch"
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """Static description of what a step does to a batch."""
+
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: AugmentConfig = AugmentConfig()
+    label_smoothing: float = 0.0
+    compute_dtype: Any = jnp.float32  # jnp.bfloat16: bf16 compute, fp32 params and BN statistics
+
+
+def cross_entropy(logits: Array, labels: Array, num_classes: int, smoothing: float = 0.0) -> Array:
+    """Per-example softmax cross-entropy ``[B]`` with optional label smoothing (torch convention)."""
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing) if smoothing else \
+        jax.nn.one_hot(labels, num_classes)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def _variables(params: Any, batch_stats: Any) -> dict:
+    return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
+
+
+def train_step(state: TrainState, images: Array, labels: Array, spec: StepSpec,
+               axis_name: str | None = None, offset: Array | int = 0) -> tuple[TrainState, Metrics]:
+    """One SGD step on a (local) batch. With ``axis_name`` gradients are ``pmean``-ed and metrics
+    ``psum``-ed over that axis; ``offset`` is this shard's index into the global batch."""
+    step_key = jax.random.fold_in(state.rng, state.step)
+    aug_key, drop_key = jax.random.split(step_key)
+    if axis_name is not None:
+        drop_key = jax.random.fold_in(drop_key, jax.lax.axis_index(axis_name))
+    x = normalize(augment(aug_key, images, spec.augment, offset), spec.mean, spec.std, spec.compute_dtype)
+
+    def loss_fn(params):
+        logits, updates = state.apply_fn(_variables(params, state.batch_stats), x, train=True,
+                                         mutable=["batch_stats"], rngs={"dropout": drop_key})
+        losses = cross_entropy(logits, labels, spec.num_classes, spec.label_smoothing)
+        return losses.mean(), (logits, losses, updates)
+
+    grads, (logits, losses, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
+    if axis_name is not None:
+        grads = jax.lax.pmean(grads, axis_name)
+    state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
+    metrics = {
+        "loss_sum": losses.sum(),
+        "correct": (jnp.argmax(logits, -1) == labels).sum().astype(jnp.float32),
+        "count": jnp.asarray(labels.shape[0], jnp.float32),
+    }
+    if axis_name is not None:
+        metrics = jax.lax.psum(metrics, axis_name)
+    return state, metrics
+
+
+def eval_step(params: Any, batch_stats: Any, apply_fn, images: Array, labels: Array, mask: Array,
+              spec: StepSpec) -> Metrics:
+    """Eval-mode metrics on a padded batch: summed loss / correct / count and a ``[K, K]`` confusion
+    matrix (rows true, columns predicted); ``mask`` ``[B]`` is 0 for padding examples."""
+    x = normalize(images, spec.mean, spec.std, spec.compute_dtype)
+    logits = apply_fn(_variables(params, batch_stats), x, train=False)
+    losses = cross_entropy(logits, labels, spec.num_classes)
+    pred = jnp.argmax(logits, -1)
+    m = mask.astype(jnp.float32)
+    confusion = jnp.zeros((spec.num_classes, spec.num_classes), jnp.float32).at[labels, pred].add(m)
+    return {"loss_sum": (losses * m).sum(), "correct": ((pred == labels) * m).sum(), "count": m.sum(),
+            "confusion": confusion}
+
+
+def _scan_steps(state: TrainState, images: Array, labels: Array, idx: Array, spec: StepSpec,
+                axis_name: str | None, offset: Array | int) -> tuple[TrainState, Metrics]:
+    """Run ``train_step`` over index chunk ``idx [steps, B]`` gathered from resident ``images``."""
+
+    def body(carry, batch_idx):
+        state, acc = carry
+        state, m = train_step(state, images[batch_idx], labels[batch_idx], spec, axis_name, offset)
+        return (state, jax.tree_util.tree_map(jnp.add, acc, m)), None
+
+    zeros = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "correct", "count")}
+    (state, metrics), _ = jax.lax.scan(body, (state, zeros), idx)
+    return state, metrics
+
+
+class Runner:
+    """Compiled train / eval functions for one parallelism mode: ``'jit' | 'pmap' | 'sharded'``.
+
+    The host-facing interface is the same for all modes: ``put_state`` / ``get_state`` move a
+    ``TrainState`` in and out, ``put_data`` places a split on the device(s) once, ``train(state,
+    images, labels, idx)`` runs the index chunk ``[steps, global_batch]``, ``evaluate`` returns
+    summed metrics. For ``pmap`` the model must carry ``axis_name='batch'`` for cross-replica BN.
+    """
+
+    def __init__(self, spec: StepSpec, apply_fn, mode: str = "jit", devices: list | None = None):
+        if mode not in ("jit", "pmap", "sharded"):
+            raise ValueError(f"parallelism must be 'jit', 'pmap' or 'sharded', got {mode!r}")
+        self.spec, self.mode = spec, mode
+        self.devices = devices or (jax.local_devices() if mode != "jit" else jax.local_devices()[:1])
+        self.n = len(self.devices)
+        if mode == "jit":
+            self._train = jax.jit(functools.partial(_scan_steps, spec=spec, axis_name=None, offset=0),
+                                  donate_argnums=0)
+        elif mode == "pmap":
+            def shard_fn(state, images, labels, idx):
+                offset = jax.lax.axis_index(AXIS) * idx.shape[-1]
+                return _scan_steps(state, images, labels, idx, spec, AXIS, offset)
+
+            self._train = jax.pmap(shard_fn, axis_name=AXIS, devices=self.devices, donate_argnums=0)
+            self._leading = NamedSharding(Mesh(np.array(self.devices), (AXIS,)), PartitionSpec(AXIS))
+        else:
+            self.mesh = Mesh(np.array(self.devices), (AXIS,))
+            self._replicated = NamedSharding(self.mesh, PartitionSpec())
+            self._batch_sharded = NamedSharding(self.mesh, PartitionSpec(None, AXIS))
+            self._train = jax.jit(functools.partial(_scan_steps, spec=spec, axis_name=None, offset=0),
+                                  donate_argnums=0, out_shardings=(self._replicated, self._replicated))
+        self._eval = jax.jit(lambda params, stats, images, labels, mask: eval_step(
+            params, stats, apply_fn, images, labels, mask, spec))
+
+    # --- placement ---------------------------------------------------------------------------
+    def put_state(self, state: TrainState) -> TrainState:
+        if self.mode == "pmap":
+            return self._replicate(state)
+        if self.mode == "sharded":
+            return jax.device_put(state, self._replicated)
+        return jax.device_put(state, self.devices[0])
+
+    def _replicate(self, tree: Any) -> Any:
+        """A copy of every leaf on each device, stacked on a leading device axis (pmap layout)."""
+        return jax.tree_util.tree_map(
+            lambda x: jax.device_put(np.broadcast_to(np.asarray(x)[None], (self.n, *np.shape(x))), self._leading),
+            tree)
+
+    def get_state(self, state: TrainState) -> TrainState:
+        """Host copy of the (first replica of the) state."""
+        if self.mode == "pmap":
+            state = jax.tree_util.tree_map(lambda x: x[0], state)
+        return jax.device_get(state)
+
+    def put_data(self, images: np.ndarray, labels: np.ndarray) -> tuple[Array, Array]:
+        if self.mode == "pmap":
+            return self._replicate((images, labels))
+        if self.mode == "sharded":
+            return jax.device_put((images, labels), self._replicated)
+        return jax.device_put((images, labels), self.devices[0])
+
+    def put_indices(self, idx: Array) -> Array:
+        """``[steps, global_batch]`` -> the layout this mode's train function takes."""
+        if idx.shape[-1] % self.n:
+            raise ValueError(f"batch size {idx.shape[-1]} must be divisible by the {self.n} devices")
+        if self.mode == "pmap":
+            steps, batch = idx.shape
+            per_device = np.asarray(idx).reshape(steps, self.n, batch // self.n).transpose(1, 0, 2)
+            return jax.device_put(per_device, self._leading)
+        if self.mode == "sharded":
+            return jax.device_put(idx, self._batch_sharded)
+        return jax.device_put(idx, self.devices[0])
+
+    # --- compute -----------------------------------------------------------------------------
+    def train(self, state: TrainState, images: Array, labels: Array, idx: Array) -> tuple[TrainState, Metrics]:
+        """Run the chunk; metrics are summed over steps (and devices) and stay on the device."""
+        state, metrics = self._train(state, images, labels, self.put_indices(idx))
+        if self.mode == "pmap":
+            metrics = jax.tree_util.tree_map(lambda x: x[0], metrics)
+        return state, metrics
+
+    def evaluate(self, state: TrainState, images: np.ndarray, labels: np.ndarray, batch_size: int) -> dict:
+        """Eval-mode metrics over a whole split on the first device: loss, accuracy, per-class
+        accuracy ``[K]`` and confusion matrix ``[K, K]`` (numpy, fetched once)."""
+        host = self.get_state(state) if self.mode == "pmap" else state
+        params = jax.device_put(host.params, self.devices[0])
+        stats = jax.device_put(host.batch_stats, self.devices[0])
+        return evaluate_split(self._eval, params, stats, images, labels, batch_size, self.devices[0])
+
+
+def evaluate_split(eval_fn, params, batch_stats, images: np.ndarray, labels: np.ndarray, batch_size: int,
+                   device=None) -> dict:
+    """Evaluate a whole split in padded batches; accumulate on the device, fetch once."""
+    n = images.shape[0]
+    pad = (-n) % batch_size
+    images_d = jax.device_put(np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)]), device)
+    labels_d = jax.device_put(np.concatenate([labels, np.zeros((pad,), labels.dtype)]), device)
+    mask_d = jax.device_put(np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)]), device)
+    total = None
+    for start in range(0, n + pad, batch_size):
+        sl = slice(start, start + batch_size)
+        m = eval_fn(params, batch_stats, images_d[sl], labels_d[sl], mask_d[sl])
+        total = m if total is None else jax.tree_util.tree_map(jnp.add, total, m)
+    total = jax.device_get(total)
+    return summarize_eval(total)
+
+
+def summarize_eval(total: dict) -> dict:
+    """Summed eval metrics -> loss, accuracy, per-class accuracy and confusion (numpy)."""
+    confusion = np.asarray(total["confusion"])
+    support = confusion.sum(axis=1)
+    per_class = np.divide(np.diag(confusion), support, out=np.zeros_like(support), where=support > 0)
+    count = float(total["count"])
+    return {"loss": float(total["loss_sum"]) / count, "accuracy": float(total["correct"]) / count,
+            "per_class_accuracy": per_class, "confusion": confusion, "count": int(count)}

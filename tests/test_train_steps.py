@@ -1,0 +1,130 @@
+"""Train steps: jit, pmap and sharded-jit agree on one step; eval metrics; optimizers; augmentation."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from cnnjax import models
+from cnnjax.data.pipeline import AugmentConfig, augment, epoch_batches
+from cnnjax.train.optim import make_optimizer
+from cnnjax.train.state import create_train_state
+from cnnjax.train.steps import AXIS, Runner, StepSpec, summarize_eval
+
+SPEC = StepSpec(num_classes=10, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+                augment=AugmentConfig(crop_padding=4, flip=True), label_smoothing=0.1)
+
+
+def _opt(name="nesterov", **kw):
+    cfg = ml_collections.ConfigDict(dict(optimizer=name, learning_rate=0.1, momentum=0.9, weight_decay=5e-4,
+                                         schedule="constant", grad_clip_norm=1.0, **kw))
+    return make_optimizer(cfg, steps_per_epoch=10, num_epochs=2)[0]
+
+
+def _data(n=64, seed=0):
+    rng = np.random.RandomState(seed)
+    return rng.randint(0, 256, (n, 32, 32, 3)).astype(np.uint8), rng.randint(0, 10, n).astype(np.int32)
+
+
+def _one_step(mode, devices=None):
+    axis = AXIS if mode == "pmap" else None
+    model = models.create("cifar_resnet20", axis_name=axis)
+    state = create_train_state(model, _opt(), (32, 32, 3), jax.random.PRNGKey(0))
+    runner = Runner(SPEC, model.apply, mode, devices)
+    images, labels = _data()
+    img_d, lab_d = runner.put_data(images, labels)
+    idx = np.arange(32, dtype=np.int32)[None]  # one step, global batch 32
+    state, metrics = runner.train(runner.put_state(state), img_d, lab_d, idx)
+    return runner.get_state(state), jax.device_get(metrics)
+
+
+@pytest.mark.skipif(jax.local_device_count() < 4, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=4")
+def test_jit_pmap_sharded_one_step_agree():
+    ref_state, ref_metrics = _one_step("jit")
+    for mode in ("pmap", "sharded"):
+        state, metrics = _one_step(mode, jax.local_devices()[:4])
+        diffs = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                                       (state.params, state.batch_stats), (ref_state.params, ref_state.batch_stats))
+        worst = max(jax.tree_util.tree_leaves(diffs))
+        assert worst <= 1e-5, f"{mode}: params/batch_stats max |Δ| {worst}"
+        for k in ref_metrics:
+            np.testing.assert_allclose(metrics[k], ref_metrics[k], atol=1e-5, err_msg=f"{mode} {k}")
+        assert int(state.step) == 1
+    # The step actually moved the parameters.
+    init = create_train_state(models.create("cifar_resnet20"), _opt(), (32, 32, 3), jax.random.PRNGKey(0))
+    moved = max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+        lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), ref_state.params, init.params)))
+    assert moved > 1e-4
+    assert ref_metrics["count"] == 32
+
+
+def test_training_reduces_loss_and_eval_reports_confusion():
+    model = models.create("simple_cnn")
+    spec = StepSpec(num_classes=10, mean=(0.5,) * 3, std=(0.25,) * 3)
+    state = create_train_state(model, _opt("adam", ), (32, 32, 3), jax.random.PRNGKey(0))
+    runner = Runner(spec, model.apply)
+    images, labels = _data(64)
+    img_d, lab_d = runner.put_data(images, labels)
+    state = runner.put_state(state)
+    first = None
+    for epoch in range(8):
+        idx = epoch_batches(jax.random.PRNGKey(epoch), 64, 16)
+        state, m = runner.train(state, img_d, lab_d, idx)
+        loss = float(m["loss_sum"] / m["count"])
+        first = loss if first is None else first
+    assert loss < 0.5 * first  # memorises 64 random images
+    ev = runner.evaluate(state, images[:50], labels[:50], batch_size=16)  # 50: exercises padding
+    assert ev["count"] == 50 and ev["confusion"].sum() == 50
+    np.testing.assert_allclose(np.trace(ev["confusion"]) / 50, ev["accuracy"])
+    assert ev["per_class_accuracy"].shape == (10,)
+
+
+def test_summarize_eval_per_class():
+    confusion = np.array([[3, 1], [0, 0]], np.float32)
+    out = summarize_eval({"confusion": confusion, "loss_sum": 2.0, "correct": 3.0, "count": 4.0})
+    np.testing.assert_allclose(out["per_class_accuracy"], [0.75, 0.0])
+    assert out["accuracy"] == 0.75 and out["loss"] == 0.5
+
+
+@pytest.mark.parametrize("name", ["sgd", "nesterov", "adam", "adamw"])
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "onecycle", "triangular", "piecewise"])
+def test_optimizers_and_schedules_build_and_step(name, schedule):
+    cfg = ml_collections.ConfigDict(dict(optimizer=name, learning_rate=0.1, momentum=0.9, weight_decay=1e-4,
+                                         schedule=schedule, warmup_epochs=1, boundaries_epochs=[1],
+                                         decay_factor=0.1, grad_clip_norm=0.0))
+    tx, sched = make_optimizer(cfg, steps_per_epoch=10, num_epochs=3)
+    params = {"kernel": jnp.ones(3), "bias": jnp.ones(3)}
+    updates, _ = tx.update({"kernel": jnp.ones(3), "bias": jnp.ones(3)}, tx.init(params), params)
+    assert np.all(np.asarray(updates["kernel"]) <= 0)
+    assert 0 <= float(sched(29)) <= 0.1 + 1e-6
+    if schedule == "piecewise":
+        assert np.isclose(float(sched(5)), 0.1) and np.isclose(float(sched(15)), 0.01)
+
+
+def test_unknown_optimizer_or_schedule_is_clear():
+    with pytest.raises(ValueError, match="unknown optimizer 'rmsprop'; choose one of"):
+        make_optimizer(ml_collections.ConfigDict(dict(optimizer="rmsprop", learning_rate=0.1)), 1, 1)
+    with pytest.raises(ValueError, match="unknown schedule 'exp'"):
+        make_optimizer(ml_collections.ConfigDict(dict(optimizer="sgd", learning_rate=0.1, schedule="exp")), 1, 1)
+
+
+def test_augment_is_per_example_deterministic_and_split_invariant():
+    images = jnp.asarray(_data(8)[0])
+    cfg = AugmentConfig(crop_padding=4, flip=True, cutout=8)
+    key = jax.random.PRNGKey(3)
+    full = augment(key, images, cfg)
+    halves = jnp.concatenate([augment(key, images[:4], cfg, 0), augment(key, images[4:], cfg, 4)])
+    np.testing.assert_array_equal(full, halves)
+    assert full.dtype == jnp.uint8 and full.shape == images.shape
+    assert not np.array_equal(full, images)
+    np.testing.assert_array_equal(augment(key, images, AugmentConfig()), images)
+
+
+def test_epoch_batches_is_a_permutation():
+    idx = np.asarray(epoch_batches(jax.random.PRNGKey(0), 100, 32))
+    assert idx.shape == (3, 32) and len(set(idx.ravel())) == 96
+    with pytest.raises(ValueError, match="lower --config.batch_size"):
+        epoch_batches(jax.random.PRNGKey(0), 10, 32)
