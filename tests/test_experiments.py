@@ -1,0 +1,202 @@
+"""End to end: fit / resume / evaluate on the synthetic stripes task, the CLIs and their errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from cnnjax import checkpoint
+from cnnjax.train.loop import TrainingError, fit
+from experiments.configs import stripes_tiny
+from experiments.evaluate import evaluate_workdir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FMNIST = "/usr/share/datasets/fashion-mnist"
+
+
+def stripes(**overrides):
+    c = stripes_tiny.get_config()
+    c.plots = False
+    for k, v in overrides.items():
+        node = c
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    return c
+
+
+def _rows(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_stripes_reaches_100_percent_and_writes_the_workdir(tmp_path):
+    t0 = time.perf_counter()
+    last = fit(stripes(plots=True), str(tmp_path), progress=False)
+    assert time.perf_counter() - t0 < 120
+    assert last["test_accuracy"] == 1.0
+    rows = _rows(tmp_path)
+    assert [r["epoch"] for r in rows] == list(range(1, 11))
+    for key in ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "epoch_time_s",
+                "images_per_s"):
+        assert all(np.isfinite(r[key]) for r in rows), key
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert json.load(open(tmp_path / "config.json"))["model"]["name"] == "tiny_cnn"
+    for png in ("curves.png", "per_class.png", "confusion.png", "filters.png", "feature_maps.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    assert checkpoint.steps(str(tmp_path), "latest")[-1] == rows[-1]["step"]
+    assert checkpoint.steps(str(tmp_path), "best")
+
+
+def test_evaluate_reproduces_recorded_accuracy(tmp_path):
+    fit(stripes(num_epochs=3, **{"optimizer": "sgd", "learning_rate": 0.01}), str(tmp_path), progress=False)
+    rows = _rows(tmp_path)
+    for which in ("latest", "best", str(rows[1]["step"]) if rows[1]["step"] in
+                  checkpoint.steps(str(tmp_path), "latest") else "latest"):
+        ev = evaluate_workdir(str(tmp_path), which)
+        assert ev["accuracy"] == pytest.approx(ev["meta"]["test_accuracy"], abs=1e-9)
+    ev = evaluate_workdir(str(tmp_path), "latest")
+    assert ev["accuracy"] == pytest.approx(rows[-1]["test_accuracy"], abs=1e-9)
+
+
+def _params(workdir):
+    variables, _ = checkpoint.restore_variables(workdir, "latest")
+    return variables
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
+    cfg = stripes(num_epochs=3, log_every=3)
+    fit(cfg, str(tmp_path / "a"), progress=False)
+    out = fit(cfg, str(tmp_path / "b"), progress=False, stop_after_steps=14)  # mid-epoch 2
+    assert out["interrupted"] and out["epoch"] == 2
+    fit(cfg, str(tmp_path / "b"), progress=False)
+    a, b = _params(str(tmp_path / "a")), _params(str(tmp_path / "b"))
+    same = jax.tree_util.tree_map(lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)), a, b)
+    assert all(jax.tree_util.tree_leaves(same)), "resumed params differ from the uninterrupted run"
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("epoch_time_s", "images_per_s")} for r in rows]
+    assert strip(_rows(tmp_path / "a")) == strip(_rows(tmp_path / "b"))
+
+
+def test_same_config_and_seed_give_identical_metrics(tmp_path):
+    cfg = stripes(num_epochs=2)
+    fit(cfg, str(tmp_path / "a"), progress=False)
+    fit(cfg, str(tmp_path / "b"), progress=False)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("epoch_time_s", "images_per_s")} for r in rows]
+    assert strip(_rows(tmp_path / "a")) == strip(_rows(tmp_path / "b"))
+    fit(stripes(num_epochs=2, seed=1), str(tmp_path / "c"), progress=False)
+    assert strip(_rows(tmp_path / "a")) != strip(_rows(tmp_path / "c"))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    fit(stripes(num_epochs=1), str(tmp_path), progress=False)
+    good = _params(str(tmp_path))
+    with pytest.raises(TrainingError, match="loss became nan.*kept the last good checkpoint"):
+        fit(stripes(num_epochs=3, optimizer="sgd", learning_rate=1e30), str(tmp_path), progress=False)
+    after = _params(str(tmp_path))
+    assert all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(np.array_equal, good, after)))
+
+
+def test_workdir_of_another_experiment_is_refused(tmp_path):
+    fit(stripes(num_epochs=1), str(tmp_path), progress=False)
+    before = (tmp_path / "config.json").read_text()
+    cfg = stripes(num_epochs=1)
+    cfg.model.kwargs = {}
+    cfg.model.name = "gap_cnn"
+    with pytest.raises(TrainingError, match="holds checkpoints of another experiment.*new --workdir"):
+        fit(cfg, str(tmp_path), progress=False)
+    assert (tmp_path / "config.json").read_text() == before
+
+
+def test_incompatible_input_size_is_a_clear_error(tmp_path):
+    cfg = stripes()
+    cfg.model.name = "simple_cnn"
+    with pytest.raises(ValueError, match="cannot take stripes images of shape \\(8, 8, 1\\)"):
+        fit(cfg, str(tmp_path), progress=False)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def _cli(module, *args, timeout=300):
+    env = dict(os.environ, XLA_FLAGS="")
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout, env=env)
+
+
+def test_train_and_evaluate_cli(tmp_path):
+    out = _cli("experiments.train", "--config", "experiments/configs/stripes_tiny.py", "--workdir", str(tmp_path),
+               "--config.num_epochs=2", "--config.plots=False", "--noprogress")
+    assert out.returncode == 0, out.stderr
+    assert "epoch   2/2" in out.stdout
+    ev = _cli("experiments.evaluate", "--workdir", str(tmp_path), "--checkpoint", "latest")
+    assert ev.returncode == 0, ev.stderr
+    last = ev.stdout.strip().splitlines()[-1]
+    assert last == f"test_accuracy: {_rows(tmp_path)[-1]['test_accuracy']:.4f}"
+    assert "vertical" in ev.stdout
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--config.no_such_key=1"], "no_such_key"),
+        (["--config.model.name=resnet9"], "unknown model 'resnet9'"),
+        (["--config.data.name=fashion_mnist", "--config.data.dir=/nonexistent/dir", "--config.model.name=lenet5",
+          "--config.num_classes=10"], "/nonexistent/dir"),
+        (["--config.parallelism=gpu"], "parallelism must be jit, pmap or sharded"),
+    ],
+)
+def test_cli_bad_input_is_one_clear_line(tmp_path, args, needle):
+    out = _cli("experiments.train", "--config", "experiments/configs/stripes_tiny.py", "--workdir", str(tmp_path),
+               *args)
+    assert out.returncode != 0
+    assert needle in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_evaluate_cli_without_checkpoint_is_clear(tmp_path):
+    out = _cli("experiments.evaluate", "--workdir", str(tmp_path))
+    assert out.returncode == 2 and "config.json" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
+    cmd = [sys.executable, "-m", "experiments.train", "--config", "experiments/configs/stripes_tiny.py",
+           "--workdir", str(tmp_path), "--config.num_epochs=400", "--config.log_every=1", "--config.plots=False",
+           "--noprogress"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, XLA_FLAGS=""))
+    for line in proc.stdout:
+        if line.startswith("epoch   2/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "interrupted by signal" in out
+    steps = checkpoint.steps(str(tmp_path), "latest")
+    assert steps
+    rows = _rows(tmp_path)
+    resumed = _cli("experiments.train", "--config", "experiments/configs/stripes_tiny.py", "--workdir",
+                   str(tmp_path), f"--config.num_epochs={rows[-1]['epoch'] + 1}", "--config.plots=False",
+                   "--noprogress")
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["epoch"] for r in _rows(tmp_path)] == list(range(1, rows[-1]["epoch"] + 2))
+
+
+@pytest.mark.skipif(not os.path.isdir(FMNIST), reason="apt-get install dataset-fashion-mnist")
+def test_real_fashion_mnist_train_checkpoint_evaluate_round_trip(tmp_path):
+    out = _cli("experiments.train", "--config", "experiments/configs/fashion_mnist_lenet.py", "--workdir",
+               str(tmp_path), f"--config.data.dir={FMNIST}", f"--config.data.cache_dir={tmp_path / 'cache'}",
+               "--config.num_epochs=1", "--config.plots=False", "--noprogress", timeout=600)
+    assert out.returncode == 0, out.stderr
+    acc = _rows(tmp_path)[-1]["test_accuracy"]
+    assert acc > 0.80  # one epoch of LeNet-5 on real Fashion-MNIST
+    ev = _cli("experiments.evaluate", "--workdir", str(tmp_path), timeout=600)
+    assert ev.returncode == 0, ev.stderr
+    assert ev.stdout.strip().splitlines()[-1] == f"test_accuracy: {acc:.4f}"
