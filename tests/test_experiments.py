@@ -82,8 +82,13 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
     a, b = _params(str(tmp_path / "a")), _params(str(tmp_path / "b"))
     same = jax.tree_util.tree_map(lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)), a, b)
     assert all(jax.tree_util.tree_leaves(same)), "resumed params differ from the uninterrupted run"
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("epoch_time_s", "images_per_s")} for r in rows]
-    assert strip(_rows(tmp_path / "a")) == strip(_rows(tmp_path / "b"))
+    # Params are bit-identical; the epoch's train-loss sum is grouped differently around the
+    # interruption (chunk sums added on the host), so it matches to float rounding only.
+    ra, rb = _rows(tmp_path / "a"), _rows(tmp_path / "b")
+    for x, y in zip(ra, rb, strict=True):
+        assert x["test_accuracy"] == y["test_accuracy"] and x["test_loss"] == y["test_loss"]
+        assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-6)
+        assert x["step"] == y["step"]
 
 
 def test_same_config_and_seed_give_identical_metrics(tmp_path):
@@ -100,9 +105,15 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     fit(stripes(num_epochs=1), str(tmp_path), progress=False)
     good = _params(str(tmp_path))
     with pytest.raises(TrainingError, match="loss became nan.*kept the last good checkpoint"):
-        fit(stripes(num_epochs=3, optimizer="sgd", learning_rate=1e30), str(tmp_path), progress=False)
+        fit(stripes(num_epochs=3, learning_rate=1e30), str(tmp_path), progress=False)
     after = _params(str(tmp_path))
     assert all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(np.array_equal, good, after)))
+
+
+def test_resume_with_another_optimizer_is_refused(tmp_path):
+    fit(stripes(num_epochs=1), str(tmp_path), progress=False)
+    with pytest.raises(TrainingError, match="keep --config.optimizer as it was or use a new --workdir"):
+        fit(stripes(num_epochs=2, optimizer="sgd"), str(tmp_path), progress=False)
 
 
 def test_workdir_of_another_experiment_is_refused(tmp_path):
@@ -178,7 +189,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
             break
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
-    assert "interrupted by signal" in out
+    assert "interrupted" in out and "signal 15" in out and "checkpoint saved" in out
     steps = checkpoint.steps(str(tmp_path), "latest")
     assert steps
     rows = _rows(tmp_path)

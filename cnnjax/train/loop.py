@@ -221,7 +221,12 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     model, spec, state, _ = build(config, ds, steps_per_epoch)
 
     start_epoch, start_step_in_epoch, partial = 1, 0, None
-    restored = checkpoint.restore_state(workdir, state)
+    try:
+        restored = checkpoint.restore_state(workdir, state)
+    except ValueError as err:
+        raise TrainingError(f"cannot resume from {workdir}: its checkpoint does not fit this config's optimizer or "
+                            f"model ({str(err).splitlines()[0][:160]}); keep --config.optimizer as it was or use a "
+                            "new --workdir") from None
     if restored is not None:
         state, meta = restored
         start_epoch, start_step_in_epoch, partial = meta["epoch"], meta["step_in_epoch"], meta.get("partial")
