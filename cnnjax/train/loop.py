@@ -235,7 +235,16 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     history = _read_history(workdir, start_epoch - 1)
     best = max((r["test_accuracy"] for r in history), default=-1.0)
 
-    runner = Runner(spec, model.apply, config.parallelism)
+    devices = None
+    if config.get("num_devices"):
+        if config.num_devices > jax.local_device_count():
+            raise ValueError(f"--config.num_devices={config.num_devices} but only {jax.local_device_count()} local "
+                             "devices (on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+        devices = jax.local_devices()[: config.num_devices]
+    runner = Runner(spec, model.apply, config.parallelism, devices)
+    print(f"{config.model.name} on {ds.name}: {ds.train_images.shape[0]} train / {ds.test_images.shape[0]} test "
+          f"images, {config.parallelism} on {runner.n} {jax.default_backend()} device(s), "
+          f"batch {config.batch_size}, {steps_per_epoch} steps/epoch", flush=True)
     images_d, labels_d = runner.put_data(ds.train_images, ds.train_labels)
     state = runner.put_state(state)
     data_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)

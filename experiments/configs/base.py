@@ -36,6 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.grad_clip_norm = 0.0
     c.mixed_precision = False  # bf16 compute, fp32 params and BN statistics (GPU / TPU)
     c.parallelism = "jit"      # jit | pmap | sharded
+    c.num_devices = 0          # pmap / sharded: use the first N local devices (0: all)
     c.log_every = 50           # steps per progress update / host sync
     c.plots = True
     return c
