@@ -93,6 +93,13 @@ def eval_step(params: Any, batch_stats: Any, apply_fn, images: Array, labels: Ar
             "confusion": confusion}
 
 
+_METRIC_KEYS = ("loss_sum", "correct", "count")
+
+
+def _zero_metrics() -> Metrics:
+    return {k: jnp.zeros((), jnp.float32) for k in _METRIC_KEYS}
+
+
 def _scan_steps(state: TrainState, images: Array, labels: Array, idx: Array, spec: StepSpec,
                 axis_name: str | None, offset: Array | int) -> tuple[TrainState, Metrics]:
     """Run ``train_step`` over index chunk ``idx [steps, B]`` gathered from resident ``images``."""
@@ -102,9 +109,20 @@ def _scan_steps(state: TrainState, images: Array, labels: Array, idx: Array, spe
         state, m = train_step(state, images[batch_idx], labels[batch_idx], spec, axis_name, offset)
         return (state, jax.tree_util.tree_map(jnp.add, acc, m)), None
 
-    zeros = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "correct", "count")}
-    (state, metrics), _ = jax.lax.scan(body, (state, zeros), idx)
+    (state, metrics), _ = jax.lax.scan(body, (state, _zero_metrics()), idx)
     return state, metrics
+
+
+def _indexed_step(state: TrainState, acc: Metrics, images: Array, labels: Array, idx: Array, spec: StepSpec,
+                  axis_name: str | None, offset: Array | int) -> tuple[TrainState, Metrics]:
+    """One step on row ``acc['pos']`` of the device-resident chunk ``idx``; adds to ``acc``.
+
+    The row counter lives on the device, so a host loop over this function sends nothing per step.
+    """
+    batch_idx = jax.lax.dynamic_index_in_dim(idx, acc["pos"].astype(jnp.int32), keepdims=False)
+    state, m = train_step(state, images[batch_idx], labels[batch_idx], spec, axis_name, offset)
+    acc = {k: acc[k] + m[k] for k in _METRIC_KEYS} | {"pos": acc["pos"] + 1}
+    return state, acc
 
 
 class Runner:
@@ -116,28 +134,36 @@ class Runner:
     summed metrics. For ``pmap`` the model must carry ``axis_name='batch'`` for cross-replica BN.
     """
 
-    def __init__(self, spec: StepSpec, apply_fn, mode: str = "jit", devices: list | None = None):
+    def __init__(self, spec: StepSpec, apply_fn, mode: str = "jit", devices: list | None = None,
+                 scan: bool | None = None):
         if mode not in ("jit", "pmap", "sharded"):
             raise ValueError(f"parallelism must be 'jit', 'pmap' or 'sharded', got {mode!r}")
         self.spec, self.mode = spec, mode
+        # XLA:CPU runs convolutions inside a while loop (lax.scan) through a slow generic path
+        # (~30x slower here), so on the CPU a host loop dispatches one compiled step at a time.
+        self.scan = jax.default_backend() != "cpu" if scan is None else scan
         self.devices = devices or (jax.local_devices() if mode != "jit" else jax.local_devices()[:1])
         self.n = len(self.devices)
+        if self.scan:
+            def local(state, images, labels, idx, axis_name=None):
+                offset = jax.lax.axis_index(axis_name) * idx.shape[-1] if axis_name else 0
+                return _scan_steps(state, images, labels, idx, spec, axis_name, offset)
+        else:
+            def local(state, acc, images, labels, idx, axis_name=None):
+                offset = jax.lax.axis_index(axis_name) * idx.shape[-1] if axis_name else 0
+                return _indexed_step(state, acc, images, labels, idx, spec, axis_name, offset)
+        donate = (0,) if self.scan else (0, 1)
         if mode == "jit":
-            self._train = jax.jit(functools.partial(_scan_steps, spec=spec, axis_name=None, offset=0),
-                                  donate_argnums=0)
+            self._train = jax.jit(local, donate_argnums=donate)
         elif mode == "pmap":
-            def shard_fn(state, images, labels, idx):
-                offset = jax.lax.axis_index(AXIS) * idx.shape[-1]
-                return _scan_steps(state, images, labels, idx, spec, AXIS, offset)
-
-            self._train = jax.pmap(shard_fn, axis_name=AXIS, devices=self.devices, donate_argnums=0)
+            self._train = jax.pmap(functools.partial(local, axis_name=AXIS), axis_name=AXIS, devices=self.devices,
+                                   donate_argnums=donate)
             self._leading = NamedSharding(Mesh(np.array(self.devices), (AXIS,)), PartitionSpec(AXIS))
         else:
             self.mesh = Mesh(np.array(self.devices), (AXIS,))
             self._replicated = NamedSharding(self.mesh, PartitionSpec())
             self._batch_sharded = NamedSharding(self.mesh, PartitionSpec(None, AXIS))
-            self._train = jax.jit(functools.partial(_scan_steps, spec=spec, axis_name=None, offset=0),
-                                  donate_argnums=0, out_shardings=(self._replicated, self._replicated))
+            self._train = jax.jit(local, donate_argnums=donate, out_shardings=(self._replicated, self._replicated))
         self._eval = jax.jit(lambda params, stats, images, labels, mask: eval_step(
             params, stats, apply_fn, images, labels, mask, spec))
 
@@ -183,7 +209,16 @@ class Runner:
     # --- compute -----------------------------------------------------------------------------
     def train(self, state: TrainState, images: Array, labels: Array, idx: Array) -> tuple[TrainState, Metrics]:
         """Run the chunk; metrics are summed over steps (and devices) and stay on the device."""
-        state, metrics = self._train(state, images, labels, self.put_indices(idx))
+        idx_d = self.put_indices(idx)
+        if self.scan:
+            state, metrics = self._train(state, images, labels, idx_d)
+        else:
+            acc = _zero_metrics() | {"pos": jnp.zeros((), jnp.float32)}
+            acc = self._replicate(acc) if self.mode == "pmap" else jax.device_put(
+                acc, self._replicated if self.mode == "sharded" else self.devices[0])
+            for _ in range(idx.shape[0]):
+                state, acc = self._train(state, acc, images, labels, idx_d)
+            metrics = {k: acc[k] for k in _METRIC_KEYS}
         if self.mode == "pmap":
             metrics = jax.tree_util.tree_map(lambda x: x[0], metrics)
         return state, metrics

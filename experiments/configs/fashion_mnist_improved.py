@@ -10,7 +10,7 @@ def get_config():
     c.data.pad_to = 32
     c.data.crop_padding = 2
     c.batch_size = 128
-    c.num_epochs = 12
+    c.num_epochs = 10
     c.optimizer = "adamw"
     c.learning_rate = 2e-3
     c.weight_decay = 5e-4
