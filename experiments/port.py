@@ -1,0 +1,81 @@
+"""Port torchvision weights into an orbax checkpoint that evaluate / predict / transfer restore.
+
+``python -m experiments.port --arch resnet50 --weights FILE --out DIR`` (FILE: .pth/.pt or
+.safetensors), or ``--download`` to fetch the official torchvision file (sha256-checked) when
+the machine is online.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import urllib.error
+import urllib.request
+
+from absl import flags
+
+from experiments import cli
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("arch", None, "resnet18 | resnet34 | resnet50 | resnet101 | resnet152 | vgg11[_bn] | vgg16[_bn]")
+flags.DEFINE_string("weights", None, "torchvision state dict (.pth / .pt / .safetensors)")
+flags.DEFINE_string("out", None, "output directory (orbax checkpoint + config.json)")
+flags.DEFINE_bool("download", False, "download the official torchvision ImageNet weights")
+flags.DEFINE_string("cache_dir", "~/.cache/torch/hub/checkpoints", "where --download keeps the file")
+
+
+def download(arch: str, cache_dir: str) -> str:
+    """Fetch torchvision's weights for ``arch`` into ``cache_dir`` and check the sha256 prefix in its name."""
+    from cnnjax.port.torchvision import WEIGHT_FILES, WEIGHTS_BASE_URL
+
+    name = WEIGHT_FILES[arch]
+    cache_dir = os.path.expanduser(cache_dir)
+    path = os.path.join(cache_dir, name)
+    want = name.rsplit("-", 1)[1].split(".")[0]
+    if not os.path.exists(path):
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{path}.part{os.getpid()}"
+        try:
+            with urllib.request.urlopen(WEIGHTS_BASE_URL + name, timeout=30) as response, open(tmp, "wb") as f:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+        except (urllib.error.URLError, OSError) as err:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise FileNotFoundError(f"could not download {name} ({err}); this machine looks offline — fetch the "
+                                    f"file elsewhere and pass --weights FILE") from None
+        os.replace(tmp, path)
+    digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    if not digest.startswith(want):
+        raise ValueError(f"{path} has sha256 {digest[:8]}..., expected {want}...: delete it and download again")
+    return path
+
+
+def main(argv):
+    del argv
+    from cnnjax import checkpoint
+    from cnnjax.port import load_torchvision
+    from cnnjax.train.loop import write_json_atomic
+
+    if not FLAGS.arch or not FLAGS.out:
+        raise ValueError("--arch and --out are required")
+    if bool(FLAGS.weights) == FLAGS.download:
+        raise ValueError("pass exactly one of --weights FILE or --download")
+    path = download(FLAGS.arch, FLAGS.cache_dir) if FLAGS.download else FLAGS.weights
+    model, variables = load_torchvision(FLAGS.arch, path)  # strict: fails before anything is written
+    if any(checkpoint.steps(FLAGS.out, k) for k in checkpoint.KINDS):
+        raise ValueError(f"{FLAGS.out} already holds checkpoints; choose a new --out")
+    os.makedirs(FLAGS.out, exist_ok=True)
+    num_classes = int(variables["params"]["fc" if FLAGS.arch.startswith("resnet") else "classifier_6"]["bias"].shape[0])
+    write_json_atomic(os.path.join(FLAGS.out, "config.json"), {
+        "model": {"name": FLAGS.arch, "kwargs": {}}, "num_classes": num_classes,
+        "data": {"name": "imagenet", "source_weights": os.path.abspath(path)}})
+    for kind in checkpoint.KINDS:
+        checkpoint.save(FLAGS.out, kind, 0, variables, {"epoch": 0, "ported_from": os.path.abspath(path)})
+    n = sum(int(v.size) for v in __import__("jax").tree_util.tree_leaves(variables["params"]))
+    print(f"ported {FLAGS.arch} ({n:,} params, {num_classes} classes) from {path} to {FLAGS.out}")
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))
