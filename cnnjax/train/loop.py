@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from tqdm.auto import tqdm
 
-from cnnjax import checkpoint, models
+from cnnjax import checkpoint, models, transfer
 from cnnjax.data import MEAN_STD, Dataset, load
 from cnnjax.data.pipeline import AugmentConfig, epoch_batches
 from cnnjax.train.optim import make_optimizer
@@ -30,7 +31,8 @@ from cnnjax.train.steps import AXIS, Runner, StepSpec
 
 # Config fields that define an experiment's checkpoints: a workdir holding checkpoints made with
 # other values belongs to another experiment.
-IDENTITY_KEYS = ("model.name", "model.kwargs", "data.name", "data.pad_to", "num_classes")
+IDENTITY_KEYS = ("model.name", "model.kwargs", "data.name", "data.pad_to", "num_classes", "transfer.mode",
+                 "transfer.unfreeze_from")
 
 
 class TrainingError(RuntimeError):
@@ -40,6 +42,8 @@ class TrainingError(RuntimeError):
 def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
     value = config
     for part in dotted.split("."):
+        if part not in value:
+            return None  # a key older configs did not have
         value = value[part]
     return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
 
@@ -125,20 +129,47 @@ def build(config: ml_collections.ConfigDict, ds: Dataset, steps_per_epoch: int):
         augment=AugmentConfig(config.data.crop_padding, config.data.flip, config.data.cutout),
         label_smoothing=config.label_smoothing,
         compute_dtype=jnp.bfloat16 if config.mixed_precision else jnp.float32,
+        resize_to=int(config.data.get("resize_to", 0)),
     )
     axis = AXIS if config.parallelism == "pmap" else None
     kwargs = dict(config.model.kwargs.to_dict())
     if axis is not None and "axis_name" in _fields(config.model.name):
         kwargs["axis_name"] = axis
+    t = config.get("transfer")
+    transfer_on = t is not None and (t.mode != "scratch" or t.init_from)
+    frozen = 0
+    if transfer_on:
+        if "freeze_until" not in _fields(config.model.name):
+            raise ValueError(f"transfer learning needs a torchvision-layout ResNet, not {config.model.name!r}")
+        if t.mode != "scratch" and not t.init_from:
+            raise ValueError(f"--config.transfer.mode={t.mode} needs --config.transfer.init_from=CHECKPOINT_DIR")
+        frozen = transfer.freeze_until(t.mode, t.unfreeze_from)
+        kwargs["freeze_until"] = frozen
     model = models.create(config.model.name, num_classes=config.num_classes, **kwargs)
     tx, schedule = make_optimizer(config, steps_per_epoch, config.num_epochs)
+    if transfer_on:
+        backbone_cfg = ml_collections.ConfigDict(config.to_dict())
+        backbone_cfg.learning_rate = t.backbone_lr
+        backbone_tx, _ = make_optimizer(backbone_cfg, steps_per_epoch, config.num_epochs)
+        head_first = int(t.head_first_epochs * steps_per_epoch)
+        if head_first:
+            backbone_tx = optax.chain(backbone_tx, optax.scale_by_schedule(
+                lambda step: (step >= head_first).astype(jnp.float32)))
+        tx = transfer.transfer_optimizer(lambda p: transfer.param_labels(p, frozen), tx, backbone_tx)
     image_shape = ds.train_images.shape[1:]
+    if spec.resize_to:
+        image_shape = (spec.resize_to, spec.resize_to, image_shape[2])
     try:
         jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)), train=False))
     except ValueError as err:
         raise ValueError(f"model {config.model.name!r} cannot take {ds.name} images of shape {image_shape}: "
                          f"{err}") from None
     state = create_train_state(model, tx, image_shape, jax.random.PRNGKey(config.seed))
+    if transfer_on and t.init_from:
+        source, _ = checkpoint.restore_variables(t.init_from, "best")
+        target = {"params": state.params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
+        merged = transfer.transplant(source, target)
+        state = state.replace(params=merged["params"], batch_stats=merged.get("batch_stats", {}))
     return model, spec, state, schedule
 
 

@@ -36,6 +36,15 @@ class StepSpec:
     augment: AugmentConfig = AugmentConfig()
     label_smoothing: float = 0.0
     compute_dtype: Any = jnp.float32  # jnp.bfloat16: bf16 compute, fp32 params and BN statistics
+    resize_to: int = 0  # bilinear resize to resize_to x resize_to after augmentation (0: off)
+
+
+def prepare_batch(images: Array, spec: StepSpec) -> Array:
+    """uint8 ``[B, H, W, C]`` (already augmented) -> normalised, optionally resized model input."""
+    x = normalize(images, spec.mean, spec.std, spec.compute_dtype)
+    if spec.resize_to:
+        x = jax.image.resize(x, (x.shape[0], spec.resize_to, spec.resize_to, x.shape[3]), "bilinear")
+    return x
 
 
 def cross_entropy(logits: Array, labels: Array, num_classes: int, smoothing: float = 0.0) -> Array:
@@ -57,7 +66,7 @@ def train_step(state: TrainState, images: Array, labels: Array, spec: StepSpec,
     aug_key, drop_key = jax.random.split(step_key)
     if axis_name is not None:
         drop_key = jax.random.fold_in(drop_key, jax.lax.axis_index(axis_name))
-    x = normalize(augment(aug_key, images, spec.augment, offset), spec.mean, spec.std, spec.compute_dtype)
+    x = prepare_batch(augment(aug_key, images, spec.augment, offset), spec)
 
     def loss_fn(params):
         logits, updates = state.apply_fn(_variables(params, state.batch_stats), x, train=True,
@@ -83,7 +92,7 @@ def eval_step(params: Any, batch_stats: Any, apply_fn, images: Array, labels: Ar
               spec: StepSpec) -> Metrics:
     """Eval-mode metrics on a padded batch: summed loss / correct / count and a ``[K, K]`` confusion
     matrix (rows true, columns predicted); ``mask`` ``[B]`` is 0 for padding examples."""
-    x = normalize(images, spec.mean, spec.std, spec.compute_dtype)
+    x = prepare_batch(images, spec)
     logits = apply_fn(_variables(params, batch_stats), x, train=False)
     losses = cross_entropy(logits, labels, spec.num_classes)
     pred = jnp.argmax(logits, -1)

@@ -19,6 +19,16 @@ def base_config() -> ml_collections.ConfigDict:
         "cutout": 0,          # cutout square size (0: off)
         "classes": (),        # keep only these classes (relabelled 0..k-1)
         "train_per_class": 0,  # keep K training images per class (0: all)
+        "resize_to": 0,       # bilinear resize on the device to resize_to x resize_to (0: off)
+    })
+    # Transfer learning (ResNets): start from a checkpoint dir (training workdir or experiments.port
+    # output), replace the head, freeze stages. mode: scratch | feature_extraction | finetune.
+    c.transfer = ml_collections.ConfigDict({
+        "init_from": "",
+        "mode": "scratch",
+        "unfreeze_from": "stem",   # finetune: first trainable stage (stem, layer1..layer4)
+        "backbone_lr": 1e-4,       # finetune: learning rate of the unfrozen backbone stages
+        "head_first_epochs": 0,    # finetune: train only the head for this many epochs first
     })
     c.batch_size = 128
     c.eval_batch_size = 1000

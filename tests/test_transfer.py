@@ -1,0 +1,121 @@
+"""Transfer learning: trainable counts, frozen backbones stay bit-identical, fine-tuning moves them."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnnjax import checkpoint, models, transfer
+from cnnjax.data import Dataset
+from cnnjax.train.loop import build
+from cnnjax.train.steps import Runner
+from experiments.configs.base import base_config
+
+
+def test_seed_002_resnet50_feature_extraction_counts():
+    model = models.create("resnet50", num_classes=10)
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))["params"]
+    labels = transfer.param_labels(params, transfer.freeze_until("feature_extraction"))
+    assert transfer.count_params(params, labels) == (20_490, 23_528_522)
+    labels = transfer.param_labels(params, transfer.freeze_until("finetune", "layer4"))
+    trainable, total = transfer.count_params(params, labels)
+    assert total == 23_528_522 and 20_490 < trainable < total
+
+
+def test_freeze_until_rejects_bad_names():
+    with pytest.raises(ValueError, match="transfer mode must be one of"):
+        transfer.freeze_until("linear_probe")
+    with pytest.raises(ValueError, match="unfreeze_from must be one of"):
+        transfer.freeze_until("finetune", "layer5")
+    assert transfer.freeze_until("finetune", "layer4") == 4
+    assert transfer.freeze_until("scratch") == 0
+
+
+def _dataset(n=32, classes=3):
+    rng = np.random.RandomState(0)
+    images = rng.randint(0, 255, (n, 32, 32, 3)).astype(np.uint8)
+    labels = (np.arange(n) % classes).astype(np.int32)
+    return Dataset("cifar10", images, labels, images[:8], labels[:8], tuple(str(i) for i in range(classes)))
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A resnet18 checkpoint with non-trivial BN statistics (5 classes), as a training run writes it."""
+    model = models.create("resnet18", num_classes=5)
+    x = jax.random.normal(jax.random.PRNGKey(1), (8, 32, 32, 3))
+    variables = model.init(jax.random.PRNGKey(0), x, train=False)
+    _, updates = model.apply(variables, x * 3 + 1, train=True, mutable=["batch_stats"])
+    variables = {"params": variables["params"], "batch_stats": updates["batch_stats"]}
+    path = str(tmp_path_factory.mktemp("pretrained"))
+    checkpoint.save(path, "best", 0, variables, {"epoch": 0})
+    return path, jax.device_get(variables)
+
+
+def _train(pretrained_dir, mode, unfreeze_from="stem", steps=3):
+    config = base_config()
+    config.model.name = "resnet18"
+    config.num_classes = 3
+    config.data.name = "cifar10"
+    config.optimizer = "sgd"
+    config.learning_rate = 0.1
+    config.transfer.init_from = pretrained_dir
+    config.transfer.mode = mode
+    config.transfer.unfreeze_from = unfreeze_from
+    config.transfer.backbone_lr = 0.01
+    ds = _dataset()
+    model, spec, state, _ = build(config, ds, steps_per_epoch=4)
+    start = jax.device_get(state)
+    runner = Runner(spec, model.apply)
+    images, labels = runner.put_data(ds.train_images, ds.train_labels)
+    state, _ = runner.train(runner.put_state(state), images, labels, np.arange(24).reshape(steps, 8))
+    return start, runner.get_state(state)
+
+
+def _same(a, b) -> bool:
+    return all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+        lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)), a, b)))
+
+
+def test_feature_extraction_freezes_backbone_and_bn(pretrained):
+    path, source = pretrained
+    start, end = _train(path, "feature_extraction")
+    backbone = lambda tree: {k: v for k, v in tree.items() if k != "fc"}  # noqa: E731
+    assert _same(backbone(start.params), backbone(source["params"]))  # transplanted
+    assert _same(backbone(end.params), backbone(source["params"]))
+    assert _same(end.batch_stats, source["batch_stats"])
+    assert not _same(end.params["fc"], start.params["fc"])
+    assert end.params["fc"]["kernel"].shape == (512, 3)
+
+
+def test_finetune_moves_backbone_and_bn(pretrained):
+    path, source = pretrained
+    _, end = _train(path, "finetune", "stem")
+    assert not _same(end.params["conv1"], source["params"]["conv1"])
+    assert not _same(end.params["layer4_1"], source["params"]["layer4_1"])
+    assert not _same(end.batch_stats["bn1"], source["batch_stats"]["bn1"])
+
+
+def test_finetune_from_layer4_keeps_earlier_stages(pretrained):
+    path, source = pretrained
+    _, end = _train(path, "finetune", "layer4")
+    for name in ("conv1", "bn1", "layer1_0", "layer3_1"):
+        assert _same(end.params[name], source["params"][name]), name
+    assert _same(end.batch_stats["layer3_1"], source["batch_stats"]["layer3_1"])
+    assert not _same(end.params["layer4_0"], source["params"]["layer4_0"])
+    assert not _same(end.batch_stats["layer4_0"], source["batch_stats"]["layer4_0"])
+
+
+def test_transfer_needs_init_from_and_a_resnet(pretrained):
+    config = base_config()
+    config.model.name = "resnet18"
+    config.num_classes = 3
+    config.data.name = "cifar10"
+    config.transfer.mode = "feature_extraction"
+    with pytest.raises(ValueError, match="needs --config.transfer.init_from"):
+        build(config, _dataset(), 4)
+    config.model.name = "simple_cnn"
+    config.transfer.init_from = pretrained[0]
+    with pytest.raises(ValueError, match="needs a torchvision-layout ResNet"):
+        build(config, _dataset(), 4)
