@@ -119,3 +119,22 @@ def test_transfer_needs_init_from_and_a_resnet(pretrained):
     config.transfer.init_from = pretrained[0]
     with pytest.raises(ValueError, match="needs a torchvision-layout ResNet"):
         build(config, _dataset(), 4)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("os").path.isdir("/usr/share/datasets/fashion-mnist"),
+                    reason="apt-get install dataset-fashion-mnist")
+def test_transfer_study_runs_end_to_end(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "experiments.transfer", "--workdir", str(tmp_path), "--ks", "10",
+                          "--pretrain_per_class", "20", "--pretrain_epochs", "1", "--target_steps", "2"],
+                         capture_output=True, text=True, timeout=900,
+                         cwd=__file__.rsplit("/tests/", 1)[0])
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = json.load(open(tmp_path / "results.json"))
+    assert {r["mode"] for r in results["runs"]} == {"scratch", "feature_extraction", "finetune"}
+    assert "| 10 |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "transfer_vs_k.png").read_bytes()[:4] == b"\x89PNG"

@@ -325,6 +325,10 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
                     return {"interrupted": True, "epoch": epoch, "step_in_epoch": pos}
             bar.close()
             epoch_time = time.perf_counter() - t0
+            if epoch % max(1, config.get("eval_every", 1)) and epoch != config.num_epochs and stop.signal is None:
+                print(f"epoch {epoch:3d}/{config.num_epochs}  train_loss {acc['loss_sum'] / acc['count']:.4f}  "
+                      f"train_acc {acc['correct'] / acc['count']:.4f}  {epoch_time:.1f}s", flush=True)
+                continue
             host_state = runner.get_state(state)
             ev = runner.evaluate(state, ds.test_images, ds.test_labels, config.eval_batch_size)
             row = {

@@ -48,5 +48,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.parallelism = "jit"      # jit | pmap | sharded
     c.num_devices = 0          # pmap / sharded: use the first N local devices (0: all)
     c.log_every = 50           # steps per progress update / host sync
+    c.eval_every = 1           # evaluate + checkpoint every N epochs (and always after the last)
     c.plots = True
     return c
