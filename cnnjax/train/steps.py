@@ -141,6 +141,7 @@ class Runner:
     ``TrainState`` in and out, ``put_data`` places a split on the device(s) once, ``train(state,
     images, labels, idx)`` runs the index chunk ``[steps, global_batch]``, ``evaluate`` returns
     summed metrics. For ``pmap`` the model must carry ``axis_name='batch'`` for cross-replica BN.
+    ``train`` donates the state it is given (its buffers are reused): keep using the returned one.
     """
 
     def __init__(self, spec: StepSpec, apply_fn, mode: str = "jit", devices: list | None = None,
