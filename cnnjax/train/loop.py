@@ -285,8 +285,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
 
     with _StopFlag() as stop:
         for epoch in range(start_epoch, config.num_epochs + 1):
-            idx = np.asarray(epoch_batches(jax.random.fold_in(data_key, epoch), ds.train_images.shape[0],
-                                           config.batch_size))
+            # The permutation is drawn and kept on the device; chunks are sliced there too.
+            idx = epoch_batches(jax.random.fold_in(data_key, epoch), ds.train_images.shape[0], config.batch_size)
             first = start_step_in_epoch if epoch == start_epoch else 0
             acc = {k: float(v) for k, v in (partial or {}).items()} if epoch == start_epoch else {}
             t0, seen = time.perf_counter(), 0

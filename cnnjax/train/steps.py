@@ -210,7 +210,7 @@ class Runner:
             raise ValueError(f"batch size {idx.shape[-1]} must be divisible by the {self.n} devices")
         if self.mode == "pmap":
             steps, batch = idx.shape
-            per_device = np.asarray(idx).reshape(steps, self.n, batch // self.n).transpose(1, 0, 2)
+            per_device = jnp.asarray(idx).reshape(steps, self.n, batch // self.n).transpose(1, 0, 2)
             return jax.device_put(per_device, self._leading)
         if self.mode == "sharded":
             return jax.device_put(idx, self._batch_sharded)
