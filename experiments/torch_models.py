@@ -1,4 +1,4 @@
-"""PyTorch reference modules with the seeds' / torchvision's layouts, for parity tests.
+"""PyTorch twins of the cnnjax zoo (seed and torchvision layouts), for parity tests and benchmarks.
 
 torchvision has no CPU wheel on these machines, so its ResNet / VGG structure is written out
 here, module for module (same names, same forward).

@@ -1,0 +1,225 @@
+"""Side-by-side training / eval throughput: cnnjax (jit) vs PyTorch eager and torch.compile.
+
+``python -m experiments.bench [--quick] [--out FILE]`` prints a markdown table (images/s,
+compile time separately, cnnjax / PyTorch ratio per row) and writes JSON to FILE. Same network
+(the torch twins in experiments/torch_models.py, equal parameter counts), same batch, SGD with
+momentum 0.9, cross-entropy, uint8 input normalised inside the step in both frameworks.
+The last section times a full epoch through the on-device pipeline (permutation + crop/flip
+augmentation) against the same number of steps on one resident batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+
+from absl import flags
+
+from experiments import cli
+
+FLAGS = flags.FLAGS
+flags.DEFINE_bool("quick", False, "batch 128 only, 3 timed steps, resnet18@224 at batch 16")
+flags.DEFINE_string("out", "", "write the results as JSON here")
+flags.DEFINE_integer("steps", 10, "timed steps per row (after warm-up)")
+flags.DEFINE_bool("torch", True, "also time PyTorch (eager and torch.compile)")
+flags.DEFINE_list("models", ["lenet5", "improved_cnn", "cifar_resnet20", "resnet18", "resnet18@224"],
+                  "rows to run (NAME or NAME@SIZE)")
+
+SHAPES = {"lenet5": (32, 32, 1), "improved_cnn": (32, 32, 3), "cifar_resnet20": (32, 32, 3), "resnet18": (32, 32, 3),
+          "resnet18@224": (224, 224, 3)}
+
+
+def _timeit(fn, steps: int) -> float:
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return time.perf_counter() - t
+
+
+def bench_jax(name: str, shape, batch: int, steps: int) -> dict:
+    import jax
+    import numpy as np
+    import optax
+
+    from cnnjax import models
+    from cnnjax.train.state import create_train_state
+    from cnnjax.train.steps import Runner, StepSpec, eval_step
+
+    model = models.create(name.split("@")[0], num_classes=10)
+    spec = StepSpec(10, (0.5,) * shape[2], (0.25,) * shape[2])
+    state = create_train_state(model, optax.sgd(0.01, momentum=0.9), shape, jax.random.PRNGKey(0))
+    runner = Runner(spec, model.apply)
+    rng = np.random.RandomState(0)
+    images, labels = runner.put_data(rng.randint(0, 256, (batch, *shape)).astype(np.uint8),
+                                     rng.randint(0, 10, batch).astype(np.int32))
+    state = runner.put_state(state)
+    idx = jax.numpy.arange(batch)[None]
+    t = time.perf_counter()
+    state, m = runner.train(state, images, labels, idx)
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t
+    holder = {"state": state}
+
+    def step():
+        holder["state"], holder["m"] = runner.train(holder["state"], images, labels, idx)
+
+    step()
+    jax.block_until_ready(holder["m"])
+    dt = _timeit(step, steps)
+    jax.block_until_ready(holder["m"])
+    dt = max(dt, 1e-9)
+    ev = jax.jit(lambda p, s, i, lab, mk: eval_step(p, s, model.apply, i, lab, mk, spec))
+    st = runner.get_state(holder["state"])
+    mask = jax.numpy.ones(batch)
+    jax.block_until_ready(ev(st.params, st.batch_stats, images, labels, mask))
+    t = time.perf_counter()
+    for _ in range(steps):
+        out = ev(st.params, st.batch_stats, images, labels, mask)
+    jax.block_until_ready(out)
+    return {"train_img_s": steps * batch / dt, "eval_img_s": steps * batch / (time.perf_counter() - t),
+            "compile_s": compile_s}
+
+
+def bench_torch(name: str, shape, batch: int, steps: int, compiled: bool) -> dict:
+    import numpy as np
+    import torch
+
+    from experiments import torch_models
+
+    torch.manual_seed(0)
+    model = torch_models.build(name.split("@")[0], num_classes=10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    rng = np.random.RandomState(0)
+    images = torch.from_numpy(rng.randint(0, 256, (batch, shape[2], shape[0], shape[1])).astype(np.uint8))
+    labels = torch.from_numpy(rng.randint(0, 10, batch).astype(np.int64))
+
+    def train_step():
+        x = (images.float() / 255.0 - 0.5) / 0.25
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(x), labels)
+        loss.backward()
+        opt.step()
+        return loss
+
+    step_fn = torch.compile(train_step) if compiled else train_step
+    model.train()
+    t = time.perf_counter()
+    step_fn()
+    compile_s = time.perf_counter() - t
+    step_fn()
+    dt = _timeit(step_fn, steps)
+    model.eval()
+    with torch.no_grad():
+        fwd = torch.compile(model) if compiled else model
+        fwd((images.float() / 255.0 - 0.5) / 0.25)
+        t = time.perf_counter()
+        for _ in range(steps):
+            fwd((images.float() / 255.0 - 0.5) / 0.25)
+        ev = time.perf_counter() - t
+    return {"train_img_s": steps * batch / dt, "eval_img_s": steps * batch / ev, "compile_s": compile_s}
+
+
+def bench_pipeline(batch: int = 128, n: int = 10_000) -> dict:
+    """Full epoch through the pipeline (gather + augmentation) vs the same steps on one batch."""
+    import jax
+    import numpy as np
+    import optax
+
+    from cnnjax import models
+    from cnnjax.data.pipeline import AugmentConfig, epoch_batches
+    from cnnjax.train.state import create_train_state
+    from cnnjax.train.steps import Runner, StepSpec
+
+    model = models.create("cifar_resnet20")
+    rng = np.random.RandomState(0)
+    data = rng.randint(0, 256, (n, 32, 32, 3)).astype(np.uint8), rng.randint(0, 10, n).astype(np.int32)
+    out = {}
+    for label, aug, idx_fn in (
+        ("pipeline_epoch_s", AugmentConfig(4, True), lambda: epoch_batches(jax.random.PRNGKey(0), n, batch)),
+        ("resident_batch_s", AugmentConfig(), lambda: jax.numpy.zeros((n // batch, batch), jax.numpy.int32)
+         + jax.numpy.arange(batch)),
+    ):
+        runner = Runner(StepSpec(10, (0.5,) * 3, (0.25,) * 3, augment=aug), model.apply)
+        state = runner.put_state(create_train_state(model, optax.sgd(0.01, momentum=0.9), (32, 32, 3),
+                                                    jax.random.PRNGKey(0)))
+        images, labels = runner.put_data(*data)
+        idx = idx_fn()
+        state, m = runner.train(state, images, labels, idx[:1])  # compile
+        jax.block_until_ready(m)
+        t = time.perf_counter()
+        state, m = runner.train(state, images, labels, idx)
+        jax.block_until_ready(m)
+        out[label] = time.perf_counter() - t
+    out["overhead_ratio"] = out["pipeline_epoch_s"] / out["resident_batch_s"]
+    out["steps"] = n // batch
+    return out
+
+
+def main(argv):
+    del argv
+    import jax
+
+    batches = (128,) if FLAGS.quick else (128, 512)
+    steps = 3 if FLAGS.quick else FLAGS.steps
+    rows = []
+    for name in FLAGS.models:
+        if name not in SHAPES:
+            raise ValueError(f"unknown bench row {name!r}; choose from {', '.join(SHAPES)}")
+        for batch in batches:
+            b = 16 if (FLAGS.quick and name.endswith("@224")) else batch
+            row = {"model": name, "input": "x".join(map(str, SHAPES[name])), "batch": b}
+            row["jax"] = bench_jax(name, SHAPES[name], b, steps)
+            if FLAGS.torch:
+                row["torch_eager"] = bench_torch(name, SHAPES[name], b, steps, compiled=False)
+                try:
+                    row["torch_compile"] = bench_torch(name, SHAPES[name], b, steps, compiled=True)
+                except Exception as err:  # torch.compile needs a C++ toolchain and may not support the host
+                    row["torch_compile"] = {"error": str(err).splitlines()[0][:120]}
+            rows.append(row)
+            print_row(row, flush=True)
+    pipeline = bench_pipeline()
+    import torch
+
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} cores", "device": str(jax.devices()[0]), "jax": jax.__version__,
+            "torch": torch.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""), "quick": FLAGS.quick}
+    table = markdown(rows, pipeline, meta)
+    print(table)
+    if FLAGS.out:
+        with open(FLAGS.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows, "pipeline": pipeline}, f, indent=2)
+
+
+def _fmt(d: dict, key: str) -> str:
+    return f"{d[key]:.0f}" if key in d else "n/a"
+
+
+def print_row(row: dict, flush: bool = False) -> None:
+    j, t = row["jax"], row.get("torch_eager", {})
+    ratio = j["train_img_s"] / t["train_img_s"] if t else float("nan")
+    print(f"# {row['model']} {row['input']} b{row['batch']}: cnnjax {j['train_img_s']:.0f} img/s, "
+          f"torch eager {_fmt(t, 'train_img_s')} img/s, ratio {ratio:.2f}", flush=flush)
+
+
+def markdown(rows: list, pipeline: dict, meta: dict) -> str:
+    head = ("| model | input | batch | cnnjax train img/s | torch eager | torch.compile | cnnjax / eager | "
+            "cnnjax eval img/s | torch eval | cnnjax compile s |")
+    lines = [f"Machine: {meta['machine']} ({meta['device']}); jax {meta['jax']}, torch {meta['torch']}; "
+             f"{meta['date']}; XLA_FLAGS={meta['xla_flags'] or '(none)'}", "", head, "|" + "---|" * 10]
+    for r in rows:
+        j, te, tc = r["jax"], r.get("torch_eager", {}), r.get("torch_compile", {})
+        ratio = f"{j['train_img_s'] / te['train_img_s']:.2f}" if te else "n/a"
+        lines.append(f"| {r['model']} | {r['input']} | {r['batch']} | {j['train_img_s']:.0f} | "
+                     f"{_fmt(te, 'train_img_s')} | {_fmt(tc, 'train_img_s')} | {ratio} | {j['eval_img_s']:.0f} | "
+                     f"{_fmt(te, 'eval_img_s')} | {j['compile_s']:.1f} |")
+    lines += ["", f"Pipeline overhead (cifar_resnet20, batch 128, {pipeline['steps']} steps): full epoch with "
+              f"on-device shuffle + crop/flip {pipeline['pipeline_epoch_s']:.2f} s vs one resident batch "
+              f"{pipeline['resident_batch_s']:.2f} s -> ratio {pipeline['overhead_ratio']:.3f}"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))
