@@ -135,9 +135,9 @@ def test_port_cli_writes_a_checkpoint_that_predict_restores(tmp_path):
     lines = [line for line in pred.stdout.splitlines() if line.strip().startswith(("1.", "2.", "3.", "4.", "5."))]
     assert len(lines) == 5
     # Same top-1 as torch on the same preprocessing.
-    from experiments.predict import preprocess
+    from cnnjax.port.imagenet import preprocess_image
 
-    x = preprocess(str(img_path))
+    x = preprocess_image(Image.open(img_path))
     with torch.no_grad():
         top = int(tm(nchw(x[None])).argmax())
     from cnnjax.port.imagenet import CLASS_NAMES
