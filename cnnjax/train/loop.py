@@ -282,6 +282,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     chunk = max(1, int(config.log_every))
     steps_done_this_call = 0
     last = history[-1] if history else {}
+    last_eval = None
 
     with _StopFlag() as stop:
         for epoch in range(start_epoch, config.num_epochs + 1):
@@ -330,7 +331,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
                       f"train_acc {acc['correct'] / acc['count']:.4f}  {epoch_time:.1f}s", flush=True)
                 continue
             host_state = runner.get_state(state)
-            ev = runner.evaluate(state, ds.test_images, ds.test_labels, config.eval_batch_size)
+            ev = last_eval = runner.evaluate(state, ds.test_images, ds.test_labels, config.eval_batch_size)
             row = {
                 "epoch": epoch,
                 "step": int(host_state.step),
@@ -364,19 +365,20 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
                 return {"interrupted": True, "epoch": epoch, "step_in_epoch": steps_per_epoch}
 
     if config.plots and history:
-        write_plots(workdir, model, runner.get_state(state), ds, history, spec)
+        if last_eval is None:  # nothing trained in this call (the run was already complete)
+            last_eval = runner.evaluate(state, ds.test_images, ds.test_labels, config.eval_batch_size)
+        write_plots(workdir, model, runner.get_state(state), ds, history, spec, last_eval)
     return last
 
 
-def write_plots(workdir: str, model, state: TrainState, ds: Dataset, history: list[dict], spec: StepSpec) -> None:
-    """Loss / accuracy curves, per-class accuracy, confusion matrix, first-layer filters, feature maps."""
+def write_plots(workdir: str, model, state: TrainState, ds: Dataset, history: list[dict], spec: StepSpec,
+                ev: dict) -> None:
+    """Loss / accuracy curves, per-class accuracy and confusion matrix (from the final evaluation
+    ``ev``), first-layer filters, feature maps of the first test image."""
     from cnnjax import viz
     from cnnjax.data.pipeline import normalize
-    from cnnjax.train.steps import eval_step, evaluate_split
 
     variables = {"params": state.params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
-    ev = evaluate_split(jax.jit(lambda p, s, i, label, m: eval_step(p, s, model.apply, i, label, m, spec)),
-                        state.params, state.batch_stats, ds.test_images, ds.test_labels, 256)
     viz.plot_curves(history, os.path.join(workdir, "curves.png"))
     viz.plot_per_class_accuracy(ev["per_class_accuracy"], ds.class_names, os.path.join(workdir, "per_class.png"))
     viz.plot_confusion_matrix(ev["confusion"], ds.class_names, os.path.join(workdir, "confusion.png"))

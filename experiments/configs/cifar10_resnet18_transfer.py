@@ -7,23 +7,17 @@ First port the weights: ``python -m experiments.port --arch resnet18 --weights r
 (about 49x the compute per image); ``--config.transfer.mode=feature_extraction`` trains the head only.
 """
 
-from experiments.configs.base import base_config
+from experiments.configs import cifar10_resnet18
 
 
 def get_config():
-    c = base_config()
-    c.model.name = "resnet18"
-    c.data.name = "cifar10"
-    c.data.crop_padding = 4
-    c.data.flip = True
+    c = cifar10_resnet18.get_config()  # same data, augmentation and batch; transfer-specific below
     c.data.resize_to = 0
-    c.batch_size = 128
     c.num_epochs = 10
     c.optimizer = "sgd"
     c.learning_rate = 1e-2          # head
-    c.momentum = 0.9
-    c.weight_decay = 5e-4
     c.schedule = "cosine"
+    c.warmup_epochs = 0
     c.transfer.init_from = "workdirs/resnet18_imagenet"
     c.transfer.mode = "finetune"
     c.transfer.unfreeze_from = "stem"
