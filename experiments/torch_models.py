@@ -253,6 +253,52 @@ class CifarResNet(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
+# --- airbench94-style fast net -------------------------------------------------------------------
+
+
+class ScalelessBatchNorm(nn.Module):
+    """BatchNorm2d without a scale parameter (bias only), eps 1e-12, torch momentum 0.4."""
+
+    def __init__(self, c, momentum=0.4, eps=1e-12):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(c))
+        self.register_buffer("running_mean", torch.zeros(c))
+        self.register_buffer("running_var", torch.ones(c))
+        self.momentum, self.eps = momentum, eps
+
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, None, self.bias, self.training,
+                            self.momentum, self.eps)
+
+
+class FastGroup(nn.Module):
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        self.norm1 = ScalelessBatchNorm(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.norm2 = ScalelessBatchNorm(c_out)
+
+    def forward(self, x):
+        x = F.gelu(self.norm1(F.max_pool2d(self.conv1(x), 2)))
+        return F.gelu(self.norm2(self.conv2(x)))
+
+
+class FastNet(nn.Module):
+    def __init__(self, num_classes: int = 10, widths=(64, 256, 256), c_in: int = 3):
+        super().__init__()
+        self.whiten = nn.Conv2d(c_in, 8 * c_in, 2, padding=0, bias=True)
+        self.block1 = FastGroup(8 * c_in, widths[0])
+        self.block2 = FastGroup(widths[0], widths[1])
+        self.block3 = FastGroup(widths[1], widths[2])
+        self.head = nn.Linear(widths[2], num_classes, bias=False)
+
+    def forward(self, x):
+        x = F.gelu(self.whiten(x))
+        x = self.block3(self.block2(self.block1(x)))
+        return self.head(F.max_pool2d(x, 3).flatten(1)) / 9.0
+
+
 def build(name: str, num_classes: int | None = None, **kw) -> nn.Module:
     """torch twin of ``cnnjax.models.create(name, ...)``."""
     simple = {"tiny_cnn": TinyCNN, "simple_cnn": SimpleCNN, "improved_cnn": ImprovedCNN,
@@ -260,6 +306,8 @@ def build(name: str, num_classes: int | None = None, **kw) -> nn.Module:
     extra = {} if num_classes is None else {"num_classes": num_classes}
     if name in simple:
         return simple[name](**extra, **kw)
+    if name == "fast_cnn":
+        return FastNet(**extra, **kw)
     if name.startswith("vgg"):
         return VGG(VGG_CFGS[name.removesuffix("_bn")], name.endswith("_bn"), **extra, **kw)
     if name.startswith("resnet"):
@@ -274,8 +322,9 @@ def randomize_bn_stats(module: nn.Module, generator: torch.Generator) -> None:
     """Give every BatchNorm non-trivial running statistics and affine parameters."""
     with torch.no_grad():
         for m in module.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if isinstance(getattr(m, "running_mean", None), torch.Tensor):
                 m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=generator) * 0.5)
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=generator) * 1.5 + 0.5)
-                m.weight.copy_(torch.rand(m.weight.shape, generator=generator) + 0.5)
+                if isinstance(getattr(m, "weight", None), torch.Tensor):
+                    m.weight.copy_(torch.rand(m.weight.shape, generator=generator) + 0.5)
                 m.bias.copy_(torch.randn(m.bias.shape, generator=generator) * 0.1)

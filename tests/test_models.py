@@ -21,6 +21,7 @@ PARAM_COUNTS = {
     "simple_cnn": 268_650,
     "improved_cnn": 1_117_866,
     "gap_cnn": 94_538,
+    "fast_cnn": 1_971_640,
     "vgg11": 132_863_336,
     "vgg11_bn": 132_868_840,
     "vgg16": 138_357_544,
@@ -73,6 +74,8 @@ PARITY_CASES = [
     ("improved_cnn", (32, 32, 3), 4),
     ("gap_cnn", (32, 32, 3), 4),
     ("gap_cnn", (20, 28, 3), 2),
+    ("fast_cnn", (32, 32, 3), 4),
+    ("fast_cnn", (32, 32, 1), 4),
     ("vgg11", (64, 64, 3), 2),
     ("vgg11_bn", (64, 64, 3), 2),
     ("vgg16", (64, 64, 3), 2),
@@ -93,12 +96,14 @@ NO_DROPOUT = {"improved_cnn": "dropout", "vgg11": "dropout", "vgg11_bn": "dropou
               "vgg16_bn": "dropout"}
 
 
-def _pair(name, train_mode: bool):
+def _pair(name, train_mode: bool, channels: int = 3):
     """Identical-weight (cnnjax model, variables, torch model); dropout off for train-mode parity."""
     torch.manual_seed(0)
     jax_kw, torch_kw = {}, {}
     if train_mode and name in NO_DROPOUT:
         jax_kw, torch_kw = {"dropout_rate": 0.0}, {"dropout": 0.0}
+    if name == "fast_cnn":
+        torch_kw["c_in"] = channels  # the whitening width follows the input channels
     tm = ref.build(name, **torch_kw)
     ref.randomize_bn_stats(tm, torch.Generator().manual_seed(1))
     return models.create(name, **jax_kw), variables_of(tm), tm
@@ -106,7 +111,7 @@ def _pair(name, train_mode: bool):
 
 @pytest.mark.parametrize("name,shape,batch", PARITY_CASES, ids=lambda v: str(v))
 def test_model_parity_with_torch(name, shape, batch):
-    model, variables, tm = _pair(name, train_mode=False)
+    model, variables, tm = _pair(name, train_mode=False, channels=shape[2])
     # The ported tree has exactly the structure and shapes Flax builds itself: names map 1:1.
     expected = abstract_variables(model, shape)
     assert jax.tree_util.tree_structure(expected) == jax.tree_util.tree_structure(variables)
@@ -121,7 +126,7 @@ def test_model_parity_with_torch(name, shape, batch):
     label = f"{name} {shape[0]}x{shape[1]}"
     assert_parity(f"{label} eval logits", got, want, 1e-4)
 
-    model, variables, tm = _pair(name, train_mode=True)
+    model, variables, tm = _pair(name, train_mode=True, channels=shape[2])
     if name in ILL_CONDITIONED_TRAIN:
         _check_train_parity_fp64(label, model, variables, tm, x)
         tol = stats_tol = ILL_CONDITIONED_TRAIN[name]
@@ -220,3 +225,28 @@ def test_zero_init_residual_zeroes_last_bn_scales():
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
     assert np.all(params["layer1_0"]["bn3"]["scale"] == 0)
     assert np.all(params["layer1_0"]["bn1"]["scale"] == 1)
+
+
+def test_fast_cnn_whitening_kernel_whitens_patches():
+    from cnnjax.models.fast import whitening_kernel
+
+    rng = np.random.RandomState(0)
+    base = rng.rand(64, 16, 16, 3).astype(np.float32)
+    images = base + 0.5 * np.roll(base, 1, axis=2)  # correlated neighbouring pixels
+    kernel = whitening_kernel(images, eps=0.0)
+    assert kernel.shape == (2, 2, 3, 24)
+    conv = jax.lax.conv_general_dilated(jnp.asarray(images), jnp.asarray(kernel[..., :12]), (1, 1), "VALID",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    flat = np.asarray(conv).reshape(-1, 12)
+    cov = flat.T @ flat / flat.shape[0]
+    np.testing.assert_allclose(cov, np.eye(12), atol=1e-3)  # uncentred 2x2 patches become white
+    np.testing.assert_array_equal(kernel[..., 12:], -kernel[..., :12])
+
+
+def test_fast_cnn_group_convs_start_as_partial_identity():
+    model = models.create("fast_cnn")
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
+    k = np.asarray(params["block2"]["conv1"]["kernel"])  # 64 -> 256
+    np.testing.assert_array_equal(k[1, 1, :, :64], np.eye(64))
+    assert np.abs(k[:, :, :, 64:]).max() > 0
+    assert "scale" not in params["block1"]["norm1"] and "bias" in params["block1"]["norm1"]

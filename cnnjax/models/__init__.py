@@ -14,6 +14,7 @@ from typing import Any
 import flax.linen as nn
 
 from cnnjax.models.cifar_resnet import CifarResNet
+from cnnjax.models.fast import FastNet
 from cnnjax.models.lenet import LeNet5
 from cnnjax.models.resnet import STAGES, ResNet
 from cnnjax.models.simple import GapCNN, ImprovedCNN, SimpleCNN, TinyCNN
@@ -25,6 +26,7 @@ _REGISTRY: dict[str, tuple[Callable[..., nn.Module], int]] = {
     "simple_cnn": (SimpleCNN, 10),
     "improved_cnn": (ImprovedCNN, 10),
     "gap_cnn": (GapCNN, 10),
+    "fast_cnn": (FastNet, 10),
 }
 for _name in ("vgg11", "vgg16"):
     _REGISTRY[_name] = (functools.partial(VGG, CONFIGS[_name], False), 1000)
@@ -38,7 +40,7 @@ for _depth in (20, 32, 44, 56, 110):
 DEFAULT_INPUT_SHAPES: dict[str, tuple[int, int, int]] = {
     "tiny_cnn": (8, 8, 1),
     "lenet5": (32, 32, 1),
-    **{n: (32, 32, 3) for n in ("simple_cnn", "improved_cnn", "gap_cnn")},
+    **{n: (32, 32, 3) for n in ("simple_cnn", "improved_cnn", "gap_cnn", "fast_cnn")},
     **{n: (224, 224, 3) for n in _REGISTRY if n.startswith(("vgg", "resnet"))},
     **{n: (32, 32, 3) for n in _REGISTRY if n.startswith("cifar_resnet")},
 }
@@ -63,5 +65,5 @@ def create(name: str, num_classes: int | None = None, **kwargs: Any) -> nn.Modul
         raise ValueError(f"model {name!r} does not take these options {sorted(kwargs)}: {err}") from None
 
 
-__all__ = ["available", "create", "DEFAULT_INPUT_SHAPES", "CifarResNet", "GapCNN", "ImprovedCNN",
+__all__ = ["available", "create", "DEFAULT_INPUT_SHAPES", "CifarResNet", "FastNet", "GapCNN", "ImprovedCNN",
            "LeNet5", "ResNet", "SimpleCNN", "TinyCNN", "VGG"]
