@@ -40,49 +40,26 @@ def _timeit(fn, steps: int) -> float:
 
 
 def bench_jax(name: str, shape, batch: int, steps: int) -> dict:
+    """cnnjax train (real Runner) and eval throughput for one row."""
     import jax
-    import numpy as np
-    import optax
 
     from cnnjax import models
-    from cnnjax.train.state import create_train_state
-    from cnnjax.train.steps import Runner, StepSpec, eval_step
+    from cnnjax.train.steps import StepSpec, eval_step
+    from experiments.benchlib import time_jax_training
 
     model = models.create(name.split("@")[0], num_classes=10)
     spec = StepSpec(10, (0.5,) * shape[2], (0.25,) * shape[2])
-    state = create_train_state(model, optax.sgd(0.01, momentum=0.9), shape, jax.random.PRNGKey(0))
-    runner = Runner(spec, model.apply)
-    rng = np.random.RandomState(0)
-    images, labels = runner.put_data(rng.randint(0, 256, (batch, *shape)).astype(np.uint8),
-                                     rng.randint(0, 10, batch).astype(np.int32))
-    state = runner.put_state(state)
-    idx = jax.numpy.arange(batch)[None]
-    t = time.perf_counter()
-    state, m = runner.train(state, images, labels, idx)
-    jax.block_until_ready(m)
-    compile_s = time.perf_counter() - t
-    holder = {"state": state}
-
-    def step():
-        holder["state"], holder["m"] = runner.train(holder["state"], images, labels, idx)
-
-    step()
-    jax.block_until_ready(holder["m"])
-    t = time.perf_counter()
-    for _ in range(steps):
-        step()
-    jax.block_until_ready(holder["m"])  # dispatch is asynchronous: time until the last step is done
-    dt = time.perf_counter() - t
+    out = time_jax_training(model, spec, shape, batch, steps)
     ev = jax.jit(lambda p, s, i, lab, mk: eval_step(p, s, model.apply, i, lab, mk, spec))
-    st = runner.get_state(holder["state"])
-    mask = jax.numpy.ones(batch)
+    st = out["runner"].get_state(out["state"])
+    images, labels, mask = out["images"], out["labels"], jax.numpy.ones(batch)
     jax.block_until_ready(ev(st.params, st.batch_stats, images, labels, mask))
     t = time.perf_counter()
     for _ in range(steps):
-        out = ev(st.params, st.batch_stats, images, labels, mask)
-    jax.block_until_ready(out)
-    return {"train_img_s": steps * batch / dt, "eval_img_s": steps * batch / (time.perf_counter() - t),
-            "compile_s": compile_s}
+        result = ev(st.params, st.batch_stats, images, labels, mask)
+    jax.block_until_ready(result)
+    return {"train_img_s": out["train_img_s"], "eval_img_s": steps * batch / (time.perf_counter() - t),
+            "compile_s": out["compile_s"]}
 
 
 def bench_torch(name: str, shape, batch: int, steps: int, compiled: bool) -> dict:
@@ -183,11 +160,14 @@ def main(argv):
             rows.append(row)
             print_row(row, flush=True)
     pipeline = bench_pipeline()
-    import torch
+    torch_version = "n/a"
+    if FLAGS.torch:
+        import torch
 
+        torch_version = torch.__version__
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} cores", "device": str(jax.devices()[0]), "jax": jax.__version__,
-            "torch": torch.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""), "quick": FLAGS.quick}
+            "torch": torch_version, "xla_flags": os.environ.get("XLA_FLAGS", ""), "quick": FLAGS.quick}
     table = markdown(rows, pipeline, meta)
     print(table)
     if FLAGS.out:
