@@ -28,9 +28,8 @@ def _manager(workdir: str, kind: str, create: bool = True) -> ocp.CheckpointMana
 
 
 def _to_saveable(state: Any) -> dict:
-    tree = serialization.to_state_dict(jax.device_get(state))
-    # orbax drops empty subtrees; mark "no BatchNorm" explicitly so restore sees the same keys.
-    return jax.tree_util.tree_map(np.asarray, tree)
+    # orbax drops empty subtrees (batch_stats of a model without BN): restore_state puts it back.
+    return jax.tree_util.tree_map(np.asarray, serialization.to_state_dict(jax.device_get(state)))
 
 
 def save(workdir: str, kind: str, step: int, state: Any, meta: dict) -> None:

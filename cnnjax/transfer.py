@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -71,30 +72,30 @@ def transplant(source: dict, target: dict, head: str = "fc") -> dict:
     for collection, tree in target.items():
         out[collection] = {}
         for name, sub in tree.items():
-            if name == head or collection not in source or name not in source[collection]:
-                if name != head:
-                    raise ValueError(f"pretrained checkpoint has no {collection}/{name}: is it the same architecture?")
+            if name == head:
                 out[collection][name] = sub
                 continue
-            src = source[collection][name]
-            shapes_ok = jax.tree_util.tree_structure(src) == jax.tree_util.tree_structure(sub) and all(
-                np.shape(a) == np.shape(b) for a, b in zip(jax.tree_util.tree_leaves(src),
-                                                           jax.tree_util.tree_leaves(sub), strict=True))
-            if not shapes_ok:
+            src = source.get(collection, {}).get(name)
+            if src is None:
+                raise ValueError(f"pretrained checkpoint has no {collection}/{name}: is it the same architecture?")
+            same = jax.tree_util.tree_structure(src) == jax.tree_util.tree_structure(sub) and all(
+                np.shape(a) == np.shape(b)
+                for a, b in zip(jax.tree_util.tree_leaves(src), jax.tree_util.tree_leaves(sub), strict=True))
+            if not same:
                 raise ValueError(f"pretrained {collection}/{name} does not match the model (different input channels "
                                  "or architecture?)")
             out[collection][name] = jax.tree_util.tree_map(np.asarray, src)
     return out
 
 
-def backbone_schedule(lr: float, head_first_steps: int) -> optax.Schedule:
-    """Backbone learning rate: 0 for ``head_first_steps`` (head-only phase), then ``lr``."""
-    if head_first_steps <= 0:
-        return optax.constant_schedule(lr)
-    return optax.join_schedules([optax.constant_schedule(0.0), optax.constant_schedule(lr)], [head_first_steps])
+def after_steps(tx: optax.GradientTransformation, steps: int) -> optax.GradientTransformation:
+    """``tx`` with its updates zeroed for the first ``steps`` steps (head-only phase of fine-tuning)."""
+    if steps <= 0:
+        return tx
+    return optax.chain(tx, optax.scale_by_schedule(lambda step: (step >= steps).astype(jnp.float32)))
 
 
-__all__ = ["MODES", "STAGES", "backbone_schedule", "count_params", "freeze_until", "param_labels",
+__all__ = ["MODES", "STAGES", "after_steps", "count_params", "freeze_until", "param_labels",
            "transfer_optimizer", "transplant"]
 
 

@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from tqdm.auto import tqdm
 
 from cnnjax import checkpoint, models, transfer
@@ -133,13 +132,14 @@ def build(config: ml_collections.ConfigDict, ds: Dataset, steps_per_epoch: int):
     )
     axis = AXIS if config.parallelism == "pmap" else None
     kwargs = dict(config.model.kwargs.to_dict())
-    if axis is not None and "axis_name" in _fields(config.model.name):
+    fields = _fields(config.model.name)
+    if axis is not None and "axis_name" in fields:
         kwargs["axis_name"] = axis
     t = config.get("transfer")
     transfer_on = t is not None and (t.mode != "scratch" or t.init_from)
     frozen = 0
     if transfer_on:
-        if "freeze_until" not in _fields(config.model.name):
+        if "freeze_until" not in fields:
             raise ValueError(f"transfer learning needs a torchvision-layout ResNet, not {config.model.name!r}")
         if t.mode != "scratch" and not t.init_from:
             raise ValueError(f"--config.transfer.mode={t.mode} needs --config.transfer.init_from=CHECKPOINT_DIR")
@@ -151,10 +151,7 @@ def build(config: ml_collections.ConfigDict, ds: Dataset, steps_per_epoch: int):
         backbone_cfg = ml_collections.ConfigDict(config.to_dict())
         backbone_cfg.learning_rate = t.backbone_lr
         backbone_tx, _ = make_optimizer(backbone_cfg, steps_per_epoch, config.num_epochs)
-        head_first = int(t.head_first_epochs * steps_per_epoch)
-        if head_first:
-            backbone_tx = optax.chain(backbone_tx, optax.scale_by_schedule(
-                lambda step: (step >= head_first).astype(jnp.float32)))
+        backbone_tx = transfer.after_steps(backbone_tx, int(t.head_first_epochs * steps_per_epoch))
         tx = transfer.transfer_optimizer(lambda p: transfer.param_labels(p, frozen), tx, backbone_tx)
     image_shape = ds.train_images.shape[1:]
     if spec.resize_to:

@@ -51,3 +51,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every = 1           # evaluate + checkpoint every N epochs (and always after the last)
     c.plots = True
     return c
+
+
+def cifar10_config(model: str) -> ml_collections.ConfigDict:
+    """CIFAR-10 with the standard augmentation (random crop from 4-pixel padding + horizontal flip)."""
+    c = base_config()
+    c.model.name = model
+    c.data.name = "cifar10"
+    c.data.crop_padding = 4
+    c.data.flip = True
+    return c

@@ -1,15 +1,10 @@
 """Seed 004 ImprovedCNN on CIFAR-10 with crop + flip augmentation."""
 
-from experiments.configs.base import base_config
+from experiments.configs.base import cifar10_config
 
 
 def get_config():
-    c = base_config()
-    c.model.name = "improved_cnn"
-    c.data.name = "cifar10"
-    c.data.crop_padding = 4
-    c.data.flip = True
-    c.batch_size = 128
+    c = cifar10_config("improved_cnn")
     c.num_epochs = 30
     c.optimizer = "adamw"
     c.learning_rate = 2e-3

@@ -1,19 +1,12 @@
 """He et al. 2015 ResNet-20 on CIFAR-10: SGD 0.1, momentum 0.9, wd 1e-4, batch 128, crop + flip."""
 
-from experiments.configs.base import base_config
+from experiments.configs.base import cifar10_config
 
 
 def get_config():
-    c = base_config()
-    c.model.name = "cifar_resnet20"
-    c.data.name = "cifar10"
-    c.data.crop_padding = 4
-    c.data.flip = True
-    c.batch_size = 128
+    c = cifar10_config("cifar_resnet20")
     c.num_epochs = 160
-    c.optimizer = "sgd"
     c.learning_rate = 0.1
-    c.momentum = 0.9
     c.weight_decay = 1e-4
     c.schedule = "piecewise"
     c.boundaries_epochs = (80, 120)

@@ -4,13 +4,8 @@ from experiments.configs.base import base_config
 
 
 def get_config():
-    c = base_config()
+    c = base_config()  # SGD momentum 0.9, lr 0.05, batch 128, 10 epochs
     c.model.name = "lenet5"
     c.model.kwargs.conv1_padding = 2
     c.data.name = "mnist"
-    c.batch_size = 128
-    c.num_epochs = 10
-    c.optimizer = "sgd"
-    c.learning_rate = 0.05
-    c.momentum = 0.9
     return c
