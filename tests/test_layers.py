@@ -103,6 +103,32 @@ def test_max_pool_matches_torch(window, stride, padding, hw):
     assert_parity("max_pool", got, want, 0.0)
 
 
+@pytest.mark.parametrize("window,hw,ties", [(2, (8, 8), False), (2, (8, 8), True), (2, (31, 31), False),
+                                             (3, (3, 3), True), ((2, 3), (7, 9), True)])
+def test_max_pool_gradient_matches_torch_with_ties_and_floor_mode(window, hw, ties):
+    """Non-overlapping pools take the reshape path; its gradient goes to the first maximum of each
+    window (torch's choice), and floor mode drops trailing rows / columns."""
+    x = rand(2, *hw, 3)
+    if ties:  # quantised values and a block of zeros (as after ReLU) give many equal maxima
+        x = np.round(x).clip(0, None)
+        x[:, :4, :4] = 0.0
+    xt = nchw(x).requires_grad_(True)
+    yt = F.max_pool2d(xt, window)
+    weight = rand(*nhwc(yt).shape)
+    (yt * nchw(weight)).sum().backward()
+    y, vjp = jax.vjp(lambda v: layers.max_pool(v, window), jnp.asarray(x))
+    assert_parity("max_pool", y, nhwc(yt), 0.0)
+    assert_parity("max_pool gradient (ties, floor mode)", vjp(jnp.asarray(weight))[0], nhwc(xt.grad), 0.0)
+
+
+def test_tiled_max_pool_equals_reduce_window_path():
+    x = jnp.asarray(np.round(rand(2, 10, 10, 4)))  # ties
+    tiled = jax.grad(lambda v: (layers.max_pool(v, 2) ** 2).sum())
+    window = jax.grad(lambda v: (jax.lax.reduce_window(v, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1),
+                                                       "VALID") ** 2).sum())
+    chex.assert_trees_all_equal(jax.jit(tiled)(x), window(x))
+
+
 @pytest.mark.parametrize("count_include_pad", [True, False])
 @pytest.mark.parametrize("window,stride,padding,hw", POOL_CASES)
 def test_avg_pool_matches_torch(window, stride, padding, hw, count_include_pad):

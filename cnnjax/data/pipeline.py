@@ -17,11 +17,29 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
-    """Random crop from ``crop_padding`` zero-padding, horizontal flip, optional ``cutout`` square."""
+    """Random crop from ``crop_padding`` padding (``pad_mode`` 'constant' zeros or 'reflect'),
+    horizontal flip, optional ``cutout`` square.
+
+    ``flip_mode='random'`` flips each example with probability 1/2 at every step;
+    ``'alternate'`` (airbench) flips a fixed random half of the training set in even epochs and
+    the other half in odd epochs, so every image is seen both ways every two epochs. It needs the
+    example ids and the epoch (``steps_per_epoch``).
+    """
 
     crop_padding: int = 0
     flip: bool = False
     cutout: int = 0
+    pad_mode: str = "constant"
+    flip_mode: str = "random"
+    steps_per_epoch: int = 0
+
+    def __post_init__(self):
+        if self.pad_mode not in ("constant", "reflect"):
+            raise ValueError(f"pad_mode must be 'constant' or 'reflect', got {self.pad_mode!r}")
+        if self.flip_mode not in ("random", "alternate"):
+            raise ValueError(f"flip_mode must be 'random' or 'alternate', got {self.flip_mode!r}")
+        if self.flip and self.flip_mode == "alternate" and self.steps_per_epoch < 1:
+            raise ValueError("flip_mode='alternate' needs steps_per_epoch >= 1")
 
     @property
     def enabled(self) -> bool:
@@ -44,16 +62,17 @@ def normalize(images: Array, mean, std, dtype=jnp.float32) -> Array:
     return ((x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)).astype(dtype)
 
 
-def _augment_one(key: Array, image: Array, cfg: AugmentConfig) -> Array:
+def _augment_one(key: Array, image: Array, flip: Array | None, cfg: AugmentConfig) -> Array:
     h, w, _ = image.shape
     k_crop, k_flip, k_cut = jax.random.split(key, 3)
     if cfg.crop_padding:
         p = cfg.crop_padding
-        padded = jnp.pad(image, ((p, p), (p, p), (0, 0)))
+        padded = jnp.pad(image, ((p, p), (p, p), (0, 0)), mode=cfg.pad_mode)
         dy, dx = jax.random.randint(k_crop, (2,), 0, 2 * p + 1)
         image = jax.lax.dynamic_slice(padded, (dy, dx, 0), image.shape)
     if cfg.flip:
-        image = jnp.where(jax.random.bernoulli(k_flip), image[:, ::-1, :], image)
+        flip = jax.random.bernoulli(k_flip) if flip is None else flip
+        image = jnp.where(flip, image[:, ::-1, :], image)
     if cfg.cutout:
         y0, x0 = jax.random.randint(k_cut, (2,), 0, jnp.array([h, w])) - cfg.cutout // 2
         rows, cols = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
@@ -62,9 +81,25 @@ def _augment_one(key: Array, image: Array, cfg: AugmentConfig) -> Array:
     return image
 
 
-def augment(key: Array, images: Array, cfg: AugmentConfig, offset: Array | int = 0) -> Array:
-    """Augment a uint8 batch ``[B, H, W, C]``; example ``i`` uses ``fold_in(key, offset + i)``."""
+def alternating_flips(run_key: Array, example_ids: Array, epoch: Array | int) -> Array:
+    """``[B]`` bools: a fixed random half of the examples (by id) in even epochs, the rest in odd ones."""
+    base = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(run_key, i)))(example_ids)
+    return base ^ (jnp.asarray(epoch) % 2 == 1)
+
+
+def augment(key: Array, images: Array, cfg: AugmentConfig, offset: Array | int = 0,
+            example_ids: Array | None = None, step: Array | int = 0, run_key: Array | None = None) -> Array:
+    """Augment a uint8 batch ``[B, H, W, C]``; example ``i`` uses ``fold_in(key, offset + i)``.
+
+    ``flip_mode='alternate'`` also needs ``example_ids [B]`` (indices into the training set), the
+    global ``step`` (its epoch is ``step // cfg.steps_per_epoch``) and a ``run_key`` fixed for the run.
+    """
     if not cfg.enabled:
         return images
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(offset + jnp.arange(images.shape[0]))
-    return jax.vmap(lambda k, im: _augment_one(k, im, cfg))(keys, images)
+    if cfg.flip and cfg.flip_mode == "alternate":
+        if example_ids is None or run_key is None:
+            raise ValueError("flip_mode='alternate' needs example_ids and run_key")
+        flips = alternating_flips(run_key, example_ids, jnp.asarray(step) // cfg.steps_per_epoch)
+        return jax.vmap(lambda k, im, f: _augment_one(k, im, f, cfg))(keys, images, flips)
+    return jax.vmap(lambda k, im: _augment_one(k, im, None, cfg))(keys, images)

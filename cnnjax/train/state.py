@@ -12,10 +12,12 @@ from flax.training import train_state
 
 
 class TrainState(train_state.TrainState):
-    """Flax ``TrainState`` plus ``batch_stats`` (``{}`` for models without BN) and an ``rng`` key."""
+    """Flax ``TrainState`` plus ``batch_stats`` (``{}`` for models without BN), an ``rng`` key and,
+    for lookahead training, the slow weights ``slow = {'params', 'batch_stats'}`` (else ``None``)."""
 
     batch_stats: Any
     rng: jax.Array
+    slow: Any = None
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, input_shape: tuple[int, int, int],

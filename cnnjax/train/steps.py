@@ -24,6 +24,7 @@ from cnnjax.train.state import TrainState
 Array = jax.Array
 Metrics = dict[str, Array]
 AXIS = "batch"
+_FLIP_STREAM = 0x0F11  # fold_in constant: the run's fixed key for alternating flips
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,35 @@ class StepSpec:
     label_smoothing: float = 0.0
     compute_dtype: Any = jnp.float32  # jnp.bfloat16: bf16 compute, fp32 params and BN statistics
     resize_to: int = 0  # bilinear resize to resize_to x resize_to after augmentation (0: off)
+    tta: int = 0  # eval test-time augmentation: 0 none, 1 + mirror, 2 + mirror and 1-pixel translations
+    lookahead: Lookahead | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Lookahead:
+    """airbench's lookahead: every ``every`` steps the slow weights move toward the fast ones,
+    ``slow += (1 - d) (fast - slow)`` with ``d = decay * (step / total_steps) ** power``, and the
+    fast weights restart from them; at ``total_steps`` the fast weights become the slow ones.
+    Covers params and BatchNorm running statistics."""
+
+    every: int
+    total_steps: int
+    decay: float = 0.95 ** 5
+    power: float = 3.0
+
+
+def lookahead_update(state: TrainState, la: Lookahead) -> TrainState:
+    """Apply the lookahead rule for the (already incremented) ``state.step``; pure, jittable."""
+    step = state.step
+    last = step >= la.total_steps
+    due = (step % la.every == 0) | last
+    frac = jnp.minimum(step / la.total_steps, 1.0)
+    decay = jnp.where(last, 1.0, la.decay * frac ** la.power)
+    fast = {"params": state.params, "batch_stats": state.batch_stats}
+    moved = jax.tree_util.tree_map(lambda s, f: s + (1.0 - decay) * (f - s), state.slow, fast)
+    slow = jax.tree_util.tree_map(lambda m, s: jnp.where(due, m, s), moved, state.slow)
+    fast = jax.tree_util.tree_map(lambda s, f: jnp.where(due, s, f), slow, fast)
+    return state.replace(params=fast["params"], batch_stats=fast["batch_stats"], slow=slow)
 
 
 def prepare_batch(images: Array, spec: StepSpec) -> Array:
@@ -59,14 +89,17 @@ def _variables(params: Any, batch_stats: Any) -> dict:
 
 
 def train_step(state: TrainState, images: Array, labels: Array, spec: StepSpec,
-               axis_name: str | None = None, offset: Array | int = 0) -> tuple[TrainState, Metrics]:
+               axis_name: str | None = None, offset: Array | int = 0,
+               example_ids: Array | None = None) -> tuple[TrainState, Metrics]:
     """One SGD step on a (local) batch. With ``axis_name`` gradients are ``pmean``-ed and metrics
-    ``psum``-ed over that axis; ``offset`` is this shard's index into the global batch."""
+    ``psum``-ed over that axis; ``offset`` is this shard's index into the global batch;
+    ``example_ids [B]`` (training-set indices) drive alternating flips."""
     step_key = jax.random.fold_in(state.rng, state.step)
     aug_key, drop_key = jax.random.split(step_key)
     if axis_name is not None:
         drop_key = jax.random.fold_in(drop_key, jax.lax.axis_index(axis_name))
-    x = prepare_batch(augment(aug_key, images, spec.augment, offset), spec)
+    flip_key = jax.random.fold_in(state.rng, _FLIP_STREAM)
+    x = prepare_batch(augment(aug_key, images, spec.augment, offset, example_ids, state.step, flip_key), spec)
 
     def loss_fn(params):
         logits, updates = state.apply_fn(_variables(params, state.batch_stats), x, train=True,
@@ -78,6 +111,10 @@ def train_step(state: TrainState, images: Array, labels: Array, spec: StepSpec,
     if axis_name is not None:
         grads = jax.lax.pmean(grads, axis_name)
     state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
+    if spec.lookahead is not None:
+        if state.slow is None:
+            raise ValueError("StepSpec.lookahead needs a TrainState with slow weights (see init_lookahead)")
+        state = lookahead_update(state, spec.lookahead)
     metrics = {
         "loss_sum": losses.sum(),
         "correct": (jnp.argmax(logits, -1) == labels).sum().astype(jnp.float32),
@@ -93,13 +130,31 @@ def eval_step(params: Any, batch_stats: Any, apply_fn, images: Array, labels: Ar
     """Eval-mode metrics on a padded batch: summed loss / correct / count and a ``[K, K]`` confusion
     matrix (rows true, columns predicted); ``mask`` ``[B]`` is 0 for padding examples."""
     x = prepare_batch(images, spec)
-    logits = apply_fn(_variables(params, batch_stats), x, train=False)
+    logits = tta_logits(lambda v: apply_fn(_variables(params, batch_stats), v, train=False), x, spec.tta)
     losses = cross_entropy(logits, labels, spec.num_classes)
     pred = jnp.argmax(logits, -1)
     m = mask.astype(jnp.float32)
     confusion = jnp.zeros((spec.num_classes, spec.num_classes), jnp.float32).at[labels, pred].add(m)
     return {"loss_sum": (losses * m).sum(), "correct": ((pred == labels) * m).sum(), "count": m.sum(),
             "confusion": confusion}
+
+
+def tta_logits(forward, x: Array, level: int) -> Array:
+    """Test-time augmentation (airbench): level 0 ``forward(x)``; 1 the mean over ``x`` and its mirror;
+    2 half that plus half the mean of the level-1 logits of ``x`` translated by one pixel up-left and
+    down-right (reflect padding). ``x`` is ``[B, H, W, C]``."""
+    if level not in (0, 1, 2):
+        raise ValueError(f"tta level must be 0, 1 or 2, got {level!r}")
+    if level == 0:
+        return forward(x)
+    mirror = lambda v: 0.5 * (forward(v) + forward(v[:, :, ::-1, :]))  # noqa: E731
+    logits = mirror(x)
+    if level == 1:
+        return logits
+    h, w = x.shape[1:3]
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    shifted = 0.5 * (mirror(padded[:, :h, :w]) + mirror(padded[:, 2:h + 2, 2:w + 2]))
+    return 0.5 * logits + 0.5 * shifted
 
 
 _METRIC_KEYS = ("loss_sum", "correct", "count")
@@ -115,7 +170,7 @@ def _scan_steps(state: TrainState, images: Array, labels: Array, idx: Array, spe
 
     def body(carry, batch_idx):
         state, acc = carry
-        state, m = train_step(state, images[batch_idx], labels[batch_idx], spec, axis_name, offset)
+        state, m = train_step(state, images[batch_idx], labels[batch_idx], spec, axis_name, offset, batch_idx)
         return (state, jax.tree_util.tree_map(jnp.add, acc, m)), None
 
     (state, metrics), _ = jax.lax.scan(body, (state, _zero_metrics()), idx)
@@ -129,7 +184,7 @@ def _indexed_step(state: TrainState, acc: Metrics, images: Array, labels: Array,
     The row counter lives on the device, so a host loop over this function sends nothing per step.
     """
     batch_idx = jax.lax.dynamic_index_in_dim(idx, acc["pos"].astype(jnp.int32), keepdims=False)
-    state, m = train_step(state, images[batch_idx], labels[batch_idx], spec, axis_name, offset)
+    state, m = train_step(state, images[batch_idx], labels[batch_idx], spec, axis_name, offset, batch_idx)
     acc = {k: acc[k] + m[k] for k in _METRIC_KEYS} | {"pos": acc["pos"] + 1}
     return state, acc
 

@@ -1,0 +1,97 @@
+"""2-D convolution as a pure function, with an explicit patches-times-matrix path for the CPU.
+
+XLA:CPU (jaxlib 0.10) runs some convolution shapes through very slow paths: 3x3 convs whose
+output is 2x2 or smaller (ResNet-18's last stages at 32x32 input: 63 ms vs 2.6 ms for
+``[128, 2, 2, 256] -> 256``), the input gradient of strided convs, and 1x1 convs. For those
+shapes :func:`conv2d` builds the ``kH * kW`` shifted views of the padded input, concatenates them
+into patches ``[N, H', W', kH * kW * C_in]`` and multiplies by the kernel reshaped to
+``[kH * kW * C_in, C_out]`` — the same numbers, summed in another order. ``impl='auto'`` makes
+that choice on the CPU only (accelerators keep XLA's convolution); ``python -m
+experiments.bench_conv`` re-measures every rule below.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+Pads = tuple[tuple[int, int], tuple[int, int]]
+IMPLS = ("auto", "xla", "im2col")
+
+# Largest output (H' * W') for which a strided kxk conv uses patches on the CPU: measured wins up
+# to 16x16 outputs at batch 128 (16 -> 10 ms fwd+bwd), break-even at 14x14, loss at 28x28.
+STRIDED_MAX_OUTPUT = 256
+# Largest output for which a stride-1 kxk conv uses patches (2x2: the pathological XLA case).
+TINY_MAX_OUTPUT = 4
+
+
+def output_size(size: int, kernel: int, stride: int, pads: tuple[int, int], dilation: int = 1) -> int:
+    """Output length of a convolution along one axis."""
+    return (size + pads[0] + pads[1] - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def choose_impl(in_hw: tuple[int, int], kernel_hw: tuple[int, int], strides: tuple[int, int], pads: Pads,
+                dilation: tuple[int, int] = (1, 1), groups: int = 1, backend: str | None = None) -> str:
+    """'im2col' or 'xla' for a conv of these static shapes on ``backend`` (default: jax's)."""
+    if (backend or jax.default_backend()) != "cpu" or groups != 1:
+        return "xla"
+    out = output_size(in_hw[0], kernel_hw[0], strides[0], pads[0], dilation[0]) * \
+        output_size(in_hw[1], kernel_hw[1], strides[1], pads[1], dilation[1])
+    if kernel_hw == (1, 1) or out <= TINY_MAX_OUTPUT:
+        return "im2col"
+    if max(strides) > 1 and out <= STRIDED_MAX_OUTPUT:
+        return "im2col"
+    return "xla"
+
+
+def im2col_conv(x: Array, kernel: Array, strides: tuple[int, int], pads: Pads,
+                dilation: tuple[int, int] = (1, 1), precision: Any = None) -> Array:
+    """``[N, H, W, C] * [kH, kW, C, O] -> [N, H', W', O]`` as patches @ kernel (groups = 1)."""
+    kh, kw, c, o = kernel.shape
+    n, h, w, _ = x.shape
+    ho = output_size(h, kh, strides[0], pads[0], dilation[0])
+    wo = output_size(w, kw, strides[1], pads[1], dilation[1])
+    if ho <= 0 or wo <= 0:
+        raise ValueError(f"conv output would be empty: input {h}x{w}, kernel {kh}x{kw}, padding {pads}")
+    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    views = []
+    for i in range(kh):
+        for j in range(kw):
+            y0, x0 = i * dilation[0], j * dilation[1]
+            views.append(lax.slice(xp, (0, y0, x0, 0),
+                                   (n, y0 + strides[0] * (ho - 1) + 1, x0 + strides[1] * (wo - 1) + 1, c),
+                                   (1, strides[0], strides[1], 1)))
+    patches = views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)  # (i, j, c) order == HWI
+    y = jnp.dot(patches.reshape(n * ho * wo, kh * kw * c), kernel.reshape(kh * kw * c, o), precision=precision)
+    return y.reshape(n, ho, wo, o)
+
+
+def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: str | Pads,
+           dilation: tuple[int, int] = (1, 1), groups: int = 1, precision: Any = None,
+           impl: str = "auto") -> Array:
+    """NHWC x HWIO convolution; ``padding`` is 'SAME' / 'VALID' or ``((top, bottom), (left, right))``.
+
+    ``impl``: 'xla' (``lax.conv_general_dilated``), 'im2col' (patches @ kernel, groups 1 only) or
+    'auto' (:func:`choose_impl`).
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"conv impl must be one of {', '.join(IMPLS)}; got {impl!r}")
+    kh, kw = kernel.shape[:2]
+    if isinstance(padding, str):
+        window = (dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1)
+        pads = tuple(tuple(p) for p in lax.padtype_to_pads(x.shape[1:3], window, strides, padding))
+    else:
+        pads = padding
+    if impl == "auto":
+        impl = choose_impl(x.shape[1:3], (kh, kw), strides, pads, dilation, groups)
+    if impl == "im2col" and groups != 1:
+        raise ValueError("conv impl='im2col' supports groups=1 only; use impl='xla' for grouped convs")
+    if impl == "im2col":
+        return im2col_conv(x, kernel, strides, pads, dilation, precision)
+    return lax.conv_general_dilated(x, kernel, window_strides=strides, padding=pads, rhs_dilation=dilation,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
+                                    precision=precision)

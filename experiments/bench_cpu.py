@@ -1,0 +1,125 @@
+"""What each CPU speed-up buys, side by side in one run: ``python -m experiments.bench_cpu``.
+
+Every variant runs in its own process (XLA flags are read once, at import) and adds one change to
+the previous one:
+
+1. ``baseline``: default XLA flags, XLA's convolution everywhere, max-pool by ``reduce_window``
+   (select-and-scatter gradient) — cnnjax before the CPU work;
+2. ``+ynn flag``: ``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution``;
+3. ``+im2col``: :func:`cnnjax.conv.choose_impl`'s patches-times-matrix path for the shapes
+   XLA:CPU handles badly (tiny outputs, strided and 1x1 convs);
+4. ``+tiled max-pool``: non-overlapping max-pool by reshape with a first-maximum gradient.
+
+Rows are training throughput (images/s, batch 128, random uint8 data, SGD momentum 0.9) through
+the real ``Runner``, next to PyTorch eager on the same network. Earlier variants are recreated by
+swapping the library function back inside that variant's process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from absl import flags
+
+from experiments import cli
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", ["lenet5", "improved_cnn", "cifar_resnet20", "resnet18", "fast_cnn"], "rows")
+flags.DEFINE_integer("batch", 128, "batch size")
+flags.DEFINE_integer("steps", 5, "timed steps per row (after compile and one warm-up step)")
+flags.DEFINE_bool("torch", True, "also time PyTorch eager")
+flags.DEFINE_string("out", "", "write the results as JSON here")
+flags.DEFINE_string("variant", "", "internal: run one variant in this process and print JSON")
+
+VARIANTS = ("baseline", "+ynn flag", "+im2col", "+tiled max-pool")
+CHANNELS = {"lenet5": 1}
+
+
+def _undo_changes(variant: str) -> None:
+    """Put back the library code that ``variant`` does not have yet (this process only)."""
+    import jax
+    from jax import lax
+
+    from cnnjax import conv, layers
+
+    level = VARIANTS.index(variant)
+    if level < 2:
+        conv.choose_impl = lambda *args, **kwargs: "xla"
+    if level < 3:
+        layers._tiled_max_pool = lambda x, kh, kw: lax.reduce_window(
+            x, -jax.numpy.inf, lax.max, (1, kh, kw, 1), (1, kh, kw, 1), "VALID")
+
+
+def run_variant(variant: str, names: list[str], batch: int, steps: int) -> dict:
+    from cnnjax import models
+    from cnnjax.train.steps import StepSpec
+    from experiments.benchlib import time_jax_training
+
+    _undo_changes(variant)
+    out = {}
+    for name in names:
+        c = CHANNELS.get(name, 3)
+        spec = StepSpec(10, (0.5,) * c, (0.25,) * c)
+        out[name] = time_jax_training(models.create(name, num_classes=10), spec, (32, 32, c), batch, steps)[
+            "train_img_s"]
+    return out
+
+
+def _spawn(variant: str) -> dict:
+    env = dict(os.environ)
+    flags_ = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "ynn_fusion_type" not in f)
+    if VARIANTS.index(variant) >= 1:
+        flags_ = f"{flags_} {cli.CPU_XLA_FLAG}".strip()
+    env["XLA_FLAGS"] = flags_ or " "  # non-empty: keeps cli from adding its flag to the baseline
+    cmd = [sys.executable, "-m", "experiments.bench_cpu", f"--variant={variant}", f"--models={','.join(FLAGS.models)}",
+           f"--batch={FLAGS.batch}", f"--steps={FLAGS.steps}"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"variant {variant!r} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv):
+    del argv
+    if FLAGS.variant:
+        if FLAGS.variant not in VARIANTS:
+            raise ValueError(f"unknown variant {FLAGS.variant!r}; choose one of {VARIANTS}")
+        print(json.dumps(run_variant(FLAGS.variant, FLAGS.models, FLAGS.batch, FLAGS.steps)))
+        return
+    results = {}
+    for variant in VARIANTS:
+        results[variant] = _spawn(variant)
+        print(f"# {variant}: " + ", ".join(f"{k} {v:.0f}" for k, v in results[variant].items()), flush=True)
+    if FLAGS.torch:
+        from experiments.bench import bench_torch
+
+        results["torch eager"] = {name: bench_torch(name, (32, 32, CHANNELS.get(name, 3)), FLAGS.batch, FLAGS.steps,
+                                                    compiled=False)["train_img_s"] for name in FLAGS.models}
+    print(markdown(results, FLAGS.models, FLAGS.batch))
+    if FLAGS.out:
+        with open(FLAGS.out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+def markdown(results: dict, names: list[str], batch: int) -> str:
+    """Train images/s per variant; with torch, each variant's ratio to eager in brackets."""
+    torch_row = results.get("torch eager")
+    cols = [v for v in VARIANTS if v in results]
+    lines = [f"Train img/s at batch {batch} (ratio to PyTorch eager in brackets)", "",
+             "| model | " + " | ".join(cols) + (" | torch eager |" if torch_row else " |"),
+             "|---" * (len(cols) + 1 + bool(torch_row)) + "|"]
+    for name in names:
+        cells = []
+        for v in cols:
+            value = results[v][name]
+            cells.append(f"{value:.0f} ({value / torch_row[name]:.2f}x)" if torch_row else f"{value:.0f}")
+        tail = f" | {torch_row[name]:.0f} |" if torch_row else " |"
+        lines.append(f"| {name} | " + " | ".join(cells) + tail)
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

@@ -1,0 +1,98 @@
+"""cnnjax.conv: the patches path equals XLA's convolution (values and gradients) and torch;
+the CPU choice rules; clear errors."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cnnjax import conv, layers
+from tests.parity import assert_parity, nchw, nhwc
+
+rng = np.random.RandomState(0)
+
+CASES = [
+    # (hw, c_in, c_out, kernel, strides, pads, dilation)
+    ((8, 8), 3, 5, (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1)),
+    ((2, 2), 8, 6, (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1)),  # output 2x2: the slow XLA case
+    ((1, 1), 8, 6, (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1)),
+    ((9, 7), 4, 6, (3, 5), (2, 1), ((1, 1), (2, 2)), (1, 1)),
+    ((11, 11), 4, 3, (3, 3), (2, 2), ((0, 1), (1, 0)), (2, 2)),  # asymmetric pads, dilation
+    ((8, 8), 5, 7, (1, 1), (2, 2), ((0, 0), (0, 0)), (1, 1)),
+    ((15, 15), 3, 4, (7, 7), (2, 2), ((3, 3), (3, 3)), (1, 1)),
+]
+
+
+def xla(x, w, strides, pads, dilation):
+    return conv.conv2d(x, w, strides, pads, dilation, impl="xla")
+
+
+@pytest.mark.parametrize("hw,c_in,c_out,k,s,pads,d", CASES)
+def test_im2col_matches_xla_values_and_gradients(hw, c_in, c_out, k, s, pads, d):
+    x = jnp.asarray(rng.randn(2, *hw, c_in).astype(np.float32))
+    w = jnp.asarray(rng.randn(*k, c_in, c_out).astype(np.float32))
+    im2col = lambda x, w: conv.conv2d(x, w, s, pads, d, impl="im2col")  # noqa: E731
+    want = xla(x, w, s, pads, d)
+    chex.assert_trees_all_close(jax.jit(im2col)(x, w), want, atol=1e-4, rtol=1e-5)
+    loss = lambda f: lambda x, w: (f(x, w) ** 2).sum()  # noqa: E731
+    grads = jax.grad(loss(im2col), argnums=(0, 1))(x, w)
+    want_grads = jax.grad(loss(lambda x, w: xla(x, w, s, pads, d)), argnums=(0, 1))(x, w)
+    chex.assert_trees_all_close(grads, want_grads, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["xla", "im2col"])
+@pytest.mark.parametrize("hw,stride,padding", [((2, 2), 1, 1), ((10, 9), 2, 1), ((6, 6), 1, 0)])
+def test_both_paths_match_torch_including_input_gradient(impl, hw, stride, padding):
+    x = rng.randn(3, *hw, 4).astype(np.float32)
+    w = rng.randn(3, 3, 4, 5).astype(np.float32)
+    xt = nchw(x).requires_grad_(True)
+    yt = F.conv2d(xt, torch.from_numpy(w.transpose(3, 2, 0, 1).copy()), stride=stride, padding=padding)
+    (yt ** 2).sum().backward()
+    pads = ((padding, padding), (padding, padding))
+    y, vjp = jax.vjp(lambda v: conv.conv2d(v, jnp.asarray(w), (stride, stride), pads, impl=impl), jnp.asarray(x))
+    assert_parity(f"conv2d {impl} vs torch", y, nhwc(yt), 1e-4)
+    assert_parity(f"conv2d {impl} input gradient vs torch", vjp(2 * y)[0], nhwc(xt.grad), 1e-4)
+
+
+def test_same_padding_string_goes_through_both_paths():
+    x = jnp.asarray(rng.randn(2, 7, 6, 3).astype(np.float32))
+    w = jnp.asarray(rng.randn(3, 3, 3, 4).astype(np.float32))
+    for padding in ("SAME", "VALID"):
+        chex.assert_trees_all_close(conv.conv2d(x, w, (2, 2), padding, impl="im2col"),
+                                    conv.conv2d(x, w, (2, 2), padding, impl="xla"), atol=1e-4)
+
+
+@pytest.mark.parametrize("in_hw,k,s,p,backend,want", [
+    ((32, 32), (3, 3), (1, 1), 1, "cpu", "xla"),        # big output: XLA's conv is as fast as torch
+    ((2, 2), (3, 3), (1, 1), 1, "cpu", "im2col"),       # 2x2 output
+    ((1, 1), (3, 3), (1, 1), 1, "cpu", "im2col"),
+    ((3, 3), (3, 3), (1, 1), 1, "cpu", "xla"),          # 3x3 output: XLA measured faster
+    ((56, 56), (1, 1), (1, 1), 0, "cpu", "im2col"),     # 1x1 conv: a plain matmul
+    ((32, 32), (3, 3), (2, 2), 1, "cpu", "im2col"),     # strided, 16x16 output
+    ((56, 56), (3, 3), (2, 2), 1, "cpu", "xla"),        # strided, 28x28 output
+    ((2, 2), (3, 3), (1, 1), 1, "gpu", "xla"),          # accelerators keep XLA's conv
+])
+def test_choose_impl_rules(in_hw, k, s, p, backend, want):
+    assert conv.choose_impl(in_hw, k, s, ((p, p), (p, p)), backend=backend) == want
+
+
+def test_grouped_convs_keep_xla_and_im2col_rejects_groups():
+    assert conv.choose_impl((2, 2), (3, 3), (1, 1), ((1, 1), (1, 1)), groups=2, backend="cpu") == "xla"
+    x, w = jnp.zeros((1, 4, 4, 4)), jnp.zeros((3, 3, 2, 4))
+    with pytest.raises(ValueError, match="groups=1 only; use impl='xla'"):
+        conv.conv2d(x, w, (1, 1), ((1, 1), (1, 1)), groups=2, impl="im2col")
+    with pytest.raises(ValueError, match="conv impl must be one of auto, xla, im2col"):
+        conv.conv2d(x, jnp.zeros((3, 3, 4, 4)), (1, 1), ((1, 1), (1, 1)), impl="fft")
+
+
+def test_conv_module_impls_share_parameters_and_outputs():
+    x = jnp.asarray(rng.randn(2, 4, 4, 6).astype(np.float32))
+    a, b = layers.Conv(8, 3, 2, 1, impl="xla"), layers.Conv(8, 3, 2, 1, impl="im2col")
+    variables = a.init(jax.random.PRNGKey(0), x)
+    chex.assert_trees_all_equal_shapes(variables, b.init(jax.random.PRNGKey(0), x))
+    chex.assert_trees_all_close(a.apply(variables, x), b.apply(variables, x), atol=1e-5)
