@@ -19,24 +19,18 @@ import time
 from absl import flags
 
 from experiments import cli
+from experiments.benchlib import bench_torch
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("quick", False, "batch 128 only, 3 timed steps, resnet18@224 at batch 16")
 flags.DEFINE_string("out", "", "write the results as JSON here")
 flags.DEFINE_integer("steps", 10, "timed steps per row (after warm-up)")
 flags.DEFINE_bool("torch", True, "also time PyTorch (eager and torch.compile)")
-flags.DEFINE_list("models", ["lenet5", "improved_cnn", "cifar_resnet20", "resnet18", "resnet18@224"],
+flags.DEFINE_list("models", ["lenet5", "improved_cnn", "cifar_resnet20", "resnet18", "resnet18@224", "fast_cnn"],
                   "rows to run (NAME or NAME@SIZE)")
 
 SHAPES = {"lenet5": (32, 32, 1), "improved_cnn": (32, 32, 3), "cifar_resnet20": (32, 32, 3), "resnet18": (32, 32, 3),
-          "resnet18@224": (224, 224, 3)}
-
-
-def _timeit(fn, steps: int) -> float:
-    t = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    return time.perf_counter() - t
+          "resnet18@224": (224, 224, 3), "fast_cnn": (32, 32, 3)}
 
 
 def bench_jax(name: str, shape, batch: int, steps: int) -> dict:
@@ -60,45 +54,6 @@ def bench_jax(name: str, shape, batch: int, steps: int) -> dict:
     jax.block_until_ready(result)
     return {"train_img_s": out["train_img_s"], "eval_img_s": steps * batch / (time.perf_counter() - t),
             "compile_s": out["compile_s"]}
-
-
-def bench_torch(name: str, shape, batch: int, steps: int, compiled: bool) -> dict:
-    import numpy as np
-    import torch
-
-    from experiments import torch_models
-
-    torch.manual_seed(0)
-    model = torch_models.build(name.split("@")[0], num_classes=10)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    rng = np.random.RandomState(0)
-    images = torch.from_numpy(rng.randint(0, 256, (batch, shape[2], shape[0], shape[1])).astype(np.uint8))
-    labels = torch.from_numpy(rng.randint(0, 10, batch).astype(np.int64))
-
-    def train_step():
-        x = (images.float() / 255.0 - 0.5) / 0.25
-        opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(model(x), labels)
-        loss.backward()
-        opt.step()
-        return loss
-
-    step_fn = torch.compile(train_step) if compiled else train_step
-    model.train()
-    t = time.perf_counter()
-    step_fn()
-    compile_s = time.perf_counter() - t
-    step_fn()
-    dt = _timeit(step_fn, steps)
-    model.eval()
-    with torch.no_grad():
-        fwd = torch.compile(model) if compiled else model
-        fwd((images.float() / 255.0 - 0.5) / 0.25)
-        t = time.perf_counter()
-        for _ in range(steps):
-            fwd((images.float() / 255.0 - 0.5) / 0.25)
-        ev = time.perf_counter() - t
-    return {"train_img_s": steps * batch / dt, "eval_img_s": steps * batch / ev, "compile_s": compile_s}
 
 
 def bench_pipeline(batch: int = 128, n: int = 10_000) -> dict:

@@ -32,40 +32,9 @@ flags.DEFINE_integer("batch", 128, "batch size")
 flags.DEFINE_integer("steps", 5, "timed steps per row (after compile and one warm-up step)")
 flags.DEFINE_bool("torch", True, "also time PyTorch eager")
 flags.DEFINE_string("out", "", "write the results as JSON here")
-flags.DEFINE_string("variant", "", "internal: run one variant in this process and print JSON")
 
-VARIANTS = ("baseline", "+ynn flag", "+im2col", "+tiled max-pool")
-CHANNELS = {"lenet5": 1}
-
-
-def _undo_changes(variant: str) -> None:
-    """Put back the library code that ``variant`` does not have yet (this process only)."""
-    import jax
-    from jax import lax
-
-    from cnnjax import conv, layers
-
-    level = VARIANTS.index(variant)
-    if level < 2:
-        conv.choose_impl = lambda *args, **kwargs: "xla"
-    if level < 3:
-        layers._tiled_max_pool = lambda x, kh, kw: lax.reduce_window(
-            x, -jax.numpy.inf, lax.max, (1, kh, kw, 1), (1, kh, kw, 1), "VALID")
-
-
-def run_variant(variant: str, names: list[str], batch: int, steps: int) -> dict:
-    from cnnjax import models
-    from cnnjax.train.steps import StepSpec
-    from experiments.benchlib import time_jax_training
-
-    _undo_changes(variant)
-    out = {}
-    for name in names:
-        c = CHANNELS.get(name, 3)
-        spec = StepSpec(10, (0.5,) * c, (0.25,) * c)
-        out[name] = time_jax_training(models.create(name, num_classes=10), spec, (32, 32, c), batch, steps)[
-            "train_img_s"]
-    return out
+from experiments.benchlib import CPU_VARIANTS as VARIANTS  # noqa: E402
+from experiments.benchlib import bench_torch, channels  # noqa: E402
 
 
 def _spawn(variant: str) -> dict:
@@ -73,9 +42,11 @@ def _spawn(variant: str) -> dict:
     flags_ = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "ynn_fusion_type" not in f)
     if VARIANTS.index(variant) >= 1:
         flags_ = f"{flags_} {cli.CPU_XLA_FLAG}".strip()
-    env["XLA_FLAGS"] = flags_ or " "  # non-empty: keeps cli from adding its flag to the baseline
-    cmd = [sys.executable, "-m", "experiments.bench_cpu", f"--variant={variant}", f"--models={','.join(FLAGS.models)}",
-           f"--batch={FLAGS.batch}", f"--steps={FLAGS.steps}"]
+    env["XLA_FLAGS"] = flags_
+    # Not through experiments.cli: importing it would add the flag to the baseline too.
+    code = ("import json; from experiments.benchlib import run_cpu_variant; "
+            f"print(json.dumps(run_cpu_variant({variant!r}, {list(FLAGS.models)!r}, {FLAGS.batch}, {FLAGS.steps})))")
+    cmd = [sys.executable, "-c", code]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode:
         raise RuntimeError(f"variant {variant!r} failed: {done.stderr.strip().splitlines()[-1:]}")
@@ -84,19 +55,12 @@ def _spawn(variant: str) -> dict:
 
 def main(argv):
     del argv
-    if FLAGS.variant:
-        if FLAGS.variant not in VARIANTS:
-            raise ValueError(f"unknown variant {FLAGS.variant!r}; choose one of {VARIANTS}")
-        print(json.dumps(run_variant(FLAGS.variant, FLAGS.models, FLAGS.batch, FLAGS.steps)))
-        return
     results = {}
     for variant in VARIANTS:
         results[variant] = _spawn(variant)
         print(f"# {variant}: " + ", ".join(f"{k} {v:.0f}" for k, v in results[variant].items()), flush=True)
     if FLAGS.torch:
-        from experiments.bench import bench_torch
-
-        results["torch eager"] = {name: bench_torch(name, (32, 32, CHANNELS.get(name, 3)), FLAGS.batch, FLAGS.steps,
+        results["torch eager"] = {name: bench_torch(name, (32, 32, channels(name)), FLAGS.batch, FLAGS.steps,
                                                     compiled=False)["train_img_s"] for name in FLAGS.models}
     print(markdown(results, FLAGS.models, FLAGS.batch))
     if FLAGS.out:

@@ -44,3 +44,90 @@ def time_jax_training(model: Any, spec: Any, data_shape: tuple[int, int, int], b
     jax.block_until_ready(metrics)  # dispatch is asynchronous
     return {"train_img_s": calls * n / (time.perf_counter() - t), "compile_s": compile_s, "runner": runner,
             "state": state, "images": images, "labels": labels}
+
+
+CPU_VARIANTS = ("baseline", "+ynn flag", "+im2col", "+tiled max-pool")
+
+
+def channels(name: str) -> int:
+    """Input channels of a benchmark row's 32x32 images."""
+    return 1 if name == "lenet5" else 3
+
+
+def _undo_changes(variant: str) -> None:
+    """Put back the library code that ``variant`` does not have yet (this process only)."""
+    import jax
+    from jax import lax
+
+    from cnnjax import conv, layers
+
+    level = CPU_VARIANTS.index(variant)
+    if level < 2:
+        conv.choose_impl = lambda *args, **kwargs: "xla"
+    if level < 3:
+        layers._tiled_max_pool = lambda x, kh, kw: lax.reduce_window(
+            x, -jax.numpy.inf, lax.max, (1, kh, kw, 1), (1, kh, kw, 1), "VALID")
+
+
+def run_cpu_variant(variant: str, names: list[str], batch: int, steps: int) -> dict:
+    from cnnjax import models
+    from cnnjax.train.steps import StepSpec
+    from experiments.benchlib import time_jax_training
+
+    if variant not in CPU_VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {CPU_VARIANTS}")
+    _undo_changes(variant)
+    out = {}
+    for name in names:
+        c = channels(name)
+        spec = StepSpec(10, (0.5,) * c, (0.25,) * c)
+        out[name] = time_jax_training(models.create(name, num_classes=10), spec, (32, 32, c), batch, steps)[
+            "train_img_s"]
+    return out
+
+
+def timeit(fn, steps: int) -> float:
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return time.perf_counter() - t
+
+
+def bench_torch(name: str, shape, batch: int, steps: int, compiled: bool) -> dict:
+    """PyTorch train (SGD momentum 0.9) and eval throughput of the torch twin of ``name``."""
+    import numpy as np
+    import torch
+
+    from experiments import torch_models
+
+    torch.manual_seed(0)
+    model = torch_models.build(name.split("@")[0], num_classes=10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    rng = np.random.RandomState(0)
+    images = torch.from_numpy(rng.randint(0, 256, (batch, shape[2], shape[0], shape[1])).astype(np.uint8))
+    labels = torch.from_numpy(rng.randint(0, 10, batch).astype(np.int64))
+
+    def train_step():
+        x = (images.float() / 255.0 - 0.5) / 0.25
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(x), labels)
+        loss.backward()
+        opt.step()
+        return loss
+
+    step_fn = torch.compile(train_step) if compiled else train_step
+    model.train()
+    t = time.perf_counter()
+    step_fn()
+    compile_s = time.perf_counter() - t
+    step_fn()
+    dt = timeit(step_fn, steps)
+    model.eval()
+    with torch.no_grad():
+        fwd = torch.compile(model) if compiled else model
+        fwd((images.float() / 255.0 - 0.5) / 0.25)
+        t = time.perf_counter()
+        for _ in range(steps):
+            fwd((images.float() / 255.0 - 0.5) / 0.25)
+        ev = time.perf_counter() - t
+    return {"train_img_s": steps * batch / dt, "eval_img_s": steps * batch / ev, "compile_s": compile_s}

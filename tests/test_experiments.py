@@ -211,3 +211,31 @@ def test_real_fashion_mnist_train_checkpoint_evaluate_round_trip(tmp_path):
     ev = _cli("experiments.evaluate", "--workdir", str(tmp_path), timeout=600)
     assert ev.returncode == 0, ev.stderr
     assert ev.stdout.strip().splitlines()[-1] == f"test_accuracy: {acc:.4f}"
+
+
+CONFIG_NAMES = sorted(p.stem for p in __import__("pathlib").Path("experiments/configs").glob("*.py")
+                      if p.stem not in ("__init__", "base"))
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_every_config_passes_checks_and_builds_its_model(name):
+    import importlib
+
+    from cnnjax import models
+    from cnnjax.train.loop import check_config
+
+    config = importlib.import_module(f"experiments.configs.{name}").get_config()
+    check_config(config)
+    assert config.model.name in models.available()
+    models.create(config.model.name, num_classes=config.num_classes, **config.model.kwargs.to_dict())
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.tta=3", "--config.tta must be 0 (off), 1 (mirror) or 2 (mirror + translate)"),
+    ("--config.data.flip_mode=sometimes", "--config.data.flip_mode must be random or alternate"),
+    ("--config.data.pad_mode=wrap", "--config.data.pad_mode must be constant or reflect"),
+])
+def test_fast_recipe_options_fail_with_one_line(tmp_path, override, message):
+    out = _cli("experiments.train", "--config", "experiments/configs/cifar10_fast.py", "--workdir", str(tmp_path),
+               override)
+    assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1

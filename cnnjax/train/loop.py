@@ -8,6 +8,7 @@ parameters as an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -26,7 +27,7 @@ from cnnjax.data import MEAN_STD, Dataset, load
 from cnnjax.data.pipeline import AugmentConfig, epoch_batches
 from cnnjax.train.optim import make_optimizer
 from cnnjax.train.state import TrainState, create_train_state
-from cnnjax.train.steps import AXIS, Runner, StepSpec
+from cnnjax.train.steps import AXIS, Lookahead, Runner, StepSpec
 
 # Config fields that define an experiment's checkpoints: a workdir holding checkpoints made with
 # other values belongs to another experiment.
@@ -125,11 +126,17 @@ def build(config: ml_collections.ConfigDict, ds: Dataset, steps_per_epoch: int):
     spec = StepSpec(
         num_classes=config.num_classes,
         mean=tuple(mean), std=tuple(std),
-        augment=AugmentConfig(config.data.crop_padding, config.data.flip, config.data.cutout),
+        augment=AugmentConfig(config.data.crop_padding, config.data.flip, config.data.cutout,
+                              pad_mode=config.data.get("pad_mode", "constant"),
+                              flip_mode=config.data.get("flip_mode", "random"), steps_per_epoch=steps_per_epoch),
         label_smoothing=config.label_smoothing,
         compute_dtype=jnp.bfloat16 if config.mixed_precision else jnp.float32,
         resize_to=int(config.data.get("resize_to", 0)),
+        tta=int(config.get("tta", 0)),
     )
+    if config.get("lookahead_every", 0):
+        spec = dataclasses.replace(spec, lookahead=Lookahead(int(config.lookahead_every),
+                                                             steps_per_epoch * config.num_epochs))
     axis = AXIS if config.parallelism == "pmap" else None
     kwargs = dict(config.model.kwargs.to_dict())
     fields = _fields(config.model.name)
@@ -162,17 +169,24 @@ def build(config: ml_collections.ConfigDict, ds: Dataset, steps_per_epoch: int):
         raise ValueError(f"model {config.model.name!r} cannot take {ds.name} images of shape {image_shape}: "
                          f"{err}") from None
     state = create_train_state(model, tx, image_shape, jax.random.PRNGKey(config.seed))
+    if config.get("whiten_init_images", 0):
+        from cnnjax.train import airbench
+
+        state = state.replace(params=airbench.init_whitening(
+            state.params, ds.train_images[: int(config.whiten_init_images)], spec.mean, spec.std))
     if transfer_on and t.init_from:
         source, _ = checkpoint.restore_variables(t.init_from, "best")
         target = {"params": state.params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
         merged = transfer.transplant(source, target)
         state = state.replace(params=merged["params"], batch_stats=merged.get("batch_stats", {}))
+    if spec.lookahead is not None:
+        # Own copies: the runner donates the state's buffers, and one buffer cannot be donated twice.
+        slow = jax.tree_util.tree_map(np.array, {"params": state.params, "batch_stats": state.batch_stats})
+        state = state.replace(slow=slow)
     return model, spec, state, schedule
 
 
 def _fields(name: str) -> set[str]:
-    import dataclasses
-
     return {f.name for f in dataclasses.fields(models.create(name))}
 
 
@@ -184,6 +198,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"--config.parallelism must be jit, pmap or sharded, got {config.parallelism!r}")
     if config.batch_size < 1 or config.num_epochs < 1:
         raise ValueError("--config.batch_size and --config.num_epochs must be >= 1")
+    if config.get("tta", 0) not in (0, 1, 2):
+        raise ValueError(f"--config.tta must be 0 (off), 1 (mirror) or 2 (mirror + translate), got {config.tta!r}")
+    if config.data.get("flip_mode", "random") not in ("random", "alternate"):
+        raise ValueError(f"--config.data.flip_mode must be random or alternate, got {config.data.flip_mode!r}")
+    if config.data.get("pad_mode", "constant") not in ("constant", "reflect"):
+        raise ValueError(f"--config.data.pad_mode must be constant or reflect, got {config.data.pad_mode!r}")
+    if config.get("lookahead_every", 0) < 0:
+        raise ValueError("--config.lookahead_every must be >= 0 (0: off)")
 
 
 class _StopFlag:

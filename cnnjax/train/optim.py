@@ -6,7 +6,7 @@ from typing import Any
 
 import optax
 
-OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
+OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw", "airbench")
 SCHEDULES = ("constant", "cosine", "onecycle", "triangular", "piecewise")
 
 
@@ -15,7 +15,8 @@ def make_schedule(cfg: Any, steps_per_epoch: int, num_epochs: int) -> optax.Sche
 
     * cosine: ``warmup_epochs`` linear warm-up from 0, then cosine decay to 0.
     * onecycle: optax's one-cycle (cosine up for ``pct_start``, then down).
-    * triangular: linear 0 -> peak at ``pct_start`` -> 0 at the end (airbench style).
+    * triangular: linear ``lr_start_factor * lr`` -> ``lr`` at ``pct_start`` -> ``lr_end_factor * lr``
+      at the end (factors default to 0; airbench94 uses 0.2, 0.23, 0.07).
     * piecewise: multiply by ``decay_factor`` at each epoch in ``boundaries_epochs``.
     """
     lr = float(cfg.learning_rate)
@@ -32,8 +33,9 @@ def make_schedule(cfg: Any, steps_per_epoch: int, num_epochs: int) -> optax.Sche
         return optax.cosine_onecycle_schedule(total, lr, pct_start=pct)
     if name == "triangular":
         peak = max(1, int(pct * total))
+        start, end = lr * float(cfg.get("lr_start_factor", 0.0)), lr * float(cfg.get("lr_end_factor", 0.0))
         return optax.join_schedules(
-            [optax.linear_schedule(0.0, lr, peak), optax.linear_schedule(lr, 0.0, total - peak)], [peak])
+            [optax.linear_schedule(start, lr, peak), optax.linear_schedule(lr, end, total - peak)], [peak])
     if name == "piecewise":
         bounds = {int(e * steps_per_epoch): float(cfg.get("decay_factor", 0.1)) for e in cfg.boundaries_epochs}
         return optax.piecewise_constant_schedule(lr, bounds)
@@ -46,9 +48,20 @@ def make_optimizer(cfg: Any, steps_per_epoch: int, num_epochs: int) -> tuple[opt
 
     For sgd / nesterov / adam, ``weight_decay`` is L2 added to the gradient (torch's ``weight_decay``);
     for adamw it is decoupled. BatchNorm scales / biases and all biases are not decayed.
+    ``airbench``: :func:`cnnjax.train.airbench.optimizer` (FastNet's parameter groups, the recipe's
+    units for ``learning_rate`` / ``weight_decay``; ``bias_lr_scale``, ``whiten_bias_epochs``).
     """
     schedule = make_schedule(cfg, steps_per_epoch, num_epochs)
     name = cfg.optimizer
+    if name == "airbench":
+        from cnnjax.train import airbench
+
+        lr = float(cfg.learning_rate)
+        tx = airbench.optimizer(lr, float(cfg.get("weight_decay", 0.0)), float(cfg.get("momentum", 0.85)),
+                                int(cfg.batch_size), lambda s: schedule(s) / lr,
+                                float(cfg.get("bias_lr_scale", 64.0)),
+                                int(cfg.get("whiten_bias_epochs", 0) * steps_per_epoch))
+        return tx, schedule
     wd = float(cfg.get("weight_decay", 0.0))
     momentum = float(cfg.get("momentum", 0.9))
     decay_mask = lambda params: _kernel_mask(params)  # noqa: E731

@@ -14,8 +14,10 @@ def base_config() -> ml_collections.ConfigDict:
         "tfds_data_dir": "",  # TFDS data_dir; '' = TFDS default (~/tensorflow_datasets)
         "cache_dir": "~/.cache/cnnjax",  # decoded-array cache; '' disables it
         "pad_to": 0,          # zero-pad images to pad_to x pad_to (0: as stored)
-        "crop_padding": 0,    # random crop from this much zero padding
-        "flip": False,        # random horizontal flip
+        "crop_padding": 0,    # random crop from this much padding
+        "pad_mode": "constant",  # crop padding: constant (zeros) | reflect
+        "flip": False,        # horizontal flip
+        "flip_mode": "random",   # random (p=1/2 each step) | alternate (airbench: halves swap each epoch)
         "cutout": 0,          # cutout square size (0: off)
         "classes": (),        # keep only these classes (relabelled 0..k-1)
         "train_per_class": 0,  # keep K training images per class (0: all)
@@ -33,7 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.batch_size = 128
     c.eval_batch_size = 1000
     c.num_epochs = 10
-    c.optimizer = "sgd"       # sgd | nesterov | adam | adamw
+    c.optimizer = "sgd"       # sgd | nesterov | adam | adamw | airbench
     c.learning_rate = 0.05
     c.momentum = 0.9
     c.weight_decay = 0.0
@@ -42,6 +44,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.pct_start = 0.25
     c.boundaries_epochs = (0,)
     c.decay_factor = 0.1
+    c.lr_start_factor = 0.0   # triangular: start / end learning rate as a fraction of the peak
+    c.lr_end_factor = 0.0
+    c.bias_lr_scale = 64.0    # optimizer=airbench: BatchNorm-bias learning-rate multiplier
+    c.whiten_bias_epochs = 0.0  # optimizer=airbench: train the whitening bias for this many epochs
+    c.whiten_init_images = 0  # set a 'whiten' conv (fast_cnn) from this many training images (0: off)
+    c.lookahead_every = 0     # airbench lookahead period in steps (0: off)
+    c.tta = 0                 # test-time augmentation: 0 off, 1 mirror, 2 mirror + 1-pixel translations
     c.label_smoothing = 0.0
     c.grad_clip_norm = 0.0
     c.mixed_precision = False  # bf16 compute, fp32 params and BN statistics (GPU / TPU)
