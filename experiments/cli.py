@@ -7,8 +7,8 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-# XLA:CPU flag measured on jaxlib 0.10.2 (2 cores): ImprovedCNN train step 298 -> 524 img/s
-# (commands in the README's performance notes). Set before jax is imported, only for the jaxlib
+# XLA:CPU flag measured on jaxlib 0.10.2 (2 cores): ImprovedCNN train step 276 -> 487 img/s
+# (`python -m experiments.bench_cpu`, columns baseline -> +ynn flag). Set before jax is imported, only for the jaxlib
 # line it was measured on (an unknown XLA flag aborts the process), and never over a user's own.
 CPU_XLA_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 
