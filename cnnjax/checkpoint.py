@@ -17,6 +17,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization
 
+from cnnjax.train.state import model_variables
+
 KINDS = ("latest", "best")
 
 
@@ -51,26 +53,20 @@ def steps(workdir: str, kind: str) -> list[int]:
     return sorted(out)
 
 
-def _restore_raw(workdir: str, kind: str, step: int | None) -> tuple[dict, dict, int]:
-    available = steps(workdir, kind)
-    if not available:
-        raise FileNotFoundError(f"no {kind!r} checkpoint in {workdir}/checkpoints; train first "
-                                f"(python -m experiments.train --workdir {workdir} ...)")
-    step = available[-1] if step is None else step
-    if step not in available:
-        raise FileNotFoundError(f"no checkpoint at step {step} in {workdir}/checkpoints/{kind}; "
-                                f"available steps: {available}")
+def _restore_raw(workdir: str, kind: str, step: int) -> tuple[dict, dict]:
+    """State dict and meta of an existing checkpoint (callers have checked that ``step`` exists)."""
     mgr = _manager(workdir, kind, create=False)
     out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
     mgr.close()
-    return out["state"], out["meta"], step
+    return out["state"], out["meta"]
 
 
 def restore_state(workdir: str, target: Any, kind: str = "latest") -> tuple[Any, dict] | None:
     """Latest full ``TrainState`` shaped like ``target`` plus its meta, or None without checkpoints."""
-    if not steps(workdir, kind):
+    available = steps(workdir, kind)
+    if not available:
         return None
-    raw, meta, _ = _restore_raw(workdir, kind, None)
+    raw, meta = _restore_raw(workdir, kind, available[-1])
     raw.setdefault("batch_stats", {})
     return serialization.from_state_dict(target, raw), meta
 
@@ -96,8 +92,5 @@ def find(workdir: str, which: str = "best") -> tuple[str, int]:
 def restore_variables(workdir: str, which: str = "best") -> tuple[dict, dict]:
     """``({'params', 'batch_stats'?}, meta)`` for evaluation; the optimizer is never needed."""
     kind, step = find(workdir, which)
-    raw, meta, _ = _restore_raw(workdir, kind, step)
-    variables = {"params": raw["params"]}
-    if raw.get("batch_stats"):
-        variables["batch_stats"] = raw["batch_stats"]
-    return variables, meta
+    raw, meta = _restore_raw(workdir, kind, step)
+    return model_variables(raw["params"], raw.get("batch_stats")), meta

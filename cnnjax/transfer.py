@@ -36,7 +36,7 @@ def _stage_of(top_level: str) -> int | None:
     if top_level in ("conv1", "bn1"):
         return 0
     if top_level.startswith("layer"):
-        return int(top_level[len("layer")].split("_")[0])
+        return int(top_level[len("layer")])  # layer1..layer4 -> 1..4
     return None
 
 

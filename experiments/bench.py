@@ -19,7 +19,7 @@ import time
 from absl import flags
 
 from experiments import cli
-from experiments.benchlib import bench_torch
+from experiments.benchlib import SHAPES, bench_torch
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("quick", False, "batch 128 only, 3 timed steps, resnet18@224 at batch 16")
@@ -29,8 +29,6 @@ flags.DEFINE_bool("torch", True, "also time PyTorch (eager and torch.compile)")
 flags.DEFINE_list("models", ["lenet5", "improved_cnn", "cifar_resnet20", "resnet18", "resnet18@224", "fast_cnn"],
                   "rows to run (NAME or NAME@SIZE)")
 
-SHAPES = {"lenet5": (32, 32, 1), "improved_cnn": (32, 32, 3), "cifar_resnet20": (32, 32, 3), "resnet18": (32, 32, 3),
-          "resnet18@224": (224, 224, 3), "fast_cnn": (32, 32, 3)}
 
 
 def bench_jax(name: str, shape, batch: int, steps: int) -> dict:
@@ -38,19 +36,18 @@ def bench_jax(name: str, shape, batch: int, steps: int) -> dict:
     import jax
 
     from cnnjax import models
-    from cnnjax.train.steps import StepSpec, eval_step
+    from cnnjax.train.steps import StepSpec
     from experiments.benchlib import time_jax_training
 
     model = models.create(name.split("@")[0], num_classes=10)
     spec = StepSpec(10, (0.5,) * shape[2], (0.25,) * shape[2])
     out = time_jax_training(model, spec, shape, batch, steps)
-    ev = jax.jit(lambda p, s, i, lab, mk: eval_step(p, s, model.apply, i, lab, mk, spec))
-    st = out["runner"].get_state(out["state"])
-    images, labels, mask = out["images"], out["labels"], jax.numpy.ones(batch)
-    jax.block_until_ready(ev(st.params, st.batch_stats, images, labels, mask))
+    ev, state = out["runner"].eval_fn, out["state"]  # the state stays on the device (jit mode)
+    args = (state.params, state.batch_stats, out["images"], out["labels"], jax.numpy.ones(batch))
+    jax.block_until_ready(ev(*args))
     t = time.perf_counter()
     for _ in range(steps):
-        result = ev(st.params, st.batch_stats, images, labels, mask)
+        result = ev(*args)
     jax.block_until_ready(result)
     return {"train_img_s": out["train_img_s"], "eval_img_s": steps * batch / (time.perf_counter() - t),
             "compile_s": out["compile_s"]}

@@ -25,6 +25,8 @@ import sys
 from absl import flags
 
 from experiments import cli
+from experiments.benchlib import CPU_VARIANTS as VARIANTS
+from experiments.benchlib import SHAPES, bench_torch
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["lenet5", "improved_cnn", "cifar_resnet20", "resnet18", "fast_cnn"], "rows")
@@ -32,9 +34,6 @@ flags.DEFINE_integer("batch", 128, "batch size")
 flags.DEFINE_integer("steps", 5, "timed steps per row (after compile and one warm-up step)")
 flags.DEFINE_bool("torch", True, "also time PyTorch eager")
 flags.DEFINE_string("out", "", "write the results as JSON here")
-
-from experiments.benchlib import CPU_VARIANTS as VARIANTS  # noqa: E402
-from experiments.benchlib import bench_torch, channels  # noqa: E402
 
 
 def _spawn(variant: str) -> dict:
@@ -55,12 +54,15 @@ def _spawn(variant: str) -> dict:
 
 def main(argv):
     del argv
+    unknown = [name for name in FLAGS.models if name not in SHAPES]
+    if unknown:
+        raise ValueError(f"unknown bench row(s) {unknown}; choose from {', '.join(SHAPES)}")
     results = {}
     for variant in VARIANTS:
         results[variant] = _spawn(variant)
         print(f"# {variant}: " + ", ".join(f"{k} {v:.0f}" for k, v in results[variant].items()), flush=True)
     if FLAGS.torch:
-        results["torch eager"] = {name: bench_torch(name, (32, 32, channels(name)), FLAGS.batch, FLAGS.steps,
+        results["torch eager"] = {name: bench_torch(name, SHAPES[name], FLAGS.batch, FLAGS.steps,
                                                     compiled=False)["train_img_s"] for name in FLAGS.models}
     print(markdown(results, FLAGS.models, FLAGS.batch))
     if FLAGS.out:

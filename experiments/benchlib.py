@@ -46,12 +46,10 @@ def time_jax_training(model: Any, spec: Any, data_shape: tuple[int, int, int], b
             "state": state, "images": images, "labels": labels}
 
 
+# Benchmark rows: NAME or NAME@SIZE -> input shape [H, W, C].
+SHAPES = {"lenet5": (32, 32, 1), "improved_cnn": (32, 32, 3), "cifar_resnet20": (32, 32, 3), "resnet18": (32, 32, 3),
+          "resnet18@224": (224, 224, 3), "fast_cnn": (32, 32, 3)}
 CPU_VARIANTS = ("baseline", "+ynn flag", "+im2col", "+tiled max-pool")
-
-
-def channels(name: str) -> int:
-    """Input channels of a benchmark row's 32x32 images."""
-    return 1 if name == "lenet5" else 3
 
 
 def _undo_changes(variant: str) -> None:
@@ -70,19 +68,19 @@ def _undo_changes(variant: str) -> None:
 
 
 def run_cpu_variant(variant: str, names: list[str], batch: int, steps: int) -> dict:
+    """Train images/s of each row ``names`` with only the CPU changes up to ``variant``."""
     from cnnjax import models
     from cnnjax.train.steps import StepSpec
-    from experiments.benchlib import time_jax_training
 
     if variant not in CPU_VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {CPU_VARIANTS}")
     _undo_changes(variant)
     out = {}
     for name in names:
-        c = channels(name)
-        spec = StepSpec(10, (0.5,) * c, (0.25,) * c)
-        out[name] = time_jax_training(models.create(name, num_classes=10), spec, (32, 32, c), batch, steps)[
-            "train_img_s"]
+        shape = SHAPES[name]
+        spec = StepSpec(10, (0.5,) * shape[2], (0.25,) * shape[2])
+        out[name] = time_jax_training(models.create(name.split("@")[0], num_classes=10), spec, shape, batch,
+                                      steps)["train_img_s"]
     return out
 
 
@@ -125,9 +123,7 @@ def bench_torch(name: str, shape, batch: int, steps: int, compiled: bool) -> dic
     model.eval()
     with torch.no_grad():
         fwd = torch.compile(model) if compiled else model
-        fwd((images.float() / 255.0 - 0.5) / 0.25)
-        t = time.perf_counter()
-        for _ in range(steps):
-            fwd((images.float() / 255.0 - 0.5) / 0.25)
-        ev = time.perf_counter() - t
+        eval_step = lambda: fwd((images.float() / 255.0 - 0.5) / 0.25)  # noqa: E731
+        eval_step()
+        ev = timeit(eval_step, steps)
     return {"train_img_s": steps * batch / dt, "eval_img_s": steps * batch / ev, "compile_s": compile_s}

@@ -8,8 +8,8 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # XLA:CPU flag measured on jaxlib 0.10.2 (2 cores): ImprovedCNN train step 276 -> 487 img/s
-# (`python -m experiments.bench_cpu`, columns baseline -> +ynn flag). Set before jax is imported, only for the jaxlib
-# line it was measured on (an unknown XLA flag aborts the process), and never over a user's own.
+# (`python -m experiments.bench_cpu`, columns baseline -> +ynn flag). Set before jax is imported, only for
+# the jaxlib line it was measured on (an unknown XLA flag aborts the process), and never over a user's own.
 CPU_XLA_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 
 
@@ -21,7 +21,7 @@ def _add_cpu_xla_flag() -> None:
     except (metadata.PackageNotFoundError, ValueError):
         return
     flags = os.environ.get("XLA_FLAGS", "")
-    if major_minor >= (0, 10) and "xla_cpu_experimental_ynn_fusion_type" not in flags:
+    if major_minor == (0, 10) and "xla_cpu_experimental_ynn_fusion_type" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} {CPU_XLA_FLAG}".strip()
 
 

@@ -21,12 +21,11 @@ flags.DEFINE_string("data_dir", None, "override config data.dir (local raw files
 
 def evaluate_workdir(workdir: str, which: str = "best", data_dir: str | None = None) -> dict:
     """Restore ``which`` from ``workdir`` and evaluate the config's test split; returns metrics + meta."""
-    import jax
     import ml_collections
 
     from cnnjax import checkpoint
-    from cnnjax.train.loop import build, load_data, prepare_images
-    from cnnjax.train.steps import eval_step, evaluate_split
+    from cnnjax.train.loop import build_model, build_spec, load_data, prepare_images
+    from cnnjax.train.steps import Runner, evaluate_split
 
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
@@ -39,11 +38,10 @@ def evaluate_workdir(workdir: str, which: str = "best", data_dir: str | None = N
     ds = load_data(config)
     test_images = prepare_images(ds.test_images, config.data.pad_to)
     config.parallelism = "jit"
-    model, spec, _, _ = build(config, type(ds)(ds.name, prepare_images(ds.train_images[:1], config.data.pad_to),
-                                               ds.train_labels[:1], test_images, ds.test_labels, ds.class_names), 1)
-    fn = jax.jit(lambda p, s, i, label, m: eval_step(p, s, model.apply, i, label, m, spec))
-    ev = evaluate_split(fn, variables["params"], variables.get("batch_stats", {}), test_images, ds.test_labels,
-                        config.eval_batch_size)
+    model, _ = build_model(config)  # no optimizer, no weight loading: the checkpoint has the weights
+    runner = Runner(build_spec(config, ds.name, steps_per_epoch=1), model.apply)
+    ev = evaluate_split(runner.eval_fn, variables["params"], variables.get("batch_stats", {}), test_images,
+                        ds.test_labels, config.eval_batch_size)
     ev["meta"], ev["class_names"] = meta, ds.class_names
     return ev
 

@@ -15,6 +15,7 @@ import sys
 import numpy as np
 from absl import flags
 
+from cnnjax.data import CLASS_NAMES
 from experiments import cli
 
 FLAGS = flags.FLAGS
@@ -22,8 +23,6 @@ flags.DEFINE_string("out", None, "directory to create cifar-10-batches-py in")
 flags.DEFINE_integer("train", 50_000, "training images (split over 5 batches)")
 flags.DEFINE_integer("test", 10_000, "test images")
 flags.DEFINE_integer("seed", 0, "random seed")
-
-CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 def images_for(labels: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
@@ -62,7 +61,7 @@ def write(root: str, n_train: int, n_test: int, seed: int = 0) -> str:
     test_labels = rng.randint(0, 10, n_test)
     _dump(os.path.join(d, "test_batch"), images_for(test_labels, rng), test_labels, {})
     with open(os.path.join(d, "batches.meta"), "wb") as f:
-        pickle.dump({b"label_names": [n.encode() for n in CLASS_NAMES]}, f)
+        pickle.dump({b"label_names": [n.encode() for n in CLASS_NAMES["cifar10"]]}, f)
     return d
 
 

@@ -67,7 +67,7 @@ def main(argv):
     if any(checkpoint.steps(FLAGS.out, k) for k in checkpoint.KINDS):
         raise ValueError(f"{FLAGS.out} already holds checkpoints; choose a new --out")
     os.makedirs(FLAGS.out, exist_ok=True)
-    num_classes = int(variables["params"]["fc" if FLAGS.arch.startswith("resnet") else "classifier_6"]["bias"].shape[0])
+    num_classes = model.num_classes
     write_json_atomic(os.path.join(FLAGS.out, "config.json"), {
         "model": {"name": FLAGS.arch, "kwargs": {}}, "num_classes": num_classes,
         "data": {"name": "imagenet", "source_weights": os.path.abspath(path)}})

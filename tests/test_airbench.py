@@ -57,9 +57,10 @@ def test_airbench_optimizer_matches_torch_param_groups_on_a_summed_loss():
         updates, opt = tx.update(g, opt, p)
         p = jax.tree_util.tree_map(jnp.add, p, updates)
 
-    tp = {k: torch.tensor(v) for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-    names = {jax.tree_util.keystr(k): k for k in tp}
-    t = {jax.tree_util.keystr(k): torch.nn.Parameter(v.clone()) for k, v in tp.items()}
+    def flat(tree):
+        return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    t = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in flat(params).items()}
     kilostep = 1024 * (1 + 1 / (1 - momentum))
     lr_t, wd_abs = lr / kilostep, wd * batch / kilostep
     norm = [v for k, v in t.items() if "norm" in k]
@@ -69,14 +70,14 @@ def test_airbench_optimizer_matches_torch_param_groups_on_a_summed_loss():
                             momentum=momentum, nesterov=True)
     sched_t = torch.optim.lr_scheduler.LambdaLR(opt_t, factor)
     for step, g in enumerate(mean_grads):
-        flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(g)[0]}
+        grads = flat(g)
         for k, v in t.items():
             frozen = "['whiten']['kernel']" in k or ("['whiten']['bias']" in k and step >= bias_steps)
-            v.grad = None if frozen else torch.tensor(flat[k] * batch)  # gradient of the summed loss
+            v.grad = None if frozen else torch.tensor(grads[k] * batch)  # gradient of the summed loss
         opt_t.step()
         sched_t.step()
-    got = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(p)[0]}
-    for k in names:
+    got = flat(p)
+    for k in t:
         np.testing.assert_allclose(got[k], t[k].detach().numpy(), rtol=2e-5, atol=2e-5, err_msg=k)
     np.testing.assert_array_equal(got["['whiten']['kernel']"], params["whiten"]["kernel"])
 

@@ -213,7 +213,7 @@ def test_real_fashion_mnist_train_checkpoint_evaluate_round_trip(tmp_path):
     assert ev.stdout.strip().splitlines()[-1] == f"test_accuracy: {acc:.4f}"
 
 
-CONFIG_NAMES = sorted(p.stem for p in __import__("pathlib").Path("experiments/configs").glob("*.py")
+CONFIG_NAMES = sorted(p.stem for p in __import__("pathlib").Path(ROOT, "experiments", "configs").glob("*.py")
                       if p.stem not in ("__init__", "base"))
 
 

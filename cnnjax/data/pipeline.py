@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
+PAD_MODES = ("constant", "reflect")
+FLIP_MODES = ("random", "alternate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,9 +36,9 @@ class AugmentConfig:
     steps_per_epoch: int = 0
 
     def __post_init__(self):
-        if self.pad_mode not in ("constant", "reflect"):
+        if self.pad_mode not in PAD_MODES:
             raise ValueError(f"pad_mode must be 'constant' or 'reflect', got {self.pad_mode!r}")
-        if self.flip_mode not in ("random", "alternate"):
+        if self.flip_mode not in FLIP_MODES:
             raise ValueError(f"flip_mode must be 'random' or 'alternate', got {self.flip_mode!r}")
         if self.flip and self.flip_mode == "alternate" and self.steps_per_epoch < 1:
             raise ValueError("flip_mode='alternate' needs steps_per_epoch >= 1")
@@ -97,9 +99,9 @@ def augment(key: Array, images: Array, cfg: AugmentConfig, offset: Array | int =
     if not cfg.enabled:
         return images
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(offset + jnp.arange(images.shape[0]))
+    flips = None  # random flips: drawn per example inside _augment_one
     if cfg.flip and cfg.flip_mode == "alternate":
         if example_ids is None or run_key is None:
             raise ValueError("flip_mode='alternate' needs example_ids and run_key")
         flips = alternating_flips(run_key, example_ids, jnp.asarray(step) // cfg.steps_per_epoch)
-        return jax.vmap(lambda k, im, f: _augment_one(k, im, f, cfg))(keys, images, flips)
-    return jax.vmap(lambda k, im: _augment_one(k, im, None, cfg))(keys, images)
+    return jax.vmap(lambda k, im, f: _augment_one(k, im, f, cfg))(keys, images, flips)

@@ -23,8 +23,6 @@ import optax
 from cnnjax.data.pipeline import normalize
 from cnnjax.models.fast import whitening_kernel
 
-GROUPS = ("frozen", "whiten_bias", "norm_bias", "other")
-
 
 def param_labels(params: Any) -> Any:
     """Tree of group names, one per leaf of FastNet-style ``params``."""

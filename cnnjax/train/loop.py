@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 
 from cnnjax import checkpoint, models, transfer
 from cnnjax.data import MEAN_STD, Dataset, load
-from cnnjax.data.pipeline import AugmentConfig, epoch_batches
+from cnnjax.data.pipeline import FLIP_MODES, PAD_MODES, AugmentConfig, epoch_batches
 from cnnjax.train.optim import make_optimizer
-from cnnjax.train.state import TrainState, create_train_state
-from cnnjax.train.steps import AXIS, Lookahead, Runner, StepSpec
+from cnnjax.train.state import TrainState, create_train_state, model_variables
+from cnnjax.train.steps import AXIS, TTA_LEVELS, Lookahead, Runner, StepSpec, init_lookahead
 
 # Config fields that define an experiment's checkpoints: a workdir holding checkpoints made with
 # other values belongs to another experiment.
@@ -52,11 +52,16 @@ def identity(config: ml_collections.ConfigDict) -> dict:
     return {k: _get(config, k) for k in IDENTITY_KEYS}
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
+def _write_text_atomic(path: str, text: str) -> None:
+    """Write ``text`` to a temporary file and rename it over ``path``: never half-written."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    _write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -120,10 +125,11 @@ def subsample_per_class(ds: Dataset, k: int, seed: int) -> Dataset:
                    ds.class_names)
 
 
-def build(config: ml_collections.ConfigDict, ds: Dataset, steps_per_epoch: int):
-    """Model, optimizer, step spec and initial state for ``config`` on data shaped like ``ds``."""
-    mean, std = MEAN_STD[ds.name]
-    spec = StepSpec(
+def build_spec(config: ml_collections.ConfigDict, dataset: str, steps_per_epoch: int) -> StepSpec:
+    """What a train / eval step does to a batch of ``dataset`` images under ``config``."""
+    mean, std = MEAN_STD[dataset]
+    every = int(config.get("lookahead_every", 0))
+    return StepSpec(
         num_classes=config.num_classes,
         mean=tuple(mean), std=tuple(std),
         augment=AugmentConfig(config.data.crop_padding, config.data.flip, config.data.cutout,
@@ -133,26 +139,38 @@ def build(config: ml_collections.ConfigDict, ds: Dataset, steps_per_epoch: int):
         compute_dtype=jnp.bfloat16 if config.mixed_precision else jnp.float32,
         resize_to=int(config.data.get("resize_to", 0)),
         tta=int(config.get("tta", 0)),
+        lookahead=Lookahead(every, steps_per_epoch * config.num_epochs) if every else None,
     )
-    if config.get("lookahead_every", 0):
-        spec = dataclasses.replace(spec, lookahead=Lookahead(int(config.lookahead_every),
-                                                             steps_per_epoch * config.num_epochs))
-    axis = AXIS if config.parallelism == "pmap" else None
+
+
+def build_model(config: ml_collections.ConfigDict) -> tuple[Any, int]:
+    """The config's model and how many of its stages transfer learning freezes (0: none)."""
     kwargs = dict(config.model.kwargs.to_dict())
     fields = _fields(config.model.name)
-    if axis is not None and "axis_name" in fields:
-        kwargs["axis_name"] = axis
-    t = config.get("transfer")
-    transfer_on = t is not None and (t.mode != "scratch" or t.init_from)
+    if config.parallelism == "pmap" and "axis_name" in fields:
+        kwargs["axis_name"] = AXIS
     frozen = 0
-    if transfer_on:
+    if _transfer_on(config):
+        t = config.transfer
         if "freeze_until" not in fields:
             raise ValueError(f"transfer learning needs a torchvision-layout ResNet, not {config.model.name!r}")
         if t.mode != "scratch" and not t.init_from:
             raise ValueError(f"--config.transfer.mode={t.mode} needs --config.transfer.init_from=CHECKPOINT_DIR")
         frozen = transfer.freeze_until(t.mode, t.unfreeze_from)
         kwargs["freeze_until"] = frozen
-    model = models.create(config.model.name, num_classes=config.num_classes, **kwargs)
+    return models.create(config.model.name, num_classes=config.num_classes, **kwargs), frozen
+
+
+def _transfer_on(config: ml_collections.ConfigDict) -> bool:
+    t = config.get("transfer")
+    return bool(t is not None and (t.mode != "scratch" or t.init_from))
+
+
+def build(config: ml_collections.ConfigDict, ds: Dataset, steps_per_epoch: int):
+    """Model, optimizer, step spec and initial state for ``config`` on data shaped like ``ds``."""
+    spec = build_spec(config, ds.name, steps_per_epoch)
+    model, frozen = build_model(config)
+    t, transfer_on = config.get("transfer"), _transfer_on(config)
     tx, schedule = make_optimizer(config, steps_per_epoch, config.num_epochs)
     if transfer_on:
         backbone_cfg = ml_collections.ConfigDict(config.to_dict())
@@ -176,13 +194,11 @@ def build(config: ml_collections.ConfigDict, ds: Dataset, steps_per_epoch: int):
             state.params, ds.train_images[: int(config.whiten_init_images)], spec.mean, spec.std))
     if transfer_on and t.init_from:
         source, _ = checkpoint.restore_variables(t.init_from, "best")
-        target = {"params": state.params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
+        target = model_variables(state.params, state.batch_stats)
         merged = transfer.transplant(source, target)
         state = state.replace(params=merged["params"], batch_stats=merged.get("batch_stats", {}))
     if spec.lookahead is not None:
-        # Own copies: the runner donates the state's buffers, and one buffer cannot be donated twice.
-        slow = jax.tree_util.tree_map(np.array, {"params": state.params, "batch_stats": state.batch_stats})
-        state = state.replace(slow=slow)
+        state = init_lookahead(state)
     return model, spec, state, schedule
 
 
@@ -198,11 +214,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"--config.parallelism must be jit, pmap or sharded, got {config.parallelism!r}")
     if config.batch_size < 1 or config.num_epochs < 1:
         raise ValueError("--config.batch_size and --config.num_epochs must be >= 1")
-    if config.get("tta", 0) not in (0, 1, 2):
+    if config.get("tta", 0) not in TTA_LEVELS:
         raise ValueError(f"--config.tta must be 0 (off), 1 (mirror) or 2 (mirror + translate), got {config.tta!r}")
-    if config.data.get("flip_mode", "random") not in ("random", "alternate"):
+    if config.data.get("flip_mode", "random") not in FLIP_MODES:
         raise ValueError(f"--config.data.flip_mode must be random or alternate, got {config.data.flip_mode!r}")
-    if config.data.get("pad_mode", "constant") not in ("constant", "reflect"):
+    if config.data.get("pad_mode", "constant") not in PAD_MODES:
         raise ValueError(f"--config.data.pad_mode must be constant or reflect, got {config.data.pad_mode!r}")
     if config.get("lookahead_every", 0) < 0:
         raise ValueError("--config.lookahead_every must be >= 0 (0: off)")
@@ -241,12 +257,7 @@ def _read_history(workdir: str, upto_epoch: int) -> list[dict]:
 
 
 def _write_history(workdir: str, history: list[dict]) -> None:
-    path = os.path.join(workdir, "metrics.jsonl")
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        for row in history:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
+    _write_text_atomic(os.path.join(workdir, "metrics.jsonl"), "".join(json.dumps(row) + "\n" for row in history))
 
 
 def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
@@ -337,7 +348,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
                                                           and steps_done_this_call >= stop_after_steps)
                 if interrupted and pos < steps_per_epoch:
                     bar.close()
-                    checkpoint.save(workdir, "latest", int(runner.get_state(state).step), runner.get_state(state),
+                    host_state = runner.get_state(state)
+                    checkpoint.save(workdir, "latest", int(host_state.step), host_state,
                                     {"epoch": epoch, "step_in_epoch": pos, "partial": acc})
                     why = f"signal {stop.signal}" if stop.signal is not None else "stop_after_steps"
                     print(f"interrupted ({why}) at epoch {epoch}, step {pos}: checkpoint saved in {workdir}; "
@@ -397,7 +409,7 @@ def write_plots(workdir: str, model, state: TrainState, ds: Dataset, history: li
     from cnnjax import viz
     from cnnjax.data.pipeline import normalize
 
-    variables = {"params": state.params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
+    variables = model_variables(state.params, state.batch_stats)
     viz.plot_curves(history, os.path.join(workdir, "curves.png"))
     viz.plot_per_class_accuracy(ev["per_class_accuracy"], ds.class_names, os.path.join(workdir, "per_class.png"))
     viz.plot_confusion_matrix(ev["confusion"], ds.class_names, os.path.join(workdir, "confusion.png"))

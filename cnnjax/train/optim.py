@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import optax
 
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw", "airbench")
@@ -64,13 +65,12 @@ def make_optimizer(cfg: Any, steps_per_epoch: int, num_epochs: int) -> tuple[opt
         return tx, schedule
     wd = float(cfg.get("weight_decay", 0.0))
     momentum = float(cfg.get("momentum", 0.9))
-    decay_mask = lambda params: _kernel_mask(params)  # noqa: E731
     parts = []
     clip = float(cfg.get("grad_clip_norm", 0.0) or 0.0)
     if clip > 0:
         parts.append(optax.clip_by_global_norm(clip))
     if name in ("sgd", "nesterov", "adam") and wd > 0:
-        parts.append(optax.add_decayed_weights(wd, mask=decay_mask))
+        parts.append(optax.add_decayed_weights(wd, mask=_kernel_mask))
     if name == "sgd":
         parts.append(optax.sgd(schedule, momentum=momentum or None))
     elif name == "nesterov":
@@ -78,7 +78,7 @@ def make_optimizer(cfg: Any, steps_per_epoch: int, num_epochs: int) -> tuple[opt
     elif name == "adam":
         parts.append(optax.adam(schedule))
     elif name == "adamw":
-        parts.append(optax.adamw(schedule, weight_decay=wd, mask=decay_mask))
+        parts.append(optax.adamw(schedule, weight_decay=wd, mask=_kernel_mask))
     else:
         raise ValueError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}")
     return optax.chain(*parts), schedule
@@ -86,6 +86,4 @@ def make_optimizer(cfg: Any, steps_per_epoch: int, num_epochs: int) -> tuple[opt
 
 def _kernel_mask(params: Any) -> Any:
     """True for conv / dense kernels (decayed), False for biases and BN scales."""
-    import jax
-
     return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) == "kernel", params)

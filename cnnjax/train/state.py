@@ -20,6 +20,11 @@ class TrainState(train_state.TrainState):
     slow: Any = None
 
 
+def model_variables(params: Any, batch_stats: Any) -> dict:
+    """Flax variables ``{'params', 'batch_stats'?}`` (no empty collection for models without BN)."""
+    return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
+
+
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, input_shape: tuple[int, int, int],
                        key: jax.Array) -> TrainState:
     """Initialise ``model`` on a ``[1, *input_shape]`` input; ``key`` seeds init and the state's rng."""

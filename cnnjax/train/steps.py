@@ -3,7 +3,8 @@
 A step takes uint8 images ``[B, H, W, C]`` already on the device, augments and normalises them
 inside the compiled computation, and returns summed metrics (``loss_sum``, ``correct``,
 ``count``) so that accumulation across steps and devices is exact and stays on the device.
-``run_steps`` scans a step over ``[steps, B]`` index chunks: one dispatch per chunk.
+``Runner.train`` runs a ``[steps, B]`` index chunk per call: one ``lax.scan`` dispatch on
+accelerators, a host loop of compiled steps on the CPU.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cnnjax.data.pipeline import AugmentConfig, augment, normalize
-from cnnjax.train.state import TrainState
+from cnnjax.train.state import TrainState, model_variables
 
 Array = jax.Array
 Metrics = dict[str, Array]
 AXIS = "batch"
 _FLIP_STREAM = 0x0F11  # fold_in constant: the run's fixed key for alternating flips
+TTA_LEVELS = (0, 1, 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +55,16 @@ class Lookahead:
     total_steps: int
     decay: float = 0.95 ** 5
     power: float = 3.0
+
+
+def init_lookahead(state: TrainState) -> TrainState:
+    """``state`` with slow weights equal to its params and BatchNorm statistics.
+
+    They are host copies, so the slow and fast trees never share a buffer: the runner donates the
+    state, and one buffer cannot be donated twice.
+    """
+    fast = {"params": state.params, "batch_stats": state.batch_stats}
+    return state.replace(slow=jax.tree_util.tree_map(np.array, fast))
 
 
 def lookahead_update(state: TrainState, la: Lookahead) -> TrainState:
@@ -84,10 +96,6 @@ def cross_entropy(logits: Array, labels: Array, num_classes: int, smoothing: flo
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
 
 
-def _variables(params: Any, batch_stats: Any) -> dict:
-    return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
-
-
 def train_step(state: TrainState, images: Array, labels: Array, spec: StepSpec,
                axis_name: str | None = None, offset: Array | int = 0,
                example_ids: Array | None = None) -> tuple[TrainState, Metrics]:
@@ -102,7 +110,7 @@ def train_step(state: TrainState, images: Array, labels: Array, spec: StepSpec,
     x = prepare_batch(augment(aug_key, images, spec.augment, offset, example_ids, state.step, flip_key), spec)
 
     def loss_fn(params):
-        logits, updates = state.apply_fn(_variables(params, state.batch_stats), x, train=True,
+        logits, updates = state.apply_fn(model_variables(params, state.batch_stats), x, train=True,
                                          mutable=["batch_stats"], rngs={"dropout": drop_key})
         losses = cross_entropy(logits, labels, spec.num_classes, spec.label_smoothing)
         return losses.mean(), (logits, losses, updates)
@@ -130,7 +138,7 @@ def eval_step(params: Any, batch_stats: Any, apply_fn, images: Array, labels: Ar
     """Eval-mode metrics on a padded batch: summed loss / correct / count and a ``[K, K]`` confusion
     matrix (rows true, columns predicted); ``mask`` ``[B]`` is 0 for padding examples."""
     x = prepare_batch(images, spec)
-    logits = tta_logits(lambda v: apply_fn(_variables(params, batch_stats), v, train=False), x, spec.tta)
+    logits = tta_logits(lambda v: apply_fn(model_variables(params, batch_stats), v, train=False), x, spec.tta)
     losses = cross_entropy(logits, labels, spec.num_classes)
     pred = jnp.argmax(logits, -1)
     m = mask.astype(jnp.float32)
@@ -143,7 +151,7 @@ def tta_logits(forward, x: Array, level: int) -> Array:
     """Test-time augmentation (airbench): level 0 ``forward(x)``; 1 the mean over ``x`` and its mirror;
     2 half that plus half the mean of the level-1 logits of ``x`` translated by one pixel up-left and
     down-right (reflect padding). ``x`` is ``[B, H, W, C]``."""
-    if level not in (0, 1, 2):
+    if level not in TTA_LEVELS:
         raise ValueError(f"tta level must be 0, 1 or 2, got {level!r}")
     if level == 0:
         return forward(x)
@@ -229,16 +237,22 @@ class Runner:
             self._replicated = NamedSharding(self.mesh, PartitionSpec())
             self._batch_sharded = NamedSharding(self.mesh, PartitionSpec(None, AXIS))
             self._train = jax.jit(local, donate_argnums=donate, out_shardings=(self._replicated, self._replicated))
-        self._eval = jax.jit(lambda params, stats, images, labels, mask: eval_step(
+        # eval_fn(params, batch_stats, images, labels, mask) -> summed metrics (see eval_step).
+        self.eval_fn = jax.jit(lambda params, stats, images, labels, mask: eval_step(
             params, stats, apply_fn, images, labels, mask, spec))
 
     # --- placement ---------------------------------------------------------------------------
-    def put_state(self, state: TrainState) -> TrainState:
+    def _place(self, tree: Any) -> Any:
+        """Put a host / device tree where this mode keeps state: replicated per device (pmap),
+        replicated over the mesh (sharded) or on the one device (jit)."""
         if self.mode == "pmap":
-            return self._replicate(state)
+            return self._replicate(tree)
         if self.mode == "sharded":
-            return jax.device_put(state, self._replicated)
-        return jax.device_put(state, self.devices[0])
+            return jax.device_put(tree, self._replicated)
+        return jax.device_put(tree, self.devices[0])
+
+    def put_state(self, state: TrainState) -> TrainState:
+        return self._place(state)
 
     def _replicate(self, tree: Any) -> Any:
         """A copy of every leaf on each device, stacked on a leading device axis (pmap layout)."""
@@ -253,11 +267,7 @@ class Runner:
         return jax.device_get(state)
 
     def put_data(self, images: np.ndarray, labels: np.ndarray) -> tuple[Array, Array]:
-        if self.mode == "pmap":
-            return self._replicate((images, labels))
-        if self.mode == "sharded":
-            return jax.device_put((images, labels), self._replicated)
-        return jax.device_put((images, labels), self.devices[0])
+        return self._place((images, labels))
 
     def put_indices(self, idx: Array) -> Array:
         """``[steps, global_batch]`` -> the layout this mode's train function takes."""
@@ -278,9 +288,7 @@ class Runner:
         if self.scan:
             state, metrics = self._train(state, images, labels, idx_d)
         else:
-            acc = _zero_metrics() | {"pos": jnp.zeros((), jnp.float32)}
-            acc = self._replicate(acc) if self.mode == "pmap" else jax.device_put(
-                acc, self._replicated if self.mode == "sharded" else self.devices[0])
+            acc = self._place({k: np.zeros((), np.float32) for k in (*_METRIC_KEYS, "pos")})
             for _ in range(idx.shape[0]):
                 state, acc = self._train(state, acc, images, labels, idx_d)
             metrics = {k: acc[k] for k in _METRIC_KEYS}
@@ -291,10 +299,11 @@ class Runner:
     def evaluate(self, state: TrainState, images: np.ndarray, labels: np.ndarray, batch_size: int) -> dict:
         """Eval-mode metrics over a whole split on the first device: loss, accuracy, per-class
         accuracy ``[K]`` and confusion matrix ``[K, K]`` (numpy, fetched once)."""
-        host = self.get_state(state) if self.mode == "pmap" else state
-        params = jax.device_put(host.params, self.devices[0])
-        stats = jax.device_put(host.batch_stats, self.devices[0])
-        return evaluate_split(self._eval, params, stats, images, labels, batch_size, self.devices[0])
+        trees = (state.params, state.batch_stats)
+        if self.mode == "pmap":  # the first replica, without a round trip through the host
+            trees = jax.tree_util.tree_map(lambda x: x[0], trees)
+        params, stats = jax.device_put(trees, self.devices[0])
+        return evaluate_split(self.eval_fn, params, stats, images, labels, batch_size, self.devices[0])
 
 
 def evaluate_split(eval_fn, params, batch_stats, images: np.ndarray, labels: np.ndarray, batch_size: int,

@@ -1,10 +1,12 @@
 """ResNet-18 with ported ImageNet weights on CIFAR-10 (needs the data and the weight file).
 
 First port the weights: ``python -m experiments.port --arch resnet18 --weights resnet18-f37072fd.pth
---out workdirs/resnet18_imagenet``. Then, e.g. fine-tuning from layer3 at 32x32:
+--out workdirs/resnet18_imagenet``. Then fine-tune the whole backbone (head alone for the first epoch)
+at 32x32:
 ``python -m experiments.train --config experiments/configs/cifar10_resnet18_transfer.py --workdir DIR``.
 ``--config.data.resize_to=224`` upsamples on the device to the backbone's native resolution
-(about 49x the compute per image); ``--config.transfer.mode=feature_extraction`` trains the head only.
+(about 49x the compute per image); ``--config.transfer.unfreeze_from=layer3`` keeps the earlier stages
+frozen; ``--config.transfer.mode=feature_extraction`` trains the head only.
 """
 
 from experiments.configs import cifar10_resnet18
