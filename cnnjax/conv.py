@@ -1,8 +1,8 @@
 """2-D convolution as a pure function, with an explicit patches-times-matrix path for the CPU.
 
 XLA:CPU (jaxlib 0.10) runs some convolution shapes through very slow paths: 3x3 convs whose
-output is 2x2 or smaller (ResNet-18's last stages at 32x32 input: 63 ms vs 2.6 ms for
-``[128, 2, 2, 256] -> 256``), the input gradient of strided convs, and 1x1 convs. For those
+output is 2x2 or smaller (ResNet-18's last stages at 32x32 input), the input gradient of strided
+convs, and 1x1 convs. For those
 shapes :func:`conv2d` builds the ``kH * kW`` shifted views of the padded input, concatenates them
 into patches ``[N, H', W', kH * kW * C_in]`` and multiplies by the kernel reshaped to
 ``[kH * kW * C_in, C_out]`` — the same numbers, summed in another order. ``impl='auto'`` makes
@@ -22,8 +22,8 @@ Array = jax.Array
 Pads = tuple[tuple[int, int], tuple[int, int]]
 IMPLS = ("auto", "xla", "im2col")
 
-# Largest output (H' * W') for which a strided kxk conv uses patches on the CPU: measured wins up
-# to 16x16 outputs at batch 128 (16 -> 10 ms fwd+bwd), break-even at 14x14, loss at 28x28.
+# Largest output (H' * W') for which a strided kxk conv uses patches on the CPU: patches win up to
+# 16x16 outputs, break even near 14x14 at batch 16 and lose at 28x28 (experiments.bench_conv).
 STRIDED_MAX_OUTPUT = 256
 # Largest output for which a stride-1 kxk conv uses patches (2x2: the pathological XLA case).
 TINY_MAX_OUTPUT = 4

@@ -228,8 +228,8 @@ def _tiled_max_pool(x: Array, kh: int, kw: int) -> Array:
     """Max over non-overlapping ``kh x kw`` tiles of ``[N, kh Ho, kw Wo, C]`` by reshape.
 
     Its gradient goes to the first maximum of each window in row-major order, as torch's (and
-    XLA's select-and-scatter, which is about 10x slower on the CPU: 49 -> 5 ms for the backward
-    of ``[128, 32, 32, 32]``, measured by ``python -m experiments.bench_cpu``).
+    XLA's select-and-scatter, which is several times slower on the CPU; ``python -m
+    experiments.bench_conv`` times both).
     """
     return _windows(x, kh, kw).max(axis=(2, 4))
 

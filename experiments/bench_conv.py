@@ -1,0 +1,109 @@
+"""Per-op CPU timings behind ``cnnjax.conv.choose_impl`` and the tiled max-pool:
+``python -m experiments.bench_conv [--steps N]``.
+
+For each conv shape: forward and forward+backward milliseconds through XLA's convolution and
+through the patches @ kernel path, and which one ``choose_impl`` picks on this backend. For max-pool:
+the backward of ``reduce_window`` (XLA's select-and-scatter) vs the tiled reshape path. Random fp32
+data; each number is the mean of ``--steps`` calls after a compile call.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+
+from absl import flags
+
+from experiments import cli
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("steps", 10, "timed calls per number")
+
+# (batch, H=W, C_in, C_out, kernel, stride, padding, first layer: no input gradient)
+CONV_CASES = [
+    (128, 2, 256, 256, 3, 1, 1, False),   # ResNet-18 layer3 at 32x32 input: output 2x2
+    (128, 1, 512, 512, 3, 1, 1, False),   # ResNet-18 layer4 at 32x32 input: output 1x1
+    (128, 2, 512, 512, 3, 1, 1, False),
+    (128, 3, 256, 256, 3, 1, 1, False),   # fast_cnn block3: output 3x3 (XLA kept)
+    (128, 4, 256, 512, 3, 2, 1, False),   # strided, output 2x2
+    (128, 32, 16, 32, 3, 2, 1, False),    # strided, output 16x16
+    (16, 28, 128, 256, 3, 2, 1, False),   # strided, output 14x14
+    (16, 56, 64, 128, 3, 2, 1, False),    # strided, output 28x28 (XLA kept)
+    (128, 32, 64, 64, 1, 1, 0, False),    # 1x1
+    (16, 56, 64, 256, 1, 1, 0, False),
+    (128, 32, 32, 32, 3, 1, 1, False),    # ImprovedCNN conv2 (XLA kept)
+    (16, 224, 3, 64, 7, 2, 3, True),      # ResNet stem at 224 (XLA kept)
+]
+POOL_SHAPES = [(128, 32, 32, 32), (128, 16, 16, 64), (128, 30, 30, 64)]
+
+
+def _ms(fn, *args, steps: int) -> float:
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    t = time.perf_counter()
+    for _ in range(steps):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t) / steps * 1e3
+
+
+def conv_rows(steps: int) -> list[str]:
+    import jax
+    import numpy as np
+
+    from cnnjax import conv
+
+    rng = np.random.RandomState(0)
+    rows = []
+    for n, hw, c_in, c_out, k, s, p, first in CONV_CASES:
+        x = jax.numpy.asarray(rng.randn(n, hw, hw, c_in).astype(np.float32))
+        w = jax.numpy.asarray(rng.randn(k, k, c_in, c_out).astype(np.float32) * 0.05)
+        pads = ((p, p), (p, p))
+        cells = []
+        for impl in ("xla", "im2col"):
+            f = functools.partial(conv.conv2d, strides=(s, s), padding=pads, impl=impl)
+            grad = jax.grad(lambda x, w, f=f: (f(x, w) ** 2).sum(), argnums=(1,) if first else (0, 1))
+            cells += [_ms(jax.jit(f), x, w, steps=steps), _ms(jax.jit(grad), x, w, steps=steps)]
+        pick = conv.choose_impl((hw, hw), (k, k), (s, s), pads)
+        rows.append(f"| [{n},{hw},{hw},{c_in}] -> {c_out}, {k}x{k} s{s} p{p}{' (no input grad)' if first else ''} | "
+                    + " | ".join(f"{c:.2f}" for c in cells) + f" | {pick} |")
+    return rows
+
+
+def pool_rows(steps: int) -> list[str]:
+    import jax
+    import numpy as np
+    from jax import lax
+
+    from cnnjax import layers
+
+    rng = np.random.RandomState(0)
+    rows = []
+    for shape in POOL_SHAPES:
+        x = jax.numpy.asarray(rng.randn(*shape).astype(np.float32))
+        window = lambda v: lax.reduce_window(v, -jax.numpy.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")  # noqa: E731
+        cells = [_ms(jax.jit(jax.grad(lambda v, f=f: (f(v) ** 2).sum())), x, steps=steps)
+                 for f in (window, lambda v: layers.max_pool(v, 2))]
+        rows.append(f"| {list(shape)} | {cells[0]:.2f} | {cells[1]:.2f} |")
+    return rows
+
+
+def main(argv):
+    del argv
+    import jax
+
+    print(f"backend {jax.default_backend()}, {FLAGS.steps} calls per number, milliseconds per call\n")
+    print("| conv | xla fwd | xla fwd+bwd | im2col fwd | im2col fwd+bwd | choose_impl |")
+    print("|---|---|---|---|---|---|")
+    for row in conv_rows(FLAGS.steps):
+        print(row, flush=True)
+    print("\n| 2x2 max-pool, forward+backward | reduce_window | tiled |")
+    print("|---|---|---|")
+    for row in pool_rows(FLAGS.steps):
+        print(row, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))
