@@ -239,3 +239,38 @@ def test_fast_recipe_options_fail_with_one_line(tmp_path, override, message):
     out = _cli("experiments.train", "--config", "experiments/configs/cifar10_fast.py", "--workdir", str(tmp_path),
                override)
     assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_write_plots_feeds_the_model_its_resized_input(tmp_path):
+    """28x28 images resized on the device to lenet5's 32x32: the feature-map plot must resize too."""
+    import optax
+
+    from cnnjax import models
+    from cnnjax.data import Dataset
+    from cnnjax.train.loop import write_plots
+    from cnnjax.train.state import create_train_state
+    from cnnjax.train.steps import StepSpec
+
+    model = models.create("lenet5")
+    state = create_train_state(model, optax.sgd(0.1), (32, 32, 1), jax.random.PRNGKey(0))
+    images = np.zeros((2, 28, 28, 1), np.uint8)
+    ds = Dataset("fashion_mnist", images, np.zeros(2, np.int32), images, np.zeros(2, np.int32),
+                 tuple(str(i) for i in range(10)))
+    history = [{"epoch": 1, "train_loss": 1.0, "test_loss": 1.0, "train_accuracy": 0.5, "test_accuracy": 0.5}]
+    ev = {"per_class_accuracy": np.zeros(10), "confusion": np.zeros((10, 10))}
+    write_plots(str(tmp_path), model, state, ds, history, StepSpec(10, (0.5,), (0.25,), resize_to=32), ev)
+    assert os.path.getsize(tmp_path / "feature_maps.png") > 0
+
+
+def test_conv_outputs_follow_call_order():
+    from cnnjax import models
+    from cnnjax.train.loop import conv_outputs
+
+    model, x = models.create("fast_cnn"), jax.numpy.zeros((1, 32, 32, 3))
+    variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), x))()  # jit returns sorted keys
+    assert list(variables["params"])[0] == "block1"
+    convs = conv_outputs(model, variables, x)
+    assert [path for path, _ in convs[:3]] == ["whiten", "block1/conv1", "block1/conv2"]
+    assert [out.shape for _, out in convs[:2]] == [(1, 31, 31, 24), (1, 31, 31, 64)]
+    assert conv_outputs(models.create("tiny_cnn"), models.create("tiny_cnn").init(
+        jax.random.PRNGKey(0), jax.numpy.zeros((1, 8, 8, 1))), jax.numpy.zeros((1, 8, 8, 1)))[0][0] == "conv1"

@@ -9,6 +9,7 @@ parameters as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -27,7 +28,7 @@ from cnnjax.data import MEAN_STD, Dataset, load
 from cnnjax.data.pipeline import FLIP_MODES, PAD_MODES, AugmentConfig, epoch_batches
 from cnnjax.train.optim import make_optimizer
 from cnnjax.train.state import TrainState, create_train_state, model_variables
-from cnnjax.train.steps import AXIS, TTA_LEVELS, Lookahead, Runner, StepSpec, init_lookahead
+from cnnjax.train.steps import AXIS, TTA_LEVELS, Lookahead, Runner, StepSpec, init_lookahead, prepare_batch
 
 # Config fields that define an experiment's checkpoints: a workdir holding checkpoints made with
 # other values belongs to another experiment.
@@ -407,26 +408,36 @@ def write_plots(workdir: str, model, state: TrainState, ds: Dataset, history: li
     """Loss / accuracy curves, per-class accuracy and confusion matrix (from the final evaluation
     ``ev``), first-layer filters, feature maps of the first test image."""
     from cnnjax import viz
-    from cnnjax.data.pipeline import normalize
 
     variables = model_variables(state.params, state.batch_stats)
     viz.plot_curves(history, os.path.join(workdir, "curves.png"))
     viz.plot_per_class_accuracy(ev["per_class_accuracy"], ds.class_names, os.path.join(workdir, "per_class.png"))
     viz.plot_confusion_matrix(ev["confusion"], ds.class_names, os.path.join(workdir, "confusion.png"))
-    first_conv = _first_conv_kernel(state.params)
-    if first_conv is not None:
-        viz.plot_filters(np.asarray(first_conv), os.path.join(workdir, "filters.png"))
-    x = normalize(ds.test_images[:1], spec.mean, spec.std)
-    _, inter = model.apply(variables, x, train=False, mutable=["intermediates"],
-                           capture_intermediates=lambda m, _: type(m).__name__ in ("Conv", "ConvBN"))
-    maps = [("/".join(str(p.key) for p in path[:-2]), np.asarray(v)[0])
-            for path, v in jax.tree_util.tree_flatten_with_path(inter["intermediates"])[0] if np.ndim(v) == 4][:4]
-    if maps:
+    x = prepare_batch(ds.test_images[:1], spec)  # as the model sees it (normalised, resized)
+    convs = conv_outputs(model, variables, x)
+    if convs:
+        first_kernel = functools.reduce(lambda tree, key: tree[key], convs[0][0].split("/"), state.params)["kernel"]
+        viz.plot_filters(np.asarray(first_kernel), os.path.join(workdir, "filters.png"))
+        maps = [(path, np.asarray(out)[0]) for path, out in convs[:4]]
         viz.plot_feature_maps(ds.test_images[0], maps, os.path.join(workdir, "feature_maps.png"))
 
 
-def _first_conv_kernel(params: dict):
-    for _, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        if np.ndim(leaf) == 4:
-            return leaf
-    return None
+def conv_outputs(model, variables: dict, x: jax.Array) -> list[tuple[str, jax.Array]]:
+    """``(module path, output [N, H', W', C])`` of every :class:`cnnjax.layers.Conv` in the order the
+    forward pass calls them (eval mode). Parameter trees come back from ``jit`` with sorted keys,
+    so call order is the only reliable 'first layer' (fast_cnn's ``whiten`` sorts after ``block1``)."""
+    import flax.linen as nn
+
+    from cnnjax.layers import Conv
+
+    calls = []
+
+    def record(call, args, kwargs, context):
+        out = call(*args, **kwargs)
+        if isinstance(context.module, Conv) and context.method_name == "__call__":
+            calls.append(("/".join(context.module.path), out))
+        return out
+
+    with nn.intercept_methods(record):
+        model.apply(variables, x, train=False)
+    return calls
