@@ -55,7 +55,7 @@ def pretrain_config(data_dir: str, seed: int, per_class: int, epochs: int):
     c = base(data_dir, seed)
     c.data.classes = (0, 1, 2, 3, 4)
     c.data.train_per_class = per_class
-    c.batch_size = 128
+    c.batch_size = min(128, 5 * per_class) if per_class else 128  # smoke runs: fewer than 128 images
     c.num_epochs = epochs
     return c
 
