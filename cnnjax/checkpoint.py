@@ -1,10 +1,16 @@
-"""orbax checkpoints: save / resume the full TrainState, restore params + batch_stats for evaluation.
+"""orbax checkpoints: one ``CheckpointManager`` per run, restore for resuming or for evaluation.
 
-Layout under ``workdir/checkpoints``: ``latest/<step>`` (last two kept) and ``best/<step>`` (the
-best test accuracy so far). Each step directory holds ``state`` (params, batch_stats, opt_state,
-step, rng as nested dicts) and ``meta`` (JSON: epoch, position within the epoch, metrics).
-orbax writes to a temporary directory and renames it, so an interrupted save leaves no partial
-checkpoint.
+Layout: ``workdir/checkpoints/<step>/`` holds ``state`` (params, batch_stats, opt_state, step, rng
+as nested numpy dicts), ``meta`` (JSON: epoch, the in-epoch metric accumulators, evaluation
+results) and, for checkpoints taken after an evaluation, orbax's ``metrics`` item. orbax keeps
+the latest ``keep_latest`` checkpoints plus the best one by :data:`SELECTION_METRIC`
+(``LatestN`` + ``BestN`` preservation); one save writes one checkpoint, so "best" can never lag
+behind "latest". Saves are atomic (written under a temporary name, renamed when complete).
+
+In a multi-process run every process calls :meth:`CheckpointStore.save` with the same host state;
+orbax has the primary process write the arrays and the metadata (no file is written twice) and
+synchronises the processes around it. A checkpoint written by N processes restores in any number
+of processes: it holds plain host arrays, not device layouts.
 """
 
 from __future__ import annotations
@@ -16,81 +22,133 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization
+from orbax.checkpoint import checkpoint_managers as policies
 
+from cnnjax.errors import CheckpointError
 from cnnjax.train.state import model_variables
 
-KINDS = ("latest", "best")
+SELECTION_METRIC = "test_accuracy"  # the metric that picks the "best" checkpoint (higher is better)
+WHICH = ("best", "latest")
 
 
-def _manager(workdir: str, kind: str, create: bool = True) -> ocp.CheckpointManager:
-    path = os.path.abspath(os.path.join(workdir, "checkpoints", kind))
-    keep = 2 if kind == "latest" else 1
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=False)
-    return ocp.CheckpointManager(path, options=options, item_names=("state", "meta"))
+def _directory(workdir: str) -> str:
+    return os.path.abspath(os.path.join(workdir, "checkpoints"))
+
+
+def _best_fn(metrics: dict) -> float:
+    return float(metrics[SELECTION_METRIC])
+
+
+def _manager(workdir: str, keep_latest: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
+    policy = policies.AnyPreservationPolicy([
+        policies.LatestN(n=keep_latest),
+        policies.BestN(get_metric_fn=_best_fn, n=1, keep_checkpoints_without_metrics=False),
+    ])
+    # A reading manager never saves, so it never deletes (orbax's read_only mode only adds log noise).
+    options = ocp.CheckpointManagerOptions(
+        best_fn=_best_fn, best_mode="max", preservation_policy=None if read_only else policy,
+        create=not read_only, enable_async_checkpointing=False, cleanup_tmp_directories=not read_only)
+    return ocp.CheckpointManager(_directory(workdir), options=options, item_names=("state", "meta"))
+
+
+def _check_layout(workdir: str) -> None:
+    for old in ("latest", "best"):
+        if os.path.isdir(os.path.join(_directory(workdir), old)):
+            raise CheckpointError(f"{workdir} holds checkpoints in the layout of an older cnnjax (checkpoints/{old}/); "
+                                  "train again in a new `workdir`")
 
 
 def _to_saveable(state: Any) -> dict:
-    # orbax drops empty subtrees (batch_stats of a model without BN): restore_state puts it back.
-    return jax.tree_util.tree_map(np.asarray, serialization.to_state_dict(jax.device_get(state)))
+    # orbax drops empty subtrees (batch_stats of a model without BN): restore puts it back.
+    return jax.tree_util.tree_map(np.asarray, serialization.to_state_dict(state))
 
 
-def save(workdir: str, kind: str, step: int, state: Any, meta: dict) -> None:
-    """Save ``state`` (host or device) with JSON ``meta`` as checkpoint ``step`` of ``kind``."""
-    mgr = _manager(workdir, kind)
-    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_to_saveable(state)),
-                                           meta=ocp.args.JsonSave(meta)), force=True)
-    mgr.wait_until_finished()
-    mgr.close()
+class CheckpointStore:
+    """The checkpoints of one run, kept open for its whole length (every process opens it)."""
+
+    def __init__(self, workdir: str, keep_latest: int = 2):
+        _check_layout(workdir)
+        self.workdir = workdir
+        self._mgr = _manager(workdir, keep_latest)
+
+    def steps(self) -> list[int]:
+        return sorted(self._mgr.all_steps())
+
+    def save(self, step: int, state: Any, meta: dict, metrics: dict | None = None) -> None:
+        """Save host ``state`` with JSON ``meta``; ``metrics`` (holding :data:`SELECTION_METRIC`) make it
+        a candidate for "best". Blocks until the checkpoint is complete on disk."""
+        self._mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_to_saveable(state)),
+                                                     meta=ocp.args.JsonSave(meta)),
+                       metrics=metrics, force=True)
+        self._mgr.wait_until_finished()
+
+    def restore_latest(self, target: Any) -> tuple[Any, dict] | None:
+        """The latest full state shaped like ``target`` (host) and its meta; None without checkpoints."""
+        step = self._mgr.latest_step()
+        if step is None:
+            return None
+        raw, meta = _restore_raw(self._mgr, step)
+        raw.setdefault("batch_stats", {})
+        return serialization.from_state_dict(target, raw), meta
+
+    def close(self) -> None:
+        self._mgr.close()
 
 
-def steps(workdir: str, kind: str) -> list[int]:
-    path = os.path.join(workdir, "checkpoints", kind)
-    if not os.path.isdir(path):
+def save(workdir: str, step: int, state: Any, meta: dict, metrics: dict | None = None) -> None:
+    """One-off save (ported weights, tests); a run keeps one :class:`CheckpointStore` instead."""
+    store = CheckpointStore(workdir)
+    try:
+        store.save(step, state, meta, metrics)
+    finally:
+        store.close()
+
+
+def steps(workdir: str) -> list[int]:
+    """Steps of the complete checkpoints in ``workdir`` (ascending; [] if none)."""
+    if not os.path.isdir(_directory(workdir)):
         return []
-    mgr = _manager(workdir, kind, create=False)
-    out = list(mgr.all_steps())
-    mgr.close()
-    return sorted(out)
+    _check_layout(workdir)
+    mgr = _manager(workdir, read_only=True)
+    try:
+        return sorted(mgr.all_steps())
+    finally:
+        mgr.close()
 
 
-def _restore_raw(workdir: str, kind: str, step: int) -> tuple[dict, dict]:
-    """State dict and meta of an existing checkpoint (callers have checked that ``step`` exists)."""
-    mgr = _manager(workdir, kind, create=False)
-    out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-    mgr.close()
-    return out["state"], out["meta"]
-
-
-def restore_state(workdir: str, target: Any, kind: str = "latest") -> tuple[Any, dict] | None:
-    """Latest full ``TrainState`` shaped like ``target`` plus its meta, or None without checkpoints."""
-    available = steps(workdir, kind)
+def find(workdir: str, which: str = "best") -> int:
+    """Resolve ``best | latest | STEP`` to a step. "best" is the highest :data:`SELECTION_METRIC`
+    (the latest checkpoint when none was evaluated, e.g. ported weights)."""
+    available = steps(workdir)
     if not available:
-        return None
-    raw, meta = _restore_raw(workdir, kind, available[-1])
-    raw.setdefault("batch_stats", {})
-    return serialization.from_state_dict(target, raw), meta
-
-
-def find(workdir: str, which: str = "best") -> tuple[str, int]:
-    """Resolve ``best | latest | STEP`` to ``(kind, step)``; STEP is searched in latest, then best."""
-    if which in KINDS:
-        available = steps(workdir, which)
-        if not available:
-            raise FileNotFoundError(f"no {which!r} checkpoint in {workdir}/checkpoints; train first")
-        return which, available[-1]
+        raise CheckpointError(f"no checkpoint in {workdir}/checkpoints; train first")
+    if which in WHICH:
+        mgr = _manager(workdir, read_only=True)
+        try:
+            step = mgr.best_step() if which == "best" else mgr.latest_step()
+        finally:
+            mgr.close()
+        return available[-1] if step is None else step
     try:
         step = int(which)
     except ValueError:
-        raise ValueError(f"--checkpoint must be 'best', 'latest' or a step number, got {which!r}") from None
-    for kind in KINDS:
-        if step in steps(workdir, kind):
-            return kind, step
-    have = sorted(set(steps(workdir, "latest")) | set(steps(workdir, "best")))
-    raise FileNotFoundError(f"no checkpoint at step {step} in {workdir}; available steps: {have}")
+        raise ValueError(f"`checkpoint` must be 'best', 'latest' or a step number, got {which!r}") from None
+    if step not in available:
+        raise CheckpointError(f"no checkpoint at step {step} in {workdir}; available steps: {available}")
+    return step
+
+
+def _restore_raw(mgr: ocp.CheckpointManager, step: int) -> tuple[dict, dict]:
+    out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    return out["state"], out["meta"]
 
 
 def restore_variables(workdir: str, which: str = "best") -> tuple[dict, dict]:
     """``({'params', 'batch_stats'?}, meta)`` for evaluation; the optimizer is never needed."""
-    kind, step = find(workdir, which)
-    raw, meta = _restore_raw(workdir, kind, step)
-    return model_variables(raw["params"], raw.get("batch_stats")), meta
+    step = find(workdir, which)
+    mgr = _manager(workdir, read_only=True)
+    try:
+        raw, meta = _restore_raw(mgr, step)
+    finally:
+        mgr.close()
+    return model_variables(raw["params"], raw.get("batch_stats")), meta | {"step": step}

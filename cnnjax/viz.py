@@ -17,10 +17,8 @@ Bad input raises :class:`ValueError` with a one-line message naming what was exp
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -28,6 +26,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, NullFormatter
+
+from cnnjax.io import atomic_write
 
 PathLike = str | os.PathLike
 
@@ -51,21 +51,9 @@ def _new_figure(width: float, height: float) -> Figure:
 
 def _save(fig: Figure, path: PathLike) -> str:
     """Write ``fig`` as PNG to ``path`` atomically; on any failure nothing is left behind."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    # os.open with 0o666 lets the umask decide the final permissions (mkstemp would force 0600).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=_DPI)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    with atomic_write(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=_DPI)
+    return os.fspath(path)
 
 
 def _class_names(class_names: Sequence[str] | None, k: int, what: str) -> list[str]:

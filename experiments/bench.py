@@ -2,7 +2,7 @@
 
 ``python -m experiments.bench [--quick] [--out FILE]`` prints a markdown table (images/s,
 compile time separately, cnnjax / PyTorch ratio per row) and writes JSON to FILE. Same network
-(the torch twins in experiments/torch_models.py, equal parameter counts), same batch, SGD with
+(the torch twins in tests/torch_models.py, equal parameter counts), same batch, SGD with
 momentum 0.9, cross-entropy, uint8 input normalised inside the step in both frameworks.
 The last section times a full epoch through the on-device pipeline (permutation + crop/flip
 augmentation) against the same number of steps on one resident batch.
@@ -61,8 +61,9 @@ def bench_pipeline(batch: int = 128, n: int = 10_000) -> dict:
 
     from cnnjax import models
     from cnnjax.data.pipeline import AugmentConfig, epoch_batches
+    from cnnjax.train.runner import Runner
     from cnnjax.train.state import create_train_state
-    from cnnjax.train.steps import Runner, StepSpec
+    from cnnjax.train.steps import StepSpec
 
     model = models.create("cifar_resnet20")
     rng = np.random.RandomState(0)

@@ -20,8 +20,8 @@ def time_jax_training(model: Any, spec: Any, data_shape: tuple[int, int, int], b
     import numpy as np
     import optax
 
+    from cnnjax.train.runner import Runner
     from cnnjax.train.state import create_train_state
-    from cnnjax.train.steps import Runner
 
     runner = Runner(spec, model.apply, scan=scan)
     state = runner.put_state(create_train_state(model, optax.sgd(0.01, momentum=0.9),
@@ -96,7 +96,7 @@ def bench_torch(name: str, shape, batch: int, steps: int, compiled: bool) -> dic
     import numpy as np
     import torch
 
-    from experiments import torch_models
+    from tests import torch_models
 
     torch.manual_seed(0)
     model = torch_models.build(name.split("@")[0], num_classes=10)

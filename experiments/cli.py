@@ -1,8 +1,10 @@
-"""Shared CLI plumbing: XLA flags for users, and bad input -> one ``error:`` line and exit code 2."""
+"""Shared CLI plumbing: XLA flags for users, joining a multi-process run, and user errors as one
+``error:`` line (exit 2) with config fields written as the flags that set them."""
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -11,6 +13,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # (`python -m experiments.bench_cpu`, columns baseline -> +ynn flag). Set before jax is imported, only for
 # the jaxlib line it was measured on (an unknown XLA flag aborts the process), and never over a user's own.
 CPU_XLA_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+# Names in backticks in library messages that are command-line flags of their own, not config fields.
+TOP_LEVEL_FLAGS = ("workdir", "checkpoint", "data_dir", "split")
 
 
 def _add_cpu_xla_flag() -> None:
@@ -26,6 +30,40 @@ def _add_cpu_xla_flag() -> None:
 
 
 _add_cpu_xla_flag()
+
+
+def define_distributed_flags() -> None:
+    """--coordinator_address / --num_processes / --process_id (defaults from experiments.launch's
+    environment), --distributed_auto, --heartbeat_timeout_s."""
+    from absl import flags
+
+    from cnnjax import distributed as d
+
+    flags.DEFINE_string("coordinator_address", os.environ.get(d.ENV_COORDINATOR, ""),
+                        "host:port of process 0 of a multi-process run ('' : single process)")
+    flags.DEFINE_integer("num_processes", int(os.environ.get(d.ENV_NUM_PROCESSES, "0")),
+                         "number of processes in the run")
+    flags.DEFINE_integer("process_id", int(os.environ.get(d.ENV_PROCESS_ID, "-1")), "this process's index")
+    flags.DEFINE_bool("distributed_auto", False, "join a multi-process run detected by JAX (SLURM, TPU, Kubernetes)")
+    flags.DEFINE_integer("heartbeat_timeout_s", 30, "a process silent this long fails the whole run")
+
+
+def join_cluster() -> bool:
+    """Join the multi-process run the distributed flags describe (no-op for a single process)."""
+    from absl import flags
+
+    from cnnjax import distributed
+
+    f = flags.FLAGS
+    spec = distributed.ClusterSpec(f.coordinator_address, f.num_processes, f.process_id, f.distributed_auto,
+                                   f.heartbeat_timeout_s)
+    return distributed.initialize(spec)
+
+
+def as_flags(message: str) -> str:
+    """A library message with `field` references rewritten as ``--config.field`` / ``--workdir``."""
+    return re.sub(r"`([A-Za-z_][\w.]*)`",
+                  lambda m: f"--{m.group(1)}" if m.group(1) in TOP_LEVEL_FLAGS else f"--config.{m.group(1)}", message)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -47,7 +85,7 @@ def run(main) -> int:
     """``absl.app.run(main)`` with user errors reported on one line instead of a traceback."""
     from absl import app, logging
 
-    from cnnjax.train.loop import TrainingError
+    from cnnjax.errors import CnnjaxError
 
     def quiet_main(argv):
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
@@ -60,7 +98,7 @@ def run(main) -> int:
             return exit_.code or 0
         print(exit_.code, file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError, KeyError, TrainingError, ImportError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (CnnjaxError, ValueError, FileNotFoundError, KeyError, ImportError) as err:
+        print(f"error: {as_flags(str(err))}", file=sys.stderr)
         return 2
     return 0

@@ -1,6 +1,7 @@
 """Evaluate a checkpoint on the test split: ``python -m experiments.evaluate --workdir DIR
-[--checkpoint best|latest|STEP]``. Restores params and batch_stats only (no optimizer state).
-Prints per-class accuracy and a last line ``test_accuracy: 0.XXXX``.
+[--checkpoint best|latest|STEP]``. Restores params and batch_stats only (no optimizer state), in
+any number of processes whatever number wrote the checkpoint. Prints per-class accuracy and a last
+line ``test_accuracy: 0.XXXX`` (process 0 only).
 """
 
 from __future__ import annotations
@@ -17,41 +18,47 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "a training workdir (holds config.json and checkpoints)")
 flags.DEFINE_string("checkpoint", "best", "best | latest | a step number")
 flags.DEFINE_string("data_dir", None, "override config data.dir (local raw files)")
+cli.define_distributed_flags()
 
 
 def evaluate_workdir(workdir: str, which: str = "best", data_dir: str | None = None) -> dict:
     """Restore ``which`` from ``workdir`` and evaluate the config's test split; returns metrics + meta."""
+    import jax
     import ml_collections
 
     from cnnjax import checkpoint
-    from cnnjax.train.loop import build_model, build_spec, load_data, prepare_images
-    from cnnjax.train.steps import Runner, evaluate_split
+    from cnnjax.train.experiment import build_model, build_spec, load_data
+    from cnnjax.train.runner import Runner
 
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: --workdir must be a directory written by experiments.train")
+        raise FileNotFoundError(f"{path} not found: `workdir` must be a directory written by experiments.train")
     with open(path) as f:
         config = ml_collections.ConfigDict(json.load(f))
     if data_dir is not None:
         config.data.dir = data_dir
     variables, meta = checkpoint.restore_variables(workdir, which)
     ds = load_data(config)
-    test_images = prepare_images(ds.test_images, config.data.pad_to)
-    config.parallelism = "jit"
+    config.parallelism = "jit" if jax.process_count() == 1 else "sharded"
     model, _ = build_model(config)  # no optimizer, no weight loading: the checkpoint has the weights
-    runner = Runner(build_spec(config, ds.name, steps_per_epoch=1), model.apply)
-    ev = evaluate_split(runner.eval_fn, variables["params"], variables.get("batch_stats", {}), test_images,
-                        ds.test_labels, config.eval_batch_size)
+    runner = Runner(build_spec(config, ds.name, steps_per_epoch=1), model.apply, config.parallelism)
+    ev = runner.evaluate_variables(variables["params"], variables.get("batch_stats", {}), ds.test_images,
+                                   ds.test_labels, config.eval_batch_size)
     ev["meta"], ev["class_names"] = meta, ds.class_names
     return ev
 
 
 def main(argv):
     del argv
+    cli.join_cluster()
+    from cnnjax import distributed
+
     ev = evaluate_workdir(FLAGS.workdir, FLAGS.checkpoint, FLAGS.data_dir)
+    if not distributed.is_primary():
+        return
     meta = ev["meta"]
-    print(f"checkpoint: {FLAGS.checkpoint} (epoch {meta.get('epoch')}, recorded test_accuracy "
-          f"{meta.get('test_accuracy', float('nan')):.4f})")
+    print(f"checkpoint: {FLAGS.checkpoint} (step {meta.get('step')}, epoch {meta.get('epoch')}, recorded "
+          f"test_accuracy {meta.get('test_accuracy', float('nan')):.4f})")
     print("per-class accuracy:")
     for name, acc in zip(ev["class_names"], ev["per_class_accuracy"], strict=True):
         print(f"  {name:14s} {acc:.4f}")

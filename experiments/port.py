@@ -34,18 +34,16 @@ def download(arch: str, cache_dir: str) -> str:
     path = os.path.join(cache_dir, name)
     want = name.rsplit("-", 1)[1].split(".")[0]
     if not os.path.exists(path):
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.part{os.getpid()}"
+        from cnnjax.io import atomic_write
+
         try:
-            with urllib.request.urlopen(WEIGHTS_BASE_URL + name, timeout=30) as response, open(tmp, "wb") as f:
+            with urllib.request.urlopen(WEIGHTS_BASE_URL + name, timeout=30) as response, \
+                    atomic_write(path, "wb") as f:
                 while chunk := response.read(1 << 20):
                     f.write(chunk)
         except (urllib.error.URLError, OSError) as err:
-            if os.path.exists(tmp):
-                os.remove(tmp)
             raise FileNotFoundError(f"could not download {name} ({err}); this machine looks offline — fetch the "
                                     f"file elsewhere and pass --weights FILE") from None
-        os.replace(tmp, path)
     digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
     if not digest.startswith(want):
         raise ValueError(f"{path} has sha256 {digest[:8]}..., expected {want}...: delete it and download again")
@@ -55,8 +53,8 @@ def download(arch: str, cache_dir: str) -> str:
 def main(argv):
     del argv
     from cnnjax import checkpoint
+    from cnnjax.io import write_json_atomic
     from cnnjax.port import load_torchvision
-    from cnnjax.train.loop import write_json_atomic
 
     if not FLAGS.arch or not FLAGS.out:
         raise ValueError("--arch and --out are required")
@@ -64,15 +62,14 @@ def main(argv):
         raise ValueError("pass exactly one of --weights FILE or --download")
     path = download(FLAGS.arch, FLAGS.cache_dir) if FLAGS.download else FLAGS.weights
     model, variables = load_torchvision(FLAGS.arch, path)  # strict: fails before anything is written
-    if any(checkpoint.steps(FLAGS.out, k) for k in checkpoint.KINDS):
+    if checkpoint.steps(FLAGS.out):
         raise ValueError(f"{FLAGS.out} already holds checkpoints; choose a new --out")
     os.makedirs(FLAGS.out, exist_ok=True)
     num_classes = model.num_classes
     write_json_atomic(os.path.join(FLAGS.out, "config.json"), {
         "model": {"name": FLAGS.arch, "kwargs": {}}, "num_classes": num_classes,
         "data": {"name": "imagenet", "source_weights": os.path.abspath(path)}})
-    for kind in checkpoint.KINDS:
-        checkpoint.save(FLAGS.out, kind, 0, variables, {"epoch": 0, "ported_from": os.path.abspath(path)})
+    checkpoint.save(FLAGS.out, 0, variables, {"epoch": 0, "ported_from": os.path.abspath(path)})
     n = sum(int(v.size) for v in __import__("jax").tree_util.tree_leaves(variables["params"]))
     print(f"ported {FLAGS.arch} ({n:,} params, {num_classes} classes) from {path} to {FLAGS.out}")
 

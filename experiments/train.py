@@ -1,5 +1,9 @@
 """Train an experiment: ``python -m experiments.train --config experiments/configs/NAME.py --workdir DIR
 [--config.key=value ...]``. Running it again on the same workdir resumes from the latest checkpoint.
+
+Multi-process: ``python -m experiments.launch --num_processes=N -- python -m experiments.train ...`` on one
+machine, or one process per host with --coordinator_address/--num_processes/--process_id (or
+--distributed_auto under SLURM / on TPU pods); see the README's "Scaling out".
 """
 
 from __future__ import annotations
@@ -16,13 +20,16 @@ config_flags.DEFINE_config_file("config", None, "experiment config file (experim
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "directory for config.json, metrics.jsonl, checkpoints and plots")
 flags.DEFINE_bool("progress", True, "show a progress bar per epoch")
+flags.DEFINE_bool("tensorboard", False, "also write TensorBoard event files to WORKDIR/tensorboard (tensorboardX)")
+cli.define_distributed_flags()
 
 
 def main(argv):
     del argv
+    cli.join_cluster()
     from cnnjax.train.loop import fit
 
-    fit(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
+    fit(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress, tensorboard=FLAGS.tensorboard)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from cnnjax import checkpoint
-from cnnjax.train.loop import TrainingError, fit
+from cnnjax.errors import TrainingError
+from cnnjax.train.loop import fit
 from experiments.configs import stripes_tiny
 from experiments.evaluate import evaluate_workdir
 
@@ -53,15 +54,16 @@ def test_stripes_reaches_100_percent_and_writes_the_workdir(tmp_path):
     assert json.load(open(tmp_path / "config.json"))["model"]["name"] == "tiny_cnn"
     for png in ("curves.png", "per_class.png", "confusion.png", "filters.png", "feature_maps.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
-    assert checkpoint.steps(str(tmp_path), "latest")[-1] == rows[-1]["step"]
-    assert checkpoint.steps(str(tmp_path), "best")
+    assert checkpoint.steps(str(tmp_path))[-1] == rows[-1]["step"]
+    best = max(rows, key=lambda r: (r["test_accuracy"], r["step"]))
+    assert checkpoint.find(str(tmp_path), "best") == best["step"]
 
 
 def test_evaluate_reproduces_recorded_accuracy(tmp_path):
     fit(stripes(num_epochs=3, **{"optimizer": "sgd", "learning_rate": 0.01}), str(tmp_path), progress=False)
     rows = _rows(tmp_path)
     for which in ("latest", "best", str(rows[1]["step"]) if rows[1]["step"] in
-                  checkpoint.steps(str(tmp_path), "latest") else "latest"):
+                  checkpoint.steps(str(tmp_path)) else "latest"):
         ev = evaluate_workdir(str(tmp_path), which)
         assert ev["accuracy"] == pytest.approx(ev["meta"]["test_accuracy"], abs=1e-9)
     ev = evaluate_workdir(str(tmp_path), "latest")
@@ -112,8 +114,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 def test_resume_with_another_optimizer_is_refused(tmp_path):
     fit(stripes(num_epochs=1), str(tmp_path), progress=False)
-    with pytest.raises(TrainingError, match="keep --config.optimizer as it was or use a new --workdir"):
+    with pytest.raises(TrainingError, match="keep `optimizer` as it was or use a new `workdir`"):
         fit(stripes(num_epochs=2, optimizer="sgd"), str(tmp_path), progress=False)
+    out = _cli("experiments.train", "--config", "experiments/configs/stripes_tiny.py", "--workdir", str(tmp_path),
+               "--config.num_epochs=2", "--config.optimizer=sgd", "--config.plots=False", "--noprogress")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "keep --config.optimizer as it was or use a new --workdir" in out.stderr
 
 
 def test_workdir_of_another_experiment_is_refused(tmp_path):
@@ -122,7 +128,7 @@ def test_workdir_of_another_experiment_is_refused(tmp_path):
     cfg = stripes(num_epochs=1)
     cfg.model.kwargs = {}
     cfg.model.name = "gap_cnn"
-    with pytest.raises(TrainingError, match="holds checkpoints of another experiment.*new --workdir"):
+    with pytest.raises(TrainingError, match="holds checkpoints of another experiment.*new `workdir`"):
         fit(cfg, str(tmp_path), progress=False)
     assert (tmp_path / "config.json").read_text() == before
 
@@ -190,7 +196,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "interrupted" in out and "signal 15" in out and "checkpoint saved" in out
-    steps = checkpoint.steps(str(tmp_path), "latest")
+    steps = checkpoint.steps(str(tmp_path))
     assert steps
     rows = _rows(tmp_path)
     resumed = _cli("experiments.train", "--config", "experiments/configs/stripes_tiny.py", "--workdir",
@@ -222,7 +228,7 @@ def test_every_config_passes_checks_and_builds_its_model(name):
     import importlib
 
     from cnnjax import models
-    from cnnjax.train.loop import check_config
+    from cnnjax.train.checks import check_config
 
     config = importlib.import_module(f"experiments.configs.{name}").get_config()
     check_config(config)
@@ -247,7 +253,7 @@ def test_write_plots_feeds_the_model_its_resized_input(tmp_path):
 
     from cnnjax import models
     from cnnjax.data import Dataset
-    from cnnjax.train.loop import write_plots
+    from cnnjax.train.plots import write_plots
     from cnnjax.train.state import create_train_state
     from cnnjax.train.steps import StepSpec
 
@@ -264,7 +270,7 @@ def test_write_plots_feeds_the_model_its_resized_input(tmp_path):
 
 def test_conv_outputs_follow_call_order():
     from cnnjax import models
-    from cnnjax.train.loop import conv_outputs
+    from cnnjax.train.plots import conv_outputs
 
     model, x = models.create("fast_cnn"), jax.numpy.zeros((1, 32, 32, 3))
     variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), x))()  # jit returns sorted keys

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from cnnjax import layers
-from experiments import torch_models as ref
+from tests import torch_models as ref
 from tests.parity import assert_parity, nchw, nhwc, variables_of
 
 TOL = 1e-5

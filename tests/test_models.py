@@ -12,7 +12,7 @@ import torch
 
 from cnnjax import models
 from cnnjax.port import state_dict_to_variables
-from experiments import torch_models as ref
+from tests import torch_models as ref
 from tests.parity import assert_parity, nchw, variables_of
 
 PARAM_COUNTS = {

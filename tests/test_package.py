@@ -7,7 +7,7 @@ import sys
 def test_import_cnnjax_needs_neither_tensorflow_nor_torch():
     code = (
         "import sys, cnnjax, cnnjax.models, cnnjax.layers, cnnjax.analysis, cnnjax.port, cnnjax.data\n"
-        "import cnnjax.train.loop, cnnjax.transfer, cnnjax.checkpoint\n"
+        "import cnnjax.train.loop, cnnjax.train.plots, cnnjax.distributed, cnnjax.transfer, cnnjax.checkpoint\n"
         "cnnjax.data.load('stripes')\n"
         "bad = [m for m in ('tensorflow', 'torch', 'tensorflow_datasets') if m in sys.modules]\n"
         "assert not bad, bad\n"

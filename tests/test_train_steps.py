@@ -11,8 +11,9 @@ import pytest
 from cnnjax import models
 from cnnjax.data.pipeline import AugmentConfig, augment, epoch_batches
 from cnnjax.train.optim import make_optimizer
+from cnnjax.train.runner import Runner, summarize_eval
 from cnnjax.train.state import create_train_state
-from cnnjax.train.steps import AXIS, Runner, StepSpec, summarize_eval
+from cnnjax.train.steps import AXIS, StepSpec
 
 SPEC = StepSpec(num_classes=10, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
                 augment=AugmentConfig(crop_padding=4, flip=True), label_smoothing=0.1)

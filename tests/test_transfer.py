@@ -9,8 +9,8 @@ import pytest
 
 from cnnjax import checkpoint, models, transfer
 from cnnjax.data import Dataset
-from cnnjax.train.loop import build
-from cnnjax.train.steps import Runner
+from cnnjax.train.experiment import build
+from cnnjax.train.runner import Runner
 from experiments.configs.base import base_config
 
 
@@ -49,7 +49,7 @@ def pretrained(tmp_path_factory):
     _, updates = model.apply(variables, x * 3 + 1, train=True, mutable=["batch_stats"])
     variables = {"params": variables["params"], "batch_stats": updates["batch_stats"]}
     path = str(tmp_path_factory.mktemp("pretrained"))
-    checkpoint.save(path, "best", 0, variables, {"epoch": 0})
+    checkpoint.save(path, 0, variables, {"epoch": 0})
     return path, jax.device_get(variables)
 
 
@@ -113,8 +113,11 @@ def test_transfer_needs_init_from_and_a_resnet(pretrained):
     config.num_classes = 3
     config.data.name = "cifar10"
     config.transfer.mode = "feature_extraction"
-    with pytest.raises(ValueError, match="needs --config.transfer.init_from"):
+    with pytest.raises(ValueError, match="needs `transfer.init_from`") as err:
         build(config, _dataset(), 4)
+    from experiments.cli import as_flags
+
+    assert "needs --config.transfer.init_from=CHECKPOINT_DIR" in as_flags(str(err.value))
     config.model.name = "simple_cnn"
     config.transfer.init_from = pretrained[0]
     with pytest.raises(ValueError, match="needs a torchvision-layout ResNet"):

@@ -14,12 +14,13 @@ import importlib.util
 import logging
 import os
 import pickle
-import tempfile
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from cnnjax.io import atomic_write
 
 __all__ = [
     "CLASS_NAMES",
@@ -417,21 +418,10 @@ def _read_cache(path: str, name: str) -> Dataset:
 
 
 def _write_cache(path: str, ds: Dataset) -> None:
-    """Write ``ds`` to ``path`` atomically: a temporary file in the same directory, then ``os.replace``."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, train_images=ds.train_images, train_labels=ds.train_labels, test_images=ds.test_images,
-                     test_labels=ds.test_labels, class_names=np.array(ds.class_names, dtype=str))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write ``ds`` to ``path`` atomically (see :func:`cnnjax.io.atomic_write`)."""
+    with atomic_write(path, "wb") as f:
+        np.savez(f, train_images=ds.train_images, train_labels=ds.train_labels, test_images=ds.test_images,
+                 test_labels=ds.test_labels, class_names=np.array(ds.class_names, dtype=str))
 
 
 def _cached(name: str, source_id: str, cache_dir: str, build) -> Dataset:

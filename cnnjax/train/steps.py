@@ -1,23 +1,19 @@
-"""Pure train / eval steps and their jit, pmap and sharded-jit wrappers.
+"""Pure train / eval steps (placement lives in :mod:`cnnjax.train.runner`).
 
 A step takes uint8 images ``[B, H, W, C]`` already on the device, augments and normalises them
 inside the compiled computation, and returns summed metrics (``loss_sum``, ``correct``,
 ``count``) so that accumulation across steps and devices is exact and stays on the device.
-``Runner.train`` runs a ``[steps, B]`` index chunk per call: one ``lax.scan`` dispatch on
-accelerators, a host loop of compiled steps on the CPU.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cnnjax.data.pipeline import AugmentConfig, augment, normalize
 from cnnjax.train.state import TrainState, model_variables
@@ -163,171 +159,3 @@ def tta_logits(forward, x: Array, level: int) -> Array:
     padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
     shifted = 0.5 * (mirror(padded[:, :h, :w]) + mirror(padded[:, 2:h + 2, 2:w + 2]))
     return 0.5 * logits + 0.5 * shifted
-
-
-_METRIC_KEYS = ("loss_sum", "correct", "count")
-
-
-def _zero_metrics() -> Metrics:
-    return {k: jnp.zeros((), jnp.float32) for k in _METRIC_KEYS}
-
-
-def _scan_steps(state: TrainState, images: Array, labels: Array, idx: Array, spec: StepSpec,
-                axis_name: str | None, offset: Array | int) -> tuple[TrainState, Metrics]:
-    """Run ``train_step`` over index chunk ``idx [steps, B]`` gathered from resident ``images``."""
-
-    def body(carry, batch_idx):
-        state, acc = carry
-        state, m = train_step(state, images[batch_idx], labels[batch_idx], spec, axis_name, offset, batch_idx)
-        return (state, jax.tree_util.tree_map(jnp.add, acc, m)), None
-
-    (state, metrics), _ = jax.lax.scan(body, (state, _zero_metrics()), idx)
-    return state, metrics
-
-
-def _indexed_step(state: TrainState, acc: Metrics, images: Array, labels: Array, idx: Array, spec: StepSpec,
-                  axis_name: str | None, offset: Array | int) -> tuple[TrainState, Metrics]:
-    """One step on row ``acc['pos']`` of the device-resident chunk ``idx``; adds to ``acc``.
-
-    The row counter lives on the device, so a host loop over this function sends nothing per step.
-    """
-    batch_idx = jax.lax.dynamic_index_in_dim(idx, acc["pos"].astype(jnp.int32), keepdims=False)
-    state, m = train_step(state, images[batch_idx], labels[batch_idx], spec, axis_name, offset, batch_idx)
-    acc = {k: acc[k] + m[k] for k in _METRIC_KEYS} | {"pos": acc["pos"] + 1}
-    return state, acc
-
-
-class Runner:
-    """Compiled train / eval functions for one parallelism mode: ``'jit' | 'pmap' | 'sharded'``.
-
-    The host-facing interface is the same for all modes: ``put_state`` / ``get_state`` move a
-    ``TrainState`` in and out, ``put_data`` places a split on the device(s) once, ``train(state,
-    images, labels, idx)`` runs the index chunk ``[steps, global_batch]``, ``evaluate`` returns
-    summed metrics. For ``pmap`` the model must carry ``axis_name='batch'`` for cross-replica BN.
-    ``train`` donates the state it is given (its buffers are reused): keep using the returned one.
-    """
-
-    def __init__(self, spec: StepSpec, apply_fn, mode: str = "jit", devices: list | None = None,
-                 scan: bool | None = None):
-        if mode not in ("jit", "pmap", "sharded"):
-            raise ValueError(f"parallelism must be 'jit', 'pmap' or 'sharded', got {mode!r}")
-        self.spec, self.mode = spec, mode
-        # XLA:CPU runs convolutions inside a while loop (lax.scan) through a slow generic path
-        # (~30x slower here), so on the CPU a host loop dispatches one compiled step at a time.
-        self.scan = jax.default_backend() != "cpu" if scan is None else scan
-        self.devices = devices or (jax.local_devices() if mode != "jit" else jax.local_devices()[:1])
-        self.n = len(self.devices)
-        if self.scan:
-            def local(state, images, labels, idx, axis_name=None):
-                offset = jax.lax.axis_index(axis_name) * idx.shape[-1] if axis_name else 0
-                return _scan_steps(state, images, labels, idx, spec, axis_name, offset)
-        else:
-            def local(state, acc, images, labels, idx, axis_name=None):
-                offset = jax.lax.axis_index(axis_name) * idx.shape[-1] if axis_name else 0
-                return _indexed_step(state, acc, images, labels, idx, spec, axis_name, offset)
-        donate = (0,) if self.scan else (0, 1)
-        if mode == "jit":
-            self._train = jax.jit(local, donate_argnums=donate)
-        elif mode == "pmap":
-            self._train = jax.pmap(functools.partial(local, axis_name=AXIS), axis_name=AXIS, devices=self.devices,
-                                   donate_argnums=donate)
-            self._leading = NamedSharding(Mesh(np.array(self.devices), (AXIS,)), PartitionSpec(AXIS))
-        else:
-            self.mesh = Mesh(np.array(self.devices), (AXIS,))
-            self._replicated = NamedSharding(self.mesh, PartitionSpec())
-            self._batch_sharded = NamedSharding(self.mesh, PartitionSpec(None, AXIS))
-            self._train = jax.jit(local, donate_argnums=donate, out_shardings=(self._replicated, self._replicated))
-        # eval_fn(params, batch_stats, images, labels, mask) -> summed metrics (see eval_step).
-        self.eval_fn = jax.jit(lambda params, stats, images, labels, mask: eval_step(
-            params, stats, apply_fn, images, labels, mask, spec))
-
-    # --- placement ---------------------------------------------------------------------------
-    def _place(self, tree: Any) -> Any:
-        """Put a host / device tree where this mode keeps state: replicated per device (pmap),
-        replicated over the mesh (sharded) or on the one device (jit)."""
-        if self.mode == "pmap":
-            return self._replicate(tree)
-        if self.mode == "sharded":
-            return jax.device_put(tree, self._replicated)
-        return jax.device_put(tree, self.devices[0])
-
-    def put_state(self, state: TrainState) -> TrainState:
-        return self._place(state)
-
-    def _replicate(self, tree: Any) -> Any:
-        """A copy of every leaf on each device, stacked on a leading device axis (pmap layout)."""
-        return jax.tree_util.tree_map(
-            lambda x: jax.device_put(np.broadcast_to(np.asarray(x)[None], (self.n, *np.shape(x))), self._leading),
-            tree)
-
-    def get_state(self, state: TrainState) -> TrainState:
-        """Host copy of the (first replica of the) state."""
-        if self.mode == "pmap":
-            state = jax.tree_util.tree_map(lambda x: x[0], state)
-        return jax.device_get(state)
-
-    def put_data(self, images: np.ndarray, labels: np.ndarray) -> tuple[Array, Array]:
-        return self._place((images, labels))
-
-    def put_indices(self, idx: Array) -> Array:
-        """``[steps, global_batch]`` -> the layout this mode's train function takes."""
-        if idx.shape[-1] % self.n:
-            raise ValueError(f"batch size {idx.shape[-1]} must be divisible by the {self.n} devices")
-        if self.mode == "pmap":
-            steps, batch = idx.shape
-            per_device = jnp.asarray(idx).reshape(steps, self.n, batch // self.n).transpose(1, 0, 2)
-            return jax.device_put(per_device, self._leading)
-        if self.mode == "sharded":
-            return jax.device_put(idx, self._batch_sharded)
-        return jax.device_put(idx, self.devices[0])
-
-    # --- compute -----------------------------------------------------------------------------
-    def train(self, state: TrainState, images: Array, labels: Array, idx: Array) -> tuple[TrainState, Metrics]:
-        """Run the chunk; metrics are summed over steps (and devices) and stay on the device."""
-        idx_d = self.put_indices(idx)
-        if self.scan:
-            state, metrics = self._train(state, images, labels, idx_d)
-        else:
-            acc = self._place({k: np.zeros((), np.float32) for k in (*_METRIC_KEYS, "pos")})
-            for _ in range(idx.shape[0]):
-                state, acc = self._train(state, acc, images, labels, idx_d)
-            metrics = {k: acc[k] for k in _METRIC_KEYS}
-        if self.mode == "pmap":
-            metrics = jax.tree_util.tree_map(lambda x: x[0], metrics)
-        return state, metrics
-
-    def evaluate(self, state: TrainState, images: np.ndarray, labels: np.ndarray, batch_size: int) -> dict:
-        """Eval-mode metrics over a whole split on the first device: loss, accuracy, per-class
-        accuracy ``[K]`` and confusion matrix ``[K, K]`` (numpy, fetched once)."""
-        trees = (state.params, state.batch_stats)
-        if self.mode == "pmap":  # the first replica, without a round trip through the host
-            trees = jax.tree_util.tree_map(lambda x: x[0], trees)
-        params, stats = jax.device_put(trees, self.devices[0])
-        return evaluate_split(self.eval_fn, params, stats, images, labels, batch_size, self.devices[0])
-
-
-def evaluate_split(eval_fn, params, batch_stats, images: np.ndarray, labels: np.ndarray, batch_size: int,
-                   device=None) -> dict:
-    """Evaluate a whole split in padded batches; accumulate on the device, fetch once."""
-    n = images.shape[0]
-    pad = (-n) % batch_size
-    images_d = jax.device_put(np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)]), device)
-    labels_d = jax.device_put(np.concatenate([labels, np.zeros((pad,), labels.dtype)]), device)
-    mask_d = jax.device_put(np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)]), device)
-    total = None
-    for start in range(0, n + pad, batch_size):
-        sl = slice(start, start + batch_size)
-        m = eval_fn(params, batch_stats, images_d[sl], labels_d[sl], mask_d[sl])
-        total = m if total is None else jax.tree_util.tree_map(jnp.add, total, m)
-    total = jax.device_get(total)
-    return summarize_eval(total)
-
-
-def summarize_eval(total: dict) -> dict:
-    """Summed eval metrics -> loss, accuracy, per-class accuracy and confusion (numpy)."""
-    confusion = np.asarray(total["confusion"])
-    support = confusion.sum(axis=1)
-    per_class = np.divide(np.diag(confusion), support, out=np.zeros_like(support), where=support > 0)
-    count = float(total["count"])
-    return {"loss": float(total["loss_sum"]) / count, "accuracy": float(total["correct"]) / count,
-            "per_class_accuracy": per_class, "confusion": confusion, "count": int(count)}

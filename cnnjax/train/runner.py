@@ -1,0 +1,213 @@
+"""Placement and compiled execution of the train / eval steps, in one process or many.
+
+Two placements share one step function (:func:`cnnjax.train.steps.train_step`):
+
+* ``'jit'`` / ``'sharded'``: ``jax.jit`` over a ``Mesh`` of devices (``'jit'`` is the one-device mesh;
+  ``'sharded'`` spans every device of every process). The state and the resident data are
+  replicated over the mesh; each step's global batch of indices is sharded along the mesh axis, so
+  BatchNorm and the gradient mean are over the global batch (XLA inserts the collectives).
+* ``'pmap'``: ``jax.pmap`` over the devices of all processes; each process feeds its local devices;
+  gradients, metrics and BatchNorm statistics are ``pmean`` / ``psum``-ed across all of them.
+
+What each process holds in device memory (resident data): on every one of its devices a replica
+of the state (params, BatchNorm statistics, optimizer state) and of the whole uint8 training
+split with its labels, plus its own slice of each chunk of batch indices. Every process passes
+the same host arrays (every process loads the split and draws the same permutation); each
+contributes only the shards that live on its devices (``jax.make_array_from_callback``).
+Evaluation splits the eval set between processes, runs on each process's first device, and sums
+the totals across processes.
+
+On the CPU a chunk of steps is a host loop of compiled steps (XLA:CPU runs convolutions inside a
+``lax.scan`` through a slow generic path); on accelerators it is one ``lax.scan``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from cnnjax import distributed
+from cnnjax.train.state import TrainState
+from cnnjax.train.steps import AXIS, StepSpec, eval_step, train_step
+
+Array = jax.Array
+MODES = ("jit", "pmap", "sharded")
+_METRIC_KEYS = ("loss_sum", "correct", "count")
+
+
+def select_devices(per_process: int = 0) -> list:
+    """The first ``per_process`` local devices of every process (0: all), in global order."""
+    chosen, seen = [], {}
+    for d in jax.devices():
+        seen[d.process_index] = seen.get(d.process_index, 0) + 1
+        if not per_process or seen[d.process_index] <= per_process:
+            chosen.append(d)
+    return chosen
+
+
+def _chunk_fn(spec: StepSpec, scan: bool, axis_name: str | None):
+    """``(state, acc, images, labels, idx [steps, B]) -> (state, acc)``: the step over a chunk of index
+    rows (``lax.scan``), or over row ``acc['pos']`` only (one call per step from a host loop)."""
+
+    def step(state, acc, images, labels, batch_idx):
+        offset = jax.lax.axis_index(axis_name) * batch_idx.shape[0] if axis_name else 0
+        state, m = train_step(state, images[batch_idx], labels[batch_idx], spec, axis_name, offset, batch_idx)
+        return state, {k: acc[k] + m[k] for k in _METRIC_KEYS} | {"pos": acc["pos"] + 1}
+
+    def run(state, acc, images, labels, idx):
+        if scan:
+            (state, acc), _ = jax.lax.scan(lambda c, row: (step(*c, images, labels, row), None), (state, acc), idx)
+            return state, acc
+        row = jax.lax.dynamic_index_in_dim(idx, acc["pos"].astype(jnp.int32), keepdims=False)
+        return step(state, acc, images, labels, row)
+
+    return run
+
+
+class Runner:
+    """Compiled train / eval functions for one placement: ``'jit' | 'pmap' | 'sharded'``.
+
+    ``put_state`` / ``get_state`` move a ``TrainState`` in (from host or device) and out (a host
+    copy), ``put_data`` places a split once, ``train(state, images, labels, idx)`` runs the chunk of
+    global batches ``idx [steps, global_batch]`` (numpy, the same in every process), ``evaluate``
+    returns metrics over a split. For ``pmap`` the model must carry ``axis_name='batch'`` for
+    cross-replica BatchNorm. ``train`` donates the state it is given: keep using the returned one.
+    """
+
+    def __init__(self, spec: StepSpec, apply_fn, mode: str = "jit", devices: list | None = None,
+                 scan: bool | None = None):
+        if mode not in MODES:
+            raise ValueError(f"parallelism must be 'jit', 'pmap' or 'sharded', got {mode!r}")
+        if mode == "jit" and jax.process_count() > 1:
+            raise ValueError("parallelism 'jit' trains on one device of one process; use 'sharded' or 'pmap' "
+                             "for a multi-process run")
+        self.spec, self.mode = spec, mode
+        self.scan = jax.default_backend() != "cpu" if scan is None else scan
+        devices = list(devices or jax.devices())
+        self.devices = devices[:1] if mode == "jit" else devices
+        self.n = len(self.devices)
+        me = jax.process_index()
+        self.local_positions = [i for i, d in enumerate(self.devices) if d.process_index == me]
+        self.local_devices = [self.devices[i] for i in self.local_positions]
+        if not self.local_devices:
+            raise ValueError(f"none of the {self.n} devices belongs to process {me}")
+        self.mesh = Mesh(np.array(self.devices if mode != "pmap" else self.local_devices), (AXIS,))
+        self._replicated = NamedSharding(self.mesh, PartitionSpec())
+        if mode == "pmap":
+            self._leading = NamedSharding(self.mesh, PartitionSpec(AXIS))
+            self._train = jax.pmap(_chunk_fn(spec, self.scan, AXIS), axis_name=AXIS, devices=self.devices,
+                                   donate_argnums=(0, 1))
+        else:
+            self._batch_sharded = NamedSharding(self.mesh, PartitionSpec(None, AXIS))
+            self._train = jax.jit(_chunk_fn(spec, self.scan, None), donate_argnums=(0, 1),
+                                  out_shardings=(self._replicated, self._replicated))
+        # eval_fn(params, batch_stats, images, labels, mask) -> summed metrics (see eval_step).
+        self.eval_fn = jax.jit(lambda params, stats, images, labels, mask: eval_step(
+            params, stats, apply_fn, images, labels, mask, spec))
+
+    # --- placement ---------------------------------------------------------------------------
+    def first_local(self, x: Any) -> Any:
+        """This process's first-device copy of an array placed by this runner (other values unchanged)."""
+        if not isinstance(x, jax.Array):
+            return x
+        shard = x.addressable_data(0)
+        return shard[0] if self.mode == "pmap" else shard
+
+    def _place(self, tree: Any) -> Any:
+        """A host / single-device tree (the same value in every process) where this placement keeps it:
+        replicated over the mesh, or stacked per local device for pmap."""
+        def put(x):
+            host = np.asarray(x)
+            if self.mode == "pmap":
+                stacked = np.broadcast_to(host[None], (len(self.local_devices), *host.shape))
+                return jax.device_put(stacked, self._leading)
+            return jax.make_array_from_callback(host.shape, self._replicated, lambda index: host[index])
+
+        return jax.tree_util.tree_map(put, tree)
+
+    def put_state(self, state: TrainState) -> TrainState:
+        return self._place(state)
+
+    def get_state(self, state: TrainState) -> TrainState:
+        """Host (numpy) copy of the state: the same in every process."""
+        return jax.tree_util.tree_map(lambda x: np.asarray(self.first_local(x)), state)
+
+    def put_data(self, images: np.ndarray, labels: np.ndarray) -> tuple[Array, Array]:
+        return self._place((images, labels))
+
+    def put_indices(self, idx: np.ndarray) -> Array:
+        """``[steps, global_batch]`` (the same in every process) -> this process's part of it, placed."""
+        idx = np.asarray(idx, np.int32)
+        if idx.shape[-1] % self.n:
+            raise ValueError(f"batch size {idx.shape[-1]} must be divisible by the {self.n} devices")
+        if self.mode == "pmap":
+            per = idx.shape[-1] // self.n
+            local = np.stack([idx[:, g * per:(g + 1) * per] for g in self.local_positions])
+            return jax.device_put(local, self._leading)
+        return jax.make_array_from_callback(idx.shape, self._batch_sharded, lambda index: idx[index])
+
+    # --- compute -----------------------------------------------------------------------------
+    def train(self, state: TrainState, images: Array, labels: Array, idx: np.ndarray) -> tuple[TrainState, dict]:
+        """Run the chunk; metrics are summed over steps and devices, on this process's first device."""
+        idx_d = self.put_indices(np.asarray(idx))
+        acc = self._place({k: np.zeros((), np.float32) for k in (*_METRIC_KEYS, "pos")})
+        for _ in range(1 if self.scan else idx_d.shape[-2]):
+            state, acc = self._train(state, acc, images, labels, idx_d)
+        return state, {k: self.first_local(acc[k]) for k in _METRIC_KEYS}
+
+    def evaluate(self, state: TrainState, images: np.ndarray, labels: np.ndarray, batch_size: int) -> dict:
+        """Eval-mode metrics of ``state`` over a whole split (see :meth:`evaluate_variables`)."""
+        return self.evaluate_variables(state.params, state.batch_stats, images, labels, batch_size)
+
+    def evaluate_variables(self, params, batch_stats, images: np.ndarray, labels: np.ndarray,
+                           batch_size: int) -> dict:
+        """Each process evaluates its contiguous part of the split on its first device and the totals
+        are summed over processes. Returns loss, accuracy, per-class accuracy ``[K]`` and confusion
+        ``[K, K]`` (numpy). Every process must call it."""
+        params, stats = (jax.tree_util.tree_map(self.first_local, t) for t in (params, batch_stats))
+        part = np.array_split(np.arange(images.shape[0]), jax.process_count())[jax.process_index()]
+        totals = eval_totals(self.eval_fn, params, stats, images[part], labels[part], batch_size,
+                             self.spec.num_classes, self.local_devices[0])
+        return summarize_eval(distributed.sum_over_processes(totals))
+
+
+def eval_totals(eval_fn, params, batch_stats, images: np.ndarray, labels: np.ndarray, batch_size: int,
+                num_classes: int, device=None) -> dict:
+    """Summed eval metrics (numpy) over ``images`` in padded batches, accumulated on ``device``."""
+    total = {k: np.zeros((), np.float32) for k in _METRIC_KEYS} | {
+        "confusion": np.zeros((num_classes, num_classes), np.float32)}
+    n = images.shape[0]
+    if n == 0:
+        return total
+    params, batch_stats = jax.device_put((params, batch_stats), device)
+    pad = (-n) % batch_size
+    images_d = jax.device_put(np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)]), device)
+    labels_d = jax.device_put(np.concatenate([labels, np.zeros((pad,), labels.dtype)]), device)
+    mask_d = jax.device_put(np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)]), device)
+    acc = None
+    for start in range(0, n + pad, batch_size):
+        sl = slice(start, start + batch_size)
+        m = eval_fn(params, batch_stats, images_d[sl], labels_d[sl], mask_d[sl])
+        acc = m if acc is None else jax.tree_util.tree_map(jnp.add, acc, m)
+    return jax.tree_util.tree_map(np.asarray, jax.device_get(acc))
+
+
+def evaluate_split(eval_fn, params, batch_stats, images: np.ndarray, labels: np.ndarray, batch_size: int,
+                   num_classes: int, device=None) -> dict:
+    """Evaluate a whole split in this process: loss, accuracy, per-class accuracy, confusion (numpy)."""
+    return summarize_eval(eval_totals(eval_fn, params, batch_stats, images, labels, batch_size, num_classes,
+                                      device))
+
+
+def summarize_eval(total: dict) -> dict:
+    """Summed eval metrics -> loss, accuracy, per-class accuracy and confusion (numpy)."""
+    confusion = np.asarray(total["confusion"])
+    support = confusion.sum(axis=1)
+    per_class = np.divide(np.diag(confusion), support, out=np.zeros_like(support), where=support > 0)
+    count = float(total["count"])
+    return {"loss": float(total["loss_sum"]) / count, "accuracy": float(total["correct"]) / count,
+            "per_class_accuracy": per_class, "confusion": confusion, "count": int(count)}
