@@ -49,7 +49,11 @@ def define_distributed_flags() -> None:
 
 
 def join_cluster() -> bool:
-    """Join the multi-process run the distributed flags describe (no-op for a single process)."""
+    """Join the multi-process run the distributed flags describe (no-op for a single process).
+
+    In a multi-process run, stdout keeps only Python's own output: native libraries' chatter on
+    file descriptor 1 (gloo prints a line per connection) goes to /dev/null, and processes other
+    than 0 print nothing on stdout at all (their errors still reach stderr)."""
     from absl import flags
 
     from cnnjax import distributed
@@ -57,7 +61,19 @@ def join_cluster() -> bool:
     f = flags.FLAGS
     spec = distributed.ClusterSpec(f.coordinator_address, f.num_processes, f.process_id, f.distributed_auto,
                                    f.heartbeat_timeout_s)
-    return distributed.initialize(spec)
+    multi = distributed.initialize(spec)
+    if multi:
+        _silence_native_stdout(keep_python=distributed.is_primary())
+    return multi
+
+
+def _silence_native_stdout(keep_python: bool) -> None:
+    sys.stdout.flush()
+    if keep_python:
+        sys.stdout = os.fdopen(os.dup(1), "w", buffering=1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
 
 
 def as_flags(message: str) -> str:

@@ -21,6 +21,8 @@ config_flags.DEFINE_config_file("config", None, "experiment config file (experim
 flags.DEFINE_string("workdir", None, "directory for config.json, metrics.jsonl, checkpoints and plots")
 flags.DEFINE_bool("progress", True, "show a progress bar per epoch")
 flags.DEFINE_bool("tensorboard", False, "also write TensorBoard event files to WORKDIR/tensorboard (tensorboardX)")
+flags.DEFINE_integer("stop_after_steps", None, "checkpoint and stop after this many steps of this call, as SIGTERM "
+                     "would (time-boxed jobs; run again to resume)")
 cli.define_distributed_flags()
 
 
@@ -29,7 +31,8 @@ def main(argv):
     cli.join_cluster()
     from cnnjax.train.loop import fit
 
-    fit(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress, tensorboard=FLAGS.tensorboard)
+    fit(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress, tensorboard=FLAGS.tensorboard,
+        stop_after_steps=FLAGS.stop_after_steps)
 
 
 if __name__ == "__main__":

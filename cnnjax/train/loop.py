@@ -110,26 +110,31 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     checkpointed and ``{'interrupted': True, 'epoch', 'step_in_epoch'}`` is returned.
     """
     check_config(config)
-    ds = load_data(config)
-    spe = steps_per_epoch(config, ds)
-    check_workdir(config, workdir)
-    exp = build(config, ds, spe)
-    store = CheckpointStore(workdir)
-    try:
-        state, step, acc = _resume(store, exp.state, spe, workdir)
-        primary = distributed.is_primary()
-        if primary:
-            write_config(config, workdir)
-        runner = Runner(exp.spec, exp.model.apply, config.parallelism, devices_for(config))
-        writer = MetricsWriter(workdir, step, enabled=primary, tensorboard=tensorboard)
-        run = Run(config, ds, exp, runner, store, writer, spe, progress and primary,
-                  runner.put_data(ds.train_images, ds.train_labels))
-        _say(f"{config.model.name} on {ds.name}: {ds.train_images.shape[0]} train / {ds.test_images.shape[0]} "
-             f"test images, {config.parallelism} on {runner.n} {jax.default_backend()} device(s) in "
-             f"{jax.process_count()} process(es), batch {config.batch_size}, {spe} steps/epoch")
-        return _train(run, runner.put_state(state), step, acc, stop_after_steps)
-    finally:
-        store.close()
+    with StopFlag() as stop:  # a signal during start-up or compilation stops at the first chunk boundary
+        ds = load_data(config)
+        spe = steps_per_epoch(config, ds)
+        check_workdir(config, workdir)
+        exp = build(config, ds, spe)
+        store = CheckpointStore(workdir)
+        try:
+            return _run(config, workdir, ds, spe, exp, store, progress, tensorboard, stop, stop_after_steps)
+        finally:
+            store.close()
+
+
+def _run(config, workdir, ds, spe, exp, store, progress, tensorboard, stop, stop_after_steps) -> dict:
+    state, step, acc = _resume(store, exp.state, spe, workdir)
+    primary = distributed.is_primary()
+    if primary:
+        write_config(config, workdir)
+    runner = Runner(exp.spec, exp.model.apply, config.parallelism, devices_for(config))
+    writer = MetricsWriter(workdir, step, enabled=primary, tensorboard=tensorboard)
+    run = Run(config, ds, exp, runner, store, writer, spe, progress and primary,
+              runner.put_data(ds.train_images, ds.train_labels))
+    _say(f"{config.model.name} on {ds.name}: {ds.train_images.shape[0]} train / {ds.test_images.shape[0]} "
+         f"test images, {config.parallelism} on {runner.n} {jax.default_backend()} device(s) in "
+         f"{jax.process_count()} process(es), batch {config.batch_size}, {spe} steps/epoch")
+    return _train(run, runner.put_state(state), step, acc, stop, stop_after_steps)
 
 
 def _say(message: str) -> None:
@@ -152,37 +157,36 @@ def _resume(store: CheckpointStore, initial, spe: int, workdir: str):
     return state, step, (meta.get("partial") or {}) if step % spe else {}
 
 
-def _train(run: Run, state, step: int, acc: dict, stop_after_steps: int | None) -> dict:
+def _train(run: Run, state, step: int, acc: dict, stop: StopFlag, stop_after_steps: int | None) -> dict:
     """The step loop: chunks of ``log_every`` steps, periodic evaluation / checkpoints, signals."""
     chunk, spe, start = max(1, int(run.config.log_every)), run.steps_per_epoch, step
     idx, bar, t0, seen, last_eval = None, None, time.perf_counter(), 0, None
-    with StopFlag() as stop:
-        while step < run.total_steps:
-            epoch, pos = step // spe + 1, step % spe
-            if idx is None or pos == 0:
-                idx, bar = run.epoch_indices(epoch), _bar(run, epoch, pos)
-            n = min(chunk, spe - pos)
-            if stop_after_steps is not None:
-                n = min(n, max(1, start + stop_after_steps - step))
-            state, m = run.runner.train(state, *run.train_on_device, idx[pos:pos + n])
-            acc = {k: acc.get(k, 0.0) + float(v) for k, v in jax.device_get(m).items()}
-            step, seen = step + n, seen + n * run.config.batch_size
-            _check_finite(acc, epoch, step)
-            _update_bar(bar, n, acc, seen, t0)
-            stop_now = distributed.any_process(stop.signal is not None or (
-                stop_after_steps is not None and step - start >= stop_after_steps))
-            if step % spe == 0:
-                bar.close()
-                last_eval = _end_epoch(run, state, epoch, acc, time.perf_counter() - t0, seen, stop_now) or last_eval
-                acc, t0, seen = {}, time.perf_counter(), 0
-            elif stop_now:
-                bar.close()
-                run.store.save(step, run.runner.get_state(state), {"epoch": epoch, "step": step, "partial": acc})
-            if stop_now:
-                why = f"signal {stop.signal}" if stop.signal is not None else "stop_after_steps"
-                _say(f"interrupted ({why}) at epoch {epoch}, step {step % spe or spe}: checkpoint saved in "
-                     f"{run.store.workdir}; run the same command again to resume")
-                return {"interrupted": True, "epoch": epoch, "step_in_epoch": step % spe or spe}
+    while step < run.total_steps:
+        epoch, pos = step // spe + 1, step % spe
+        if idx is None or pos == 0:
+            idx, bar = run.epoch_indices(epoch), _bar(run, epoch, pos)
+        n = min(chunk, spe - pos)
+        if stop_after_steps is not None:
+            n = min(n, max(1, start + stop_after_steps - step))
+        state, m = run.runner.train(state, *run.train_on_device, idx[pos:pos + n])
+        acc = {k: acc.get(k, 0.0) + float(v) for k, v in jax.device_get(m).items()}
+        step, seen = step + n, seen + n * run.config.batch_size
+        _check_finite(acc, epoch, step)
+        _update_bar(bar, n, acc, seen, t0)
+        stop_now = distributed.any_process(stop.signal is not None or (
+            stop_after_steps is not None and step - start >= stop_after_steps))
+        if step % spe == 0:
+            bar.close()
+            last_eval = _end_epoch(run, state, epoch, acc, time.perf_counter() - t0, seen, stop_now) or last_eval
+            acc, t0, seen = {}, time.perf_counter(), 0
+        elif stop_now:
+            bar.close()
+            run.store.save(step, run.runner.get_state(state), {"epoch": epoch, "step": step, "partial": acc})
+        if stop_now:
+            why = f"signal {stop.signal}" if stop.signal is not None else "stop_after_steps"
+            _say(f"interrupted ({why}) at epoch {epoch}, step {step % spe or spe}: checkpoint saved in "
+                 f"{run.store.workdir}; run the same command again to resume")
+            return {"interrupted": True, "epoch": epoch, "step_in_epoch": step % spe or spe}
     _finish(run, state, last_eval)
     return run.writer.rows[-1] if run.writer.rows else {}
 

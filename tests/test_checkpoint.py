@@ -1,0 +1,70 @@
+"""One orbax CheckpointManager per run: LatestN + BestN retention, best by the selection metric,
+atomic saves, one-off saves, old layouts refused."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from cnnjax import checkpoint
+from cnnjax.errors import CheckpointError
+
+
+def _state(v: float) -> dict:
+    return {"params": {"w": np.full((3,), v, np.float32)}, "batch_stats": {}, "step": np.int32(v)}
+
+
+def test_keeps_latest_two_plus_best_and_finds_each(tmp_path):
+    store = checkpoint.CheckpointStore(str(tmp_path), keep_latest=2)
+    accuracies = {10: 0.5, 20: 0.9, 30: 0.7, 40: 0.6}
+    for step, acc in accuracies.items():
+        store.save(step, _state(step), {"epoch": step // 10}, metrics={"test_accuracy": acc})
+    store.save(45, _state(45), {"epoch": 5, "partial": {"count": 3.0}})  # mid-epoch: no metrics
+    assert store.steps() == [20, 40, 45]  # latest two (40, 45) plus the best (20)
+    store.close()
+    assert checkpoint.steps(str(tmp_path)) == [20, 40, 45]
+    assert checkpoint.find(str(tmp_path), "best") == 20
+    assert checkpoint.find(str(tmp_path), "latest") == 45
+    assert checkpoint.find(str(tmp_path), "40") == 40
+    variables, meta = checkpoint.restore_variables(str(tmp_path), "best")
+    np.testing.assert_array_equal(variables["params"]["w"], np.full((3,), 20.0))
+    assert meta["epoch"] == 2 and meta["step"] == 20 and "batch_stats" not in variables
+    with pytest.raises(CheckpointError, match="available steps: \\[20, 40, 45\\]"):
+        checkpoint.find(str(tmp_path), "30")
+    with pytest.raises(ValueError, match="'best', 'latest' or a step number"):
+        checkpoint.find(str(tmp_path), "newest")
+
+
+def test_restore_latest_resumes_the_full_state(tmp_path):
+    store = checkpoint.CheckpointStore(str(tmp_path))
+    assert store.restore_latest(_state(0)) is None
+    store.save(7, _state(7), {"epoch": 1, "partial": {"loss_sum": 1.5}})
+    state, meta = store.restore_latest(_state(0))
+    store.close()
+    assert int(state["step"]) == 7 and meta["partial"] == {"loss_sum": 1.5}
+    np.testing.assert_array_equal(state["params"]["w"], np.full((3,), 7.0))
+
+
+def test_best_without_any_evaluation_is_the_latest(tmp_path):
+    checkpoint.save(str(tmp_path), 0, {"params": {"w": np.ones(2, np.float32)}}, {"epoch": 0})
+    assert checkpoint.find(str(tmp_path), "best") == 0
+
+
+def test_an_unfinished_save_is_not_a_checkpoint(tmp_path):
+    store = checkpoint.CheckpointStore(str(tmp_path))
+    store.save(10, _state(10), {"epoch": 1}, metrics={"test_accuracy": 0.5})
+    store.close()
+    # What a process killed in the middle of a save leaves behind: orbax's temporary directory.
+    os.makedirs(tmp_path / "checkpoints" / "20.orbax-checkpoint-tmp-123" / "state")
+    assert checkpoint.steps(str(tmp_path)) == [10]
+    assert checkpoint.find(str(tmp_path), "latest") == 10
+
+
+def test_missing_and_old_layouts_are_clear(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint in .*; train first"):
+        checkpoint.find(str(tmp_path), "best")
+    os.makedirs(tmp_path / "checkpoints" / "latest" / "10")
+    with pytest.raises(CheckpointError, match="layout of an older cnnjax"):
+        checkpoint.steps(str(tmp_path))
