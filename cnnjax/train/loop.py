@@ -110,6 +110,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     checkpointed and ``{'interrupted': True, 'epoch', 'step_in_epoch'}`` is returned.
     """
     check_config(config)
+    devices = devices_for(config)
     with StopFlag() as stop:  # a signal during start-up or compilation stops at the first chunk boundary
         ds = load_data(config)
         spe = steps_per_epoch(config, ds)
@@ -117,24 +118,25 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
         exp = build(config, ds, spe)
         store = CheckpointStore(workdir)
         try:
-            return _run(config, workdir, ds, spe, exp, store, progress, tensorboard, stop, stop_after_steps)
+            state, step, acc = _resume(store, exp.state, spe, workdir)
+            run = _open_run(config, workdir, ds, spe, exp, store, devices, step, progress, tensorboard)
+            return _train(run, run.runner.put_state(state), step, acc, stop, stop_after_steps)
         finally:
             store.close()
 
 
-def _run(config, workdir, ds, spe, exp, store, progress, tensorboard, stop, stop_after_steps) -> dict:
-    state, step, acc = _resume(store, exp.state, spe, workdir)
+def _open_run(config, workdir, ds, spe, exp, store, devices, step, progress, tensorboard) -> Run:
+    """Write config.json (process 0), place the data, open the metrics writer, print the header."""
     primary = distributed.is_primary()
     if primary:
         write_config(config, workdir)
-    runner = Runner(exp.spec, exp.model.apply, config.parallelism, devices_for(config))
+    runner = Runner(exp.spec, exp.model.apply, config.parallelism, devices)
     writer = MetricsWriter(workdir, step, enabled=primary, tensorboard=tensorboard)
-    run = Run(config, ds, exp, runner, store, writer, spe, progress and primary,
-              runner.put_data(ds.train_images, ds.train_labels))
     _say(f"{config.model.name} on {ds.name}: {ds.train_images.shape[0]} train / {ds.test_images.shape[0]} "
          f"test images, {config.parallelism} on {runner.n} {jax.default_backend()} device(s) in "
          f"{jax.process_count()} process(es), batch {config.batch_size}, {spe} steps/epoch")
-    return _train(run, runner.put_state(state), step, acc, stop, stop_after_steps)
+    return Run(config, ds, exp, runner, store, writer, spe, progress and primary,
+               runner.put_data(ds.train_images, ds.train_labels))
 
 
 def _say(message: str) -> None:
