@@ -16,6 +16,7 @@ import pytest
 from cnnjax import data
 from cnnjax.data import sources
 from cnnjax.data.sources import DataFormatError, TFDSUnavailableError
+from experiments.cli import as_flags
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 needs_fashion_mnist = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR),
@@ -97,7 +98,7 @@ def test_idx_label_out_of_range(tmp_path):
 def test_idx_missing_dir_says_how_to_fix(tmp_path):
     with pytest.raises(FileNotFoundError) as info:
         data.load("fashion_mnist", data_dir=str(tmp_path / "nope"))
-    msg = str(info.value)
+    msg = as_flags(str(info.value))  # as the CLIs print it
     assert "\n" not in msg and "directory does not exist" in msg and "train-images-idx3-ubyte.gz" in msg
     assert "apt-get install dataset-fashion-mnist" in msg
     assert "--config.data.dir=/usr/share/datasets/fashion-mnist" in msg
@@ -180,7 +181,7 @@ def test_cifar100_batches(tmp_path, via):
 def test_cifar_missing_dir_says_how_to_fix(tmp_path):
     with pytest.raises(FileNotFoundError) as info:
         data.load("cifar10", data_dir=str(tmp_path))
-    msg = str(info.value)
+    msg = as_flags(str(info.value))  # as the CLIs print it
     assert "\n" not in msg and "data_batch_1" in msg and "cifar-10-batches-py" in msg
     assert "--config.data.dir=" in msg and "cifar-10-python.tar.gz" in msg
 
@@ -413,7 +414,7 @@ def test_tfds_missing_package_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # makes `import tensorflow_datasets` fail
     with pytest.raises(TFDSUnavailableError) as info:
         data.load("cifar10")
-    msg = str(info.value)
+    msg = as_flags(str(info.value))  # as the CLIs print it
     assert "\n" not in msg and "tensorflow_datasets is not installed" in msg
     assert "pip install tensorflow tensorflow-datasets" in msg
     assert "--config.data.dir=<dir with cifar-10-batches-py>" in msg
@@ -426,7 +427,7 @@ def test_tfds_unprepared_without_tensorflow_fails_fast(tmp_path, monkeypatch):
     with pytest.raises(TFDSUnavailableError) as info:
         data.load("fashion_mnist", tfds_data_dir=str(tmp_path / "empty"))
     assert time.perf_counter() - start < 20  # no download attempt
-    msg = str(info.value)
+    msg = as_flags(str(info.value))  # as the CLIs print it
     assert "\n" not in msg and str(tmp_path / "empty") in msg
     assert "not prepared there and preparing it needs TensorFlow, which is not installed" in msg
     assert "run once online" in msg and "--config.data.dir=<dir with the four IDX files>" in msg
@@ -447,6 +448,6 @@ def test_tfds_prepare_failure_is_reported(tmp_path, monkeypatch):
     with pytest.raises(TFDSUnavailableError) as info:
         data.load("mnist", tfds_data_dir=str(tmp_path))
     assert calls == [False, True]  # tried the prepared data, then the real download-and-prepare path
-    msg = str(info.value)
+    msg = as_flags(str(info.value))  # as the CLIs print it
     assert "\n" not in msg and "not prepared there and downloading and preparing it failed" in msg
     assert "ConnectionError: Failed to resolve" in msg and isinstance(info.value.__cause__, ConnectionError)

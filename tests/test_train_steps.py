@@ -127,7 +127,7 @@ def test_augment_is_per_example_deterministic_and_split_invariant():
 def test_epoch_batches_is_a_permutation():
     idx = np.asarray(epoch_batches(jax.random.PRNGKey(0), 100, 32))
     assert idx.shape == (3, 32) and len(set(idx.ravel())) == 96
-    with pytest.raises(ValueError, match="lower --config.batch_size"):
+    with pytest.raises(ValueError, match="lower `batch_size`"):
         epoch_batches(jax.random.PRNGKey(0), 10, 32)
 
 

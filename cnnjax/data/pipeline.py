@@ -53,7 +53,7 @@ def epoch_batches(key: Array, num_examples: int, batch_size: int) -> Array:
     steps = num_examples // batch_size
     if steps == 0:
         raise ValueError(f"batch size {batch_size} is larger than the {num_examples} training examples; "
-                         "lower --config.batch_size")
+                         "lower `batch_size`")
     perm = jax.random.permutation(key, num_examples)
     return perm[: steps * batch_size].reshape(steps, batch_size)
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from cnnjax.errors import CnnjaxError
 from cnnjax.io import atomic_write
 
 __all__ = [
@@ -61,11 +62,11 @@ _CACHE_VERSION = 1
 _CACHE_KEYS = ("train_images", "train_labels", "test_images", "test_labels", "class_names")
 
 
-class DataFormatError(ValueError):
+class DataFormatError(CnnjaxError, ValueError):
     """A raw data file exists but is not in the expected format (bad magic, counts, keys, labels)."""
 
 
-class TFDSUnavailableError(RuntimeError):
+class TFDSUnavailableError(CnnjaxError, RuntimeError):
     """A TFDS dataset cannot be read here: TFDS missing, or the dataset is unprepared and cannot be prepared."""
 
 
@@ -175,8 +176,8 @@ _IDX_MAGIC_LABELS = 2049  # 0x00000801: unsigned byte, 1 dimension
 def _idx_hint(name: str) -> str:
     if name == "fashion_mnist":
         return ("on Debian run 'apt-get install dataset-fashion-mnist' and pass "
-                "--config.data.dir=/usr/share/datasets/fashion-mnist")
-    return ("download the four MNIST IDX .gz files into one directory and pass --config.data.dir=<that dir>, "
+                "`data.dir`=/usr/share/datasets/fashion-mnist")
+    return ("download the four MNIST IDX .gz files into one directory and pass `data.dir`=<that dir>, "
             "or leave data.dir empty to use TFDS")
 
 
@@ -262,7 +263,7 @@ def _cifar_files(name: str, data_dir: str) -> tuple[str, list[str]]:
     raise FileNotFoundError(
         f"no {name} python batches in {data_dir} ({what}): expected {', '.join(needed)} in {data_dir} or in "
         f"{os.path.join(data_dir, dirname)}; download {tarball} from https://www.cs.toronto.edu/~kriz/cifar.html, "
-        f"extract it and pass --config.data.dir=<dir containing {dirname}>")
+        f"extract it and pass `data.dir`=<dir containing {dirname}>")
 
 
 def _unpickle(path: str) -> dict[str, Any]:
@@ -321,8 +322,8 @@ def _check_labels(name: str, split: str, labels: np.ndarray, num_classes: int) -
 
 def _tfds_error(name: str, tfds_data_dir: str | None, reason: str) -> TFDSUnavailableError:
     where = tfds_data_dir or "the TFDS default data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
-    local = ("--config.data.dir=<dir with the four IDX files>" if name in ("mnist", "fashion_mnist")
-             else f"--config.data.dir=<dir with {_CIFAR[name][0]}>")
+    local = ("`data.dir`=<dir with the four IDX files>" if name in ("mnist", "fashion_mnist")
+             else f"`data.dir`=<dir with {_CIFAR[name][0]}>")
     reason = " ".join(reason.split())  # one line
     return TFDSUnavailableError(
         f"cannot load {name!r} from TFDS ({where}): {reason}; either 'pip install tensorflow tensorflow-datasets' "

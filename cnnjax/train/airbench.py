@@ -63,7 +63,7 @@ def init_whitening(params: Any, images: np.ndarray, mean, std, eps: float = 5e-4
     first, as airbench uses the first 5000 training images without augmentation)."""
     if "whiten" not in params:
         raise ValueError("whitening init needs a model with a 'whiten' conv (fast_cnn); set "
-                         "--config.whiten_init_images=0 for other models")
+                         "`whiten_init_images`=0 for other models")
     x = np.asarray(normalize(images, mean, std))
     kernel = jnp.asarray(whitening_kernel(x, eps))
     if kernel.shape != params["whiten"]["kernel"].shape:
