@@ -27,7 +27,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 from cnnjax.errors import CheckpointError
 from cnnjax.train.state import model_variables
 
-SELECTION_METRIC = "test_accuracy"  # the metric that picks the "best" checkpoint (higher is better)
+SELECTION_METRIC = "val_accuracy"  # the metric that picks the "best" checkpoint (higher is better)
 WHICH = ("best", "latest")
 
 
@@ -81,6 +81,15 @@ class CheckpointStore:
                                                      meta=ocp.args.JsonSave(meta)),
                        metrics=metrics, force=True)
         self._mgr.wait_until_finished()
+
+    def best_step(self) -> int | None:
+        """The step with the highest :data:`SELECTION_METRIC` (None if no checkpoint was evaluated)."""
+        return self._mgr.best_step()
+
+    def restore_variables(self, step: int) -> tuple[dict, dict]:
+        """``({'params', 'batch_stats'?}, meta)`` of checkpoint ``step``."""
+        raw, meta = _restore_raw(self._mgr, step)
+        return model_variables(raw["params"], raw.get("batch_stats")), meta
 
     def restore_latest(self, target: Any) -> tuple[Any, dict] | None:
         """The latest full state shaped like ``target`` (host) and its meta; None without checkpoints."""

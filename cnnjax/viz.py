@@ -96,30 +96,32 @@ def _strip_ticks(ax: Any) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def plot_curves(history: Sequence[Mapping[str, Any]], path: PathLike, title: str = "Training curves") -> str:
-    """Loss (left) and accuracy (right) per epoch, train vs test.
+def plot_curves(history: Sequence[Mapping[str, Any]], path: PathLike, title: str = "Training curves",
+                split: str = "test") -> str:
+    """Loss (left) and accuracy (right) per epoch, train vs ``split`` ('test' or 'val').
 
-    ``history`` is one dict per epoch with keys ``epoch, train_loss, test_loss, train_accuracy,
-    test_accuracy`` (a ``None`` value is drawn as a gap). Accuracies are plotted as given
+    ``history`` is one dict per epoch with keys ``epoch, train_loss, {split}_loss, train_accuracy,
+    {split}_accuracy`` (a ``None`` value is drawn as a gap). Accuracies are plotted as given
     (fractions or percent). A single epoch works (every point has a marker).
     """
+    keys = tuple(k.replace("test", split) for k in _CURVE_KEYS)
     if isinstance(history, Mapping) or not isinstance(history, Sequence) or len(history) == 0:
-        raise ValueError("history must be a non-empty list of per-epoch dicts with keys " + ", ".join(_CURVE_KEYS))
+        raise ValueError("history must be a non-empty list of per-epoch dicts with keys " + ", ".join(keys))
     for i, row in enumerate(history):
         if not isinstance(row, Mapping):
-            raise ValueError(f"history[{i}] must be a dict with keys {', '.join(_CURVE_KEYS)}; "
+            raise ValueError(f"history[{i}] must be a dict with keys {', '.join(keys)}; "
                              f"got {type(row).__name__}")
-        missing = [k for k in _CURVE_KEYS if k not in row]
+        missing = [k for k in keys if k not in row]
         if missing:
-            raise ValueError(f"history[{i}] is missing key(s) {', '.join(missing)}; expected {', '.join(_CURVE_KEYS)}")
-    col = {k: np.array([_as_float(row[k]) for row in history]) for k in _CURVE_KEYS}
+            raise ValueError(f"history[{i}] is missing key(s) {', '.join(missing)}; expected {', '.join(keys)}")
+    col = {k: np.array([_as_float(row[k]) for row in history]) for k in keys}
     epochs = col["epoch"]
 
     fig = _new_figure(10.0, 4.0)
     ax_loss, ax_acc = fig.subplots(1, 2)
     for ax, metric, label in ((ax_loss, "loss", "loss"), (ax_acc, "accuracy", "accuracy")):
         ax.plot(epochs, col[f"train_{metric}"], marker="o", markersize=4, label=f"train {label}")
-        ax.plot(epochs, col[f"test_{metric}"], marker="s", markersize=4, label=f"test {label}")
+        ax.plot(epochs, col[f"{split}_{metric}"], marker="s", markersize=4, label=f"{split} {label}")
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.set_title(label.capitalize())

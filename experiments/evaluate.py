@@ -1,7 +1,8 @@
-"""Evaluate a checkpoint on the test split: ``python -m experiments.evaluate --workdir DIR
-[--checkpoint best|latest|STEP]``. Restores params and batch_stats only (no optimizer state), in
-any number of processes whatever number wrote the checkpoint. Prints per-class accuracy and a last
-line ``test_accuracy: 0.XXXX`` (process 0 only).
+"""Evaluate a checkpoint: ``python -m experiments.evaluate --workdir DIR [--checkpoint best|latest|STEP]
+[--split test|val]``. "best" is the checkpoint with the highest validation accuracy. Restores params
+and batch_stats only (no optimizer state), in any number of processes whatever number wrote the
+checkpoint. Prints the accuracy recorded during training, per-class accuracy and a last line
+``{split}_accuracy: 0.XXXX`` (process 0 only).
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "a training workdir (holds config.json and checkpoints)")
 flags.DEFINE_string("checkpoint", "best", "best | latest | a step number")
 flags.DEFINE_string("data_dir", None, "override config data.dir (local raw files)")
+flags.DEFINE_enum("split", "test", ["test", "val"], "which split to evaluate")
 cli.define_distributed_flags()
 
 
-def evaluate_workdir(workdir: str, which: str = "best", data_dir: str | None = None) -> dict:
-    """Restore ``which`` from ``workdir`` and evaluate the config's test split; returns metrics + meta."""
+def evaluate_workdir(workdir: str, which: str = "best", data_dir: str | None = None, split: str = "test") -> dict:
+    """Restore ``which`` from ``workdir`` and evaluate ``split`` of the config's data; returns metrics, the
+    checkpoint's meta and ``recorded`` (the accuracy training recorded for it on ``split``, or None)."""
     import jax
     import ml_collections
 
@@ -42,10 +45,24 @@ def evaluate_workdir(workdir: str, which: str = "best", data_dir: str | None = N
     config.parallelism = "jit" if jax.process_count() == 1 else "sharded"
     model, _ = build_model(config)  # no optimizer, no weight loading: the checkpoint has the weights
     runner = Runner(build_spec(config, ds.name, steps_per_epoch=1), model.apply, config.parallelism)
-    ev = runner.evaluate_variables(variables["params"], variables.get("batch_stats", {}), ds.test_images,
-                                   ds.test_labels, config.eval_batch_size)
-    ev["meta"], ev["class_names"] = meta, ds.class_names
+    ev = runner.evaluate_variables(variables["params"], variables.get("batch_stats", {}),
+                                   getattr(ds, f"{split}_images"), getattr(ds, f"{split}_labels"),
+                                   config.eval_batch_size)
+    ev["meta"], ev["class_names"], ev["recorded"] = meta, ds.class_names, recorded_accuracy(workdir, meta, split)
     return ev
+
+
+def recorded_accuracy(workdir: str, meta: dict, split: str) -> float | None:
+    """What training recorded for this checkpoint on ``split``: its meta, else the run's summary row
+    (the best checkpoint's test accuracy is measured after the run)."""
+    from cnnjax.train.metrics import read_rows
+
+    if f"{split}_accuracy" in meta:
+        return meta[f"{split}_accuracy"]
+    for row in read_rows(workdir):
+        if row.get("best_step") == meta.get("step") and f"best_{split}_accuracy" in row:
+            return row[f"best_{split}_accuracy"]
+    return None
 
 
 def main(argv):
@@ -53,17 +70,18 @@ def main(argv):
     cli.join_cluster()
     from cnnjax import distributed
 
-    ev = evaluate_workdir(FLAGS.workdir, FLAGS.checkpoint, FLAGS.data_dir)
+    split = FLAGS.split
+    ev = evaluate_workdir(FLAGS.workdir, FLAGS.checkpoint, FLAGS.data_dir, split)
     if not distributed.is_primary():
         return
-    meta = ev["meta"]
+    meta, recorded = ev["meta"], ev["recorded"]
     print(f"checkpoint: {FLAGS.checkpoint} (step {meta.get('step')}, epoch {meta.get('epoch')}, recorded "
-          f"test_accuracy {meta.get('test_accuracy', float('nan')):.4f})")
+          f"{split}_accuracy " + (f"{recorded:.4f})" if recorded is not None else "none)"))
     print("per-class accuracy:")
     for name, acc in zip(ev["class_names"], ev["per_class_accuracy"], strict=True):
         print(f"  {name:14s} {acc:.4f}")
-    print(f"test_loss: {ev['loss']:.4f}")
-    print(f"test_accuracy: {ev['accuracy']:.4f}")
+    print(f"{split}_loss: {ev['loss']:.4f}")
+    print(f"{split}_accuracy: {ev['accuracy']:.4f}")
 
 
 if __name__ == "__main__":

@@ -167,7 +167,8 @@ def _fit_fast_on_synthetic_cifar(tmp_path, n_train: int, epochs: int, batch: int
     """cifar10_fast as shipped, on CIFAR-format synthetic files; returns the last metrics row, the
     final variables and the whitening kernel the run started from."""
     from cnnjax import checkpoint
-    from cnnjax.data import MEAN_STD, load
+    from cnnjax.data import MEAN_STD
+    from cnnjax.train.experiment import load_data
     from cnnjax.train.loop import fit
     from experiments.configs import cifar10_fast
     from experiments.make_synthetic_cifar import write
@@ -179,7 +180,7 @@ def _fit_fast_on_synthetic_cifar(tmp_path, n_train: int, epochs: int, batch: int
     cfg.whiten_init_images, cfg.whiten_bias_epochs = 256, 1
     row = fit(cfg, str(tmp_path / "run"), progress=False)
     variables, _ = checkpoint.restore_variables(str(tmp_path / "run"), "latest")
-    ds = load("cifar10", data_dir=str(tmp_path / "data"))
+    ds = load_data(cfg)  # the training split as the run saw it (validation held out)
     start = airbench.init_whitening(variables["params"], ds.train_images[:256], *MEAN_STD["cifar10"])
     return row, variables, start["whiten"]["kernel"]
 

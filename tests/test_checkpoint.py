@@ -20,7 +20,7 @@ def test_keeps_latest_two_plus_best_and_finds_each(tmp_path):
     store = checkpoint.CheckpointStore(str(tmp_path), keep_latest=2)
     accuracies = {10: 0.5, 20: 0.9, 30: 0.7, 40: 0.6}
     for step, acc in accuracies.items():
-        store.save(step, _state(step), {"epoch": step // 10}, metrics={"test_accuracy": acc})
+        store.save(step, _state(step), {"epoch": step // 10}, metrics={"val_accuracy": acc})
     store.save(45, _state(45), {"epoch": 5, "partial": {"count": 3.0}})  # mid-epoch: no metrics
     assert store.steps() == [20, 40, 45]  # latest two (40, 45) plus the best (20)
     store.close()
@@ -54,7 +54,7 @@ def test_best_without_any_evaluation_is_the_latest(tmp_path):
 
 def test_an_unfinished_save_is_not_a_checkpoint(tmp_path):
     store = checkpoint.CheckpointStore(str(tmp_path))
-    store.save(10, _state(10), {"epoch": 1}, metrics={"test_accuracy": 0.5})
+    store.save(10, _state(10), {"epoch": 1}, metrics={"val_accuracy": 0.5})
     store.close()
     # What a process killed in the middle of a save leaves behind: orbax's temporary directory.
     os.makedirs(tmp_path / "checkpoints" / "20.orbax-checkpoint-tmp-123" / "state")

@@ -35,9 +35,14 @@ def stripes(**overrides):
     return c
 
 
-def _rows(workdir):
+def _all_rows(workdir):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def _rows(workdir):
+    """The per-evaluation rows (without the run's closing summary row)."""
+    return [r for r in _all_rows(workdir) if "train_loss" in r]
 
 
 def test_stripes_reaches_100_percent_and_writes_the_workdir(tmp_path):
@@ -47,15 +52,19 @@ def test_stripes_reaches_100_percent_and_writes_the_workdir(tmp_path):
     assert last["test_accuracy"] == 1.0
     rows = _rows(tmp_path)
     assert [r["epoch"] for r in rows] == list(range(1, 11))
-    for key in ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "epoch_time_s",
+    for key in ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_time_s",
                 "images_per_s"):
         assert all(np.isfinite(r[key]) for r in rows), key
+    # Test is evaluated on the final weights only (and on the best checkpoint, in the summary row).
+    assert [r["epoch"] for r in rows if "test_accuracy" in r] == [10]
+    summary = _all_rows(tmp_path)[-1]
+    assert summary["best_step"] == checkpoint.find(str(tmp_path), "best") and summary["best_test_accuracy"] == 1.0
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     assert json.load(open(tmp_path / "config.json"))["model"]["name"] == "tiny_cnn"
     for png in ("curves.png", "per_class.png", "confusion.png", "filters.png", "feature_maps.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     assert checkpoint.steps(str(tmp_path))[-1] == rows[-1]["step"]
-    best = max(rows, key=lambda r: (r["test_accuracy"], r["step"]))
+    best = max(rows, key=lambda r: (r["val_accuracy"], r["step"]))  # ties: the later checkpoint
     assert checkpoint.find(str(tmp_path), "best") == best["step"]
 
 
@@ -64,8 +73,11 @@ def test_evaluate_reproduces_recorded_accuracy(tmp_path):
     rows = _rows(tmp_path)
     for which in ("latest", "best", str(rows[1]["step"]) if rows[1]["step"] in
                   checkpoint.steps(str(tmp_path)) else "latest"):
-        ev = evaluate_workdir(str(tmp_path), which)
-        assert ev["accuracy"] == pytest.approx(ev["meta"]["test_accuracy"], abs=1e-9)
+        ev = evaluate_workdir(str(tmp_path), which, split="val")
+        assert ev["accuracy"] == pytest.approx(ev["meta"]["val_accuracy"], abs=1e-9) == ev["recorded"]
+        ev = evaluate_workdir(str(tmp_path), which, split="test")
+        if which in ("latest", "best"):  # test is measured on the final and the best checkpoint only
+            assert ev["accuracy"] == pytest.approx(ev["recorded"], abs=1e-9)
     ev = evaluate_workdir(str(tmp_path), "latest")
     assert ev["accuracy"] == pytest.approx(rows[-1]["test_accuracy"], abs=1e-9)
 
@@ -88,7 +100,8 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
     # interruption (chunk sums added on the host), so it matches to float rounding only.
     ra, rb = _rows(tmp_path / "a"), _rows(tmp_path / "b")
     for x, y in zip(ra, rb, strict=True):
-        assert x["test_accuracy"] == y["test_accuracy"] and x["test_loss"] == y["test_loss"]
+        assert x["val_accuracy"] == y["val_accuracy"] and x["val_loss"] == y["val_loss"]
+        assert x.get("test_loss") == y.get("test_loss")
         assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-6)
         assert x["step"] == y["step"]
 
@@ -262,7 +275,7 @@ def test_write_plots_feeds_the_model_its_resized_input(tmp_path):
     images = np.zeros((2, 28, 28, 1), np.uint8)
     ds = Dataset("fashion_mnist", images, np.zeros(2, np.int32), images, np.zeros(2, np.int32),
                  tuple(str(i) for i in range(10)))
-    history = [{"epoch": 1, "train_loss": 1.0, "test_loss": 1.0, "train_accuracy": 0.5, "test_accuracy": 0.5}]
+    history = [{"epoch": 1, "train_loss": 1.0, "val_loss": 1.0, "train_accuracy": 0.5, "val_accuracy": 0.5}]
     ev = {"per_class_accuracy": np.zeros(10), "confusion": np.zeros((10, 10))}
     write_plots(str(tmp_path), model, state, ds, history, StepSpec(10, (0.5,), (0.25,), resize_to=32), ev)
     assert os.path.getsize(tmp_path / "feature_maps.png") > 0

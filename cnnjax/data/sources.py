@@ -72,7 +72,11 @@ class TFDSUnavailableError(CnnjaxError, RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """A whole dataset in memory: images uint8 ``[N, H, W, C]`` / ``[M, H, W, C]``, labels int32 ``[N]`` / ``[M]``."""
+    """A whole dataset in memory: images uint8 ``[N, H, W, C]``, labels int32 ``[N]`` per split.
+
+    ``val_images`` / ``val_labels`` are None for sources without a validation split of their own
+    (the experiment then holds one out of the training split, see :func:`cnnjax.data.splits.hold_out`).
+    """
 
     name: str
     train_images: np.ndarray
@@ -80,9 +84,11 @@ class Dataset:
     test_images: np.ndarray
     test_labels: np.ndarray
     class_names: tuple[str, ...]
+    val_images: np.ndarray | None = None
+    val_labels: np.ndarray | None = None
 
     def __post_init__(self):
-        for split in ("train", "test"):
+        for split in ("train", "test") + (("val",) if self.val_images is not None else ()):
             images, labels = getattr(self, f"{split}_images"), getattr(self, f"{split}_labels")
             if images.ndim != 4 or labels.ndim != 1 or len(images) != len(labels):
                 raise ValueError(f"{self.name} {split}: images must be [N, H, W, C] and labels [N], got "

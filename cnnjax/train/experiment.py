@@ -15,6 +15,7 @@ import numpy as np
 from cnnjax import checkpoint, models, transfer
 from cnnjax.data import MEAN_STD, Dataset, load
 from cnnjax.data.pipeline import AugmentConfig
+from cnnjax.data.splits import with_validation
 from cnnjax.errors import ConfigError
 from cnnjax.train.optim import make_optimizer
 from cnnjax.train.state import TrainState, create_train_state, model_variables
@@ -40,30 +41,37 @@ def prepare_images(images: np.ndarray, pad_to: int) -> np.ndarray:
 
 
 def load_data(config: ml_collections.ConfigDict) -> Dataset:
-    """The config's dataset with its class selection, per-class subsampling and padding applied."""
+    """The config's dataset with train / val / test splits: class selection, a validation split held
+    out of train (stratified, ``data.val_fraction``, ``data.split_seed``) unless the source has its
+    own, per-class subsampling of train, and padding applied."""
     d = config.data
     ds = load(d.name, data_dir=d.dir or None, cache_dir=os.path.expanduser(d.cache_dir) if d.cache_dir else None,
               tfds_data_dir=d.tfds_data_dir or None)
     if d.get("classes"):
         ds = select_classes(ds, tuple(d.classes))
+    ds = with_validation(ds, float(d.get("val_fraction", 0.1)), int(d.get("split_seed", 0)))
     if d.get("train_per_class"):
         ds = subsample_per_class(ds, int(d.train_per_class), config.seed)
-    return Dataset(ds.name, prepare_images(ds.train_images, d.pad_to), ds.train_labels,
-                   prepare_images(ds.test_images, d.pad_to), ds.test_labels, ds.class_names)
+    pad = lambda images: prepare_images(images, d.pad_to)  # noqa: E731
+    return dataclasses.replace(ds, train_images=pad(ds.train_images), val_images=pad(ds.val_images),
+                               test_images=pad(ds.test_images))
 
 
 def select_classes(ds: Dataset, classes: tuple[int, ...]) -> Dataset:
-    """Keep only ``classes`` and relabel them 0..len-1 in the given order."""
+    """Keep only ``classes`` and relabel them 0..len-1 in the given order (every split)."""
+    bad = [c for c in classes if not 0 <= int(c) < ds.num_classes]
+    if bad or len(set(classes)) != len(classes):
+        raise ConfigError("data.classes", f"must be distinct class indices in 0..{ds.num_classes - 1} of {ds.name}, "
+                                          f"got {tuple(classes)}")
     remap = np.full(ds.num_classes, -1, np.int32)
     remap[list(classes)] = np.arange(len(classes))
-
-    def pick(images, labels):
-        keep = remap[labels] >= 0
-        return images[keep], remap[labels[keep]]
-
-    tr, tl = pick(ds.train_images, ds.train_labels)
-    te, tel = pick(ds.test_images, ds.test_labels)
-    return Dataset(ds.name, tr, tl, te, tel, tuple(ds.class_names[c] for c in classes))
+    out = {}
+    for split in ("train", "val", "test"):
+        images, labels = getattr(ds, f"{split}_images"), getattr(ds, f"{split}_labels")
+        if images is not None:
+            keep = remap[labels] >= 0
+            out |= {f"{split}_images": images[keep], f"{split}_labels": remap[labels[keep]]}
+    return dataclasses.replace(ds, class_names=tuple(ds.class_names[c] for c in classes), **out)
 
 
 def subsample_per_class(ds: Dataset, k: int, seed: int) -> Dataset:
@@ -71,8 +79,7 @@ def subsample_per_class(ds: Dataset, k: int, seed: int) -> Dataset:
     rng = np.random.RandomState(seed)
     idx = np.concatenate([rng.permutation(np.nonzero(ds.train_labels == c)[0])[:k] for c in range(ds.num_classes)])
     idx.sort()
-    return Dataset(ds.name, ds.train_images[idx], ds.train_labels[idx], ds.test_images, ds.test_labels,
-                   ds.class_names)
+    return dataclasses.replace(ds, train_images=ds.train_images[idx], train_labels=ds.train_labels[idx])
 
 
 def build_spec(config: ml_collections.ConfigDict, dataset: str, steps_per_epoch: int) -> StepSpec:

@@ -73,6 +73,11 @@ class Run:
     train_on_device: tuple  # (images, labels) placed by the runner
 
 
+    def evaluate(self, params, batch_stats, split: str) -> dict:
+        """Eval-mode metrics on ``split`` ('val' | 'test'); every process must call it."""
+        images, labels = getattr(self.data, f"{split}_images"), getattr(self.data, f"{split}_labels")
+        return self.runner.evaluate_variables(params, batch_stats, images, labels, self.config.eval_batch_size)
+
     @property
     def total_steps(self) -> int:
         return self.steps_per_epoch * self.config.num_epochs
@@ -189,8 +194,7 @@ def _train(run: Run, state, step: int, acc: dict, stop: StopFlag, stop_after_ste
             _say(f"interrupted ({why}) at epoch {epoch}, step {step % spe or spe}: checkpoint saved in "
                  f"{run.store.workdir}; run the same command again to resume")
             return {"interrupted": True, "epoch": epoch, "step_in_epoch": step % spe or spe}
-    _finish(run, state, last_eval)
-    return run.writer.rows[-1] if run.writer.rows else {}
+    return _finish(run, state, last_eval)
 
 
 def _bar(run: Run, epoch: int, pos: int):
@@ -212,41 +216,67 @@ def _check_finite(acc: dict, epoch: int, step: int) -> None:
 
 
 def _end_epoch(run: Run, state, epoch: int, acc: dict, seconds: float, seen: int, stopping: bool) -> dict | None:
-    """Log the epoch; when evaluation is due, evaluate, append the metrics row and checkpoint."""
+    """Log the epoch; when evaluation is due, evaluate on val (and test at the last epoch or when asked),
+    append the metrics row and checkpoint. Returns the test evaluation if one was made."""
     config = run.config
     train = {"train_loss": acc["loss_sum"] / acc["count"], "train_accuracy": acc["correct"] / acc["count"]}
-    if epoch % max(1, config.get("eval_every", 1)) and epoch != config.num_epochs and not stopping:
+    last = epoch == config.num_epochs
+    if epoch % max(1, config.get("eval_every", 1)) and not last and not stopping:
         _say(f"epoch {epoch:3d}/{config.num_epochs}  train_loss {train['train_loss']:.4f}  "
              f"train_acc {train['train_accuracy']:.4f}  {seconds:.1f}s")
         return None
-    ev = run.runner.evaluate(state, run.data.test_images, run.data.test_labels, config.eval_batch_size)
-    if not math.isfinite(ev["loss"]):
-        raise TrainingError(f"test loss is {ev['loss']} after epoch {epoch}; stopped and kept the last good "
-                            "checkpoint — lower `learning_rate`")
+    evals = {"val": run.evaluate(state.params, state.batch_stats, "val")}
+    if last or config.data.get("test_every_epoch", False):
+        evals["test"] = run.evaluate(state.params, state.batch_stats, "test")
+    scores = {f"{split}_{k}": ev[k] for split, ev in evals.items() for k in ("loss", "accuracy")}
+    if not math.isfinite(scores["val_loss"]):
+        raise TrainingError(f"validation loss is {scores['val_loss']} after epoch {epoch}; stopped and kept the last "
+                            "good checkpoint — lower `learning_rate`")
     step = epoch * run.steps_per_epoch
-    row = {"epoch": epoch, "step": step, **train, "test_loss": ev["loss"], "test_accuracy": ev["accuracy"],
-           "epoch_time_s": seconds, "images_per_s": seen / seconds,
-           "per_class_accuracy": [float(a) for a in ev["per_class_accuracy"]]}
+    row = {"epoch": epoch, "step": step, **train, **scores, "epoch_time_s": seconds, "images_per_s": seen / seconds,
+           "per_class_accuracy": [float(a) for a in evals["val"]["per_class_accuracy"]]}
     run.writer.write(row)  # before the checkpoint: a resume drops rows past its checkpoint
-    meta = {"epoch": epoch, "step": step, "partial": None, "test_accuracy": ev["accuracy"], "test_loss": ev["loss"]}
-    run.store.save(step, run.runner.get_state(state), meta,
-                   metrics={"test_accuracy": ev["accuracy"], "test_loss": ev["loss"]})
+    run.store.save(step, run.runner.get_state(state), {"epoch": epoch, "step": step, "partial": None, **scores},
+                   metrics=scores)
     _say(f"epoch {epoch:3d}/{config.num_epochs}  train_loss {row['train_loss']:.4f}  "
-         f"train_acc {row['train_accuracy']:.4f}  test_loss {row['test_loss']:.4f}  "
-         f"test_acc {row['test_accuracy']:.4f}  {seconds:.1f}s  {row['images_per_s']:.0f} img/s")
-    return ev
+         f"train_acc {row['train_accuracy']:.4f}  " + "  ".join(
+             f"{split}_loss {scores[split + '_loss']:.4f}  {split}_acc {scores[split + '_accuracy']:.4f}"
+             for split in evals) + f"  {seconds:.1f}s  {row['images_per_s']:.0f} img/s")
+    return evals.get("test")
 
 
-def _finish(run: Run, state, last_eval: dict | None) -> None:
-    """Plots (process 0) from the final evaluation; every process evaluates its part if none was made."""
+def _finish(run: Run, state, final_test: dict | None) -> dict:
+    """Once per run: test of the best (by val) checkpoint as a summary row; plots (process 0)."""
+    rows = run.writer.rows
+    summary = next((r for r in rows if "best_step" in r), None)
+    if summary is None and rows:
+        summary = _best_checkpoint_summary(run, rows)
+        run.writer.write(summary)
     run.writer.close()
-    if not (run.config.plots and run.writer.rows):
-        return
-    if last_eval is None:  # nothing trained in this call (the run was already complete)
-        last_eval = run.runner.evaluate(state, run.data.test_images, run.data.test_labels,
-                                        run.config.eval_batch_size)
-    if distributed.is_primary():
-        from cnnjax.train.plots import write_plots
+    if run.config.plots and rows:
+        if final_test is None:  # nothing trained in this call (the run was already complete)
+            final_test = run.evaluate(state.params, state.batch_stats, "test")
+        if distributed.is_primary():
+            from cnnjax.train.plots import write_plots
 
-        write_plots(run.store.workdir, run.exp.model, run.runner.get_state(state), run.data, run.writer.rows,
-                    run.exp.spec, last_eval)
+            write_plots(run.store.workdir, run.exp.model, run.runner.get_state(state), run.data,
+                        [r for r in rows if "train_loss" in r], run.exp.spec, final_test)
+    epochs = [r for r in rows if "train_loss" in r]
+    return {**(epochs[-1] if epochs else {}), **(summary or {})}
+
+
+def _best_checkpoint_summary(run: Run, rows: list[dict]) -> dict:
+    """Test metrics of the checkpoint with the best validation accuracy (every process evaluates)."""
+    best = run.store.best_step()
+    by_step = {r["step"]: r for r in rows if "train_loss" in r}
+    row = by_step[best]
+    if "test_accuracy" not in row:
+        variables, _ = run.store.restore_variables(best)
+        ev = run.evaluate(variables["params"], variables.get("batch_stats", {}), "test")
+        row = row | {"test_loss": ev["loss"], "test_accuracy": ev["accuracy"]}
+    last = max(by_step)
+    _say(f"best checkpoint: epoch {row['epoch']} (step {best}), val_acc {row['val_accuracy']:.4f}, "
+         f"test_acc {row['test_accuracy']:.4f}; final: test_acc {by_step[last].get('test_accuracy', float('nan')):.4f}")
+    return {"epoch": by_step[last]["epoch"], "step": last, "best_step": best, "best_epoch": row["epoch"],
+            "best_val_accuracy": row["val_accuracy"], "best_test_loss": row["test_loss"],
+            "best_test_accuracy": row["test_accuracy"], "final_test_accuracy": by_step[last].get("test_accuracy")}

@@ -20,7 +20,7 @@ def write_plots(workdir: str, model, state: TrainState, ds: Dataset, history: li
     from cnnjax import viz
 
     variables = model_variables(state.params, state.batch_stats)
-    viz.plot_curves(history, os.path.join(workdir, "curves.png"))
+    viz.plot_curves(history, os.path.join(workdir, "curves.png"), split="val")
     viz.plot_per_class_accuracy(ev["per_class_accuracy"], ds.class_names, os.path.join(workdir, "per_class.png"))
     viz.plot_confusion_matrix(ev["confusion"], ds.class_names, os.path.join(workdir, "confusion.png"))
     x = prepare_batch(ds.test_images[:1], spec)  # as the model sees it (normalised, resized)

@@ -22,6 +22,9 @@ def base_config() -> ml_collections.ConfigDict:
         "classes": (),        # keep only these classes (relabelled 0..k-1)
         "train_per_class": 0,  # keep K training images per class (0: all)
         "resize_to": 0,       # bilinear resize on the device to resize_to x resize_to (0: off)
+        "val_fraction": 0.1,  # validation split held out of train (stratified) when the source has none
+        "split_seed": 0,      # seed of the validation hold-out (and of an image folder's 70/15/15 split)
+        "test_every_epoch": False,  # also evaluate test at every evaluation (else: final + best checkpoint)
     })
     # Transfer learning (ResNets): start from a checkpoint dir (training workdir or experiments.port
     # output), replace the head, freeze stages. mode: scratch | feature_extraction | finetune.
