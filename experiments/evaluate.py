@@ -30,7 +30,8 @@ def evaluate_workdir(workdir: str, which: str = "best", data_dir: str | None = N
     import ml_collections
 
     from cnnjax import checkpoint
-    from cnnjax.train.experiment import build_model, build_spec, load_data
+    from cnnjax.train import feed
+    from cnnjax.train.experiment import build_model, build_spec, load_splits
     from cnnjax.train.runner import Runner
 
     path = os.path.join(workdir, "config.json")
@@ -41,14 +42,13 @@ def evaluate_workdir(workdir: str, which: str = "best", data_dir: str | None = N
     if data_dir is not None:
         config.data.dir = data_dir
     variables, meta = checkpoint.restore_variables(workdir, which)
-    ds = load_data(config)
+    data = load_splits(config)
     config.parallelism = "jit" if jax.process_count() == 1 else "sharded"
     model, _ = build_model(config)  # no optimizer, no weight loading: the checkpoint has the weights
-    runner = Runner(build_spec(config, ds.name, steps_per_epoch=1), model.apply, config.parallelism)
-    ev = runner.evaluate_variables(variables["params"], variables.get("batch_stats", {}),
-                                   getattr(ds, f"{split}_images"), getattr(ds, f"{split}_labels"),
-                                   config.eval_batch_size)
-    ev["meta"], ev["class_names"], ev["recorded"] = meta, ds.class_names, recorded_accuracy(workdir, meta, split)
+    runner = Runner(build_spec(config, data.name, steps_per_epoch=1), model.apply, config.parallelism)
+    ev = feed.evaluate(runner, variables["params"], variables.get("batch_stats", {}), getattr(data, split),
+                       config.eval_batch_size, streamed=data.streamed)
+    ev["meta"], ev["class_names"], ev["recorded"] = meta, data.class_names, recorded_accuracy(workdir, meta, split)
     return ev
 
 

@@ -277,7 +277,8 @@ def test_write_plots_feeds_the_model_its_resized_input(tmp_path):
                  tuple(str(i) for i in range(10)))
     history = [{"epoch": 1, "train_loss": 1.0, "val_loss": 1.0, "train_accuracy": 0.5, "val_accuracy": 0.5}]
     ev = {"per_class_accuracy": np.zeros(10), "confusion": np.zeros((10, 10))}
-    write_plots(str(tmp_path), model, state, ds, history, StepSpec(10, (0.5,), (0.25,), resize_to=32), ev)
+    write_plots(str(tmp_path), model, state, ds.class_names, ds.test_images[0], history,
+                StepSpec(10, (0.5,), (0.25,), resize_to=32), ev)
     assert os.path.getsize(tmp_path / "feature_maps.png") > 0
 
 

@@ -14,12 +14,108 @@ import numpy as np
 
 from cnnjax import checkpoint, models, transfer
 from cnnjax.data import MEAN_STD, Dataset, load
+from cnnjax.data.folder import scan_folder
 from cnnjax.data.pipeline import AugmentConfig
 from cnnjax.data.splits import with_validation
+from cnnjax.data.stream import ArraySource, FileSource, decodable, decoded_bytes, subset, to_arrays
 from cnnjax.errors import ConfigError
 from cnnjax.train.optim import make_optimizer
 from cnnjax.train.state import TrainState, create_train_state, model_variables
 from cnnjax.train.steps import AXIS, Lookahead, StepSpec, init_lookahead
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSplits:
+    """train / val / test example sources (:class:`cnnjax.data.stream.ArraySource` in memory, or
+    :class:`cnnjax.data.stream.FileSource` decoded on access) and whether training streams them."""
+
+    name: str
+    class_names: tuple[str, ...]
+    train: Any
+    val: Any
+    test: Any
+    streamed: bool = False
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.train.image_shape
+
+
+MODES = ("resident", "stream", "auto")
+
+
+def splits_of(ds: Dataset) -> DataSplits:
+    """An in-memory :class:`Dataset` (with its validation split) as resident :class:`DataSplits`."""
+    return DataSplits(ds.name, ds.class_names, ArraySource(ds.train_images, ds.train_labels),
+                      ArraySource(ds.val_images, ds.val_labels), ArraySource(ds.test_images, ds.test_labels))
+
+
+def load_splits(config: ml_collections.ConfigDict) -> DataSplits:
+    """The config's data as :class:`DataSplits`, resident or streamed per ``data.mode``:
+    ``resident`` decodes every split into memory, ``stream`` decodes image files on access (image
+    folders; in-memory datasets stream from their arrays), ``auto`` is resident when the decoded
+    training split fits ``data.resident_max_gb``."""
+    d = config.data
+    mode = d.get("mode", "resident")
+    if mode not in MODES:
+        raise ConfigError("data.mode", f"must be resident, stream or auto, got {mode!r}")
+    splits = _folder_splits(config) if d.name == "folder" else splits_of(load_data(config))
+    if mode == "auto":
+        mode = "resident" if decoded_bytes(splits.train) <= float(d.get("resident_max_gb", 2.0)) * 2**30 else "stream"
+    skip = bool(d.get("skip_bad_images", False))
+    if mode == "stream":
+        return dataclasses.replace(splits, streamed=True, **(
+            {k: _checked(getattr(splits, k)) for k in ("train", "val", "test")} if skip else {}))
+    return dataclasses.replace(splits, **{k: to_arrays(getattr(splits, k), skip) for k in ("train", "val", "test")})
+
+
+def _checked(source):
+    """``source`` without the files that do not decode (one decoding pass over it)."""
+    if isinstance(source, ArraySource):
+        return source
+    return subset(source, np.nonzero(decodable(source))[0])
+
+
+def _folder_splits(config: ml_collections.ConfigDict) -> DataSplits:
+    d = config.data
+    if int(d.get("image_size", 0)) < 1:
+        raise ConfigError("data.image_size", "must be set (>= 1) for an image folder: images are resized to it")
+    fs = scan_folder(d.dir, tuple(d.get("split_fractions", (0.7, 0.15, 0.15))), int(d.get("split_seed", 0)))
+    sources = {}
+    for split in ("train", "val", "test"):
+        items = getattr(fs, split)
+        if not items:
+            raise ConfigError("data.split_fractions", f"leave the {split} split of {d.dir} empty; give it a share")
+        sources[split] = FileSource([p for p, _ in items], [lab for _, lab in items], int(d.image_size),
+                                    int(d.get("channels", 3)))
+    splits = DataSplits("folder", fs.class_names, **sources)
+    if d.get("classes"):
+        splits = _select_source_classes(splits, tuple(d.classes))
+    if d.get("train_per_class"):
+        rng = np.random.RandomState(config.seed)
+        labels = splits.train.labels
+        idx = np.sort(np.concatenate([rng.permutation(np.nonzero(labels == c)[0])[: int(d.train_per_class)]
+                                      for c in range(splits.num_classes)]))
+        splits = dataclasses.replace(splits, train=subset(splits.train, idx))
+    return splits
+
+
+def _select_source_classes(splits: DataSplits, classes: tuple[int, ...]) -> DataSplits:
+    if any(not 0 <= int(c) < splits.num_classes for c in classes) or len(set(classes)) != len(classes):
+        raise ConfigError("data.classes", f"must be distinct class indices in 0..{splits.num_classes - 1}, got "
+                                          f"{tuple(classes)}")
+    remap = np.full(splits.num_classes, -1, np.int32)
+    remap[list(classes)] = np.arange(len(classes))
+    out = {}
+    for split in ("train", "val", "test"):
+        source = getattr(splits, split)
+        keep = np.nonzero(remap[source.labels] >= 0)[0]
+        out[split] = subset(source, keep, remap[source.labels[keep]])
+    return dataclasses.replace(splits, class_names=tuple(splits.class_names[c] for c in classes), **out)
 
 
 class Experiment(NamedTuple):
@@ -82,9 +178,16 @@ def subsample_per_class(ds: Dataset, k: int, seed: int) -> Dataset:
     return dataclasses.replace(ds, train_images=ds.train_images[idx], train_labels=ds.train_labels[idx])
 
 
+def normalization(dataset: str, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean / std of ``dataset`` (image folders: ImageNet's, for ported backbones)."""
+    if dataset == "folder":
+        return ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if channels == 3 else ((0.449,), (0.226,))
+    return MEAN_STD[dataset]
+
+
 def build_spec(config: ml_collections.ConfigDict, dataset: str, steps_per_epoch: int) -> StepSpec:
     """What a train / eval step does to a batch of ``dataset`` images under ``config``."""
-    mean, std = MEAN_STD[dataset]
+    mean, std = normalization(dataset, int(config.data.get("channels", 3)))
     every = int(config.get("lookahead_every", 0))
     return StepSpec(
         num_classes=config.num_classes,
@@ -139,29 +242,30 @@ def _optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, frozen: 
     return transfer.transfer_optimizer(lambda p: transfer.param_labels(p, frozen), tx, backbone_tx), schedule
 
 
-def input_shape(ds: Dataset, spec: StepSpec) -> tuple[int, int, int]:
+def input_shape(image_shape: tuple[int, int, int], spec: StepSpec) -> tuple[int, int, int]:
     """``(H, W, C)`` of what the model sees (after the step's resize)."""
-    shape = ds.train_images.shape[1:]
-    return (spec.resize_to, spec.resize_to, shape[2]) if spec.resize_to else tuple(shape)
+    return (spec.resize_to, spec.resize_to, image_shape[2]) if spec.resize_to else tuple(image_shape)
 
 
-def build(config: ml_collections.ConfigDict, ds: Dataset, steps_per_epoch: int) -> Experiment:
-    """Model, step spec, initial host state and learning-rate schedule for ``config`` on data like ``ds``."""
-    spec = build_spec(config, ds.name, steps_per_epoch)
+def build(config: ml_collections.ConfigDict, data: DataSplits | Dataset, steps_per_epoch: int) -> Experiment:
+    """Model, step spec, initial host state and learning-rate schedule for ``config`` on ``data``."""
+    data = splits_of(data) if isinstance(data, Dataset) else data
+    spec = build_spec(config, data.name, steps_per_epoch)
     model, frozen = build_model(config)
     tx, schedule = _optimizer(config, steps_per_epoch, frozen)
-    shape = input_shape(ds, spec)
+    shape = input_shape(data.image_shape, spec)
     try:
         jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)), train=False))
     except ValueError as err:
-        raise ConfigError("model.name", f"{config.model.name!r} cannot take {ds.name} images of shape {shape}: "
+        raise ConfigError("model.name", f"{config.model.name!r} cannot take {data.name} images of shape {shape}: "
                                         f"{err}") from None
     state = create_train_state(model, tx, shape, jax.random.PRNGKey(config.seed))
     if config.get("whiten_init_images", 0):
         from cnnjax.train import airbench
 
-        state = state.replace(params=airbench.init_whitening(
-            state.params, ds.train_images[: int(config.whiten_init_images)], spec.mean, spec.std))
+        first = subset(data.train, np.arange(min(int(config.whiten_init_images), len(data.train))))
+        state = state.replace(params=airbench.init_whitening(state.params, to_arrays(first).images, spec.mean,
+                                                             spec.std))
     if transfer_on(config) and config.transfer.init_from:
         source, _ = checkpoint.restore_variables(config.transfer.init_from, "best")
         merged = transfer.transplant(source, model_variables(state.params, state.batch_stats))

@@ -21,16 +21,15 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 from tqdm.auto import tqdm
 
 from cnnjax import distributed
 from cnnjax.checkpoint import CheckpointStore
-from cnnjax.data import Dataset
-from cnnjax.data.pipeline import epoch_batches
+from cnnjax.data.stream import EpochOrder
 from cnnjax.errors import ConfigError, TrainingError
+from cnnjax.train import feed as feeds
 from cnnjax.train.checks import check_config, check_workdir, write_config
-from cnnjax.train.experiment import Experiment, build, load_data
+from cnnjax.train.experiment import DataSplits, Experiment, build, load_splits
 from cnnjax.train.metrics import MetricsWriter
 from cnnjax.train.runner import Runner, select_devices
 
@@ -63,38 +62,36 @@ class Run:
     """Everything the loop needs that does not change from step to step."""
 
     config: ml_collections.ConfigDict
-    data: Dataset
+    data: DataSplits
     exp: Experiment
     runner: Runner
     store: CheckpointStore
     writer: MetricsWriter
-    steps_per_epoch: int
+    order: EpochOrder
     progress: bool
-    train_on_device: tuple  # (images, labels) placed by the runner
+    feed: feeds.ResidentFeed | feeds.StreamFeed
 
-
-    def evaluate(self, params, batch_stats, split: str) -> dict:
-        """Eval-mode metrics on ``split`` ('val' | 'test'); every process must call it."""
-        images, labels = getattr(self.data, f"{split}_images"), getattr(self.data, f"{split}_labels")
-        return self.runner.evaluate_variables(params, batch_stats, images, labels, self.config.eval_batch_size)
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.order.steps_per_epoch
 
     @property
     def total_steps(self) -> int:
         return self.steps_per_epoch * self.config.num_epochs
 
-    def epoch_indices(self, epoch: int) -> np.ndarray:
-        """``[steps_per_epoch, batch]`` example indices of 1-based ``epoch`` (host; same in every process)."""
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 1), epoch)
-        return np.asarray(epoch_batches(key, self.data.train_images.shape[0], self.config.batch_size))
+    def evaluate(self, params, batch_stats, split: str) -> dict:
+        """Eval-mode metrics on ``split`` ('val' | 'test'); every process must call it."""
+        return feeds.evaluate(self.runner, params, batch_stats, getattr(self.data, split),
+                              self.config.eval_batch_size, streamed=self.data.streamed)
 
 
-def steps_per_epoch(config: ml_collections.ConfigDict, ds: Dataset) -> int:
-    if config.num_classes != ds.num_classes:
-        raise ConfigError("num_classes", f"is {config.num_classes} but {ds.name} has {ds.num_classes} classes")
-    n = ds.train_images.shape[0] // config.batch_size
+def steps_per_epoch(config: ml_collections.ConfigDict, data: DataSplits) -> int:
+    if config.num_classes != data.num_classes:
+        raise ConfigError("num_classes", f"is {config.num_classes} but {data.name} has {data.num_classes} classes")
+    n = len(data.train) // config.batch_size
     if n == 0:
-        raise ConfigError("batch_size", f"({config.batch_size}) exceeds the {ds.train_images.shape[0]} training "
-                                        "images; lower it")
+        raise ConfigError("batch_size", f"({config.batch_size}) exceeds the {len(data.train)} training images; "
+                                        "lower it")
     return n
 
 
@@ -117,31 +114,39 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     check_config(config)
     devices = devices_for(config)
     with StopFlag() as stop:  # a signal during start-up or compilation stops at the first chunk boundary
-        ds = load_data(config)
-        spe = steps_per_epoch(config, ds)
+        data = load_splits(config)
+        spe = steps_per_epoch(config, data)
         check_workdir(config, workdir)
-        exp = build(config, ds, spe)
-        store = CheckpointStore(workdir)
+        exp = build(config, data, spe)
+        store, run = CheckpointStore(workdir), None
         try:
             state, step, acc = _resume(store, exp.state, spe, workdir)
-            run = _open_run(config, workdir, ds, spe, exp, store, devices, step, progress, tensorboard)
+            run = _open_run(config, workdir, data, exp, store, devices, step, progress, tensorboard)
             return _train(run, run.runner.put_state(state), step, acc, stop, stop_after_steps)
         finally:
+            if run is not None:
+                run.feed.close()
             store.close()
 
 
-def _open_run(config, workdir, ds, spe, exp, store, devices, step, progress, tensorboard) -> Run:
-    """Write config.json (process 0), place the data, open the metrics writer, print the header."""
+def _open_run(config, workdir, data: DataSplits, exp, store, devices, step, progress, tensorboard) -> Run:
+    """Write config.json (process 0), start the feed, open the metrics writer, print the header."""
     primary = distributed.is_primary()
     if primary:
         write_config(config, workdir)
     runner = Runner(exp.spec, exp.model.apply, config.parallelism, devices)
+    order = EpochOrder(int(config.seed), len(data.train), int(config.batch_size))
+    total = order.steps_per_epoch * config.num_epochs
+    if data.streamed:
+        feed = feeds.StreamFeed(runner, data.train, order, step, total, int(config.data.get("workers", 2)))
+    else:
+        feed = feeds.ResidentFeed(runner, data.train, order)
     writer = MetricsWriter(workdir, step, enabled=primary, tensorboard=tensorboard)
-    _say(f"{config.model.name} on {ds.name}: {ds.train_images.shape[0]} train / {ds.test_images.shape[0]} "
-         f"test images, {config.parallelism} on {runner.n} {jax.default_backend()} device(s) in "
-         f"{jax.process_count()} process(es), batch {config.batch_size}, {spe} steps/epoch")
-    return Run(config, ds, exp, runner, store, writer, spe, progress and primary,
-               runner.put_data(ds.train_images, ds.train_labels))
+    _say(f"{config.model.name} on {data.name}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} "
+         f"test images ({'streamed' if data.streamed else 'resident'}), {config.parallelism} on {runner.n} "
+         f"{jax.default_backend()} device(s) in {jax.process_count()} process(es), batch {config.batch_size}, "
+         f"{order.steps_per_epoch} steps/epoch")
+    return Run(config, data, exp, runner, store, writer, order, progress and primary, feed)
 
 
 def _say(message: str) -> None:
@@ -167,15 +172,15 @@ def _resume(store: CheckpointStore, initial, spe: int, workdir: str):
 def _train(run: Run, state, step: int, acc: dict, stop: StopFlag, stop_after_steps: int | None) -> dict:
     """The step loop: chunks of ``log_every`` steps, periodic evaluation / checkpoints, signals."""
     chunk, spe, start = max(1, int(run.config.log_every)), run.steps_per_epoch, step
-    idx, bar, t0, seen, last_eval = None, None, time.perf_counter(), 0, None
+    bar, t0, seen, last_eval = None, time.perf_counter(), 0, None
     while step < run.total_steps:
         epoch, pos = step // spe + 1, step % spe
-        if idx is None or pos == 0:
-            idx, bar = run.epoch_indices(epoch), _bar(run, epoch, pos)
+        if bar is None or pos == 0:
+            bar = _bar(run, epoch, pos)
         n = min(chunk, spe - pos)
         if stop_after_steps is not None:
             n = min(n, max(1, start + stop_after_steps - step))
-        state, m = run.runner.train(state, *run.train_on_device, idx[pos:pos + n])
+        state, m = run.feed.train(state, step, n)
         acc = {k: acc.get(k, 0.0) + float(v) for k, v in jax.device_get(m).items()}
         step, seen = step + n, seen + n * run.config.batch_size
         _check_finite(acc, epoch, step)
@@ -259,8 +264,8 @@ def _finish(run: Run, state, final_test: dict | None) -> dict:
         if distributed.is_primary():
             from cnnjax.train.plots import write_plots
 
-            write_plots(run.store.workdir, run.exp.model, run.runner.get_state(state), run.data,
-                        [r for r in rows if "train_loss" in r], run.exp.spec, final_test)
+            write_plots(run.store.workdir, run.exp.model, run.runner.get_state(state), run.data.class_names,
+                        run.data.test.image(0), [r for r in rows if "train_loss" in r], run.exp.spec, final_test)
     epochs = [r for r in rows if "train_loss" in r]
     return {**(epochs[-1] if epochs else {}), **(summary or {})}
 

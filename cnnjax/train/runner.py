@@ -49,21 +49,33 @@ def select_devices(per_process: int = 0) -> list:
     return chosen
 
 
-def _chunk_fn(spec: StepSpec, scan: bool, axis_name: str | None):
-    """``(state, acc, images, labels, idx [steps, B]) -> (state, acc)``: the step over a chunk of index
-    rows (``lax.scan``), or over row ``acc['pos']`` only (one call per step from a host loop)."""
+def _chunk_fn(spec: StepSpec, scan: bool, axis_name: str | None, gather: bool):
+    """``(state, acc, images, labels, ids) -> (state, acc)``: the step over a chunk of steps
+    (``lax.scan``), or over step ``acc['pos']`` of the chunk only (one call per step from a host loop).
 
-    def step(state, acc, images, labels, batch_idx):
-        offset = jax.lax.axis_index(axis_name) * batch_idx.shape[0] if axis_name else 0
-        state, m = train_step(state, images[batch_idx], labels[batch_idx], spec, axis_name, offset, batch_idx)
+    ``gather=True`` (resident): ``images [N, ...]`` / ``labels [N]`` are the whole split and ``ids
+    [steps, B]`` index it. ``gather=False`` (streamed): ``images [steps, B, ...]``, ``labels`` and ``ids
+    [steps, B]`` are the batches themselves. ``ids`` are training-set indices either way."""
+
+    def step(state, acc, row):
+        images, labels, ids = row
+        offset = jax.lax.axis_index(axis_name) * ids.shape[0] if axis_name else 0
+        state, m = train_step(state, images, labels, spec, axis_name, offset, ids)
         return state, {k: acc[k] + m[k] for k in _METRIC_KEYS} | {"pos": acc["pos"] + 1}
 
-    def run(state, acc, images, labels, idx):
+    def run(state, acc, images, labels, ids):
+        if gather:
+            rows = ids
+            take = lambda r: (images[r], labels[r], r)  # noqa: E731
+        else:
+            rows = (images, labels, ids)
+            take = lambda r: r  # noqa: E731
         if scan:
-            (state, acc), _ = jax.lax.scan(lambda c, row: (step(*c, images, labels, row), None), (state, acc), idx)
+            (state, acc), _ = jax.lax.scan(lambda c, r: (step(*c, take(r)), None), (state, acc), rows)
             return state, acc
-        row = jax.lax.dynamic_index_in_dim(idx, acc["pos"].astype(jnp.int32), keepdims=False)
-        return step(state, acc, images, labels, row)
+        pos = acc["pos"].astype(jnp.int32)
+        return step(state, acc, take(jax.tree_util.tree_map(
+            lambda x: jax.lax.dynamic_index_in_dim(x, pos, keepdims=False), rows)))
 
     return run
 
@@ -99,12 +111,14 @@ class Runner:
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
         if mode == "pmap":
             self._leading = NamedSharding(self.mesh, PartitionSpec(AXIS))
-            self._train = jax.pmap(_chunk_fn(spec, self.scan, AXIS), axis_name=AXIS, devices=self.devices,
-                                   donate_argnums=(0, 1))
+            self._train, self._train_batches = (
+                jax.pmap(_chunk_fn(spec, self.scan, AXIS, gather), axis_name=AXIS, devices=self.devices,
+                         donate_argnums=(0, 1)) for gather in (True, False))
         else:
             self._batch_sharded = NamedSharding(self.mesh, PartitionSpec(None, AXIS))
-            self._train = jax.jit(_chunk_fn(spec, self.scan, None), donate_argnums=(0, 1),
-                                  out_shardings=(self._replicated, self._replicated))
+            self._train, self._train_batches = (
+                jax.jit(_chunk_fn(spec, self.scan, None, gather), donate_argnums=(0, 1),
+                        out_shardings=(self._replicated, self._replicated)) for gather in (True, False))
         # eval_fn(params, batch_stats, images, labels, mask) -> summed metrics (see eval_step).
         self.eval_fn = jax.jit(lambda params, stats, images, labels, mask: eval_step(
             params, stats, apply_fn, images, labels, mask, spec))
@@ -139,24 +153,54 @@ class Runner:
     def put_data(self, images: np.ndarray, labels: np.ndarray) -> tuple[Array, Array]:
         return self._place((images, labels))
 
+    def local_columns(self, global_batch: int) -> np.ndarray:
+        """Which columns of a global batch this process feeds (its devices' shards, in device order)."""
+        if global_batch % self.n:
+            raise ValueError(f"batch size {global_batch} must be divisible by the {self.n} devices")
+        per = global_batch // self.n
+        return np.concatenate([np.arange(g * per, (g + 1) * per) for g in self.local_positions])
+
+    def put_batches(self, local: np.ndarray, global_batch: int) -> Array:
+        """This process's columns ``[steps, b_local, ...]`` of ``[steps, global_batch, ...]`` (the columns
+        :meth:`local_columns` names) -> the global array, sharded along the batch axis (pmap: stacked
+        per local device)."""
+        local = np.asarray(local)
+        per = global_batch // self.n
+        if self.mode == "pmap":
+            steps = local.shape[0]
+            stacked = local.reshape(steps, len(self.local_devices), per, *local.shape[2:]).swapaxes(0, 1)
+            return jax.device_put(np.ascontiguousarray(stacked), self._leading)
+        start = {int(g) * per: k * per for k, g in enumerate(self.local_positions)}  # global column -> local
+
+        def shard(index):
+            cols = index[1]
+            lo = start[cols.start or 0]
+            return local[(index[0], slice(lo, lo + per), *index[2:])]
+
+        sharding = NamedSharding(self.mesh, PartitionSpec(None, AXIS))
+        return jax.make_array_from_callback((local.shape[0], global_batch, *local.shape[2:]), sharding, shard)
+
     def put_indices(self, idx: np.ndarray) -> Array:
         """``[steps, global_batch]`` (the same in every process) -> this process's part of it, placed."""
         idx = np.asarray(idx, np.int32)
-        if idx.shape[-1] % self.n:
-            raise ValueError(f"batch size {idx.shape[-1]} must be divisible by the {self.n} devices")
-        if self.mode == "pmap":
-            per = idx.shape[-1] // self.n
-            local = np.stack([idx[:, g * per:(g + 1) * per] for g in self.local_positions])
-            return jax.device_put(local, self._leading)
-        return jax.make_array_from_callback(idx.shape, self._batch_sharded, lambda index: idx[index])
+        return self.put_batches(idx[:, self.local_columns(idx.shape[-1])], idx.shape[-1])
 
     # --- compute -----------------------------------------------------------------------------
     def train(self, state: TrainState, images: Array, labels: Array, idx: np.ndarray) -> tuple[TrainState, dict]:
-        """Run the chunk; metrics are summed over steps and devices, on this process's first device."""
-        idx_d = self.put_indices(np.asarray(idx))
+        """Run the chunk ``idx [steps, B]`` of indices into the resident split; metrics are summed over steps
+        and devices, on this process's first device."""
+        return self._run(self._train, state, images, labels, self.put_indices(np.asarray(idx)))
+
+    def train_batches(self, state: TrainState, batch: dict, global_batch: int) -> tuple[TrainState, dict]:
+        """Run a chunk of streamed batches: this process's columns ``{'images' [steps, b, H, W, C], 'labels',
+        'ids' [steps, b]}`` of ``global_batch``-example batches."""
+        placed = [self.put_batches(batch[k], global_batch) for k in ("images", "labels", "ids")]
+        return self._run(self._train_batches, state, *placed)
+
+    def _run(self, fn, state, images, labels, ids):
         acc = self._place({k: np.zeros((), np.float32) for k in (*_METRIC_KEYS, "pos")})
-        for _ in range(1 if self.scan else idx_d.shape[-2]):
-            state, acc = self._train(state, acc, images, labels, idx_d)
+        for _ in range(1 if self.scan else ids.shape[-2]):
+            state, acc = fn(state, acc, images, labels, ids)
         return state, {k: self.first_local(acc[k]) for k in _METRIC_KEYS}
 
     def evaluate(self, state: TrainState, images: np.ndarray, labels: np.ndarray, batch_size: int) -> dict:
@@ -175,25 +219,34 @@ class Runner:
         return summarize_eval(distributed.sum_over_processes(totals))
 
 
-def eval_totals(eval_fn, params, batch_stats, images: np.ndarray, labels: np.ndarray, batch_size: int,
-                num_classes: int, device=None) -> dict:
-    """Summed eval metrics (numpy) over ``images`` in padded batches, accumulated on ``device``."""
+def eval_totals(eval_fn, params, batch_stats, images: np.ndarray | None, labels: np.ndarray | None,
+                batch_size: int, num_classes: int, device=None, batches=None) -> dict:
+    """Summed eval metrics (numpy), accumulated on ``device``, over ``images`` / ``labels`` in padded
+    batches, or over ``batches``: an iterable of ``{'images', 'labels', 'mask'}`` padded batches."""
     total = {k: np.zeros((), np.float32) for k in _METRIC_KEYS} | {
         "confusion": np.zeros((num_classes, num_classes), np.float32)}
+    params, batch_stats = jax.device_put((params, batch_stats), device)
+    if batches is None:
+        batches = _padded_batches(images, labels, batch_size, device)
+    acc = None
+    for b in batches:
+        m = eval_fn(params, batch_stats, *(jax.device_put(b[k], device) for k in ("images", "labels", "mask")))
+        acc = m if acc is None else jax.tree_util.tree_map(jnp.add, acc, m)
+    return total if acc is None else jax.tree_util.tree_map(np.asarray, jax.device_get(acc))
+
+
+def _padded_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, device):
+    """The split put on ``device`` once, zero-padded to whole batches, sliced there."""
     n = images.shape[0]
     if n == 0:
-        return total
-    params, batch_stats = jax.device_put((params, batch_stats), device)
+        return
     pad = (-n) % batch_size
     images_d = jax.device_put(np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)]), device)
     labels_d = jax.device_put(np.concatenate([labels, np.zeros((pad,), labels.dtype)]), device)
     mask_d = jax.device_put(np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)]), device)
-    acc = None
     for start in range(0, n + pad, batch_size):
         sl = slice(start, start + batch_size)
-        m = eval_fn(params, batch_stats, images_d[sl], labels_d[sl], mask_d[sl])
-        acc = m if acc is None else jax.tree_util.tree_map(jnp.add, acc, m)
-    return jax.tree_util.tree_map(np.asarray, jax.device_get(acc))
+        yield {"images": images_d[sl], "labels": labels_d[sl], "mask": mask_d[sl]}
 
 
 def evaluate_split(eval_fn, params, batch_stats, images: np.ndarray, labels: np.ndarray, batch_size: int,

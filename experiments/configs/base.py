@@ -25,6 +25,14 @@ def base_config() -> ml_collections.ConfigDict:
         "val_fraction": 0.1,  # validation split held out of train (stratified) when the source has none
         "split_seed": 0,      # seed of the validation hold-out (and of an image folder's 70/15/15 split)
         "test_every_epoch": False,  # also evaluate test at every evaluation (else: final + best checkpoint)
+        "mode": "resident",   # resident (whole splits in memory / on device) | stream (decoded by workers) | auto
+        "resident_max_gb": 2.0,  # auto: resident when the decoded training split fits this many GiB
+        "workers": 2,         # stream: grain worker processes decoding batches (0: in the main process)
+        # Image folders (name=folder, dir=ROOT): ROOT/<class>/<image> or ROOT/{train,val,test}/<class>/<image>.
+        "image_size": 0,      # folder: shorter side resized to this, then centre-cropped to image_size^2
+        "channels": 3,        # folder: 3 (RGB) or 1 (grey)
+        "split_fractions": (0.7, 0.15, 0.15),  # folder: train / val / test of a single tree (stratified)
+        "skip_bad_images": False,  # folder: skip (and count) undecodable images instead of stopping
     })
     # Transfer learning (ResNets): start from a checkpoint dir (training workdir or experiments.port
     # output), replace the head, freeze stages. mode: scratch | feature_extraction | finetune.
