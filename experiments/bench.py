@@ -23,6 +23,7 @@ from experiments.benchlib import SHAPES, bench_torch
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("quick", False, "batch 128 only, 3 timed steps, resnet18@224 at batch 16")
+flags.DEFINE_bool("data_modes", True, "add stream-vs-resident epoch-time rows (experiments.bench_stream)")
 flags.DEFINE_string("out", "", "write the results as JSON here")
 flags.DEFINE_integer("steps", 10, "timed steps per row (after warm-up)")
 flags.DEFINE_bool("torch", True, "also time PyTorch (eager and torch.compile)")
@@ -113,6 +114,7 @@ def main(argv):
             rows.append(row)
             print_row(row, flush=True)
     pipeline = bench_pipeline()
+    data_modes = bench_data_modes() if FLAGS.data_modes else []
     torch_version = "n/a"
     if FLAGS.torch:
         import torch
@@ -121,11 +123,28 @@ def main(argv):
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} cores", "device": str(jax.devices()[0]), "jax": jax.__version__,
             "torch": torch_version, "xla_flags": os.environ.get("XLA_FLAGS", ""), "quick": FLAGS.quick}
-    table = markdown(rows, pipeline, meta)
+    table = markdown(rows, pipeline, meta) + "".join(
+        f"\nStream vs resident ({r['model']} on an exported Fashion-MNIST folder): {r['stream_epoch_s']:.2f} vs "
+        f"{r['resident_epoch_s']:.2f} s/epoch -> ratio {r['ratio']:.2f}" for r in data_modes)
     print(table)
     if FLAGS.out:
         with open(FLAGS.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows, "pipeline": pipeline}, f, indent=2)
+            json.dump({"meta": meta, "rows": rows, "pipeline": pipeline, "data_modes": data_modes}, f, indent=2)
+
+
+def bench_data_modes() -> list[dict]:
+    """``experiments.bench_stream``'s stream-vs-resident rows (its own process: it has its own flags)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rows.json")
+        done = subprocess.run([sys.executable, "-m", "experiments.bench_stream", "--nomemory", "--out", out],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"# stream-vs-resident rows failed: {done.stderr.strip().splitlines()[-1:]}", flush=True)
+            return []
+        return json.load(open(out))["rows"]
 
 
 def _fmt(d: dict, key: str) -> str:

@@ -1,7 +1,10 @@
-"""Top-5 ImageNet predictions: ``python -m experiments.predict --checkpoint DIR IMAGE...``.
+"""Top-5 predictions: ``python -m experiments.predict --checkpoint DIR IMAGE...``.
 
-DIR is a ported checkpoint (experiments.port). Images are preprocessed as torchvision does:
-resize 256, centre crop 224, ImageNet mean / std.
+DIR is a ported ImageNet checkpoint (experiments.port): images are preprocessed as torchvision does
+(resize 256, centre crop 224, ImageNet mean / std) and ranked over the 1000 ImageNet classes. Or DIR
+is a workdir trained on an image folder (``data.name=folder``): images are decoded as in training
+(shorter side to ``data.image_size``, centre crop, ``data.channels``) and ranked over the folder's
+classes (its best checkpoint, chosen on validation accuracy).
 """
 
 from __future__ import annotations
@@ -33,6 +36,21 @@ def preprocess(path: str) -> np.ndarray:
         raise ValueError(f"cannot read image {path}: {err}") from None
 
 
+def folder_inputs(config: dict, paths: list[str]) -> tuple[tuple[str, ...], np.ndarray]:
+    """Class names of a folder-trained workdir and ``paths`` as its model input ``[N, S, S, C]``."""
+    from cnnjax.data.folder import decode_image, scan_folder
+    from cnnjax.data.pipeline import normalize
+    from cnnjax.train.experiment import normalization
+
+    d = config["data"]
+    names = scan_folder(d["dir"], tuple(d["split_fractions"]), d["split_seed"]).class_names
+    if d.get("classes"):
+        names = tuple(names[c] for c in d["classes"])
+    mean, std = normalization("folder", d["channels"])
+    images = np.stack([decode_image(p, d["image_size"], d["channels"]) for p in paths])
+    return names, np.asarray(normalize(images, mean, std))
+
+
 def main(argv):
     import jax
 
@@ -44,16 +62,22 @@ def main(argv):
         raise ValueError("usage: python -m experiments.predict --checkpoint DIR IMAGE...")
     with open(os.path.join(FLAGS.checkpoint, "config.json")) as f:
         config = json.load(f)
-    if config["num_classes"] != 1000:
-        raise ValueError(f"{FLAGS.checkpoint} has {config['num_classes']} classes; predict needs an ImageNet model")
+    folder = config.get("data", {}).get("name") == "folder"
+    if config["num_classes"] != 1000 and not folder:
+        raise ValueError(f"{FLAGS.checkpoint} has {config['num_classes']} classes; predict needs an ImageNet model "
+                         "or a model trained on an image folder")
     variables, _ = checkpoint.restore_variables(FLAGS.checkpoint, "best")
-    model = models.create(config["model"]["name"], num_classes=1000, **config["model"].get("kwargs", {}))
-    batch = np.stack([preprocess(p) for p in images])
+    model = models.create(config["model"]["name"], num_classes=config["num_classes"],
+                          **config["model"].get("kwargs", {}))
+    if folder:
+        class_names, batch = folder_inputs(config, images)
+    else:
+        class_names, batch = CLASS_NAMES, np.stack([preprocess(p) for p in images])
     probs = np.asarray(jax.nn.softmax(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, batch)))
     for path, p in zip(images, probs, strict=True):
         print(path)
         for rank, idx in enumerate(np.argsort(-p)[: FLAGS.top], start=1):
-            print(f"  {rank}. {CLASS_NAMES[idx]:30s} {p[idx]:.4f}")
+            print(f"  {rank}. {class_names[idx]:30s} {p[idx]:.4f}")
 
 
 if __name__ == "__main__":

@@ -246,7 +246,7 @@ def test_every_config_passes_checks_and_builds_its_model(name):
     config = importlib.import_module(f"experiments.configs.{name}").get_config()
     check_config(config)
     assert config.model.name in models.available()
-    models.create(config.model.name, num_classes=config.num_classes, **config.model.kwargs.to_dict())
+    models.create(config.model.name, num_classes=config.num_classes or 5, **config.model.kwargs.to_dict())
 
 
 @pytest.mark.parametrize("override,message", [

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
@@ -147,3 +146,14 @@ def test_a_truncated_image_stops_with_one_line_or_is_skipped(folder, tmp_path):
     data_lines = [line for line in out.stdout.splitlines() if "train /" in line]
     counts = [int(w) for w in data_lines[0].replace("/", " ").split() if w.isdigit()][:3]
     assert sum(counts) == 199  # one of the 200 images skipped
+
+
+def test_predict_ranks_the_classes_of_a_folder_trained_workdir(folder, tmp_path):
+    fit(folder_config(folder), str(tmp_path), progress=False)
+    image = sorted(os.listdir(os.path.join(folder, "07_Sneaker")))[0]
+    out = subprocess.run([sys.executable, "-m", "experiments.predict", "--checkpoint", str(tmp_path), "--top", "3",
+                          os.path.join(folder, "07_Sneaker", image)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ranked = [line.split()[1] for line in out.stdout.splitlines()[1:]]
+    assert len(ranked) == 3 and all(name[:2].isdigit() and "_" in name for name in ranked)

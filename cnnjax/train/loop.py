@@ -115,6 +115,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     devices = devices_for(config)
     with StopFlag() as stop:  # a signal during start-up or compilation stops at the first chunk boundary
         data = load_splits(config)
+        if config.num_classes == 0:  # take the number of classes from the data (image folders)
+            config.num_classes = data.num_classes
         spe = steps_per_epoch(config, data)
         check_workdir(config, workdir)
         exp = build(config, data, spe)
