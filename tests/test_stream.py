@@ -157,3 +157,24 @@ def test_predict_ranks_the_classes_of_a_folder_trained_workdir(folder, tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     ranked = [line.split()[1] for line in out.stdout.splitlines()[1:]]
     assert len(ranked) == 3 and all(name[:2].isdigit() and "_" in name for name in ranked)
+
+
+def test_tfds_streams_through_data_source_and_equals_resident(tmp_path):
+    """TFDS in stream mode reads examples on access with tfds.data_source (mock data, offline); the
+    validation hold-out and the batches are those of the in-memory path."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from experiments.configs import mnist_lenet
+
+    out = {}
+    with tfds.testing.mock_data(num_examples=64):
+        for mode in ("resident", "stream"):
+            c = mnist_lenet.get_config()
+            c.plots, c.num_epochs, c.batch_size, c.eval_batch_size = False, 1, 16, 32
+            c.data.cache_dir, c.data.tfds_data_dir = "", str(tmp_path / "tfds")
+            c.data.mode, c.data.workers = mode, 0  # workers are other processes: the mock lives in this one
+            data = load_splits(c)
+            assert data.streamed == (mode == "stream") and (len(data.train), len(data.val)) == (54, 10)
+            fit(c, str(tmp_path / mode), progress=False)
+            out[mode] = params(tmp_path / mode)
+    assert type(data.train).__name__ == "TFDSSource"
+    assert bit_identical(out["resident"], out["stream"])

@@ -173,3 +173,23 @@ def test_mixed_precision_keeps_fp32_params_and_bn_stats():
     out = model.apply({"params": before.params, "batch_stats": before.batch_stats},
                       jnp.ones((1, 8, 8, 3), jnp.bfloat16), train=False)
     assert out.dtype == jnp.bfloat16
+
+
+def test_random_resized_crop_is_keyed_shape_preserving_and_the_identity_at_full_scale():
+    from cnnjax.data.pipeline import random_resized_crop
+
+    square = jnp.asarray(np.random.RandomState(0).randint(0, 256, (12, 12, 3)), jnp.uint8)
+    full = random_resized_crop(jax.random.PRNGKey(0), square, 1.0, log_ratio=(0.0, 0.0))
+    np.testing.assert_array_equal(np.asarray(full), np.asarray(square))  # the whole image, unscaled
+    image = jnp.asarray(np.random.RandomState(0).randint(0, 256, (16, 12, 3)), jnp.uint8)
+    a, b = (random_resized_crop(jax.random.PRNGKey(k), image, 0.1) for k in (1, 2))
+    assert a.shape == image.shape and a.dtype == jnp.uint8 and not np.array_equal(a, b)
+    np.testing.assert_array_equal(a, random_resized_crop(jax.random.PRNGKey(1), image, 0.1))
+    flat = jnp.full((16, 12, 3), 77, jnp.uint8)
+    assert set(np.unique(random_resized_crop(jax.random.PRNGKey(3), flat, 0.1))) == {77}
+    cfg = AugmentConfig(random_resized_crop=0.3)
+    batch = jnp.stack([image, image])
+    out = augment(jax.random.PRNGKey(4), batch, cfg)
+    assert out.shape == batch.shape and not np.array_equal(out[0], out[1])  # per-example keys
+    with pytest.raises(ValueError, match="min area fraction"):
+        AugmentConfig(random_resized_crop=1.5)

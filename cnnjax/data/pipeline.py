@@ -34,6 +34,7 @@ class AugmentConfig:
     pad_mode: str = "constant"
     flip_mode: str = "random"
     steps_per_epoch: int = 0
+    random_resized_crop: float = 0.0  # min area fraction of a random-resized crop (torchvision: 0.08); 0 = off
 
     def __post_init__(self):
         if self.pad_mode not in PAD_MODES:
@@ -42,10 +43,13 @@ class AugmentConfig:
             raise ValueError(f"flip_mode must be 'random' or 'alternate', got {self.flip_mode!r}")
         if self.flip and self.flip_mode == "alternate" and self.steps_per_epoch < 1:
             raise ValueError("flip_mode='alternate' needs steps_per_epoch >= 1")
+        if not 0.0 <= self.random_resized_crop <= 1.0:
+            raise ValueError(f"random_resized_crop must be a min area fraction in [0, 1], got "
+                             f"{self.random_resized_crop}")
 
     @property
     def enabled(self) -> bool:
-        return self.crop_padding > 0 or self.flip or self.cutout > 0
+        return self.crop_padding > 0 or self.flip or self.cutout > 0 or self.random_resized_crop > 0
 
 
 def epoch_batches(key: Array, num_examples: int, batch_size: int) -> Array:
@@ -64,9 +68,30 @@ def normalize(images: Array, mean, std, dtype=jnp.float32) -> Array:
     return ((x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)).astype(dtype)
 
 
+def random_resized_crop(key: Array, image: Array, min_area: float,
+                        log_ratio: tuple[float, float] = (-0.2877, 0.2877)) -> Array:
+    """torchvision-style RandomResizedCrop of one uint8 ``[H, W, C]`` image back to ``[H, W, C]``: a box of
+    area fraction ``U(min_area, 1)`` and aspect ratio ``exp(U(log 3/4, log 4/3))`` (clipped to the image)
+    at a uniform position, resized bilinearly (antialiased) to the full size."""
+    h, w, c = image.shape
+    k_area, k_ratio, k_y, k_x = jax.random.split(key, 4)
+    area = jax.random.uniform(k_area, (), minval=min_area, maxval=1.0) * h * w
+    ratio = jnp.exp(jax.random.uniform(k_ratio, (), minval=log_ratio[0], maxval=log_ratio[1]))
+    cw = jnp.clip(jnp.sqrt(area * ratio), 1.0, w)
+    ch = jnp.clip(jnp.sqrt(area / ratio), 1.0, h)
+    y0 = jax.random.uniform(k_y, ()) * (h - ch)
+    x0 = jax.random.uniform(k_x, ()) * (w - cw)
+    scale = jnp.stack([h / ch, w / cw])
+    out = jax.image.scale_and_translate(image.astype(jnp.float32), (h, w, c), (0, 1), scale,
+                                        -jnp.stack([y0, x0]) * scale, method="linear")
+    return jnp.clip(jnp.round(out), 0, 255).astype(image.dtype)
+
+
 def _augment_one(key: Array, image: Array, flip: Array | None, cfg: AugmentConfig) -> Array:
     h, w, _ = image.shape
     k_crop, k_flip, k_cut = jax.random.split(key, 3)
+    if cfg.random_resized_crop:
+        image = random_resized_crop(jax.random.fold_in(k_crop, 1), image, cfg.random_resized_crop)
     if cfg.crop_padding:
         p = cfg.crop_padding
         padded = jnp.pad(image, ((p, p), (p, p), (0, 0)), mode=cfg.pad_mode)

@@ -101,7 +101,7 @@ def decoded_bytes(source) -> int:
 
 def decodable(source) -> np.ndarray:
     """``[N]`` bool: which examples of ``source`` decode (one pass, nothing kept in memory)."""
-    if isinstance(source, ArraySource):
+    if not isinstance(source, FileSource):
         return np.ones(len(source), bool)
     ok = np.zeros(len(source), bool)
     for i in range(len(source)):
@@ -120,6 +120,11 @@ def to_arrays(source, skip_bad: bool = False) -> ArraySource:
     the log) instead of raising."""
     if isinstance(source, ArraySource):
         return source
+    if isinstance(source, TFDSSource):
+        images = np.empty((len(source), *source.image_shape), np.uint8)
+        for i in range(len(source)):
+            images[i] = source.image(i)
+        return ArraySource(images, source.labels)
     images, kept = decode_files(source.paths, source.size, source.channels, skip_bad=skip_bad)
     return ArraySource(images, source.labels[kept])
 
@@ -186,4 +191,66 @@ def subset(source, idx: np.ndarray, labels: np.ndarray | None = None):
     labels = source.labels[idx] if labels is None else labels
     if isinstance(source, ArraySource):
         return ArraySource(source.images[idx], labels)
+    if isinstance(source, TFDSSource):
+        return TFDSSource(source.name, source.split, source.data_dir, labels, source.indices[idx],
+                          source.image_shape, source.pad_to, source.size)
     return FileSource([source.paths[i] for i in idx], labels, source.size, source.channels)
+
+
+class TFDSSource:
+    """A TFDS split read with ``tfds.data_source`` (ArrayRecord random access; reading needs no TensorFlow),
+    opened lazily in each process that reads it (it pickles without the open file handles).
+
+    ``indices`` selects (and orders) examples of the split, ``labels`` are theirs (possibly relabelled).
+    Images come out as stored (``pad_to``: zero-padded centrally to ``pad_to`` x ``pad_to``; ``size``:
+    shorter side resized to ``size`` and centre-cropped, for datasets of varying image sizes).
+    """
+
+    def __init__(self, name: str, split: str, data_dir: str | None, labels: np.ndarray, indices: np.ndarray,
+                 image_shape: tuple[int, int, int], pad_to: int = 0, size: int = 0):
+        self.name, self.split, self.data_dir = name, split, data_dir
+        self.labels, self.indices = np.asarray(labels, np.int32), np.asarray(indices, np.int64)
+        self.pad_to, self.size, self._shape = int(pad_to), int(size), tuple(image_shape)
+        self._source = None
+
+    @classmethod
+    def open(cls, name: str, split: str, data_dir: str | None, pad_to: int = 0, size: int = 0) -> TFDSSource:
+        """The whole split; its labels are read once here (a pass over the split)."""
+        import tensorflow_datasets as tfds
+
+        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        labels = np.array([int(source[i]["label"]) for i in range(len(source))], np.int32)
+        h, w, c = np.shape(source[0]["image"])
+        shape = (size, size, c) if size else ((pad_to, pad_to, c) if pad_to else (h, w, c))
+        out = cls(name, split, data_dir, labels, np.arange(len(labels)), shape, pad_to, size)
+        out._source = source
+        return out
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_source"} | {"_source": None}
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self._shape
+
+    def image(self, i: int) -> np.ndarray:
+        if self._source is None:
+            import tensorflow_datasets as tfds
+
+            self._source = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir, download=False)
+        image = np.asarray(self._source[int(self.indices[i])]["image"], np.uint8)
+        if self.size:
+            from PIL import Image
+
+            from cnnjax.data.folder import _decode
+
+            return _decode(Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image), self.size,
+                           image.shape[-1])
+        if self.pad_to:
+            h, w = image.shape[:2]
+            ph, pw = self.pad_to - h, self.pad_to - w
+            image = np.pad(image, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
+        return image

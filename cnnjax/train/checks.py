@@ -38,6 +38,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("data.pad_mode", f"must be constant or reflect, got {config.data.pad_mode!r}")
     if config.get("lookahead_every", 0) < 0:
         raise ConfigError("lookahead_every", "must be >= 0 (0: off)")
+    if not 0.0 <= config.data.get("random_resized_crop", 0.0) <= 1.0:
+        raise ConfigError("data.random_resized_crop", "must be a minimum area fraction in [0, 1] (0: off)")
     if config.num_classes < 0:
         raise ConfigError("num_classes", "must be >= 1 (0: as many as the data has)")
     if config.get("num_devices", 0) < 0:

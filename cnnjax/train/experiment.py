@@ -49,9 +49,11 @@ MODES = ("resident", "stream", "auto")
 
 
 def splits_of(ds: Dataset) -> DataSplits:
-    """An in-memory :class:`Dataset` (with its validation split) as resident :class:`DataSplits`."""
-    return DataSplits(ds.name, ds.class_names, ArraySource(ds.train_images, ds.train_labels),
-                      ArraySource(ds.val_images, ds.val_labels), ArraySource(ds.test_images, ds.test_labels))
+    """An in-memory :class:`Dataset` as resident :class:`DataSplits` (an empty val split if it has none)."""
+    val = (ArraySource(ds.val_images, ds.val_labels) if ds.val_images is not None
+           else ArraySource(ds.train_images[:0], ds.train_labels[:0]))
+    return DataSplits(ds.name, ds.class_names, ArraySource(ds.train_images, ds.train_labels), val,
+                      ArraySource(ds.test_images, ds.test_labels))
 
 
 def load_splits(config: ml_collections.ConfigDict) -> DataSplits:
@@ -63,7 +65,12 @@ def load_splits(config: ml_collections.ConfigDict) -> DataSplits:
     mode = d.get("mode", "resident")
     if mode not in MODES:
         raise ConfigError("data.mode", f"must be resident, stream or auto, got {mode!r}")
-    splits = _folder_splits(config) if d.name == "folder" else splits_of(load_data(config))
+    if d.name == "folder":
+        splits = _folder_splits(config)
+    elif mode != "resident" and not d.dir and d.name in TFDS_STREAMABLE and _tfds_streams(config, mode):
+        splits = _tfds_splits(config)
+    else:
+        splits = splits_of(load_data(config))
     if mode == "auto":
         mode = "resident" if decoded_bytes(splits.train) <= float(d.get("resident_max_gb", 2.0)) * 2**30 else "stream"
     skip = bool(d.get("skip_bad_images", False))
@@ -92,8 +99,66 @@ def _folder_splits(config: ml_collections.ConfigDict) -> DataSplits:
             raise ConfigError("data.split_fractions", f"leave the {split} split of {d.dir} empty; give it a share")
         sources[split] = FileSource([p for p, _ in items], [lab for _, lab in items], int(d.image_size),
                                     int(d.get("channels", 3)))
-    splits = DataSplits("folder", fs.class_names, **sources)
-    if d.get("classes"):
+    return _narrow(DataSplits("folder", fs.class_names, **sources), config)
+
+
+TFDS_STREAMABLE = ("mnist", "fashion_mnist", "cifar10", "cifar100", "imagenette", "imagenet2012")
+
+
+def _open_tfds(name: str, split: str, config: ml_collections.ConfigDict):
+    from cnnjax.data.sources import _brief, _tfds_error
+    from cnnjax.data.stream import TFDSSource
+
+    d = config.data
+    try:
+        return TFDSSource.open(name, split, d.tfds_data_dir or None, int(d.pad_to), int(d.get("image_size", 0)))
+    except ImportError as err:
+        raise _tfds_error(name, d.tfds_data_dir or None,
+                          f"tensorflow_datasets is not installed ({_brief(err)})") from err
+    except Exception as err:  # noqa: BLE001 - not prepared, unreadable: one message either way
+        raise _tfds_error(name, d.tfds_data_dir or None, f"cannot open its {split} split for streaming; prepare it "
+                                                         f"first ({_brief(err)})") from err
+
+
+def _tfds_streams(config: ml_collections.ConfigDict, mode: str) -> bool:
+    """stream: always; auto: when the training split's decoded size (from the dataset info) exceeds the budget."""
+    if mode == "stream":
+        return True
+    train = _open_tfds(config.data.name, "train", config)
+    info = train._source.dataset_info
+    return info.splits["train"].num_examples * int(np.prod(train.image_shape)) > float(
+        config.data.get("resident_max_gb", 2.0)) * 2**30
+
+
+def _tfds_splits(config: ml_collections.ConfigDict) -> DataSplits:
+    """A TFDS dataset streamed through ``tfds.data_source``: test is its ``test`` split (else ``validation``);
+    val is ``validation`` when both exist, else held out of train (stratified, ``data.val_fraction``)."""
+    from cnnjax.data import CLASS_NAMES
+    from cnnjax.data.splits import stratified_holdout
+
+    d = config.data
+    train = _open_tfds(d.name, "train", config)
+    info = train._source.dataset_info
+    have = set(info.splits.keys())
+    names = tuple(CLASS_NAMES.get(d.name) or (str(n) for n in info.features["label"].names))
+    splits = {"train": train, "test": _open_tfds(d.name, "test" if "test" in have else "validation", config)}
+    if "test" in have and "validation" in have:
+        splits["val"] = _open_tfds(d.name, "validation", config)
+    if d.get("classes"):  # before the hold-out, as for in-memory datasets (the same validation split)
+        remap = _class_remap(len(names), tuple(d.classes))
+        splits = {k: _relabel(v, remap) for k, v in splits.items()}
+        names = tuple(names[c] for c in d.classes)
+    if "val" not in splits:
+        keep, held = stratified_holdout(splits["train"].labels, float(d.get("val_fraction", 0.1)),
+                                        int(d.get("split_seed", 0)))
+        splits["train"], splits["val"] = subset(splits["train"], keep), subset(splits["train"], held)
+    return _narrow(DataSplits(d.name, names, **splits), config, classes=False)
+
+
+def _narrow(splits: DataSplits, config: ml_collections.ConfigDict, classes: bool = True) -> DataSplits:
+    """``data.classes`` (kept and relabelled) and ``data.train_per_class`` applied to source splits."""
+    d = config.data
+    if classes and d.get("classes"):
         splits = _select_source_classes(splits, tuple(d.classes))
     if d.get("train_per_class"):
         rng = np.random.RandomState(config.seed)
@@ -104,18 +169,24 @@ def _folder_splits(config: ml_collections.ConfigDict) -> DataSplits:
     return splits
 
 
-def _select_source_classes(splits: DataSplits, classes: tuple[int, ...]) -> DataSplits:
-    if any(not 0 <= int(c) < splits.num_classes for c in classes) or len(set(classes)) != len(classes):
-        raise ConfigError("data.classes", f"must be distinct class indices in 0..{splits.num_classes - 1}, got "
+def _class_remap(num_classes: int, classes: tuple[int, ...]) -> np.ndarray:
+    if any(not 0 <= int(c) < num_classes for c in classes) or len(set(classes)) != len(classes):
+        raise ConfigError("data.classes", f"must be distinct class indices in 0..{num_classes - 1}, got "
                                           f"{tuple(classes)}")
-    remap = np.full(splits.num_classes, -1, np.int32)
+    remap = np.full(num_classes, -1, np.int32)
     remap[list(classes)] = np.arange(len(classes))
-    out = {}
-    for split in ("train", "val", "test"):
-        source = getattr(splits, split)
-        keep = np.nonzero(remap[source.labels] >= 0)[0]
-        out[split] = subset(source, keep, remap[source.labels[keep]])
-    return dataclasses.replace(splits, class_names=tuple(splits.class_names[c] for c in classes), **out)
+    return remap
+
+
+def _relabel(source, remap: np.ndarray):
+    keep = np.nonzero(remap[source.labels] >= 0)[0]
+    return subset(source, keep, remap[source.labels[keep]])
+
+
+def _select_source_classes(splits: DataSplits, classes: tuple[int, ...]) -> DataSplits:
+    remap = _class_remap(splits.num_classes, classes)
+    return dataclasses.replace(splits, class_names=tuple(splits.class_names[c] for c in classes),
+                               **{k: _relabel(getattr(splits, k), remap) for k in ("train", "val", "test")})
 
 
 class Experiment(NamedTuple):
@@ -155,12 +226,7 @@ def load_data(config: ml_collections.ConfigDict) -> Dataset:
 
 def select_classes(ds: Dataset, classes: tuple[int, ...]) -> Dataset:
     """Keep only ``classes`` and relabel them 0..len-1 in the given order (every split)."""
-    bad = [c for c in classes if not 0 <= int(c) < ds.num_classes]
-    if bad or len(set(classes)) != len(classes):
-        raise ConfigError("data.classes", f"must be distinct class indices in 0..{ds.num_classes - 1} of {ds.name}, "
-                                          f"got {tuple(classes)}")
-    remap = np.full(ds.num_classes, -1, np.int32)
-    remap[list(classes)] = np.arange(len(classes))
+    remap = _class_remap(ds.num_classes, classes)
     out = {}
     for split in ("train", "val", "test"):
         images, labels = getattr(ds, f"{split}_images"), getattr(ds, f"{split}_labels")
@@ -194,7 +260,8 @@ def build_spec(config: ml_collections.ConfigDict, dataset: str, steps_per_epoch:
         mean=tuple(mean), std=tuple(std),
         augment=AugmentConfig(config.data.crop_padding, config.data.flip, config.data.cutout,
                               pad_mode=config.data.get("pad_mode", "constant"),
-                              flip_mode=config.data.get("flip_mode", "random"), steps_per_epoch=steps_per_epoch),
+                              flip_mode=config.data.get("flip_mode", "random"), steps_per_epoch=steps_per_epoch,
+                              random_resized_crop=float(config.data.get("random_resized_crop", 0.0))),
         label_smoothing=config.label_smoothing,
         compute_dtype=jnp.bfloat16 if config.mixed_precision else jnp.float32,
         resize_to=int(config.data.get("resize_to", 0)),

@@ -19,6 +19,7 @@ def base_config() -> ml_collections.ConfigDict:
         "flip": False,        # horizontal flip
         "flip_mode": "random",   # random (p=1/2 each step) | alternate (airbench: halves swap each epoch)
         "cutout": 0,          # cutout square size (0: off)
+        "random_resized_crop": 0.0,  # train: random-resized crop with this min area fraction (0: off; 0.08 torchvision)
         "classes": (),        # keep only these classes (relabelled 0..k-1)
         "train_per_class": 0,  # keep K training images per class (0: all)
         "resize_to": 0,       # bilinear resize on the device to resize_to x resize_to (0: off)
