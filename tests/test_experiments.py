@@ -18,6 +18,7 @@ from cnnjax.errors import TrainingError
 from cnnjax.train.loop import fit
 from experiments.configs import stripes_tiny
 from experiments.evaluate import evaluate_workdir
+from tests.helpers import override
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST = "/usr/share/datasets/fashion-mnist"
@@ -26,13 +27,7 @@ FMNIST = "/usr/share/datasets/fashion-mnist"
 def stripes(**overrides):
     c = stripes_tiny.get_config()
     c.plots = False
-    for k, v in overrides.items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return c
+    return override(c, **overrides)
 
 
 def _all_rows(workdir):

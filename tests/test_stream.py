@@ -15,6 +15,7 @@ from cnnjax.data.stream import ArraySource, EpochOrder, EvalBatch, StepBatch, st
 from cnnjax.train.experiment import load_splits
 from cnnjax.train.loop import fit
 from experiments.configs.base import base_config
+from tests.helpers import override
 from tests.test_multiprocess import bit_identical, max_abs_diff, params, rows, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,13 +72,7 @@ def folder_config(root: str, **overrides):
     c.data.cache_dir, c.data.workers = "", 2
     c.batch_size, c.num_epochs, c.eval_batch_size, c.log_every, c.plots = 28, 1, 64, 2, False
     c.optimizer, c.learning_rate = "sgd", 0.05
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return override(c, **overrides)
 
 
 def test_folder_splits_70_15_15_and_auto_mode(folder):
