@@ -13,6 +13,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # (`python -m experiments.bench_cpu`, columns baseline -> +ynn flag). Set before jax is imported, only for
 # the jaxlib line it was measured on (an unknown XLA flag aborts the process), and never over a user's own.
 CPU_XLA_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+# Exit status of a run stopped by SIGTERM / Ctrl-C / --stop_after_steps after saving its checkpoint
+# (EX_TEMPFAIL: not finished, run the same command again to resume). Errors exit 2, success 0.
+EXIT_INTERRUPTED = 75
 # Names in backticks in library messages that are command-line flags of their own, not config fields.
 TOP_LEVEL_FLAGS = ("workdir", "checkpoint", "data_dir", "split")
 

@@ -6,7 +6,8 @@ through its environment (``CNNJAX_COORDINATOR_ADDRESS``, ``CNNJAX_NUM_PROCESSES`
 prefixed ``[p0]``, ``[p1]``, ... . SIGTERM / SIGINT to the launcher are passed to every child (a
 training run checkpoints and stops). When a child fails, the others are stopped by their process ids
 (SIGTERM, then SIGKILL after ``--grace_s``) and the launcher exits with the failing child's status
-(128 + signal number for a signal). Devices per process on the CPU follow the inherited
+(128 + signal number for a signal); a child that exits 75 (stopped with a checkpoint) gives the others
+``--grace_s`` to stop on their own first, and the launcher exits 75. Devices per process on the CPU follow the inherited
 ``XLA_FLAGS=--xla_force_host_platform_device_count=K``.
 """
 
@@ -22,6 +23,8 @@ import threading
 import time
 
 from cnnjax.distributed import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
+
+INTERRUPTED = 75  # experiments.train's status for a run stopped with a checkpoint (see experiments/cli.py)
 
 
 def free_port() -> int:
@@ -68,12 +71,15 @@ class Launcher:
     def stop_all(self, grace_s: float) -> None:
         """SIGTERM every running child, SIGKILL those still running after ``grace_s``."""
         self.signal_all(signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and any(c.poll() is None for c in self.children):
-            time.sleep(0.05)
+        self._wait_all(grace_s)
         self.signal_all(signal.SIGKILL)
         for child in self.children:
             child.wait()
+
+    def _wait_all(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and any(c.poll() is None for c in self.children):
+            time.sleep(0.05)
 
     def wait(self, grace_s: float) -> int:
         """Exit status of the run: 0 if every child succeeded, else the first failure's."""
@@ -81,8 +87,11 @@ class Launcher:
             codes = [c.poll() for c in self.children]
             failed = [code for code in codes if code not in (None, 0)]
             if failed:
-                print(f"[launch] a process exited with status {exit_status(failed[0])}; stopping the others",
-                      file=sys.stderr, flush=True)
+                if failed[0] == INTERRUPTED:  # a checkpointed stop: the others are stopping at the same step
+                    self._wait_all(grace_s)
+                else:
+                    print(f"[launch] a process exited with status {exit_status(failed[0])}; stopping the others",
+                          file=sys.stderr, flush=True)
                 self.stop_all(grace_s)
                 status = exit_status(failed[0])
                 break

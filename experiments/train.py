@@ -1,6 +1,9 @@
 """Train an experiment: ``python -m experiments.train --config experiments/configs/NAME.py --workdir DIR
 [--config.key=value ...]``. Running it again on the same workdir resumes from the latest checkpoint.
 
+Exit status: 0 finished; 75 stopped by SIGTERM / Ctrl-C / --stop_after_steps with a checkpoint saved
+(run the same command again to resume); 2 a user error (one ``error:`` line); anything else a crash.
+
 Multi-process: ``python -m experiments.launch --num_processes=N -- python -m experiments.train ...`` on one
 machine, or one process per host with --coordinator_address/--num_processes/--process_id (or
 --distributed_auto under SLURM / on TPU pods); see the README's "Scaling out".
@@ -31,8 +34,10 @@ def main(argv):
     cli.join_cluster()
     from cnnjax.train.loop import fit
 
-    fit(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress, tensorboard=FLAGS.tensorboard,
-        stop_after_steps=FLAGS.stop_after_steps)
+    result = fit(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress, tensorboard=FLAGS.tensorboard,
+                 stop_after_steps=FLAGS.stop_after_steps)
+    if result.get("interrupted"):
+        raise SystemExit(cli.EXIT_INTERRUPTED)  # checkpoint saved, run not finished: schedulers must not see 0
 
 
 if __name__ == "__main__":

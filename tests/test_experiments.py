@@ -202,7 +202,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
             proc.send_signal(signal.SIGTERM)
             break
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    assert proc.returncode == 75, err  # interrupted with a checkpoint: not finished
     assert "interrupted" in out and "signal 15" in out and "checkpoint saved" in out
     steps = checkpoint.steps(str(tmp_path))
     assert steps
@@ -289,3 +289,52 @@ def test_conv_outputs_follow_call_order():
     assert [out.shape for _, out in convs[:2]] == [(1, 31, 31, 24), (1, 31, 31, 64)]
     assert conv_outputs(models.create("tiny_cnn"), models.create("tiny_cnn").init(
         jax.random.PRNGKey(0), jax.numpy.zeros((1, 8, 8, 1))), jax.numpy.zeros((1, 8, 8, 1)))[0][0] == "conv1"
+
+
+def test_second_run_in_a_busy_workdir_is_refused_in_one_line(tmp_path):
+    cmd = [sys.executable, "-m", "experiments.train", "--config", "experiments/configs/stripes_tiny.py",
+           "--workdir", str(tmp_path), "--config.num_epochs=400", "--config.log_every=1", "--config.plots=False",
+           "--noprogress"]
+    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=dict(os.environ, XLA_FLAGS=""))
+    try:
+        for line in first.stdout:
+            if line.startswith("epoch   1/"):
+                break
+        second = _cli("experiments.train", "--config", "experiments/configs/stripes_tiny.py", "--workdir",
+                      str(tmp_path), "--config.num_epochs=400", "--config.plots=False", "--noprogress")
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1
+        assert f"is in use by another run (pid {first.pid})" in second.stderr and "--workdir" in second.stderr
+        assert first.poll() is None  # the first run is untouched and goes on
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+        assert first.returncode == 75
+    finally:
+        first.kill()
+    rows = _rows(tmp_path)
+    assert rows and [r["epoch"] for r in rows] == list(range(1, len(rows) + 1))  # one writer only
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.eval_batch_size=0", "--config.eval_batch_size must be >= 1"),
+    ("--config.learning_rate=-0.1", "--config.learning_rate must be a finite number > 0"),
+    ("--config.learning_rate=nan", "--config.learning_rate must be a finite number > 0"),
+    ("--config.label_smoothing=5", "--config.label_smoothing must be in [0, 1)"),
+    ("--config.num_devices=-1", "--config.num_devices must be >= 0"),
+    ("--config.data.val_fraction=1.5", "--config.data.val_fraction must be in (0, 1)"),
+])
+def test_bad_values_are_refused_before_anything_is_loaded_or_written(tmp_path, override, message):
+    out = _cli("experiments.train", "--config", "experiments/configs/stripes_tiny.py", "--workdir",
+               str(tmp_path / "w"), override)
+    assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "w").exists()  # nothing written, not even the workdir
+
+
+def test_classes_out_of_range_and_a_workdir_that_is_a_file(tmp_path):
+    out = _cli("experiments.train", "--config", "experiments/configs/fashion_mnist_lenet.py", "--workdir",
+               str(tmp_path / "w"), "--config.data.classes=(3,10)", "--config.num_classes=2")
+    assert out.returncode == 2 and "--config.data.classes must be distinct class indices in 0..9" in out.stderr
+    (tmp_path / "f").write_text("x")
+    out = _cli("experiments.train", "--config", "experiments/configs/stripes_tiny.py", "--workdir", str(tmp_path / "f"))
+    assert out.returncode == 2 and "is a file; pass a directory" in out.stderr and "Traceback" not in out.stderr

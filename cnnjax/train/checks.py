@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any
 
 import ml_collections
 
 from cnnjax import checkpoint, models
+from cnnjax.data import CLASS_NAMES
 from cnnjax.data.pipeline import FLIP_MODES, PAD_MODES
 from cnnjax.errors import ConfigError, TrainingError
 from cnnjax.io import write_json_atomic
@@ -28,8 +30,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                                         f"{', '.join(models.available())}")
     if config.parallelism not in MODES:
         raise ConfigError("parallelism", f"must be jit, pmap or sharded, got {config.parallelism!r}")
-    if config.batch_size < 1 or config.num_epochs < 1:
-        raise ConfigError("batch_size", "and `num_epochs` must be >= 1")
+    for key in ("batch_size", "eval_batch_size", "num_epochs", "log_every"):
+        if config.get(key, 1) < 1:
+            raise ConfigError(key, f"must be >= 1, got {config[key]!r}")
+    if not (math.isfinite(config.learning_rate) and config.learning_rate > 0):
+        raise ConfigError("learning_rate", f"must be a finite number > 0, got {config.learning_rate!r}")
+    if not 0.0 <= config.label_smoothing < 1.0:
+        raise ConfigError("label_smoothing", f"must be in [0, 1), got {config.label_smoothing!r}")
+    if not 0.0 < config.data.get("val_fraction", 0.1) < 1.0:
+        raise ConfigError("data.val_fraction", f"must be in (0, 1), got {config.data.val_fraction!r}")
+    _check_classes(config)
     if config.get("tta", 0) not in TTA_LEVELS:
         raise ConfigError("tta", f"must be 0 (off), 1 (mirror) or 2 (mirror + translate), got {config.tta!r}")
     if config.data.get("flip_mode", "random") not in FLIP_MODES:
@@ -44,6 +54,19 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("num_classes", "must be >= 1 (0: as many as the data has)")
     if config.get("num_devices", 0) < 0:
         raise ConfigError("num_devices", "must be >= 0 (0: all local devices)")
+
+
+def _check_classes(config: ml_collections.ConfigDict) -> None:
+    """``data.classes`` against the dataset's class count where it is known without loading it."""
+    classes = tuple(config.data.get("classes", ()) or ())
+    known = CLASS_NAMES.get(config.data.name)
+    if not classes:
+        return
+    if len(set(classes)) != len(classes) or any(int(c) < 0 or (known and int(c) >= len(known)) for c in classes):
+        top = f"0..{len(known) - 1}" if known else ">= 0"
+        raise ConfigError("data.classes", f"must be distinct class indices in {top}, got {classes}")
+    if config.num_classes not in (0, len(classes)):
+        raise ConfigError("num_classes", f"is {config.num_classes} but `data.classes` keeps {len(classes)} classes")
 
 
 def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:

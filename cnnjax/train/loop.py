@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import signal
 import time
 
@@ -30,6 +31,7 @@ from cnnjax.errors import ConfigError, TrainingError
 from cnnjax.train import feed as feeds
 from cnnjax.train.checks import check_config, check_workdir, write_config
 from cnnjax.train.experiment import DataSplits, Experiment, build, load_splits
+from cnnjax.train.lock import WorkdirLock
 from cnnjax.train.metrics import MetricsWriter
 from cnnjax.train.runner import Runner, select_devices
 
@@ -88,6 +90,13 @@ class Run:
 def steps_per_epoch(config: ml_collections.ConfigDict, data: DataSplits) -> int:
     if config.num_classes != data.num_classes:
         raise ConfigError("num_classes", f"is {config.num_classes} but {data.name} has {data.num_classes} classes")
+    for split in ("val", "test"):
+        if len(getattr(data, split)) == 0:
+            raise ConfigError("data.name", f"{data.name}'s {split} split is empty; give it examples (image folders: "
+                                           "`data.split_fractions`)")
+        if getattr(data, split).image_shape != data.train.image_shape:
+            raise ConfigError("data.pad_to", f"{data.name}'s {split} images are {getattr(data, split).image_shape} but "
+                                             f"its train images are {data.train.image_shape}; make them one size")
     n = len(data.train) // config.batch_size
     if n == 0:
         raise ConfigError("batch_size", f"({config.batch_size}) exceeds the {len(data.train)} training images; "
@@ -113,7 +122,12 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     """
     check_config(config)
     devices = devices_for(config)
-    with StopFlag() as stop:  # a signal during start-up or compilation stops at the first chunk boundary
+    if not workdir:
+        raise ConfigError("workdir", "must name a directory")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError("workdir", f"{workdir} is a file; pass a directory")
+    # A signal during start-up or compilation stops the run at the first chunk boundary.
+    with StopFlag() as stop, WorkdirLock(workdir, enabled=distributed.is_primary()):
         data = load_splits(config)
         if config.num_classes == 0:  # take the number of classes from the data (image folders)
             config.num_classes = data.num_classes
