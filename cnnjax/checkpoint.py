@@ -15,7 +15,10 @@ of processes: it holds plain host arrays, not device layouts.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import warnings
 from typing import Any
 
 import jax
@@ -25,6 +28,7 @@ from flax import serialization
 from orbax.checkpoint import checkpoint_managers as policies
 
 from cnnjax.errors import CheckpointError
+from cnnjax.io import write_json_atomic
 from cnnjax.train.state import model_variables
 
 SELECTION_METRIC = "val_accuracy"  # the metric that picks the "best" checkpoint (higher is better)
@@ -58,6 +62,55 @@ def _check_layout(workdir: str) -> None:
                                   "train again in a new `workdir`")
 
 
+CHECKSUMS = "cnnjax_checksums.json"
+
+
+def _step_dir(workdir: str, step: int) -> str:
+    return os.path.join(_directory(workdir), str(step))
+
+
+def _file_digests(directory: str) -> dict[str, str]:
+    """sha256 of every file below ``directory`` (relative paths), except the checksum file itself."""
+    out = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, directory)
+            if rel != CHECKSUMS:
+                h = hashlib.sha256()
+                with open(path, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        h.update(block)
+                out[rel] = h.hexdigest()
+    return out
+
+
+def write_checksums(workdir: str, step: int) -> None:
+    """Record the sha256 of every file of checkpoint ``step`` (process 0, after the save completed)."""
+    directory = _step_dir(workdir, step)
+    write_json_atomic(os.path.join(directory, CHECKSUMS), _file_digests(directory))
+
+
+def verify(workdir: str, step: int) -> str | None:
+    """None if checkpoint ``step`` matches its recorded checksums, else what is wrong (one line). A
+    checkpoint without a checksum file (a save interrupted right after orbax finished) is accepted."""
+    directory = _step_dir(workdir, step)
+    path = os.path.join(directory, CHECKSUMS)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            recorded = json.load(f)
+    except (OSError, ValueError) as err:
+        return f"its checksum file is unreadable ({err})"
+    actual = _file_digests(directory)
+    bad = sorted(k for k in recorded if actual.get(k) != recorded[k])
+    if bad:
+        what = "missing" if bad[0] not in actual else "changed"
+        return f"{len(bad)} file(s) differ from their checksums ({bad[0]} {what})"
+    return None
+
+
 def _to_saveable(state: Any) -> dict:
     # orbax drops empty subtrees (batch_stats of a model without BN): restore puts it back.
     return jax.tree_util.tree_map(np.asarray, serialization.to_state_dict(state))
@@ -81,6 +134,8 @@ class CheckpointStore:
                                                      meta=ocp.args.JsonSave(meta)),
                        metrics=metrics, force=True)
         self._mgr.wait_until_finished()
+        if jax.process_index() == 0:
+            write_checksums(self.workdir, step)
 
     def best_step(self) -> int | None:
         """The step with the highest :data:`SELECTION_METRIC` (None if no checkpoint was evaluated)."""
@@ -92,13 +147,26 @@ class CheckpointStore:
         return model_variables(raw["params"], raw.get("batch_stats")), meta
 
     def restore_latest(self, target: Any) -> tuple[Any, dict] | None:
-        """The latest full state shaped like ``target`` (host) and its meta; None without checkpoints."""
-        step = self._mgr.latest_step()
-        if step is None:
-            return None
-        raw, meta = _restore_raw(self._mgr, step)
-        raw.setdefault("batch_stats", {})
-        return serialization.from_state_dict(target, raw), meta
+        """The newest intact full state shaped like ``target`` (host) and its meta; None without
+        checkpoints. A newer checkpoint that fails its checksums or cannot be read is skipped with a
+        warning; ``ValueError`` means an intact checkpoint does not fit ``target``."""
+        for step in reversed(self.steps()):
+            problem = verify(self.workdir, step)
+            if problem is None:
+                try:
+                    raw, meta = _restore_raw(self._mgr, step)
+                except Exception as err:  # noqa: BLE001 - unreadable data (truncated, deleted files)
+                    problem = f"it cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
+            if problem is None:
+                raw.setdefault("batch_stats", {})
+                return serialization.from_state_dict(target, raw), meta
+            warnings.warn(f"checkpoint {step} in {self.workdir} is damaged: {problem}; deleted it, resuming from "
+                          "an older one", stacklevel=2)
+            self._mgr.delete(step)  # the run will save this step again
+        if self.steps():
+            raise CheckpointError(f"every checkpoint in {self.workdir} is damaged; delete its checkpoints/ "
+                                  "directory to start over, or use a new `workdir`")
+        return None
 
     def close(self) -> None:
         self._mgr.close()
@@ -153,8 +221,14 @@ def _restore_raw(mgr: ocp.CheckpointManager, step: int) -> tuple[dict, dict]:
 
 
 def restore_variables(workdir: str, which: str = "best") -> tuple[dict, dict]:
-    """``({'params', 'batch_stats'?}, meta)`` for evaluation; the optimizer is never needed."""
+    """``({'params', 'batch_stats'?}, meta)`` for evaluation; the optimizer is never needed. A checkpoint
+    that fails its checksums raises :class:`CheckpointError` naming it and the intact ones."""
     step = find(workdir, which)
+    problem = verify(workdir, step)
+    if problem is not None:
+        intact = [s for s in steps(workdir) if s != step and verify(workdir, s) is None]
+        raise CheckpointError(f"checkpoint {step} in {workdir} is damaged: {problem}; intact checkpoints: "
+                              f"{intact or 'none'} (pass `checkpoint`=STEP)")
     mgr = _manager(workdir, read_only=True)
     try:
         raw, meta = _restore_raw(mgr, step)

@@ -68,3 +68,39 @@ def test_missing_and_old_layouts_are_clear(tmp_path):
     os.makedirs(tmp_path / "checkpoints" / "latest" / "10")
     with pytest.raises(CheckpointError, match="layout of an older cnnjax"):
         checkpoint.steps(str(tmp_path))
+
+
+def _damage(workdir, step: int, how: str) -> str:
+    """Flip bytes in (or truncate) the largest data file of checkpoint ``step``; returns its path."""
+    files = [os.path.join(r, f) for r, _, fs in os.walk(os.path.join(workdir, "checkpoints", str(step)))
+             for f in fs if f != checkpoint.CHECKSUMS]
+    victim = max(files, key=os.path.getsize)
+    data = bytearray(open(victim, "rb").read())
+    if how == "flip":
+        for i in range(len(data) // 3, len(data) // 3 + 16):
+            data[i] ^= 0xFF
+    else:
+        data = data[: len(data) // 2]
+    open(victim, "wb").write(bytes(data))
+    return victim
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate"])
+def test_damaged_checkpoint_is_named_and_resume_falls_back_to_an_intact_one(tmp_path, how):
+    store = checkpoint.CheckpointStore(str(tmp_path))
+    for step in (10, 20):
+        store.save(step, _state(step), {"epoch": step // 10}, metrics={"val_accuracy": step / 100})
+    store.close()
+    assert checkpoint.verify(str(tmp_path), 20) is None
+    _damage(str(tmp_path), 20, how)
+    assert "differ from their checksums" in checkpoint.verify(str(tmp_path), 20)
+    with pytest.raises(CheckpointError, match=r"checkpoint 20 .* is damaged: .*intact checkpoints: \[10\]"):
+        checkpoint.restore_variables(str(tmp_path), "latest")
+    variables, _ = checkpoint.restore_variables(str(tmp_path), "10")
+    np.testing.assert_array_equal(variables["params"]["w"], np.full((3,), 10.0))
+    store = checkpoint.CheckpointStore(str(tmp_path))
+    with pytest.warns(UserWarning, match="checkpoint 20 .* is damaged.*resuming from an older one"):
+        state, meta = store.restore_latest(_state(0))
+    assert store.steps() == [10]  # the damaged one is gone: the run saves step 20 again
+    store.close()
+    assert int(state["step"]) == 10 and meta["epoch"] == 1

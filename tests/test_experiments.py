@@ -338,3 +338,22 @@ def test_classes_out_of_range_and_a_workdir_that_is_a_file(tmp_path):
     (tmp_path / "f").write_text("x")
     out = _cli("experiments.train", "--config", "experiments/configs/stripes_tiny.py", "--workdir", str(tmp_path / "f"))
     assert out.returncode == 2 and "is a file; pass a directory" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_corrupt_newest_checkpoint_evaluate_names_it_and_resume_falls_back(tmp_path):
+    from tests.test_checkpoint import _damage
+
+    fit(stripes(num_epochs=2), str(tmp_path), progress=False)
+    steps = checkpoint.steps(str(tmp_path))
+    _damage(str(tmp_path), steps[-1], "flip")
+    ev = _cli("experiments.evaluate", "--workdir", str(tmp_path), "--checkpoint", "latest")
+    assert ev.returncode == 2 and len(ev.stderr.strip().splitlines()) == 1 and "Traceback" not in ev.stderr
+    assert f"checkpoint {steps[-1]}" in ev.stderr and f"intact checkpoints: [{steps[0]}]" in ev.stderr
+    out = _cli("experiments.train", "--config", "experiments/configs/stripes_tiny.py", "--workdir", str(tmp_path),
+               "--config.num_epochs=3", "--config.plots=False", "--noprogress")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "is damaged" in out.stderr and "resuming from an older one" in out.stderr
+    assert [r["epoch"] for r in _rows(tmp_path)] == [1, 2, 3]
+    ev = _cli("experiments.evaluate", "--workdir", str(tmp_path), "--checkpoint", "latest")
+    assert ev.returncode == 0 and ev.stdout.strip().splitlines()[-1] == \
+        f"test_accuracy: {_rows(tmp_path)[-1]['test_accuracy']:.4f}"
