@@ -85,10 +85,43 @@ def as_flags(message: str) -> str:
                   lambda m: f"--{m.group(1)}" if m.group(1) in TOP_LEVEL_FLAGS else f"--config.{m.group(1)}", message)
 
 
+def config_file_problem(argv: list[str]) -> str | None:
+    """What is wrong with the ``--config FILE`` in ``argv`` (missing, a directory, a syntax error, no
+    ``get_config``), as one line naming the file and the fix; None if it looks loadable."""
+    import ast
+
+    path = None
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+    if path is None:
+        return None
+    if not os.path.exists(path):
+        return f"config file {path} does not exist; pass --config experiments/configs/NAME.py"
+    if os.path.isdir(path):
+        return f"config {path} is a directory; pass --config experiments/configs/NAME.py"
+    try:
+        with open(path) as f:
+            tree = ast.parse(f.read(), filename=path)
+    except SyntaxError as err:
+        return f"config file {path} has a syntax error at line {err.lineno}: {err.msg}; fix the file"
+    except (OSError, UnicodeDecodeError) as err:
+        return f"cannot read config file {path} ({err}); pass a readable Python file"
+    if not any(isinstance(n, ast.FunctionDef) and n.name == "get_config" for n in tree.body):
+        return f"config file {path} defines no get_config(); it must return an ml_collections.ConfigDict"
+    return None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing with one-line errors (an unknown config key raises AttributeError there)."""
     from absl import flags
 
+    problem = config_file_problem(argv)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
     try:
         return flags.FLAGS(argv)
     except (AttributeError, KeyError) as err:

@@ -357,3 +357,22 @@ def test_corrupt_newest_checkpoint_evaluate_names_it_and_resume_falls_back(tmp_p
     ev = _cli("experiments.evaluate", "--workdir", str(tmp_path), "--checkpoint", "latest")
     assert ev.returncode == 0 and ev.stdout.strip().splitlines()[-1] == \
         f"test_accuracy: {_rows(tmp_path)[-1]['test_accuracy']:.4f}"
+
+
+@pytest.mark.parametrize("make,needle", [
+    (lambda d: str(d / "missing.py"), "does not exist"),
+    (lambda d: str(d), "is a directory"),
+    (lambda d: (d / "bad.py").write_text("x = (\n") and str(d / "bad.py"), "syntax error at line 1"),
+    (lambda d: (d / "none.py").write_text("X = 1\n") and str(d / "none.py"), "defines no get_config()"),
+])
+def test_config_file_problems_are_one_line(tmp_path, make, needle):
+    out = _cli("experiments.train", "--config", make(tmp_path), "--workdir", str(tmp_path / "w"))
+    assert out.returncode == 2 and needle in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_run_refused_after_taking_the_lock_leaves_no_workdir(tmp_path):
+    out = _cli("experiments.train", "--config", "experiments/configs/stripes_tiny.py", "--workdir",
+               str(tmp_path / "w"), "--config.model.name=simple_cnn")
+    assert out.returncode == 2 and "cannot take stripes images" in out.stderr
+    assert not (tmp_path / "w").exists()

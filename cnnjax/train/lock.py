@@ -18,12 +18,14 @@ class WorkdirLock:
     """``with WorkdirLock(workdir):`` — raises :class:`TrainingError` if another run holds it."""
 
     def __init__(self, workdir: str, enabled: bool = True):
-        self.path, self.enabled, self._fd = os.path.join(workdir, LOCK_NAME), enabled, None
+        self.path, self.enabled, self._fd, self._created = os.path.join(workdir, LOCK_NAME), enabled, None, False
 
     def __enter__(self) -> WorkdirLock:
         if not self.enabled:
             return self
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        workdir = os.path.dirname(self.path) or "."
+        self._created = not os.path.exists(workdir)
+        os.makedirs(workdir, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -37,7 +39,12 @@ class WorkdirLock:
         self._fd = fd
         return self
 
-    def __exit__(self, *exc) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing releases the lock
-            self._fd = None
+    def __exit__(self, exc_type, *exc) -> None:
+        if self._fd is None:
+            return
+        workdir = os.path.dirname(self.path) or "."
+        if exc_type is not None and self._created and os.listdir(workdir) == [LOCK_NAME]:
+            os.unlink(self.path)  # a run refused before writing anything leaves no empty workdir behind
+            os.rmdir(workdir)
+        os.close(self._fd)  # closing releases the lock
+        self._fd = None
