@@ -191,12 +191,17 @@ def test_evaluate_cli_without_checkpoint_is_clear(tmp_path):
     assert out.returncode == 2 and "config.json" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
+def _start_long_run(workdir) -> subprocess.Popen:
+    """experiments.train on stripes for 400 epochs, logging every step (stopped by the test)."""
     cmd = [sys.executable, "-m", "experiments.train", "--config", "experiments/configs/stripes_tiny.py",
-           "--workdir", str(tmp_path), "--config.num_epochs=400", "--config.log_every=1", "--config.plots=False",
+           "--workdir", str(workdir), "--config.num_epochs=400", "--config.log_every=1", "--config.plots=False",
            "--noprogress"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, XLA_FLAGS=""))
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
+    proc = _start_long_run(tmp_path)
     for line in proc.stdout:
         if line.startswith("epoch   2/"):
             proc.send_signal(signal.SIGTERM)
@@ -292,11 +297,7 @@ def test_conv_outputs_follow_call_order():
 
 
 def test_second_run_in_a_busy_workdir_is_refused_in_one_line(tmp_path):
-    cmd = [sys.executable, "-m", "experiments.train", "--config", "experiments/configs/stripes_tiny.py",
-           "--workdir", str(tmp_path), "--config.num_epochs=400", "--config.log_every=1", "--config.plots=False",
-           "--noprogress"]
-    first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env=dict(os.environ, XLA_FLAGS=""))
+    first = _start_long_run(tmp_path)
     try:
         for line in first.stdout:
             if line.startswith("epoch   1/"):
