@@ -20,7 +20,7 @@ from experiments import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "directory written by experiments.port (or a 1000-class training workdir)")
-flags.DEFINE_integer("top", 5, "how many classes to print per image")
+flags.DEFINE_integer("top", 5, "how many classes to print per image (>= 1)", lower_bound=1)
 
 
 def preprocess(path: str) -> np.ndarray:
@@ -73,10 +73,12 @@ def main(argv):
         class_names, batch = folder_inputs(config, images)
     else:
         class_names, batch = CLASS_NAMES, np.stack([preprocess(p) for p in images])
-    probs = np.asarray(jax.nn.softmax(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, batch)))
-    for path, p in zip(images, probs, strict=True):
+    logits = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, batch), np.float64)
+    probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+    for path, z, p in zip(images, logits, probs, strict=True):
         print(path)
-        for rank, idx in enumerate(np.argsort(-p)[: FLAGS.top], start=1):
+        # Ranked by logits: probabilities that underflow to exactly 0 would tie.
+        for rank, idx in enumerate(np.argsort(-z, kind="stable")[: FLAGS.top], start=1):
             print(f"  {rank}. {class_names[idx]:30s} {p[idx]:.4f}")
 
 

@@ -152,6 +152,12 @@ def test_predict_ranks_the_classes_of_a_folder_trained_workdir(folder, tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     ranked = [line.split()[1] for line in out.stdout.splitlines()[1:]]
     assert len(ranked) == 3 and all(name[:2].isdigit() and "_" in name for name in ranked)
+    probs = [float(line.split()[-1]) for line in out.stdout.splitlines()[1:]]
+    assert probs == sorted(probs, reverse=True)
+    bad = subprocess.run([sys.executable, "-m", "experiments.predict", "--checkpoint", str(tmp_path), "--top=-1",
+                          os.path.join(folder, "07_Sneaker", image)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and "--top=-1" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
 def test_tfds_streams_through_data_source_and_equals_resident(tmp_path):
