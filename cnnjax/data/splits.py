@@ -29,6 +29,12 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[
     return keep, held
 
 
+def per_class_sample(labels: np.ndarray, k: int, seed: int, num_classes: int) -> np.ndarray:
+    """Sorted indices of ``k`` examples of each class (fewer if it has fewer), drawn with ``RandomState(seed)``."""
+    rng = np.random.RandomState(seed)
+    return np.sort(np.concatenate([rng.permutation(np.nonzero(labels == c)[0])[:k] for c in range(num_classes)]))
+
+
 def with_validation(ds: Dataset, fraction: float, seed: int) -> Dataset:
     """``ds`` with a validation split: its own if it has one, else ``fraction`` of train held out."""
     if ds.val_images is not None:

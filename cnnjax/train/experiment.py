@@ -16,7 +16,7 @@ from cnnjax import checkpoint, models, transfer
 from cnnjax.data import MEAN_STD, Dataset, load
 from cnnjax.data.folder import scan_folder
 from cnnjax.data.pipeline import AugmentConfig
-from cnnjax.data.splits import with_validation
+from cnnjax.data.splits import per_class_sample, with_validation
 from cnnjax.data.stream import ArraySource, FileSource, decodable, decoded_bytes, subset, to_arrays
 from cnnjax.errors import ConfigError
 from cnnjax.train.optim import make_optimizer
@@ -161,10 +161,7 @@ def _narrow(splits: DataSplits, config: ml_collections.ConfigDict, classes: bool
     if classes and d.get("classes"):
         splits = _select_source_classes(splits, tuple(d.classes))
     if d.get("train_per_class"):
-        rng = np.random.RandomState(config.seed)
-        labels = splits.train.labels
-        idx = np.sort(np.concatenate([rng.permutation(np.nonzero(labels == c)[0])[: int(d.train_per_class)]
-                                      for c in range(splits.num_classes)]))
+        idx = per_class_sample(splits.train.labels, int(d.train_per_class), config.seed, splits.num_classes)
         splits = dataclasses.replace(splits, train=subset(splits.train, idx))
     return splits
 
@@ -238,9 +235,7 @@ def select_classes(ds: Dataset, classes: tuple[int, ...]) -> Dataset:
 
 def subsample_per_class(ds: Dataset, k: int, seed: int) -> Dataset:
     """Keep ``k`` training images per class, chosen with a fixed seed."""
-    rng = np.random.RandomState(seed)
-    idx = np.concatenate([rng.permutation(np.nonzero(ds.train_labels == c)[0])[:k] for c in range(ds.num_classes)])
-    idx.sort()
+    idx = per_class_sample(ds.train_labels, k, seed, ds.num_classes)
     return dataclasses.replace(ds, train_images=ds.train_images[idx], train_labels=ds.train_labels[idx])
 
 

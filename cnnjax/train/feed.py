@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import math
 
-import jax
 import numpy as np
 
-from cnnjax import distributed
 from cnnjax.data.stream import ArraySource, EpochOrder, EvalBatch, StepBatch, stream
-from cnnjax.train.runner import Runner, eval_totals, summarize_eval
+from cnnjax.train.runner import Runner, process_range
 
 
 class ResidentFeed:
@@ -64,10 +62,6 @@ def evaluate(runner: Runner, params, batch_stats, source, batch_size: int, *, st
     with reader threads in this process: an evaluation pass is too short to pay for starting workers)."""
     if not streamed:
         return runner.evaluate_variables(params, batch_stats, source.images, source.labels, batch_size)
-    params, batch_stats = (jax.tree_util.tree_map(runner.first_local, t) for t in (params, batch_stats))
-    part = np.array_split(np.arange(len(source)), jax.process_count())[jax.process_index()]
-    lo, hi = (int(part[0]), int(part[-1]) + 1) if len(part) else (0, 0)
-    batches = stream(EvalBatch(source, lo, hi, batch_size), 0, math.ceil((hi - lo) / batch_size), workers)
-    totals = eval_totals(runner.eval_fn, params, batch_stats, None, None, batch_size, runner.spec.num_classes,
-                         runner.local_devices[0], batches=batches)
-    return summarize_eval(distributed.sum_over_processes(totals))
+    lo, hi = process_range(len(source))
+    return runner.evaluate_batches(params, batch_stats, stream(EvalBatch(source, lo, hi, batch_size), 0,
+                                                               math.ceil((hi - lo) / batch_size), workers))

@@ -5,8 +5,9 @@ position inside it are derived from the step. Periodic actions: a progress updat
 evaluation + checkpoint at the end of every ``eval_every``-th epoch and of the last, a checkpoint on a
 signal (SIGTERM / SIGINT, agreed on by all processes) or after ``stop_after_steps``.
 
-Reproducible and resumable, in any number of processes: epoch ``e`` shuffles with
-``fold_in(data_key, e)`` (every process draws the same permutation), each step's augmentation /
+Reproducible and resumable, in any number of processes and in either data mode: the global batch of
+each step comes from :class:`cnnjax.data.stream.EpochOrder` (every process draws the same
+permutation), each step's augmentation /
 dropout key is ``fold_in(state.rng, state.step)``, augmentation keys follow the example's position
 in the global batch, and a checkpoint records the epoch's partial metric sums. A run interrupted and
 resumed (with the same or another number of processes / devices) feeds the same global batches.
@@ -152,9 +153,9 @@ def _open_run(config, workdir, data: DataSplits, exp, store, devices, step, prog
         write_config(config, workdir)
     runner = Runner(exp.spec, exp.model.apply, config.parallelism, devices)
     order = EpochOrder(int(config.seed), len(data.train), int(config.batch_size))
-    total = order.steps_per_epoch * config.num_epochs
     if data.streamed:
-        feed = feeds.StreamFeed(runner, data.train, order, step, total, int(config.data.get("workers", 2)))
+        feed = feeds.StreamFeed(runner, data.train, order, step, order.steps_per_epoch * config.num_epochs,
+                                int(config.data.get("workers", 2)))
     else:
         feed = feeds.ResidentFeed(runner, data.train, order)
     writer = MetricsWriter(workdir, step, enabled=primary, tensorboard=tensorboard)
@@ -271,7 +272,7 @@ def _finish(run: Run, state, final_test: dict | None) -> dict:
     rows = run.writer.rows
     summary = next((r for r in rows if "best_step" in r), None)
     if summary is None and rows:
-        summary = _best_checkpoint_summary(run, rows)
+        summary = _best_checkpoint_summary(run, run.writer.epoch_rows)
         run.writer.write(summary)
     run.writer.close()
     if run.config.plots and rows:
@@ -281,15 +282,15 @@ def _finish(run: Run, state, final_test: dict | None) -> dict:
             from cnnjax.train.plots import write_plots
 
             write_plots(run.store.workdir, run.exp.model, run.runner.get_state(state), run.data.class_names,
-                        run.data.test.image(0), [r for r in rows if "train_loss" in r], run.exp.spec, final_test)
-    epochs = [r for r in rows if "train_loss" in r]
+                        run.data.test.image(0), run.writer.epoch_rows, run.exp.spec, final_test)
+    epochs = run.writer.epoch_rows
     return {**(epochs[-1] if epochs else {}), **(summary or {})}
 
 
 def _best_checkpoint_summary(run: Run, rows: list[dict]) -> dict:
     """Test metrics of the checkpoint with the best validation accuracy (every process evaluates)."""
     best = run.store.best_step()
-    by_step = {r["step"]: r for r in rows if "train_loss" in r}
+    by_step = {r["step"]: r for r in rows}
     row = by_step[best]
     if "test_accuracy" not in row:
         variables, _ = run.store.restore_variables(best)

@@ -43,6 +43,11 @@ class MetricsWriter:
                 raise ImportError("TensorBoard logging needs tensorboardX: pip install 'cnnjax[tensorboard]'") from None
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
+    @property
+    def epoch_rows(self) -> list[dict]:
+        """The per-evaluation rows (without the run's closing summary row)."""
+        return [r for r in self.rows if "train_loss" in r]
+
     def write(self, row: dict) -> None:
         self.rows.append(row)
         if not self.enabled:

@@ -209,30 +209,36 @@ class Runner:
 
     def evaluate_variables(self, params, batch_stats, images: np.ndarray, labels: np.ndarray,
                            batch_size: int) -> dict:
-        """Each process evaluates its contiguous part of the split on its first device and the totals
-        are summed over processes. Returns loss, accuracy, per-class accuracy ``[K]`` and confusion
-        ``[K, K]`` (numpy). Every process must call it."""
+        """Eval-mode metrics of in-memory ``images`` / ``labels`` (see :meth:`evaluate_batches`); each
+        process evaluates its :func:`process_range` of them. Every process must call it."""
+        lo, hi = process_range(len(labels))
+        return self.evaluate_batches(params, batch_stats,
+                                     _padded_batches(images[lo:hi], labels[lo:hi], batch_size, self.local_devices[0]))
+
+    def evaluate_batches(self, params, batch_stats, batches) -> dict:
+        """Eval-mode metrics over this process's padded ``{'images', 'labels', 'mask'}`` batches, evaluated on
+        its first device, totals summed over processes: loss, accuracy, per-class accuracy ``[K]``,
+        confusion ``[K, K]`` (numpy). Every process must call it."""
         params, stats = (jax.tree_util.tree_map(self.first_local, t) for t in (params, batch_stats))
-        part = np.array_split(np.arange(images.shape[0]), jax.process_count())[jax.process_index()]
-        totals = eval_totals(self.eval_fn, params, stats, images[part], labels[part], batch_size,
-                             self.spec.num_classes, self.local_devices[0])
-        return summarize_eval(distributed.sum_over_processes(totals))
+        device = self.local_devices[0]
+        total = {k: np.zeros((), np.float32) for k in _METRIC_KEYS} | {
+            "confusion": np.zeros((self.spec.num_classes,) * 2, np.float32)}
+        params, stats = jax.device_put((params, stats), device)
+        acc = None
+        for b in batches:
+            m = self.eval_fn(params, stats, *(jax.device_put(b[k], device) for k in ("images", "labels", "mask")))
+            acc = m if acc is None else jax.tree_util.tree_map(jnp.add, acc, m)
+        if acc is not None:
+            total = jax.tree_util.tree_map(np.asarray, jax.device_get(acc))
+        return summarize_eval(distributed.sum_over_processes(total))
 
 
-def eval_totals(eval_fn, params, batch_stats, images: np.ndarray | None, labels: np.ndarray | None,
-                batch_size: int, num_classes: int, device=None, batches=None) -> dict:
-    """Summed eval metrics (numpy), accumulated on ``device``, over ``images`` / ``labels`` in padded
-    batches, or over ``batches``: an iterable of ``{'images', 'labels', 'mask'}`` padded batches."""
-    total = {k: np.zeros((), np.float32) for k in _METRIC_KEYS} | {
-        "confusion": np.zeros((num_classes, num_classes), np.float32)}
-    params, batch_stats = jax.device_put((params, batch_stats), device)
-    if batches is None:
-        batches = _padded_batches(images, labels, batch_size, device)
-    acc = None
-    for b in batches:
-        m = eval_fn(params, batch_stats, *(jax.device_put(b[k], device) for k in ("images", "labels", "mask")))
-        acc = m if acc is None else jax.tree_util.tree_map(jnp.add, acc, m)
-    return total if acc is None else jax.tree_util.tree_map(np.asarray, jax.device_get(acc))
+def process_range(n: int) -> tuple[int, int]:
+    """``[lo, hi)``: this process's contiguous share of ``n`` examples (``np.array_split`` sizes)."""
+    size, extra = divmod(n, jax.process_count())
+    p = jax.process_index()
+    lo = p * size + min(p, extra)
+    return lo, lo + size + (p < extra)
 
 
 def _padded_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, device):
@@ -247,13 +253,6 @@ def _padded_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, dev
     for start in range(0, n + pad, batch_size):
         sl = slice(start, start + batch_size)
         yield {"images": images_d[sl], "labels": labels_d[sl], "mask": mask_d[sl]}
-
-
-def evaluate_split(eval_fn, params, batch_stats, images: np.ndarray, labels: np.ndarray, batch_size: int,
-                   num_classes: int, device=None) -> dict:
-    """Evaluate a whole split in this process: loss, accuracy, per-class accuracy, confusion (numpy)."""
-    return summarize_eval(eval_totals(eval_fn, params, batch_stats, images, labels, batch_size, num_classes,
-                                      device))
 
 
 def summarize_eval(total: dict) -> dict:
