@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnnjax import layers
+from cnnjax.errors import UsageError
 
 Array = jax.Array
 
@@ -27,11 +28,11 @@ Array = jax.Array
 def conv_output_size(size: int, kernel: int, padding: int, stride: int, dilation: int = 1) -> int:
     """Output length of a conv / pool along one axis: ``floor((W + 2P - d(K-1) - 1) / S) + 1``."""
     if stride < 1 or kernel < 1 or dilation < 1 or padding < 0:
-        raise ValueError(f"need stride, kernel, dilation >= 1 and padding >= 0; got S={stride}, "
+        raise UsageError(f"need stride, kernel, dilation >= 1 and padding >= 0; got S={stride}, "
                          f"K={kernel}, d={dilation}, P={padding}")
     out = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
     if out < 1:
-        raise ValueError(f"input of size {size} is too small for kernel {kernel} (dilation {dilation}) "
+        raise UsageError(f"input of size {size} is too small for kernel {kernel} (dilation {dilation}) "
                          f"with padding {padding}: output size would be {out}")
     return out
 
@@ -39,7 +40,7 @@ def conv_output_size(size: int, kernel: int, padding: int, stride: int, dilation
 def conv_params(kh: int, kw: int, c_in: int, c_out: int, bias: bool = True, groups: int = 1) -> int:
     """Trainable parameters of a conv layer: ``Kh * Kw * (C_in / groups) * C_out (+ C_out)``."""
     if c_in % groups or c_out % groups:
-        raise ValueError(f"groups={groups} must divide C_in={c_in} and C_out={c_out}")
+        raise UsageError(f"groups={groups} must divide C_in={c_in} and C_out={c_out}")
     return kh * kw * (c_in // groups) * c_out + (c_out if bias else 0)
 
 
@@ -155,14 +156,13 @@ def summary(model: nn.Module, input_shape: Sequence[int], name: str | None = Non
             calls.append((tuple(context.module.path), context.module, tuple(out.shape)))
         return out
 
-    x = jnp.zeros((1, *input_shape), jnp.float32)
-
-    def init():
+    def init(x):
         with nn.intercept_methods(record):
             rngs = {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(0)}
             return model.init_with_output(rngs, x, train=False)
 
-    out, variables = jax.eval_shape(init)
+    # Shapes only: nothing is allocated, so any input size can be summarised.
+    out, variables = jax.eval_shape(init, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
     params = variables.get("params", {})
 
     rows = []
@@ -213,7 +213,7 @@ def measured_receptive_field(
             inter = inter[p]
         fmap = inter["__call__"][0]
         if fmap.ndim != 4:
-            raise ValueError(f"layer {layer!r} has output shape {fmap.shape}; pick a spatial layer")
+            raise UsageError(f"layer {layer!r} has output shape {fmap.shape}; pick a spatial layer")
         return fmap[:, fmap.shape[1] // 2, fmap.shape[2] // 2, :].sum()
 
     x = jax.random.normal(key, (num_samples, *input_shape), jnp.float32)
@@ -221,5 +221,5 @@ def measured_receptive_field(
     support = np.abs(grad).sum(axis=(0, 3)) > 0
     rows, cols = np.nonzero(support.any(axis=1))[0], np.nonzero(support.any(axis=0))[0]
     if rows.size == 0:
-        raise ValueError(f"no input pixel influences layer {layer!r}: the gradient is zero everywhere")
+        raise UsageError(f"no input pixel influences layer {layer!r}: the gradient is zero everywhere")
     return int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)

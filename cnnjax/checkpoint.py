@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from flax import serialization
 from orbax.checkpoint import checkpoint_managers as policies
 
-from cnnjax.errors import CheckpointError
+from cnnjax.errors import CheckpointError, UsageError
 from cnnjax.io import write_json_atomic
 from cnnjax.train.state import model_variables
 
@@ -209,7 +209,7 @@ def find(workdir: str, which: str = "best") -> int:
     try:
         step = int(which)
     except ValueError:
-        raise ValueError(f"`checkpoint` must be 'best', 'latest' or a step number, got {which!r}") from None
+        raise UsageError(f"`checkpoint` must be 'best', 'latest' or a step number, got {which!r}") from None
     if step not in available:
         raise CheckpointError(f"no checkpoint at step {step} in {workdir}; available steps: {available}")
     return step

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cnnjax.errors import UsageError
+
 Array = jax.Array
 Pads = tuple[tuple[int, int], tuple[int, int]]
 IMPLS = ("auto", "xla", "im2col")
@@ -56,7 +58,7 @@ def im2col_conv(x: Array, kernel: Array, strides: tuple[int, int], pads: Pads,
     ho = output_size(h, kh, strides[0], pads[0], dilation[0])
     wo = output_size(w, kw, strides[1], pads[1], dilation[1])
     if ho <= 0 or wo <= 0:
-        raise ValueError(f"conv output would be empty: input {h}x{w}, kernel {kh}x{kw}, padding {pads}")
+        raise UsageError(f"conv output would be empty: input {h}x{w}, kernel {kh}x{kw}, padding {pads}")
     xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
     views = []
     for i in range(kh):
@@ -79,7 +81,7 @@ def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: str | Pad
     'auto' (:func:`choose_impl`).
     """
     if impl not in IMPLS:
-        raise ValueError(f"conv impl must be one of {', '.join(IMPLS)}; got {impl!r}")
+        raise UsageError(f"conv impl must be one of {', '.join(IMPLS)}; got {impl!r}")
     kh, kw = kernel.shape[:2]
     if isinstance(padding, str):
         window = (dilation[0] * (kh - 1) + 1, dilation[1] * (kw - 1) + 1)
@@ -89,7 +91,7 @@ def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: str | Pad
     if impl == "auto":
         impl = choose_impl(x.shape[1:3], (kh, kw), strides, pads, dilation, groups)
     if impl == "im2col" and groups != 1:
-        raise ValueError("conv impl='im2col' supports groups=1 only; use impl='xla' for grouped convs")
+        raise UsageError("conv impl='im2col' supports groups=1 only; use impl='xla' for grouped convs")
     if impl == "im2col":
         return im2col_conv(x, kernel, strides, pads, dilation, precision)
     return lax.conv_general_dilated(x, kernel, window_strides=strides, padding=pads, rhs_dilation=dilation,

@@ -16,6 +16,8 @@ import os
 import jax
 import numpy as np
 
+from cnnjax.errors import UsageError
+
 # Environment variables that `experiments.launch` sets for each child; the CLIs read them as
 # defaults of their --coordinator_address / --num_processes / --process_id flags.
 ENV_COORDINATOR = "CNNJAX_COORDINATOR_ADDRESS"
@@ -42,16 +44,16 @@ class ClusterSpec:
 
     def validate(self) -> None:
         if self.auto and self.explicit:
-            raise ValueError("pass either auto-detection or coordinator_address / num_processes / process_id, "
+            raise UsageError("pass either auto-detection or coordinator_address / num_processes / process_id, "
                              "not both")
         if self.explicit:
             if not (self.coordinator_address and self.num_processes > 0 and self.process_id >= 0):
-                raise ValueError("a multi-process run needs all of coordinator_address (host:port), num_processes "
+                raise UsageError("a multi-process run needs all of coordinator_address (host:port), num_processes "
                                  "and process_id")
             if self.process_id >= self.num_processes:
-                raise ValueError(f"process_id {self.process_id} must be below num_processes {self.num_processes}")
+                raise UsageError(f"process_id {self.process_id} must be below num_processes {self.num_processes}")
         if self.heartbeat_timeout_s < 1:
-            raise ValueError("heartbeat_timeout_s must be >= 1")
+            raise UsageError("heartbeat_timeout_s must be >= 1")
 
 
 def spec_from_env(**overrides) -> ClusterSpec:

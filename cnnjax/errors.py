@@ -22,3 +22,31 @@ class TrainingError(CnnjaxError, RuntimeError):
 
 class CheckpointError(CnnjaxError, FileNotFoundError):
     """A checkpoint that is missing or cannot be restored."""
+
+
+class UsageError(CnnjaxError, ValueError):
+    """An argument or flag value that cannot work (an unknown model or optimizer name, a bad option)."""
+
+
+class MissingFileError(CnnjaxError, FileNotFoundError):
+    """A file or directory the user named that does not exist or cannot be read."""
+
+
+
+class CorruptFileError(CnnjaxError, ValueError):
+    """A file the project wrote (config.json, metrics.jsonl, a checkpoint) that is damaged; the message
+    names it and what to do."""
+
+
+class DataFormatError(CnnjaxError, ValueError):
+    """A data file exists but is not in the expected format (bad magic, counts, keys, labels, an image that
+    cannot be decoded); the message names it."""
+
+
+class RunInterrupted(Exception):
+    """A run stopped by a signal (SIGTERM / SIGINT) at a point where nothing needed saving; not an error:
+    command-line front ends exit with the interrupted status (75), and the same command resumes."""
+
+    def __init__(self, signum: int, what: str):
+        self.signum = signum
+        super().__init__(f"interrupted by signal {signum} {what}")

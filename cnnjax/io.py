@@ -40,3 +40,16 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """``obj`` as indented, key-sorted JSON at ``path``, atomically."""
     with atomic_write(path) as f:
         f.write(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def read_json(path: str | os.PathLike, fix: str) -> Any:
+    """The JSON document at ``path``; a file that is not JSON (torn, edited, binary) raises
+    :class:`cnnjax.errors.CorruptFileError` naming it and ``fix`` (what the user should do)."""
+    from cnnjax.errors import CorruptFileError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:  # json.JSONDecodeError is a ValueError
+        raise CorruptFileError(f"{os.fspath(path)} is damaged (not JSON: {str(err).splitlines()[0][:80]}); {fix}") \
+            from None

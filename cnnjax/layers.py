@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from cnnjax.conv import conv2d
+from cnnjax.errors import UsageError
 
 Array = jax.Array
 IntPair = Union[int, tuple[int, int]]
@@ -54,7 +55,7 @@ def _pair(value: IntPair, what: str) -> tuple[int, int]:
         return (value, value)
     if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
         return (int(value[0]), int(value[1]))
-    raise ValueError(f"{what} must be an int or a pair of ints (h, w), got {value!r}")
+    raise UsageError(f"{what} must be an int or a pair of ints (h, w), got {value!r}")
 
 
 def canonical_padding(padding: Padding) -> str | tuple[tuple[int, int], tuple[int, int]]:
@@ -62,17 +63,17 @@ def canonical_padding(padding: Padding) -> str | tuple[tuple[int, int], tuple[in
     if isinstance(padding, str):
         mode = padding.upper()
         if mode not in ("SAME", "VALID"):
-            raise ValueError(f"padding must be 'SAME', 'VALID', an int or (ph, pw); got {padding!r}")
+            raise UsageError(f"padding must be 'SAME', 'VALID', an int or (ph, pw); got {padding!r}")
         return mode
     ph, pw = _pair(padding, "padding")
     if ph < 0 or pw < 0:
-        raise ValueError(f"padding must be non-negative, got {padding!r}")
+        raise UsageError(f"padding must be non-negative, got {padding!r}")
     return ((ph, ph), (pw, pw))
 
 
 def _check_nhwc(x: Array, layer: str) -> None:
     if x.ndim != 4:
-        raise ValueError(f"{layer} expects an [N, H, W, C] array, got shape {tuple(x.shape)}")
+        raise UsageError(f"{layer} expects an [N, H, W, C] array, got shape {tuple(x.shape)}")
 
 
 class Conv(nn.Module):
@@ -101,7 +102,7 @@ class Conv(nn.Module):
         kh, kw = _pair(self.kernel_size, "kernel_size")
         in_features = x.shape[-1]
         if in_features % self.groups or self.features % self.groups:
-            raise ValueError(
+            raise UsageError(
                 f"Conv groups={self.groups} must divide both input channels ({in_features}) "
                 f"and output channels ({self.features})"
             )
@@ -199,7 +200,7 @@ def _pool_geometry(x: Array, window: IntPair, stride: IntPair | None, padding: I
     sh, sw = _pair(stride if stride is not None else (kh, kw), "stride")
     ph, pw = _pair(padding, "padding")
     if 2 * ph > kh or 2 * pw > kw:
-        raise ValueError(f"{name}: padding {(ph, pw)} must be at most half the window {(kh, kw)} (torch rule)")
+        raise UsageError(f"{name}: padding {(ph, pw)} must be at most half the window {(kh, kw)} (torch rule)")
     dims = (1, kh, kw, 1)
     strides = (1, sh, sw, 1)
     pads = ((0, 0), (ph, ph), (pw, pw), (0, 0))
@@ -329,7 +330,7 @@ class Dropout(nn.Module):
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         if not 0.0 <= self.rate < 1.0:
-            raise ValueError(f"Dropout rate must be in [0, 1), got {self.rate}")
+            raise UsageError(f"Dropout rate must be in [0, 1), got {self.rate}")
         if not train or self.rate == 0.0:
             return x
         keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.rate, x.shape)
@@ -345,7 +346,7 @@ def check_head_input(model: str, x: Array, expected_hwc: tuple[int, int, int], h
     """Raise a clear error when the feature map feeding a Dense head has the wrong shape."""
     got = tuple(x.shape[1:])
     if got != tuple(expected_hwc):
-        raise ValueError(
+        raise UsageError(
             f"{model}: the Dense head expects a feature map of {expected_hwc} (H, W, C) but got "
             f"{got}; {hint}"
         )

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cnnjax.errors import UsageError
+
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
 MODES = ("scratch", "feature_extraction", "finetune")
 
@@ -25,9 +27,9 @@ def freeze_until(mode: str, unfreeze_from: str = "stem") -> int:
     """Number of leading stages to freeze: 5 for feature extraction, ``STAGES.index(from)`` for
     fine-tuning, 0 from scratch."""
     if mode not in MODES:
-        raise ValueError(f"transfer mode must be one of {', '.join(MODES)}, got {mode!r}")
+        raise UsageError(f"transfer mode must be one of {', '.join(MODES)}, got {mode!r}")
     if unfreeze_from not in STAGES:
-        raise ValueError(f"unfreeze_from must be one of {', '.join(STAGES)}, got {unfreeze_from!r}")
+        raise UsageError(f"unfreeze_from must be one of {', '.join(STAGES)}, got {unfreeze_from!r}")
     return {"scratch": 0, "feature_extraction": len(STAGES)}.get(mode, STAGES.index(unfreeze_from))
 
 
@@ -77,12 +79,12 @@ def transplant(source: dict, target: dict, head: str = "fc") -> dict:
                 continue
             src = source.get(collection, {}).get(name)
             if src is None:
-                raise ValueError(f"pretrained checkpoint has no {collection}/{name}: is it the same architecture?")
+                raise UsageError(f"pretrained checkpoint has no {collection}/{name}: is it the same architecture?")
             same = jax.tree_util.tree_structure(src) == jax.tree_util.tree_structure(sub) and all(
                 np.shape(a) == np.shape(b)
                 for a, b in zip(jax.tree_util.tree_leaves(src), jax.tree_util.tree_leaves(sub), strict=True))
             if not same:
-                raise ValueError(f"pretrained {collection}/{name} does not match the model (different input channels "
+                raise UsageError(f"pretrained {collection}/{name} does not match the model (different input channels "
                                  "or architecture?)")
             out[collection][name] = jax.tree_util.tree_map(np.asarray, src)
     return out

@@ -18,6 +18,7 @@ import time
 
 from absl import flags
 
+from cnnjax.errors import UsageError
 from experiments import cli
 from experiments.benchlib import SHAPES, bench_torch
 
@@ -100,7 +101,7 @@ def main(argv):
     rows = []
     for name in FLAGS.models:
         if name not in SHAPES:
-            raise ValueError(f"unknown bench row {name!r}; choose from {', '.join(SHAPES)}")
+            raise UsageError(f"unknown bench row {name!r}; choose from {', '.join(SHAPES)}")
         for batch in batches:
             b = 16 if (FLAGS.quick and name.endswith("@224")) else batch
             row = {"model": name, "input": "x".join(map(str, SHAPES[name])), "batch": b}

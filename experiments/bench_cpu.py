@@ -24,6 +24,7 @@ import sys
 
 from absl import flags
 
+from cnnjax.errors import UsageError
 from experiments import cli
 from experiments.benchlib import CPU_VARIANTS as VARIANTS
 from experiments.benchlib import SHAPES, bench_torch
@@ -56,7 +57,7 @@ def main(argv):
     del argv
     unknown = [name for name in FLAGS.models if name not in SHAPES]
     if unknown:
-        raise ValueError(f"unknown bench row(s) {unknown}; choose from {', '.join(SHAPES)}")
+        raise UsageError(f"unknown bench row(s) {unknown}; choose from {', '.join(SHAPES)}")
     results = {}
     for variant in VARIANTS:
         results[variant] = _spawn(variant)

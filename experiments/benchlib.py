@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from cnnjax.errors import UsageError
+
 
 def time_jax_training(model: Any, spec: Any, data_shape: tuple[int, int, int], batch: int, steps: int,
                       model_input_shape: tuple[int, int, int] | None = None, scan: bool | None = None,
@@ -73,7 +75,7 @@ def run_cpu_variant(variant: str, names: list[str], batch: int, steps: int) -> d
     from cnnjax.train.steps import StepSpec
 
     if variant not in CPU_VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose one of {CPU_VARIANTS}")
+        raise UsageError(f"unknown variant {variant!r}; choose one of {CPU_VARIANTS}")
     _undo_changes(variant)
     out = {}
     for name in names:

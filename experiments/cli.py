@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sys
@@ -133,16 +134,45 @@ def parse_flags(argv: list[str]) -> list[str]:
     raise SystemExit(2)
 
 
+# File-system conditions reported as one line naming the file (anything else an OSError means is a bug).
+_FS_ERRNOS = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space", errno.EROFS: "use a writable "
+              "directory", errno.EACCES: "fix its permissions", errno.EPERM: "fix its permissions"}
+
+
+def fs_problem(err: BaseException) -> str | None:
+    """One line for a full / read-only / forbidden file system anywhere in ``err``'s chain, else None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _FS_ERRNOS:
+            where = f" ({err.filename})" if err.filename else ""
+            return f"{os.strerror(err.errno)}{where}; {_FS_ERRNOS[err.errno]} and run the same command again"
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _interrupt_at_start(signum, frame):
+    from cnnjax.errors import RunInterrupted
+
+    raise RunInterrupted(signum, "before the run started; nothing was changed")
+
+
 def run(main) -> int:
-    """``absl.app.run(main)`` with user errors reported on one line instead of a traceback."""
+    """``absl.app.run(main)`` with the project's own errors (:class:`cnnjax.errors.CnnjaxError`) and file-system
+    conditions reported on one ``error:`` line (exit 2) and interruptions on one line (exit 75); any other
+    exception is a bug and shows its traceback."""
+    import signal
+
     from absl import app, logging
 
-    from cnnjax.errors import CnnjaxError
+    from cnnjax.errors import CnnjaxError, RunInterrupted
 
     def quiet_main(argv):
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
         return main(argv)
 
+    signal.signal(signal.SIGTERM, _interrupt_at_start)  # until a command installs its own handling
+    signal.signal(signal.SIGINT, _interrupt_at_start)
     try:
         app.run(quiet_main, flags_parser=parse_flags)
     except SystemExit as exit_:
@@ -150,7 +180,16 @@ def run(main) -> int:
             return exit_.code or 0
         print(exit_.code, file=sys.stderr)
         return 1
-    except (CnnjaxError, ValueError, FileNotFoundError, KeyError, ImportError) as err:
+    except RunInterrupted as err:
+        print(f"{err}; run the same command again", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except CnnjaxError as err:
         print(f"error: {as_flags(str(err))}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        problem = fs_problem(err)
+        if problem is None:
+            raise
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     return 0

@@ -7,12 +7,12 @@ checkpoint. Prints the accuracy recorded during training, per-class accuracy and
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 from absl import flags
 
+from cnnjax.errors import MissingFileError
 from experiments import cli
 
 FLAGS = flags.FLAGS
@@ -30,15 +30,15 @@ def evaluate_workdir(workdir: str, which: str = "best", data_dir: str | None = N
     import ml_collections
 
     from cnnjax import checkpoint
+    from cnnjax.io import read_json
     from cnnjax.train import feed
     from cnnjax.train.experiment import build_model, build_spec, load_splits
     from cnnjax.train.runner import Runner
 
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: `workdir` must be a directory written by experiments.train")
-    with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+        raise MissingFileError(f"{path} not found: `workdir` must be a directory written by experiments.train")
+    config = ml_collections.ConfigDict(read_json(path, "restore it from a copy of the run, or write it again"))
     if data_dir is not None:
         config.data.dir = data_dir
     variables, meta = checkpoint.restore_variables(workdir, which)

@@ -26,6 +26,7 @@ import sys
 
 from absl import flags
 
+from cnnjax.errors import UsageError
 from experiments import cli
 
 FLAGS = flags.FLAGS
@@ -64,7 +65,7 @@ def parse_classes(spec: str, class_names: tuple[str, ...]) -> list[int]:
         elif token.lower() in lookup:
             chosen.add(lookup[token.lower()])
         else:
-            raise ValueError(f"--classes: unknown class {token!r}; use indices 0..{len(class_names) - 1} or names "
+            raise UsageError(f"--classes: unknown class {token!r}; use indices 0..{len(class_names) - 1} or names "
                              f"({', '.join(class_names)})")
     return sorted(chosen)
 
@@ -78,17 +79,17 @@ def main(argv):
     from cnnjax.io import atomic_write
 
     if not FLAGS.out:
-        raise ValueError("--out is required")
+        raise UsageError("--out is required")
     if FLAGS.dataset not in DATASETS or FLAGS.dataset == "stripes":
-        raise ValueError(f"--dataset must be one of {', '.join(d for d in DATASETS if d != 'stripes')}, "
+        raise UsageError(f"--dataset must be one of {', '.join(d for d in DATASETS if d != 'stripes')}, "
                          f"got {FLAGS.dataset!r}")
     if FLAGS.channels not in (1, 3):
-        raise ValueError(f"--channels must be 1 or 3, got {FLAGS.channels}")
+        raise UsageError(f"--channels must be 1 or 3, got {FLAGS.channels}")
     if FLAGS.size < 0 or FLAGS.per_class < 0:
-        raise ValueError("--size and --per_class must be >= 0 (0: native size / all images)")
+        raise UsageError("--size and --per_class must be >= 0 (0: native size / all images)")
     out = os.path.abspath(os.path.expanduser(FLAGS.out))
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise ValueError(f"--out {out} already exists and is not an empty directory; choose a new --out")
+        raise UsageError(f"--out {out} already exists and is not an empty directory; choose a new --out")
 
     ds = load(FLAGS.dataset, data_dir=FLAGS.data_dir or None, cache_dir=None)
     images = ds.train_images if FLAGS.split == "train" else ds.test_images

@@ -16,6 +16,7 @@ import numpy as np
 from absl import flags
 
 from cnnjax.data import CLASS_NAMES
+from cnnjax.errors import UsageError
 from experiments import cli
 
 FLAGS = flags.FLAGS
@@ -49,7 +50,7 @@ def _dump(path: str, images: np.ndarray, labels: np.ndarray, extra: dict) -> Non
 def write(root: str, n_train: int, n_test: int, seed: int = 0) -> str:
     """Create ``root/cifar-10-batches-py`` and return its path."""
     if n_train < 5 or n_test < 1:
-        raise ValueError("--train must be >= 5 (five batches) and --test >= 1")
+        raise UsageError("--train must be >= 5 (five batches) and --test >= 1")
     d = os.path.join(root, "cifar-10-batches-py")
     os.makedirs(d, exist_ok=True)
     rng = np.random.RandomState(seed)

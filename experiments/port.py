@@ -15,6 +15,7 @@ import urllib.request
 
 from absl import flags
 
+from cnnjax.errors import MissingFileError, UsageError
 from experiments import cli
 
 FLAGS = flags.FLAGS
@@ -42,11 +43,11 @@ def download(arch: str, cache_dir: str) -> str:
                 while chunk := response.read(1 << 20):
                     f.write(chunk)
         except (urllib.error.URLError, OSError) as err:
-            raise FileNotFoundError(f"could not download {name} ({err}); this machine looks offline — fetch the "
+            raise MissingFileError(f"could not download {name} ({err}); this machine looks offline — fetch the "
                                     f"file elsewhere and pass --weights FILE") from None
     digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
     if not digest.startswith(want):
-        raise ValueError(f"{path} has sha256 {digest[:8]}..., expected {want}...: delete it and download again")
+        raise UsageError(f"{path} has sha256 {digest[:8]}..., expected {want}...: delete it and download again")
     return path
 
 
@@ -57,13 +58,13 @@ def main(argv):
     from cnnjax.port import load_torchvision
 
     if not FLAGS.arch or not FLAGS.out:
-        raise ValueError("--arch and --out are required")
+        raise UsageError("--arch and --out are required")
     if bool(FLAGS.weights) == FLAGS.download:
-        raise ValueError("pass exactly one of --weights FILE or --download")
+        raise UsageError("pass exactly one of --weights FILE or --download")
     path = download(FLAGS.arch, FLAGS.cache_dir) if FLAGS.download else FLAGS.weights
     model, variables = load_torchvision(FLAGS.arch, path)  # strict: fails before anything is written
     if checkpoint.steps(FLAGS.out):
-        raise ValueError(f"{FLAGS.out} already holds checkpoints; choose a new --out")
+        raise UsageError(f"{FLAGS.out} already holds checkpoints; choose a new --out")
     os.makedirs(FLAGS.out, exist_ok=True)
     num_classes = model.num_classes
     write_json_atomic(os.path.join(FLAGS.out, "config.json"), {

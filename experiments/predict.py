@@ -9,13 +9,13 @@ classes (its best checkpoint, chosen on validation accuracy).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import numpy as np
 from absl import flags
 
+from cnnjax.errors import DataFormatError, MissingFileError, UsageError
 from experiments import cli
 
 FLAGS = flags.FLAGS
@@ -23,17 +23,22 @@ flags.DEFINE_string("checkpoint", None, "directory written by experiments.port (
 flags.DEFINE_integer("top", 5, "how many classes to print per image (>= 1)", lower_bound=1)
 
 
+def unreadable(path: str, reason: str) -> DataFormatError:
+    return DataFormatError(f"cannot read image {path}: {reason}; pass an image file (PNG, JPEG, ...)")
+
+
 def preprocess(path: str) -> np.ndarray:
     """Image file -> float32 ``[224, 224, 3]`` normalised as torchvision's ImageNet eval transform."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
+    from cnnjax.data.folder import DECODE_ERRORS
     from cnnjax.port.imagenet import preprocess_image
 
     try:
         with Image.open(path) as image:
             return preprocess_image(image)
-    except (FileNotFoundError, UnidentifiedImageError) as err:
-        raise ValueError(f"cannot read image {path}: {err}") from None
+    except DECODE_ERRORS as err:  # missing, a directory, truncated, not an image, a decompression bomb
+        raise unreadable(path, " ".join(str(err).split()) or type(err).__name__) from None
 
 
 def folder_inputs(config: dict, paths: list[str]) -> tuple[tuple[str, ...], np.ndarray]:
@@ -47,24 +52,33 @@ def folder_inputs(config: dict, paths: list[str]) -> tuple[tuple[str, ...], np.n
     if d.get("classes"):
         names = tuple(names[c] for c in d["classes"])
     mean, std = normalization("folder", d["channels"])
-    images = np.stack([decode_image(p, d["image_size"], d["channels"]) for p in paths])
-    return names, np.asarray(normalize(images, mean, std))
+    images = []
+    for path in paths:
+        try:
+            images.append(decode_image(path, d["image_size"], d["channels"]))
+        except DataFormatError as err:
+            raise unreadable(path, err.reason) from None
+    return names, np.asarray(normalize(np.stack(images), mean, std))
 
 
 def main(argv):
     import jax
 
     from cnnjax import checkpoint, models
+    from cnnjax.io import read_json
     from cnnjax.port.imagenet import CLASS_NAMES
 
     images = argv[1:]
     if not FLAGS.checkpoint or not images:
-        raise ValueError("usage: python -m experiments.predict --checkpoint DIR IMAGE...")
-    with open(os.path.join(FLAGS.checkpoint, "config.json")) as f:
-        config = json.load(f)
+        raise UsageError("usage: python -m experiments.predict --checkpoint DIR IMAGE...")
+    path = os.path.join(FLAGS.checkpoint, "config.json")
+    if not os.path.isfile(path):
+        raise MissingFileError(f"{path} not found: --checkpoint must be a directory written by experiments.port or "
+                               "experiments.train")
+    config = read_json(path, "port or train the checkpoint again")
     folder = config.get("data", {}).get("name") == "folder"
     if config["num_classes"] != 1000 and not folder:
-        raise ValueError(f"{FLAGS.checkpoint} has {config['num_classes']} classes; predict needs an ImageNet model "
+        raise UsageError(f"{FLAGS.checkpoint} has {config['num_classes']} classes; predict needs an ImageNet model "
                          "or a model trained on an image folder")
     variables, _ = checkpoint.restore_variables(FLAGS.checkpoint, "best")
     model = models.create(config["model"]["name"], num_classes=config["num_classes"],

@@ -19,6 +19,7 @@ import time
 
 from absl import flags
 
+from cnnjax.errors import UsageError
 from experiments import cli
 
 FLAGS = flags.FLAGS
@@ -84,7 +85,7 @@ def main(argv):
 
     out = FLAGS.workdir
     if not out:
-        raise ValueError("--workdir is required")
+        raise UsageError("--workdir is required")
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
     pre_dir = os.path.join(out, "pretrain_classes_0-4")

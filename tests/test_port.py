@@ -101,14 +101,68 @@ def test_other_head_sizes_port(tmp_path):
 def test_bad_files_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         port.read_state_dict(str(tmp_path / "nope.pth"))
+    with pytest.raises(FileNotFoundError, match="it is a directory"):
+        port.read_state_dict(str(tmp_path))
     (tmp_path / "w.bin").write_bytes(b"x")
     with pytest.raises(port.PortError, match="expected .pth, .pt or .safetensors"):
         port.read_state_dict(str(tmp_path / "w.bin"))
-    (tmp_path / "w.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{oops")
-    with pytest.raises(port.PortError, match="bad header"):
-        port.read_state_dict(str(tmp_path / "w.safetensors"))
     with pytest.raises(port.PortError, match="unknown arch 'resnet19'"):
         port.convert("resnet19", {})
+
+
+def _safetensors_with_header(path, header: bytes, data: bytes = b"") -> str:
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data)
+    return str(path)
+
+
+@pytest.mark.parametrize("header", [b"{oops", b"[1, 2]", b'{"w": {"shape": [2], "data_offsets": [0, 8]}}',
+                                    b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}'],
+                         ids=["not-json", "not-a-dict", "no-dtype", "offsets-past-the-end"])
+def test_malformed_safetensors_is_one_port_error(header, tmp_path):
+    path = _safetensors_with_header(tmp_path / "w.safetensors", header, b"\0" * 8)
+    with pytest.raises(port.PortError, match="is not a valid safetensors file") as info:
+        port.read_state_dict(path)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_damaged_pth_is_one_port_error(damage, tmp_path):
+    good = _save(_torch_model("resnet18"), tmp_path, "pth")
+    raw = open(good, "rb").read()
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes({"truncated": raw[: len(raw) // 2], "garbage": np.random.RandomState(0).bytes(4096),
+                     "empty": b""}[damage])
+    with pytest.raises(port.PortError, match="is not a readable torch weights file") as info:
+        port.read_state_dict(str(bad))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+def test_bfloat16_and_float16_weights_port(fmt, tmp_path):
+    tm = _torch_model("resnet18")
+    sd = {k: (v.to(torch.bfloat16) if i % 2 else v.half()) if v.is_floating_point() else v
+          for i, (k, v) in enumerate(tm.state_dict().items())}
+    path = tmp_path / f"w.{fmt}"
+    torch.save(sd, path) if fmt == "pth" else save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    model, variables = port.load_torchvision("resnet18", str(path))
+    assert all(leaf.dtype == np.float32 for leaf in jax.tree_util.tree_leaves(variables))
+    tm.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
+    x = np.random.RandomState(0).randn(1, 64, 64, 3).astype(np.float32)
+    with torch.no_grad():
+        want = tm(nchw(x)).numpy()
+    assert_parity(f"port resnet18 low-precision .{fmt}", model.apply(variables, x, train=False), want, 1e-4)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused(value, tmp_path):
+    sd = {k: v.clone() for k, v in _torch_model("resnet18").state_dict().items()}
+    sd["layer2.0.conv1.weight"][0, 0, 0, 0] = value
+    sd["fc.bias"][3] = value
+    path = tmp_path / "w.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(port.PortError, match=r"NaN or inf values in 2 tensor\(s\)") as info:
+        port.load_torchvision("resnet18", str(path))
+    assert "layer2.0.conv1.weight" in str(info.value) and "fc.bias" in str(info.value)
 
 
 def _cli(*args):
@@ -145,6 +199,15 @@ def test_port_cli_writes_a_checkpoint_that_predict_restores(tmp_path):
     assert CLASS_NAMES[top] in lines[0]
 
 
+def test_port_cli_damaged_weights_is_one_line_and_writes_nothing(tmp_path):
+    bad = tmp_path / "w.pth"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    out = _cli("experiments.port", "--arch", "resnet18", "--weights", str(bad), "--out", str(tmp_path / "ck"))
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().count("\n") == 0 and "not a readable torch weights file" in out.stderr
+    assert not (tmp_path / "ck").exists()
+
+
 def test_port_cli_download_offline_says_so(tmp_path):
     out = _cli("experiments.port", "--arch", "resnet18", "--download", "--out", str(tmp_path / "ck"),
                "--cache_dir", str(tmp_path / "cache"))
@@ -152,3 +215,12 @@ def test_port_cli_download_offline_says_so(tmp_path):
     assert "offline" in out.stderr or "could not download" in out.stderr
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "ck").exists()
+
+
+def test_imagenet_class_names_are_torchvisions_unique_names():
+    from cnnjax.port.imagenet import CLASS_NAMES
+
+    assert len(CLASS_NAMES) == len(set(CLASS_NAMES)) == 1000
+    assert (CLASS_NAMES[134], CLASS_NAMES[517]) == ("crane bird", "crane")
+    assert (CLASS_NAMES[638], CLASS_NAMES[639]) == ("maillot", "maillot tank suit")
+    assert (CLASS_NAMES[0], CLASS_NAMES[999]) == ("tench", "toilet tissue")

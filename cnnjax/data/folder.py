@@ -48,7 +48,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from cnnjax.data.sources import DataFormatError
-from cnnjax.errors import ConfigError
+from cnnjax.errors import ConfigError, MissingFileError
 
 __all__ = ["IMG_EXTENSIONS", "FolderSplits", "decode_files", "decode_image", "scan_folder"]
 
@@ -61,7 +61,7 @@ _LAYOUT_HINT = ("expected ROOT/<class>/<image> (torchvision ImageFolder) or ROOT
                 "ROOT/val/... and/or ROOT/test/...; images: " + " ".join(IMG_EXTENSIONS))
 # What a malformed file can make Pillow raise (UnidentifiedImageError and truncation are OSErrors; some
 # plugins raise SyntaxError, EOFError, struct.error, IndexError or KeyError on corrupt headers).
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, KeyError,
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, KeyError,
                   Image.DecompressionBombError)
 
 
@@ -201,7 +201,7 @@ def scan_folder(root: str, fractions: tuple[float, float, float] = (0.7, 0.15, 0
     root = os.path.abspath(os.path.expanduser(os.fspath(root)))
     if not os.path.isdir(root):
         what = "is not a directory" if os.path.exists(root) else "does not exist"
-        raise FileNotFoundError(f"image folder {root} {what}; set `data.dir` to a directory of class folders")
+        raise MissingFileError(f"image folder {root} {what}; set `data.dir` to a directory of class folders")
     split_dirs = _presplit_dirs(root)
     if split_dirs is None:
         trees = {"all": _read_tree(root)}
@@ -294,7 +294,7 @@ def decode_image(path: str, size: int, channels: int = 3) -> np.ndarray:
     try:
         with Image.open(path) as img:
             return _decode(img, int(size), channels)
-    except _DECODE_ERRORS as err:
+    except DECODE_ERRORS as err:
         raise _decode_error(os.fspath(path), err) from None
 
 

@@ -12,6 +12,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from cnnjax.errors import UsageError
+
 Array = jax.Array
 PAD_MODES = ("constant", "reflect")
 FLIP_MODES = ("random", "alternate")
@@ -38,13 +40,13 @@ class AugmentConfig:
 
     def __post_init__(self):
         if self.pad_mode not in PAD_MODES:
-            raise ValueError(f"pad_mode must be 'constant' or 'reflect', got {self.pad_mode!r}")
+            raise UsageError(f"pad_mode must be 'constant' or 'reflect', got {self.pad_mode!r}")
         if self.flip_mode not in FLIP_MODES:
-            raise ValueError(f"flip_mode must be 'random' or 'alternate', got {self.flip_mode!r}")
+            raise UsageError(f"flip_mode must be 'random' or 'alternate', got {self.flip_mode!r}")
         if self.flip and self.flip_mode == "alternate" and self.steps_per_epoch < 1:
-            raise ValueError("flip_mode='alternate' needs steps_per_epoch >= 1")
+            raise UsageError("flip_mode='alternate' needs steps_per_epoch >= 1")
         if not 0.0 <= self.random_resized_crop <= 1.0:
-            raise ValueError(f"random_resized_crop must be a min area fraction in [0, 1], got "
+            raise UsageError(f"random_resized_crop must be a min area fraction in [0, 1], got "
                              f"{self.random_resized_crop}")
 
     @property
@@ -56,7 +58,7 @@ def epoch_batches(key: Array, num_examples: int, batch_size: int) -> Array:
     """Shuffled example indices ``[steps, batch_size]`` for one epoch (the remainder is dropped)."""
     steps = num_examples // batch_size
     if steps == 0:
-        raise ValueError(f"batch size {batch_size} is larger than the {num_examples} training examples; "
+        raise UsageError(f"batch size {batch_size} is larger than the {num_examples} training examples; "
                          "lower `batch_size`")
     perm = jax.random.permutation(key, num_examples)
     return perm[: steps * batch_size].reshape(steps, batch_size)
@@ -127,6 +129,6 @@ def augment(key: Array, images: Array, cfg: AugmentConfig, offset: Array | int =
     flips = None  # random flips: drawn per example inside _augment_one
     if cfg.flip and cfg.flip_mode == "alternate":
         if example_ids is None or run_key is None:
-            raise ValueError("flip_mode='alternate' needs example_ids and run_key")
+            raise UsageError("flip_mode='alternate' needs example_ids and run_key")
         flips = alternating_flips(run_key, example_ids, jnp.asarray(step) // cfg.steps_per_epoch)
     return jax.vmap(lambda k, im, f: _augment_one(k, im, f, cfg))(keys, images, flips)

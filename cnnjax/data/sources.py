@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from cnnjax.errors import CnnjaxError
+from cnnjax.errors import CnnjaxError, DataFormatError, MissingFileError, UsageError
 from cnnjax.io import atomic_write
 
 __all__ = [
@@ -62,10 +62,6 @@ _CACHE_VERSION = 1
 _CACHE_KEYS = ("train_images", "train_labels", "test_images", "test_labels", "class_names")
 
 
-class DataFormatError(CnnjaxError, ValueError):
-    """A raw data file exists but is not in the expected format (bad magic, counts, keys, labels)."""
-
-
 class TFDSUnavailableError(CnnjaxError, RuntimeError):
     """A TFDS dataset cannot be read here: TFDS missing, or the dataset is unprepared and cannot be prepared."""
 
@@ -91,7 +87,7 @@ class Dataset:
         for split in ("train", "test") + (("val",) if self.val_images is not None else ()):
             images, labels = getattr(self, f"{split}_images"), getattr(self, f"{split}_labels")
             if images.ndim != 4 or labels.ndim != 1 or len(images) != len(labels):
-                raise ValueError(f"{self.name} {split}: images must be [N, H, W, C] and labels [N], got "
+                raise DataFormatError(f"{self.name} {split}: images must be [N, H, W, C] and labels [N], got "
                                  f"{images.shape} and {labels.shape}")
 
     @property
@@ -126,7 +122,7 @@ def load(name: str, data_dir: str | None = None, cache_dir: str | None = None,
       TFDSUnavailableError: the TFDS path cannot work here (message says why and what to do).
     """
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+        raise UsageError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
     if name == "stripes":
         return _stripes()
     if data_dir:
@@ -200,7 +196,7 @@ def _idx_files(name: str, data_dir: str) -> dict[str, str]:
             missing.append(base + ".gz")
     if missing:
         what = "directory does not exist" if not os.path.isdir(data_dir) else f"missing {', '.join(missing)}"
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"no IDX files for {name} in {data_dir} ({what}): expected "
             f"{', '.join(n + '.gz' for n in _IDX_NAMES.values())} (or un-gzipped); {_idx_hint(name)}")
     return found
@@ -266,7 +262,7 @@ def _cifar_files(name: str, data_dir: str) -> tuple[str, list[str]]:
             return candidate, [os.path.join(candidate, f) for f in needed]
     what = "directory does not exist" if not os.path.isdir(data_dir) else "files missing"
     tarball = "cifar-10-python.tar.gz" if name == "cifar10" else "cifar-100-python.tar.gz"
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"no {name} python batches in {data_dir} ({what}): expected {', '.join(needed)} in {data_dir} or in "
         f"{os.path.join(data_dir, dirname)}; download {tarball} from https://www.cs.toronto.edu/~kriz/cifar.html, "
         f"extract it and pass `data.dir`=<dir containing {dirname}>")

@@ -13,6 +13,7 @@ from typing import Any
 
 import flax.linen as nn
 
+from cnnjax.errors import UsageError
 from cnnjax.models.cifar_resnet import CifarResNet
 from cnnjax.models.fast import FastNet
 from cnnjax.models.lenet import LeNet5
@@ -54,15 +55,15 @@ def available() -> list[str]:
 def create(name: str, num_classes: int | None = None, **kwargs: Any) -> nn.Module:
     """Build model ``name`` with ``num_classes`` outputs (its default when None) and ``kwargs``."""
     if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(available())}")
+        raise UsageError(f"unknown model {name!r}; choose one of: {', '.join(available())}")
     factory, default_classes = _REGISTRY[name]
     classes = default_classes if num_classes is None else int(num_classes)
     if classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        raise UsageError(f"num_classes must be >= 1, got {num_classes}")
     try:
         return factory(num_classes=classes, **kwargs)
     except TypeError as err:
-        raise ValueError(f"model {name!r} does not take these options {sorted(kwargs)}: {err}") from None
+        raise UsageError(f"model {name!r} does not take these options {sorted(kwargs)}: {err}") from None
 
 
 __all__ = ["available", "create", "DEFAULT_INPUT_SHAPES", "CifarResNet", "FastNet", "GapCNN", "ImprovedCNN",

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cnnjax.errors import UsageError
 from cnnjax.layers import BatchNorm, Conv, Dense, global_avg_pool, kaiming_normal_fan_out
 
 Array = jax.Array
@@ -47,7 +48,7 @@ class CifarResNet(nn.Module):
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         if (self.depth - 2) % 6:
-            raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110), got {self.depth}")
+            raise UsageError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110), got {self.depth}")
         n = (self.depth - 2) // 6
         x = Conv(16, 3, 1, 1, use_bias=False, kernel_init=kaiming_normal_fan_out, name="conv1")(x)
         x = nn.relu(BatchNorm(axis_name=self.axis_name, name="bn1")(x, train))

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
+from cnnjax.errors import UsageError
 from cnnjax.layers import (
     BasicBlock,
     BatchNorm,
@@ -55,9 +56,9 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x: Array, train: bool = False, features_only: bool = False) -> Array:
         if min(x.shape[1:3]) < 32:
-            raise ValueError(f"ResNet needs inputs of at least 32x32 (total stride 32), got {x.shape[1:3]}")
+            raise UsageError(f"ResNet needs inputs of at least 32x32 (total stride 32), got {x.shape[1:3]}")
         if not 0 <= self.freeze_until <= 5:
-            raise ValueError(f"freeze_until must be 0..5 (stem, layer1..layer4), got {self.freeze_until}")
+            raise UsageError(f"freeze_until must be 0..5 (stem, layer1..layer4), got {self.freeze_until}")
         stem_train = train and self.freeze_until < 1
         x = Conv(64, 7, 2, 3, use_bias=False, kernel_init=kaiming_normal_fan_out, name="conv1")(x)
         x = nn.relu(BatchNorm(axis_name=self.axis_name, name="bn1")(x, stem_train))

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
+from cnnjax.errors import UsageError
 from cnnjax.layers import (
     BatchNorm,
     Conv,
@@ -46,7 +47,7 @@ class VGG(nn.Module):
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         if min(x.shape[1:3]) < 32:
-            raise ValueError(f"VGG needs inputs of at least 32x32 (five 2x2 max-pools), got {x.shape[1:3]}")
+            raise UsageError(f"VGG needs inputs of at least 32x32 (five 2x2 max-pools), got {x.shape[1:3]}")
         idx = 0  # torchvision's index into nn.Sequential `features`
         for item in self.config:
             if item == "M":

@@ -8,10 +8,8 @@ one error.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import struct
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnnjax import models
+from cnnjax.errors import CnnjaxError, MissingFileError
 from cnnjax.port.torch_state import state_dict_to_variables, torchvision_key
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg11", "vgg11_bn", "vgg16", "vgg16_bn")
@@ -43,63 +42,75 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class PortError(ValueError):
-    """A state dict that does not fit the cnnjax model; the message lists every problem."""
+class PortError(CnnjaxError, ValueError):
+    """A weights file that cannot be read, or a state dict that does not fit the cnnjax model; the
+    message lists every problem."""
 
 
 # --- reading files ---------------------------------------------------------------------------
 
-_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-                       "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """Parse a ``.safetensors`` file with numpy only (8-byte header size, JSON header, raw data)."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 8:
-        raise PortError(f"{path} is not a safetensors file (too short)")
-    (header_len,) = struct.unpack("<Q", raw[:8])
+    """Tensors of a ``.safetensors`` file as numpy arrays, read with the safetensors library (header and
+    offsets validated, the file memory-mapped). bfloat16 / float16 tensors become float32."""
+    from safetensors import SafetensorError, safe_open
+
     try:
-        header = json.loads(raw[8:8 + header_len])
-    except (ValueError, UnicodeDecodeError):
-        raise PortError(f"{path} is not a safetensors file (bad header)") from None
-    data = memoryview(raw)[8 + header_len:]
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = info["dtype"]
-        start, end = info["data_offsets"]
-        if dtype == "BF16":
-            bits = np.frombuffer(data[start:end], np.uint16).astype(np.uint32) << 16
-            array = bits.view(np.float32)
-        elif dtype in _SAFETENSORS_DTYPES:
-            array = np.frombuffer(data[start:end], _SAFETENSORS_DTYPES[dtype])
-        else:
-            raise PortError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
-        out[name] = array.reshape(info["shape"]).copy()
-    return out
+        # The 'flax' backend reads bfloat16 (numpy has no such dtype); arrays are made on the CPU.
+        with jax.default_device(jax.local_devices(backend="cpu")[0]), safe_open(path, framework="flax") as f:
+            return {name: _host_array(f.get_tensor(name)) for name in f.keys()}
+    except SafetensorError as err:
+        raise PortError(f"{path} is not a valid safetensors file ({err}); re-download or re-export it") from None
 
 
-def read_state_dict(path: str) -> dict[str, np.ndarray]:
-    """State dict from ``.safetensors`` (numpy only) or ``.pth`` / ``.pt`` (needs torch)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file {path} not found")
-    if path.endswith(".safetensors"):
-        return read_safetensors(path)
-    if not path.endswith((".pth", ".pt")):
-        raise PortError(f"unknown weights format {path!r}: expected .pth, .pt or .safetensors")
+def _host_array(x) -> np.ndarray:
+    x = np.asarray(x)
+    return x.astype(np.float32) if x.dtype.kind == "f" and x.dtype.itemsize < 4 else x
+
+
+def read_pth(path: str) -> dict[str, np.ndarray]:
+    """State dict of a torch ``.pth`` / ``.pt`` file (``weights_only``; needs torch) as numpy arrays;
+    a checkpoint dict with a ``state_dict`` entry is unwrapped; bfloat16 / float16 become float32."""
     try:
         import torch
     except ImportError:
         raise PortError(f"reading {path} needs torch (pip install torch), or convert it to .safetensors") from None
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged file (zip, pickle, EOF)
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise PortError(f"{path} is not a readable torch weights file ({reason}); re-download it or pass "
+                        "another --weights") from None
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
-    if not isinstance(obj, Mapping):
-        raise PortError(f"{path} holds a {type(obj).__name__}, not a state dict")
-    return {k: v.detach().cpu().numpy() for k, v in obj.items()}
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise PortError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors")
+    return {k: (v.detach().cpu().float() if v.is_floating_point() and v.element_size() < 4 else v.detach().cpu())
+            .numpy() for k, v in obj.items()}
+
+
+def check_finite(state_dict: Mapping[str, np.ndarray], path: str) -> None:
+    """Raise :class:`PortError` naming the tensors that hold NaN or inf."""
+    bad = [k for k, v in state_dict.items() if np.asarray(v).dtype.kind == "f" and not np.isfinite(v).all()]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise PortError(f"{path} has NaN or inf values in {len(bad)} tensor(s) ({shown}); the file is damaged or "
+                        "its training diverged — use another file")
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+    """Finite numpy state dict from ``.safetensors`` (safetensors library) or ``.pth`` / ``.pt`` (torch)."""
+    if not os.path.isfile(path):
+        raise MissingFileError(f"weights file {path} not found" + (" (it is a directory)" if os.path.isdir(path)
+                                                                    else ""))
+    if path.endswith(".safetensors"):
+        state_dict = read_safetensors(path)
+    elif path.endswith((".pth", ".pt")):
+        state_dict = read_pth(path)
+    else:
+        raise PortError(f"unknown weights format {path!r}: expected .pth, .pt or .safetensors")
+    check_finite(state_dict, path)
+    return state_dict
 
 
 # --- strict key check --------------------------------------------------------------------------

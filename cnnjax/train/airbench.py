@@ -21,6 +21,7 @@ import numpy as np
 import optax
 
 from cnnjax.data.pipeline import normalize
+from cnnjax.errors import UsageError
 from cnnjax.models.fast import whitening_kernel
 
 
@@ -62,10 +63,10 @@ def init_whitening(params: Any, images: np.ndarray, mean, std, eps: float = 5e-4
     """``params`` with ``whiten/kernel`` set from uint8 training images ``[N, H, W, C]`` (normalised
     first, as airbench uses the first 5000 training images without augmentation)."""
     if "whiten" not in params:
-        raise ValueError("whitening init needs a model with a 'whiten' conv (fast_cnn); set "
+        raise UsageError("whitening init needs a model with a 'whiten' conv (fast_cnn); set "
                          "`whiten_init_images`=0 for other models")
     x = np.asarray(normalize(images, mean, std))
     kernel = jnp.asarray(whitening_kernel(x, eps))
     if kernel.shape != params["whiten"]["kernel"].shape:
-        raise ValueError(f"whitening kernel {kernel.shape} does not fit the model's {params['whiten']['kernel'].shape}")
+        raise UsageError(f"whitening kernel {kernel.shape} does not fit the model's {params['whiten']['kernel'].shape}")
     return {**params, "whiten": {**params["whiten"], "kernel": kernel}}

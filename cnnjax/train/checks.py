@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any
@@ -13,7 +12,7 @@ from cnnjax import checkpoint, models
 from cnnjax.data import CLASS_NAMES
 from cnnjax.data.pipeline import FLIP_MODES, PAD_MODES
 from cnnjax.errors import ConfigError, TrainingError
-from cnnjax.io import write_json_atomic
+from cnnjax.io import read_json, write_json_atomic
 from cnnjax.train.runner import MODES
 from cnnjax.train.steps import TTA_LEVELS
 
@@ -87,8 +86,8 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     path = os.path.join(workdir, "config.json")
     if not (os.path.exists(path) and checkpoint.steps(workdir)):
         return
-    with open(path) as f:
-        old = identity(ml_collections.ConfigDict(json.load(f)))
+    old = identity(ml_collections.ConfigDict(read_json(path, "delete it to resume with this config (the checkpoint "
+                                                          "must still fit the model), or use a new `workdir`")))
     new = identity(config)
     if old != new:
         diff = {k: (old[k], new[k]) for k in IDENTITY_KEYS if old[k] != new[k]}

@@ -24,8 +24,9 @@ class ResidentFeed:
         self.runner, self.order = runner, order
         self._data = runner.put_data(train.images, train.labels)
 
-    def train(self, state, step: int, count: int):
-        return self.runner.train(state, *self._data, self.order.batches(step, count))
+    def train(self, state, step: int, count: int, stop=None):
+        """Steps ``step .. step + count - 1`` (fewer if ``stop`` says so; see :meth:`Runner.train`)."""
+        return self.runner.train(state, *self._data, self.order.batches(step, count), stop)
 
     def close(self) -> None:
         pass
@@ -40,13 +41,16 @@ class StreamFeed:
         cols = runner.local_columns(order.batch_size)
         self._it = stream(StepBatch(train, order, cols), start_step, total_steps, workers, buffer)
 
-    def train(self, state, step: int, count: int):
+    def train(self, state, step: int, count: int, stop=None):
+        """Steps ``step .. step + count - 1`` (fewer if ``stop`` says so: the loop then ends the run, so the
+        batches decoded past the stop are dropped)."""
         if step != self._next:
             raise RuntimeError(f"the stream is at step {self._next}, not {step}")
         parts = [next(self._it) for _ in range(count)]
-        self._next += count
         batch = {k: np.stack([p[k] for p in parts]) for k in ("images", "labels", "ids")}
-        return self.runner.train_batches(state, batch, self.order.batch_size)
+        state, metrics = self.runner.train_batches(state, batch, self.order.batch_size, stop)
+        self._next += metrics["steps"]
+        return state, metrics
 
     def close(self) -> None:
         close = getattr(self._it, "close", None)

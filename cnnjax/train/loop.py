@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from cnnjax import distributed
 from cnnjax.checkpoint import CheckpointStore
 from cnnjax.data.stream import EpochOrder
-from cnnjax.errors import ConfigError, TrainingError
+from cnnjax.errors import ConfigError, RunInterrupted, TrainingError
 from cnnjax.train import feed as feeds
 from cnnjax.train.checks import check_config, check_workdir, write_config
 from cnnjax.train.experiment import DataSplits, Experiment, build, load_splits
@@ -38,10 +38,13 @@ from cnnjax.train.runner import Runner, select_devices
 
 
 class StopFlag:
-    """SIGTERM / SIGINT set ``signal``; the loop checkpoints at the next chunk boundary and returns."""
+    """SIGTERM / SIGINT handling for a run. While ``abortable`` (start-up: loading data, building, restoring,
+    nothing trained yet) a signal raises :class:`RunInterrupted` at once; afterwards it only sets ``signal``
+    and the loop checkpoints after the current step (compilation, once started, runs to its end)."""
 
     def __init__(self):
         self.signal: int | None = None
+        self.abortable = True
         self._old = {}
 
     def __enter__(self):
@@ -54,6 +57,8 @@ class StopFlag:
 
     def _set(self, signum, frame):
         self.signal = signum
+        if self.abortable:
+            raise RunInterrupted(signum, "before training started; nothing was changed")
 
     def __exit__(self, *exc):
         for sig, handler in self._old.items():
@@ -127,7 +132,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
         raise ConfigError("workdir", "must name a directory")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError("workdir", f"{workdir} is a file; pass a directory")
-    # A signal during start-up or compilation stops the run at the first chunk boundary.
+    # A signal during start-up stops the run at once; from the first step on, after the current step.
     with StopFlag() as stop, WorkdirLock(workdir, enabled=distributed.is_primary()):
         data = load_splits(config)
         if config.num_classes == 0:  # take the number of classes from the data (image folders)
@@ -197,7 +202,9 @@ def _train(run: Run, state, step: int, acc: dict, stop: StopFlag, stop_after_ste
         n = min(chunk, spe - pos)
         if stop_after_steps is not None:
             n = min(n, max(1, start + stop_after_steps - step))
-        state, m = run.feed.train(state, step, n)
+        stop.abortable = False
+        state, m = run.feed.train(state, step, n, stop=lambda: distributed.any_process(stop.signal is not None))
+        n = m.pop("steps")
         acc = {k: acc.get(k, 0.0) + float(v) for k, v in jax.device_get(m).items()}
         step, seen = step + n, seen + n * run.config.batch_size
         _check_finite(acc, epoch, step)

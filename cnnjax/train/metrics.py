@@ -6,17 +6,36 @@ from __future__ import annotations
 import json
 import os
 
+from cnnjax.errors import CorruptFileError, UsageError
 from cnnjax.io import atomic_write
 
 FILENAME = "metrics.jsonl"
 
 
 def read_rows(workdir: str) -> list[dict]:
+    """The rows of ``workdir/metrics.jsonl``. A torn last line (a process killed while appending it) is
+    dropped: its checkpoint was never saved, so a resume would drop that row anyway. A damaged line
+    elsewhere raises :class:`CorruptFileError` naming the file and the line."""
     path = os.path.join(workdir, FILENAME)
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or "step" not in row:
+                raise ValueError("not a metrics row")
+        except ValueError as err:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+            if number == len(lines):  # the last line, with no newline after it: torn by a crash
+                break
+            raise CorruptFileError(f"{path} line {number} is damaged ({str(err)[:60]}); delete that line, or the file "
+                                   "to start its history afresh") from None
+        rows.append(row)
+    return rows
 
 
 class MetricsWriter:
@@ -40,7 +59,7 @@ class MetricsWriter:
             try:
                 from tensorboardX import SummaryWriter
             except ImportError:
-                raise ImportError("TensorBoard logging needs tensorboardX: pip install 'cnnjax[tensorboard]'") from None
+                raise UsageError("TensorBoard logging needs tensorboardX: pip install 'cnnjax[tensorboard]'") from None
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     @property

@@ -7,6 +7,8 @@ from typing import Any
 import jax
 import optax
 
+from cnnjax.errors import UsageError
+
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw", "airbench")
 SCHEDULES = ("constant", "cosine", "onecycle", "triangular", "piecewise")
 
@@ -40,7 +42,7 @@ def make_schedule(cfg: Any, steps_per_epoch: int, num_epochs: int) -> optax.Sche
     if name == "piecewise":
         bounds = {int(e * steps_per_epoch): float(cfg.get("decay_factor", 0.1)) for e in cfg.boundaries_epochs}
         return optax.piecewise_constant_schedule(lr, bounds)
-    raise ValueError(f"unknown schedule {name!r}; choose one of: {', '.join(SCHEDULES)}")
+    raise UsageError(f"unknown schedule {name!r}; choose one of: {', '.join(SCHEDULES)}")
 
 
 def make_optimizer(cfg: Any, steps_per_epoch: int, num_epochs: int) -> tuple[optax.GradientTransformation,
@@ -80,7 +82,7 @@ def make_optimizer(cfg: Any, steps_per_epoch: int, num_epochs: int) -> tuple[opt
     elif name == "adamw":
         parts.append(optax.adamw(schedule, weight_decay=wd, mask=_kernel_mask))
     else:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}")
+        raise UsageError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}")
     return optax.chain(*parts), schedule
 
 

@@ -23,6 +23,7 @@ On the CPU a chunk of steps is a host loop of compiled steps (XLA:CPU runs convo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -31,6 +32,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cnnjax import distributed
+from cnnjax.errors import UsageError
 from cnnjax.train.state import TrainState
 from cnnjax.train.steps import AXIS, StepSpec, eval_step, train_step
 
@@ -93,9 +95,9 @@ class Runner:
     def __init__(self, spec: StepSpec, apply_fn, mode: str = "jit", devices: list | None = None,
                  scan: bool | None = None):
         if mode not in MODES:
-            raise ValueError(f"parallelism must be 'jit', 'pmap' or 'sharded', got {mode!r}")
+            raise UsageError(f"parallelism must be 'jit', 'pmap' or 'sharded', got {mode!r}")
         if mode == "jit" and jax.process_count() > 1:
-            raise ValueError("parallelism 'jit' trains on one device of one process; use 'sharded' or 'pmap' "
+            raise UsageError("parallelism 'jit' trains on one device of one process; use 'sharded' or 'pmap' "
                              "for a multi-process run")
         self.spec, self.mode = spec, mode
         self.scan = jax.default_backend() != "cpu" if scan is None else scan
@@ -156,7 +158,7 @@ class Runner:
     def local_columns(self, global_batch: int) -> np.ndarray:
         """Which columns of a global batch this process feeds (its devices' shards, in device order)."""
         if global_batch % self.n:
-            raise ValueError(f"batch size {global_batch} must be divisible by the {self.n} devices")
+            raise UsageError(f"batch size {global_batch} must be divisible by the {self.n} devices")
         per = global_batch // self.n
         return np.concatenate([np.arange(g * per, (g + 1) * per) for g in self.local_positions])
 
@@ -186,22 +188,34 @@ class Runner:
         return self.put_batches(idx[:, self.local_columns(idx.shape[-1])], idx.shape[-1])
 
     # --- compute -----------------------------------------------------------------------------
-    def train(self, state: TrainState, images: Array, labels: Array, idx: np.ndarray) -> tuple[TrainState, dict]:
+    def train(self, state: TrainState, images: Array, labels: Array, idx: np.ndarray,
+              stop: Callable[[], bool] | None = None) -> tuple[TrainState, dict]:
         """Run the chunk ``idx [steps, B]`` of indices into the resident split; metrics are summed over steps
-        and devices, on this process's first device."""
-        return self._run(self._train, state, images, labels, self.put_indices(np.asarray(idx)))
+        and devices, on this process's first device, with ``'steps'``: how many steps ran.
 
-    def train_batches(self, state: TrainState, batch: dict, global_batch: int) -> tuple[TrainState, dict]:
+        ``stop``: asked after each step (host-loop mode: each step is then waited for); when it returns
+        True the chunk ends there. Every process must give the same answer (see ``distributed.any_process``).
+        In ``scan`` mode (accelerators) the chunk is one computation and always runs to its end."""
+        return self._run(self._train, state, images, labels, self.put_indices(np.asarray(idx)), stop)
+
+    def train_batches(self, state: TrainState, batch: dict, global_batch: int,
+                      stop: Callable[[], bool] | None = None) -> tuple[TrainState, dict]:
         """Run a chunk of streamed batches: this process's columns ``{'images' [steps, b, H, W, C], 'labels',
-        'ids' [steps, b]}`` of ``global_batch``-example batches."""
+        'ids' [steps, b]}`` of ``global_batch``-example batches (``stop`` and the metrics as :meth:`train`)."""
         placed = [self.put_batches(batch[k], global_batch) for k in ("images", "labels", "ids")]
-        return self._run(self._train_batches, state, *placed)
+        return self._run(self._train_batches, state, *placed, stop)
 
-    def _run(self, fn, state, images, labels, ids):
+    def _run(self, fn, state, images, labels, ids, stop):
         acc = self._place({k: np.zeros((), np.float32) for k in (*_METRIC_KEYS, "pos")})
-        for _ in range(1 if self.scan else ids.shape[-2]):
+        steps = 1 if self.scan else ids.shape[-2]
+        for done in range(1, steps + 1):
             state, acc = fn(state, acc, images, labels, ids)
-        return state, {k: self.first_local(acc[k]) for k in _METRIC_KEYS}
+            if stop is not None and done < steps:
+                jax.block_until_ready(acc["pos"])  # the signal is seen within one step, not one chunk
+                if stop():
+                    break
+        ran = ids.shape[-2] if self.scan else done
+        return state, {k: self.first_local(acc[k]) for k in _METRIC_KEYS} | {"steps": ran}
 
     def evaluate(self, state: TrainState, images: np.ndarray, labels: np.ndarray, batch_size: int) -> dict:
         """Eval-mode metrics of ``state`` over a whole split (see :meth:`evaluate_variables`)."""

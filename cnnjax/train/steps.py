@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 from cnnjax.data.pipeline import AugmentConfig, augment, normalize
+from cnnjax.errors import UsageError
 from cnnjax.train.state import TrainState, model_variables
 
 Array = jax.Array
@@ -148,7 +149,7 @@ def tta_logits(forward, x: Array, level: int) -> Array:
     2 half that plus half the mean of the level-1 logits of ``x`` translated by one pixel up-left and
     down-right (reflect padding). ``x`` is ``[B, H, W, C]``."""
     if level not in TTA_LEVELS:
-        raise ValueError(f"tta level must be 0, 1 or 2, got {level!r}")
+        raise UsageError(f"tta level must be 0, 1 or 2, got {level!r}")
     if level == 0:
         return forward(x)
     mirror = lambda v: 0.5 * (forward(v) + forward(v[:, :, ::-1, :]))  # noqa: E731
