@@ -15,9 +15,12 @@ of processes: it holds plain host arrays, not device layouts.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
+import shutil
 import warnings
 from typing import Any
 
@@ -129,13 +132,27 @@ class CheckpointStore:
 
     def save(self, step: int, state: Any, meta: dict, metrics: dict | None = None) -> None:
         """Save host ``state`` with JSON ``meta``; ``metrics`` (holding :data:`SELECTION_METRIC`) make it
-        a candidate for "best". Blocks until the checkpoint is complete on disk."""
-        self._mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_to_saveable(state)),
-                                                     meta=ocp.args.JsonSave(meta)),
-                       metrics=metrics, force=True)
-        self._mgr.wait_until_finished()
+        a candidate for "best". Blocks until the checkpoint is complete on disk.
+
+        A full, read-only or forbidden file system raises :class:`CheckpointError` (checked before
+        writing when there is visibly too little space); the partial checkpoint is removed and the
+        earlier ones stay intact."""
+        saveable = _to_saveable(state)
         if jax.process_index() == 0:
-            write_checksums(self.workdir, step)
+            _check_space(self.workdir, step, saveable)
+        try:
+            self._mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(saveable),
+                                                         meta=ocp.args.JsonSave(meta)),
+                           metrics=metrics, force=True)
+            self._mgr.wait_until_finished()
+            if jax.process_index() == 0:
+                write_checksums(self.workdir, step)
+        except Exception as err:
+            problem = fs_errno_message(err)
+            if problem is None:
+                raise
+            _remove_partial(self.workdir, step)
+            raise CheckpointError(_cannot_save(self.workdir, step, problem)) from None
 
     def best_step(self) -> int | None:
         """The step with the highest :data:`SELECTION_METRIC` (None if no checkpoint was evaluated)."""
@@ -170,6 +187,51 @@ class CheckpointStore:
 
     def close(self) -> None:
         self._mgr.close()
+
+
+# errno values that mean "the file system will not take this write" (not a bug): full, quota, read-only.
+_FS_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def fs_errno_message(err: BaseException) -> str | None:
+    """``strerror`` of a full / read-only / forbidden file system found in ``err`` or its chain (as an
+    ``OSError`` or as tensorstore's ``[os_error_code='28']``); None for anything else."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        code = err.errno if isinstance(err, OSError) else None
+        if code is None:
+            match = re.search(r"os_error_code='(\d+)'", str(err))
+            code = int(match.group(1)) if match else None
+        if code in _FS_ERRNOS:
+            return os.strerror(code)
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _cannot_save(workdir: str, step: int, problem: str) -> str:
+    return (f"cannot save checkpoint {step} in {_directory(workdir)}: {problem}; the earlier checkpoints are intact "
+            "— free some space (or make it writable) and run the same command again to resume")
+
+
+def _check_space(workdir: str, step: int, saveable: Any) -> None:
+    """Refuse a save that visibly cannot fit: less free space than the arrays plus 1 MiB."""
+    need = sum(int(np.asarray(x).nbytes) for x in jax.tree_util.tree_leaves(saveable)) + (1 << 20)
+    free = free_bytes(_directory(workdir))
+    if free < need:
+        raise CheckpointError(_cannot_save(workdir, step, f"{free / 2**20:.1f} MiB free, about {need / 2**20:.1f} "
+                                                          "MiB needed"))
+
+
+def free_bytes(path: str) -> int:
+    """Bytes available to this user on the file system holding ``path``."""
+    return shutil.disk_usage(path).free
+
+
+def _remove_partial(workdir: str, step: int) -> None:
+    for name in os.listdir(_directory(workdir)):
+        if name.startswith(f"{step}.orbax-checkpoint-tmp"):
+            shutil.rmtree(os.path.join(_directory(workdir), name), ignore_errors=True)
 
 
 def save(workdir: str, step: int, state: Any, meta: dict, metrics: dict | None = None) -> None:

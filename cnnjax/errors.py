@@ -43,10 +43,15 @@ class DataFormatError(CnnjaxError, ValueError):
     cannot be decoded); the message names it."""
 
 
-class RunInterrupted(Exception):
-    """A run stopped by a signal (SIGTERM / SIGINT) at a point where nothing needed saving; not an error:
-    command-line front ends exit with the interrupted status (75), and the same command resumes."""
+# Exit status of a run stopped by SIGTERM / SIGINT (EX_TEMPFAIL): not finished; the same command resumes.
+EXIT_INTERRUPTED = 75
 
-    def __init__(self, signum: int, what: str):
-        self.signum = signum
-        super().__init__(f"interrupted by signal {signum} {what}")
+
+def exit_interrupted(signum: int, what: str) -> None:
+    """End the process at once from a signal handler, in a phase where nothing needs saving: one line on
+    stderr and status 75. ``os._exit``, not an exception: an exception raised by a signal handler can land
+    inside a library callback (and be swallowed) or tear down native threads (a segfault at exit)."""
+    import os
+
+    os.write(2, f"interrupted by signal {signum} {what}; run the same command again\n".encode())
+    os._exit(EXIT_INTERRUPTED)

@@ -53,3 +53,17 @@ def read_json(path: str | os.PathLike, fix: str) -> Any:
     except (ValueError, UnicodeDecodeError) as err:  # json.JSONDecodeError is a ValueError
         raise CorruptFileError(f"{os.fspath(path)} is damaged (not JSON: {str(err).splitlines()[0][:80]}); {fix}") \
             from None
+
+
+def check_readable_dir(path: str | os.PathLike, flag: str) -> None:
+    """Raise :class:`cnnjax.errors.MissingFileError` if ``path`` exists but cannot be listed (permissions),
+    naming ``flag`` (e.g. ``data.dir``); a missing path is left to the caller, which knows what belongs there."""
+    from cnnjax.errors import MissingFileError
+
+    try:
+        os.listdir(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    except PermissionError as err:
+        raise MissingFileError(f"cannot read {os.fspath(path)} given as `{flag}` ({err.strerror}); make it readable "
+                               "by this user (chmod / chown) or copy the data elsewhere") from None

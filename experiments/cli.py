@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import re
+import signal
 import sys
+
+from cnnjax import errors
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -16,7 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 CPU_XLA_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 # Exit status of a run stopped by SIGTERM / Ctrl-C / --stop_after_steps after saving its checkpoint
 # (EX_TEMPFAIL: not finished, run the same command again to resume). Errors exit 2, success 0.
-EXIT_INTERRUPTED = 75
+EXIT_INTERRUPTED = errors.EXIT_INTERRUPTED
 # Names in backticks in library messages that are command-line flags of their own, not config fields.
 TOP_LEVEL_FLAGS = ("workdir", "checkpoint", "data_dir", "split")
 
@@ -34,6 +36,22 @@ def _add_cpu_xla_flag() -> None:
 
 
 _add_cpu_xla_flag()
+
+
+def _interrupt_at_start(signum, frame):
+    errors.exit_interrupted(signum, "before anything was saved")
+
+
+def _running_an_experiment() -> bool:
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return spec is not None and spec.name.startswith("experiments.")
+
+
+# A command's SIGTERM / Ctrl-C (during start-up, or at any time for evaluate / predict / port) is one line
+# and the interrupted status, not a traceback; a training run replaces these handlers with its own.
+if _running_an_experiment():
+    signal.signal(signal.SIGTERM, _interrupt_at_start)
+    signal.signal(signal.SIGINT, _interrupt_at_start)
 
 
 def define_distributed_flags() -> None:
@@ -134,45 +152,30 @@ def parse_flags(argv: list[str]) -> list[str]:
     raise SystemExit(2)
 
 
-# File-system conditions reported as one line naming the file (anything else an OSError means is a bug).
-_FS_ERRNOS = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space", errno.EROFS: "use a writable "
-              "directory", errno.EACCES: "fix its permissions", errno.EPERM: "fix its permissions"}
-
-
 def fs_problem(err: BaseException) -> str | None:
     """One line for a full / read-only / forbidden file system anywhere in ``err``'s chain, else None."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in _FS_ERRNOS:
-            where = f" ({err.filename})" if err.filename else ""
-            return f"{os.strerror(err.errno)}{where}; {_FS_ERRNOS[err.errno]} and run the same command again"
-        err = err.__cause__ or err.__context__
-    return None
+    from cnnjax.checkpoint import fs_errno_message
 
-
-def _interrupt_at_start(signum, frame):
-    from cnnjax.errors import RunInterrupted
-
-    raise RunInterrupted(signum, "before the run started; nothing was changed")
+    problem = fs_errno_message(err)
+    if problem is None:
+        return None
+    where = next((f" ({e.filename})" for e in (err, err.__cause__, err.__context__)
+                  if isinstance(e, OSError) and e.filename), "")
+    return f"{problem}{where}; free some space or use a writable directory, then run the same command again"
 
 
 def run(main) -> int:
     """``absl.app.run(main)`` with the project's own errors (:class:`cnnjax.errors.CnnjaxError`) and file-system
-    conditions reported on one ``error:`` line (exit 2) and interruptions on one line (exit 75); any other
+    conditions reported on one ``error:`` line (exit 2); any other
     exception is a bug and shows its traceback."""
-    import signal
-
     from absl import app, logging
 
-    from cnnjax.errors import CnnjaxError, RunInterrupted
+    from cnnjax.errors import CnnjaxError
 
     def quiet_main(argv):
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
         return main(argv)
 
-    signal.signal(signal.SIGTERM, _interrupt_at_start)  # until a command installs its own handling
-    signal.signal(signal.SIGINT, _interrupt_at_start)
     try:
         app.run(quiet_main, flags_parser=parse_flags)
     except SystemExit as exit_:
@@ -180,9 +183,6 @@ def run(main) -> int:
             return exit_.code or 0
         print(exit_.code, file=sys.stderr)
         return 1
-    except RunInterrupted as err:
-        print(f"{err}; run the same command again", file=sys.stderr)
-        return EXIT_INTERRUPTED
     except CnnjaxError as err:
         print(f"error: {as_flags(str(err))}", file=sys.stderr)
         return 2

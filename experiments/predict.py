@@ -15,7 +15,7 @@ import sys
 import numpy as np
 from absl import flags
 
-from cnnjax.errors import DataFormatError, MissingFileError, UsageError
+from cnnjax.errors import CorruptFileError, DataFormatError, MissingFileError, UsageError
 from experiments import cli
 
 FLAGS = flags.FLAGS
@@ -76,17 +76,20 @@ def main(argv):
         raise MissingFileError(f"{path} not found: --checkpoint must be a directory written by experiments.port or "
                                "experiments.train")
     config = read_json(path, "port or train the checkpoint again")
+    if not isinstance(config, dict) or not {"model", "num_classes"} <= set(config):
+        raise CorruptFileError(f"{path} is not a cnnjax config (no model / num_classes); pass a directory written by "
+                               "experiments.port or experiments.train")
     folder = config.get("data", {}).get("name") == "folder"
     if config["num_classes"] != 1000 and not folder:
         raise UsageError(f"{FLAGS.checkpoint} has {config['num_classes']} classes; predict needs an ImageNet model "
                          "or a model trained on an image folder")
-    variables, _ = checkpoint.restore_variables(FLAGS.checkpoint, "best")
-    model = models.create(config["model"]["name"], num_classes=config["num_classes"],
-                          **config["model"].get("kwargs", {}))
-    if folder:
+    if folder:  # every image is read before the weights: a bad file costs nothing
         class_names, batch = folder_inputs(config, images)
     else:
         class_names, batch = CLASS_NAMES, np.stack([preprocess(p) for p in images])
+    variables, _ = checkpoint.restore_variables(FLAGS.checkpoint, "best")
+    model = models.create(config["model"]["name"], num_classes=config["num_classes"],
+                          **config["model"].get("kwargs", {}))
     logits = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, batch), np.float64)
     probs = np.asarray(jax.nn.softmax(logits, axis=-1))
     for path, z, p in zip(images, logits, probs, strict=True):

@@ -49,6 +49,7 @@ from PIL import Image, ImageOps
 
 from cnnjax.data.sources import DataFormatError
 from cnnjax.errors import ConfigError, MissingFileError
+from cnnjax.io import check_readable_dir
 
 __all__ = ["IMG_EXTENSIONS", "FolderSplits", "decode_files", "decode_image", "scan_folder"]
 
@@ -122,6 +123,7 @@ def _read_tree(root: str) -> dict[str, list[str]]:
     files = {}
     for name in classes:
         class_dir = os.path.join(root, name)
+        check_readable_dir(class_dir, "data.dir")
         files[name] = _walk_images(class_dir)
         if not files[name]:
             raise DataFormatError(f"class folder {class_dir} holds no images ({' '.join(IMG_EXTENSIONS)}); "
@@ -199,6 +201,7 @@ def scan_folder(root: str, fractions: tuple[float, float, float] = (0.7, 0.15, 0
     """
     f_train, f_val, f_test = _check_fractions(fractions)
     root = os.path.abspath(os.path.expanduser(os.fspath(root)))
+    check_readable_dir(root, "data.dir")
     if not os.path.isdir(root):
         what = "is not a directory" if os.path.exists(root) else "does not exist"
         raise MissingFileError(f"image folder {root} {what}; set `data.dir` to a directory of class folders")

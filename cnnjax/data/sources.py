@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from cnnjax.errors import CnnjaxError, DataFormatError, MissingFileError, UsageError
-from cnnjax.io import atomic_write
+from cnnjax.io import atomic_write, check_readable_dir
 
 __all__ = [
     "CLASS_NAMES",
@@ -127,6 +127,7 @@ def load(name: str, data_dir: str | None = None, cache_dir: str | None = None,
         return _stripes()
     if data_dir:
         data_dir = os.path.expanduser(data_dir)
+        check_readable_dir(data_dir, "data.dir")
         if name in ("mnist", "fashion_mnist"):
             files = _idx_files(name, data_dir)
             source_id = _files_identity(files.values())

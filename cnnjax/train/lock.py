@@ -39,12 +39,17 @@ class WorkdirLock:
         self._fd = fd
         return self
 
+    def remove_if_unused(self) -> None:
+        """Remove the workdir if this run created it and wrote nothing but the lock into it."""
+        workdir = os.path.dirname(self.path) or "."
+        if self._fd is not None and self._created and os.listdir(workdir) == [LOCK_NAME]:
+            os.unlink(self.path)
+            os.rmdir(workdir)
+
     def __exit__(self, exc_type, *exc) -> None:
         if self._fd is None:
             return
-        workdir = os.path.dirname(self.path) or "."
-        if exc_type is not None and self._created and os.listdir(workdir) == [LOCK_NAME]:
-            os.unlink(self.path)  # a run refused before writing anything leaves no empty workdir behind
-            os.rmdir(workdir)
+        if exc_type is not None:
+            self.remove_if_unused()  # a run refused before writing anything leaves no empty workdir behind
         os.close(self._fd)  # closing releases the lock
         self._fd = None

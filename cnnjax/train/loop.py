@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from cnnjax import distributed
 from cnnjax.checkpoint import CheckpointStore
 from cnnjax.data.stream import EpochOrder
-from cnnjax.errors import ConfigError, RunInterrupted, TrainingError
+from cnnjax.errors import ConfigError, TrainingError, exit_interrupted
 from cnnjax.train import feed as feeds
 from cnnjax.train.checks import check_config, check_workdir, write_config
 from cnnjax.train.experiment import DataSplits, Experiment, build, load_splits
@@ -39,12 +39,14 @@ from cnnjax.train.runner import Runner, select_devices
 
 class StopFlag:
     """SIGTERM / SIGINT handling for a run. While ``abortable`` (start-up: loading data, building, restoring,
-    nothing trained yet) a signal raises :class:`RunInterrupted` at once; afterwards it only sets ``signal``
-    and the loop checkpoints after the current step (compilation, once started, runs to its end)."""
+    nothing trained yet) a signal ends the process at once with status 75 after ``on_abort`` (which removes
+    a workdir this run created and left empty); afterwards it only sets ``signal``, and the loop checkpoints
+    after the current step (a compilation, once started, runs to its end first)."""
 
-    def __init__(self):
+    def __init__(self, on_abort=lambda: None):
         self.signal: int | None = None
         self.abortable = True
+        self.on_abort = on_abort
         self._old = {}
 
     def __enter__(self):
@@ -58,7 +60,8 @@ class StopFlag:
     def _set(self, signum, frame):
         self.signal = signum
         if self.abortable:
-            raise RunInterrupted(signum, "before training started; nothing was changed")
+            self.on_abort()
+            exit_interrupted(signum, "before training started; nothing was changed")
 
     def __exit__(self, *exc):
         for sig, handler in self._old.items():
@@ -133,7 +136,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError("workdir", f"{workdir} is a file; pass a directory")
     # A signal during start-up stops the run at once; from the first step on, after the current step.
-    with StopFlag() as stop, WorkdirLock(workdir, enabled=distributed.is_primary()):
+    with WorkdirLock(workdir, enabled=distributed.is_primary()) as lock, StopFlag(lock.remove_if_unused) as stop:
         data = load_splits(config)
         if config.num_classes == 0:  # take the number of classes from the data (image folders)
             config.num_classes = data.num_classes

@@ -38,12 +38,22 @@ def read_rows(workdir: str) -> list[dict]:
     return rows
 
 
+def _torn(path: str) -> bool:
+    """Whether ``path`` exists, is not empty and does not end with a newline (a crash while appending)."""
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return False
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
+
+
 class MetricsWriter:
     """Appends rows to ``workdir/metrics.jsonl``; ``enabled=False`` (non-primary processes) writes nothing
     but keeps ``rows`` as the primary does.
 
     On opening, rows past ``resume_step`` (written after the checkpoint a run resumes from) are dropped
-    (one atomic rewrite, only when there are such rows), so the file always matches the checkpoints.
+    (one atomic rewrite, only when there are such rows or a torn last line), so the file always matches the
+    checkpoints.
     """
 
     def __init__(self, workdir: str, resume_step: int, *, enabled: bool = True, tensorboard: bool = False):
@@ -51,7 +61,8 @@ class MetricsWriter:
         self.enabled = enabled
         rows = read_rows(workdir)  # every process keeps the history (the plots need it), one writes
         self.rows = [r for r in rows if r["step"] <= resume_step]
-        if enabled and len(self.rows) != len(rows):
+        if enabled and (len(self.rows) != len(rows) or _torn(self.path)):  # rewrite: rows past the checkpoint,
+            # or a torn last line, would otherwise stay in the file (and the next row be glued onto it)
             with atomic_write(self.path) as f:
                 f.writelines(json.dumps(r) + "\n" for r in self.rows)
         self._tb = None
