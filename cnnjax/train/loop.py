@@ -38,10 +38,10 @@ from cnnjax.train.runner import Runner, select_devices
 
 
 class StopFlag:
-    """SIGTERM / SIGINT handling for a run. While ``abortable`` (start-up: loading data, building, restoring,
-    nothing trained yet) a signal ends the process at once with status 75 after ``on_abort`` (which removes
+    """SIGTERM / SIGINT handling for a run. While ``abortable`` (start-up: loading data, building, restoring;
+    nothing written yet) a signal ends the process at once with status 75 after ``on_abort`` (which removes
     a workdir this run created and left empty); afterwards it only sets ``signal``, and the loop checkpoints
-    after the current step (a compilation, once started, runs to its end first)."""
+    after the current step (the first step's compilation, once started, runs to its end first)."""
 
     def __init__(self, on_abort=lambda: None):
         self.signal: int | None = None
@@ -146,6 +146,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
         store, run = CheckpointStore(workdir), None
         try:
             state, step, acc = _resume(store, exp.state, spe, workdir)
+            stop.abortable = False  # from here on a signal stops the run after its next step, with a checkpoint
             run = _open_run(config, workdir, data, exp, store, devices, step, progress, tensorboard)
             return _train(run, run.runner.put_state(state), step, acc, stop, stop_after_steps)
         finally:
@@ -205,7 +206,6 @@ def _train(run: Run, state, step: int, acc: dict, stop: StopFlag, stop_after_ste
         n = min(chunk, spe - pos)
         if stop_after_steps is not None:
             n = min(n, max(1, start + stop_after_steps - step))
-        stop.abortable = False
         state, m = run.feed.train(state, step, n, stop=lambda: distributed.any_process(stop.signal is not None))
         n = m.pop("steps")
         acc = {k: acc.get(k, 0.0) + float(v) for k, v in jax.device_get(m).items()}
