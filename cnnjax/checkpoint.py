@@ -151,6 +151,10 @@ class CheckpointStore:
             problem = fs_errno_message(err)
             if problem is None:
                 raise
+            try:  # orbax's writer threads may still be failing: stop them before the partial goes
+                self._mgr.close()
+            except Exception:  # noqa: BLE001, S110 - the same failure again
+                pass
             _remove_partial(self.workdir, step)
             raise CheckpointError(_cannot_save(self.workdir, step, problem)) from None
 

@@ -247,7 +247,7 @@ def test_cli_maps_project_errors_and_file_systems_to_one_line_and_shows_bugs(cap
 # --- signals -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("delay", [0.3, 1.0, 2.0, 3.0, 4.5])
+@pytest.mark.parametrize("delay", [0.3, 2.0, 4.0])
 def test_a_signal_during_start_up_or_compilation_is_one_line_and_exit_75(tmp_path, delay):
     workdir = tmp_path / "w"
     proc = subprocess.Popen([sys.executable, "-m", "experiments.train", *STRIPES, "--workdir", str(workdir),

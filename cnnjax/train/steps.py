@@ -104,22 +104,25 @@ def train_step(state: TrainState, images: Array, labels: Array, spec: StepSpec,
     if axis_name is not None:
         drop_key = jax.random.fold_in(drop_key, jax.lax.axis_index(axis_name))
     flip_key = jax.random.fold_in(state.rng, _FLIP_STREAM)
-    x = prepare_batch(augment(aug_key, images, spec.augment, offset, example_ids, state.step, flip_key), spec)
+    with jax.named_scope("input"):  # named scopes label the ops for profiles (experiments.profile_step)
+        x = prepare_batch(augment(aug_key, images, spec.augment, offset, example_ids, state.step, flip_key), spec)
 
     def loss_fn(params):
         logits, updates = state.apply_fn(model_variables(params, state.batch_stats), x, train=True,
                                          mutable=["batch_stats"], rngs={"dropout": drop_key})
-        losses = cross_entropy(logits, labels, spec.num_classes, spec.label_smoothing)
+        with jax.named_scope("loss"):
+            losses = cross_entropy(logits, labels, spec.num_classes, spec.label_smoothing)
         return losses.mean(), (logits, losses, updates)
 
     grads, (logits, losses, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
     if axis_name is not None:
         grads = jax.lax.pmean(grads, axis_name)
-    state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
-    if spec.lookahead is not None:
-        if state.slow is None:
-            raise ValueError("StepSpec.lookahead needs a TrainState with slow weights (see init_lookahead)")
-        state = lookahead_update(state, spec.lookahead)
+    with jax.named_scope("optimizer"):
+        state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
+        if spec.lookahead is not None:
+            if state.slow is None:
+                raise ValueError("StepSpec.lookahead needs a TrainState with slow weights (see init_lookahead)")
+            state = lookahead_update(state, spec.lookahead)
     metrics = {
         "loss_sum": losses.sum(),
         "correct": (jnp.argmax(logits, -1) == labels).sum().astype(jnp.float32),
