@@ -104,3 +104,18 @@ def test_damaged_checkpoint_is_named_and_resume_falls_back_to_an_intact_one(tmp_
     assert store.steps() == [10]  # the damaged one is gone: the run saves step 20 again
     store.close()
     assert int(state["step"]) == 10 and meta["epoch"] == 1
+
+
+def test_a_process_dying_between_orbax_commit_and_the_checksums_leaves_a_usable_checkpoint(tmp_path):
+    """Killed after orbax renamed checkpoint 20 into place but before its checksum file was written:
+    20 is restored (unverified: there is nothing to check it against), 10 stays verified."""
+    store = checkpoint.CheckpointStore(str(tmp_path))
+    store.save(10, _state(10), {"epoch": 1})
+    store.save(20, _state(20), {"epoch": 2})
+    store.close()
+    os.unlink(tmp_path / "checkpoints" / "20" / checkpoint.CHECKSUMS)
+    assert checkpoint.verify(str(tmp_path), 20) is None and checkpoint.verify(str(tmp_path), 10) is None
+    store = checkpoint.CheckpointStore(str(tmp_path))
+    state, meta = store.restore_latest(_state(0))
+    store.close()
+    assert int(state["step"]) == 20 and meta["epoch"] == 2
