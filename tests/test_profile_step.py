@@ -1,0 +1,47 @@
+"""experiments.profile_step: every op of a train step lands in the kind its module and role say."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+
+from cnnjax.layers import BatchNorm, Conv, MaxPool
+from cnnjax.train.state import create_train_state
+from cnnjax.train.steps import StepSpec, train_step
+from experiments.profile_step import op_kind, time_jaxpr_ops
+
+
+class _Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = Conv(4, 3, padding=1, name="conv1")(x)
+        x = nn.relu(BatchNorm(name="bn1")(x, train=train))
+        x = Conv(4, 3, padding=1, name="conv2")(x)  # its input gradient is needed (conv1's is not)
+        x = MaxPool(2, name="pool")(x)
+        return nn.Dense(3, name="fc")(x.reshape(x.shape[0], -1))
+
+
+def test_op_kinds_of_a_train_step_cover_conv_roles_bn_pool_dense_and_optimizer():
+    model = _Net()
+    state = create_train_state(model, optax.sgd(0.1, momentum=0.9), (8, 8, 1), jax.random.PRNGKey(0))
+    rng = np.random.RandomState(0)
+    images = rng.randint(0, 256, (4, 8, 8, 1)).astype(np.uint8)
+    labels = rng.randint(0, 3, 4).astype(np.int32)
+    spec = StepSpec(3, (0.5,), (0.25,))
+    ms = time_jaxpr_ops(lambda s, x, y: train_step(s, x, y, spec), (state, images, labels), batch=4, reps=1)
+    for kind in ("conv forward", "conv input-gradient", "conv weight-gradient", "BatchNorm", "pooling", "dense",
+                 "optimizer update", "input preparation", "loss"):
+        assert ms.get(kind, 0.0) > 0, (kind, ms)
+
+
+def test_op_kind_rules():
+    assert op_kind("conv_general_dilated", "jvp(Net)/conv1", (4, 8, 8, 4), 4) == "conv forward"
+    assert op_kind("conv_general_dilated", "transpose(jvp(Net))/conv1", (4, 8, 8, 1), 4) == "conv input-gradient"
+    assert op_kind("conv_general_dilated", "transpose(jvp(Net))/conv1", (3, 3, 1, 4), 4) == "conv weight-gradient"
+    assert op_kind("dot_general", "transpose(jvp(Net))/layer1_0/conv2", (9, 4), 4) == "conv weight-gradient"
+    assert op_kind("mul", "transpose(jvp(Net))/layer1_0/bn2", (4, 8, 8, 4), 4) == "BatchNorm"
+    assert op_kind("transpose", "jvp(Net)", (4, 4), 4) == "layout transposes / copies"
+    assert op_kind("add", "optimizer", (4,), 4) == "optimizer update"
+    assert op_kind("max", "jvp(Net)/relu", (4, 8, 8, 4), 4) == "other elementwise"
