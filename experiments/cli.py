@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
@@ -161,7 +162,9 @@ def fs_problem(err: BaseException) -> str | None:
         return None
     where = next((f" ({e.filename})" for e in (err, err.__cause__, err.__context__)
                   if isinstance(e, OSError) and e.filename), "")
-    return f"{problem}{where}; free some space or use a writable directory, then run the same command again"
+    fix = {os.strerror(errno.ENOSPC): "free some space", os.strerror(errno.EDQUOT): "free some space",
+           os.strerror(errno.EROFS): "use a writable directory"}.get(problem, "fix its permissions")
+    return f"{problem}{where}; {fix}, then run the same command again"
 
 
 def run(main) -> int:
