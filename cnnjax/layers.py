@@ -145,38 +145,6 @@ class Dense(nn.Module):
         return y
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def batch_norm_train(x: Array, scale: Array, bias: Array, epsilon: float) -> tuple[Array, Array, Array]:
-    """Training-mode batch norm over all axes but the last: ``(y, mean, var)`` with ``y = (x - mean) /
-    sqrt(var + epsilon) * scale + bias`` and the biased batch variance. Its gradient is the closed form
-    (two per-channel sums of the output gradient, then one elementwise pass) instead of autodiff through
-    mean and variance step by step. ``mean`` and ``var`` are for the running statistics and carry no
-    gradient (their cotangents are ignored)."""
-    return _batch_norm_train_fwd(x, scale, bias, epsilon)[0]
-
-
-def _batch_norm_train_fwd(x, scale, bias, epsilon):
-    axes = tuple(range(x.ndim - 1))
-    mean = jnp.mean(x, axis=axes)
-    var = jnp.mean(jnp.square(x - mean), axis=axes)
-    inv = lax.rsqrt(var + epsilon)
-    return ((x - mean) * (inv * scale) + bias, mean, var), (x, mean, inv, scale)
-
-
-def _batch_norm_train_bwd(epsilon, residuals, cotangents):
-    x, mean, inv, scale = residuals
-    dy = cotangents[0]  # mean and var carry no gradient
-    axes = tuple(range(x.ndim - 1))
-    n = math.prod(x.shape[:-1])
-    xhat = (x - mean) * inv
-    dbias = jnp.sum(dy, axis=axes)
-    dscale = jnp.sum(dy * xhat, axis=axes)
-    return (scale * inv / n) * (n * dy - dbias - xhat * dscale), dscale, dbias
-
-
-batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
-
-
 class BatchNorm(nn.Module):
     """Batch normalisation over all axes but the last (``BatchNorm2d`` on NHWC, ``1d`` on [N, F]).
 
@@ -202,19 +170,6 @@ class BatchNorm(nn.Module):
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
         xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # bf16 -> f32; f64 stays f64
-        if train and self.axis_name is None:
-            scale = self.param("scale", self.scale_init, (features,), jnp.float32) if self.use_scale else None
-            bias = self.param("bias", self.bias_init, (features,), jnp.float32) if self.use_bias else None
-            ones = jnp.ones((features,), xf.dtype)
-            y, mean, var = batch_norm_train(xf, ones if scale is None else scale.astype(xf.dtype),
-                                            jnp.zeros_like(ones) if bias is None else bias.astype(xf.dtype),
-                                            self.epsilon)
-            if not self.is_initializing():
-                count = math.prod(x.shape[:-1])
-                unbiased = var * (count / max(count - 1, 1))
-                ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
-                ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * unbiased
-            return y.astype(x.dtype)
         if train:
             axes = tuple(range(x.ndim - 1))
             count = math.prod(x.shape[:-1])

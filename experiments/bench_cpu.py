@@ -8,9 +8,7 @@ the previous one:
 2. ``+ynn flag``: ``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution``;
 3. ``+im2col``: :func:`cnnjax.conv.choose_impl`'s patches-times-matrix path for the shapes
    XLA:CPU handles badly (tiny outputs, strided and 1x1 convs);
-4. ``+tiled max-pool``: non-overlapping max-pool by reshape with a first-maximum gradient;
-5. ``+BN closed-form grad``: :func:`cnnjax.layers.batch_norm_train`'s custom VJP (two per-channel sums and
-   one elementwise pass) instead of autodiff through the batch mean and variance.
+4. ``+tiled max-pool``: non-overlapping max-pool by reshape with a first-maximum gradient.
 
 Rows are training throughput (images/s, batch 128, random uint8 data, SGD momentum 0.9) through
 the real ``Runner``, next to PyTorch eager on the same network. Earlier variants are recreated by
@@ -37,7 +35,6 @@ flags.DEFINE_integer("batch", 128, "batch size")
 flags.DEFINE_integer("steps", 5, "timed steps per row (after compile and one warm-up step)")
 flags.DEFINE_bool("torch", True, "also time PyTorch eager")
 flags.DEFINE_string("out", "", "write the results as JSON here")
-flags.DEFINE_list("variants", list(VARIANTS), "which variants to run (each adds its change to all before it)")
 
 
 def _spawn(variant: str) -> dict:
@@ -61,11 +58,8 @@ def main(argv):
     unknown = [name for name in FLAGS.models if name not in SHAPES]
     if unknown:
         raise UsageError(f"unknown bench row(s) {unknown}; choose from {', '.join(SHAPES)}")
-    unknown = [v for v in FLAGS.variants if v not in VARIANTS]
-    if unknown:
-        raise UsageError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     results = {}
-    for variant in FLAGS.variants:
+    for variant in VARIANTS:
         results[variant] = _spawn(variant)
         print(f"# {variant}: " + ", ".join(f"{k} {v:.0f}" for k, v in results[variant].items()), flush=True)
     if FLAGS.torch:

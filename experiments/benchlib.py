@@ -51,7 +51,7 @@ def time_jax_training(model: Any, spec: Any, data_shape: tuple[int, int, int], b
 # Benchmark rows: NAME or NAME@SIZE -> input shape [H, W, C].
 SHAPES = {"lenet5": (32, 32, 1), "improved_cnn": (32, 32, 3), "cifar_resnet20": (32, 32, 3), "resnet18": (32, 32, 3),
           "resnet18@224": (224, 224, 3), "fast_cnn": (32, 32, 3)}
-CPU_VARIANTS = ("baseline", "+ynn flag", "+im2col", "+tiled max-pool", "+BN closed-form grad")
+CPU_VARIANTS = ("baseline", "+ynn flag", "+im2col", "+tiled max-pool")
 
 
 def _undo_changes(variant: str) -> None:
@@ -67,8 +67,6 @@ def _undo_changes(variant: str) -> None:
     if level < 3:
         layers._tiled_max_pool = lambda x, kh, kw: lax.reduce_window(
             x, -jax.numpy.inf, lax.max, (1, kh, kw, 1), (1, kh, kw, 1), "VALID")
-    if level < 4:  # BatchNorm's gradient by autodiff through mean and variance
-        layers.batch_norm_train = lambda x, scale, bias, eps: layers._batch_norm_train_fwd(x, scale, bias, eps)[0]
 
 
 def run_cpu_variant(variant: str, names: list[str], batch: int, steps: int) -> dict:
