@@ -41,17 +41,3 @@ class CorruptFileError(CnnjaxError, ValueError):
 class DataFormatError(CnnjaxError, ValueError):
     """A data file exists but is not in the expected format (bad magic, counts, keys, labels, an image that
     cannot be decoded); the message names it."""
-
-
-# Exit status of a run stopped by SIGTERM / SIGINT (EX_TEMPFAIL): not finished; the same command resumes.
-EXIT_INTERRUPTED = 75
-
-
-def exit_interrupted(signum: int, what: str) -> None:
-    """End the process at once from a signal handler, in a phase where nothing needs saving: one line on
-    stderr and status 75. ``os._exit``, not an exception: an exception raised by a signal handler can land
-    inside a library callback (and be swallowed) or tear down native threads (a segfault at exit)."""
-    import os
-
-    os.write(2, f"interrupted by signal {signum} {what}; run the same command again\n".encode())
-    os._exit(EXIT_INTERRUPTED)

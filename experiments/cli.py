@@ -9,8 +9,6 @@ import re
 import signal
 import sys
 
-from cnnjax import errors
-
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # XLA:CPU flag measured on jaxlib 0.10.2 (2 cores): ImprovedCNN train step 276 -> 487 img/s
@@ -19,7 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 CPU_XLA_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 # Exit status of a run stopped by SIGTERM / Ctrl-C / --stop_after_steps after saving its checkpoint
 # (EX_TEMPFAIL: not finished, run the same command again to resume). Errors exit 2, success 0.
-EXIT_INTERRUPTED = errors.EXIT_INTERRUPTED
+EXIT_INTERRUPTED = 75
 # Names in backticks in library messages that are command-line flags of their own, not config fields.
 TOP_LEVEL_FLAGS = ("workdir", "checkpoint", "data_dir", "split")
 
@@ -40,7 +38,11 @@ _add_cpu_xla_flag()
 
 
 def _interrupt_at_start(signum, frame):
-    errors.exit_interrupted(signum, "before anything was saved")
+    """End the process at once, in a phase where nothing needs saving: one line on stderr and status 75.
+    ``os._exit``, not an exception: an exception raised by a signal handler can land inside a library
+    callback (and be swallowed) or tear down native threads (a segfault at exit)."""
+    os.write(2, f"interrupted by signal {signum} before anything was saved; run the same command again\n".encode())
+    os._exit(EXIT_INTERRUPTED)
 
 
 def _running_an_experiment() -> bool:

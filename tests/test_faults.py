@@ -320,3 +320,21 @@ def test_runner_stop_ends_a_chunk_after_the_step_it_names():
     for a, b in zip(jax.tree_util.tree_leaves(stopped.params), jax.tree_util.tree_leaves(three.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert float(m["loss_sum"]) == float(m3["loss_sum"])
+
+
+def test_ctrl_c_while_fit_loads_data_in_python_raises_keyboard_interrupt_and_leaves_no_workdir(tmp_path,
+                                                                                               monkeypatch):
+    """Library use (a notebook): start-up keeps Python's own Ctrl-C behaviour; the process lives on."""
+    from cnnjax.train import loop
+
+    real_load = loop.load_splits
+
+    def interrupted_load(config):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the data loads
+        return real_load(config)
+
+    monkeypatch.setattr(loop, "load_splits", interrupted_load)
+    with pytest.raises(KeyboardInterrupt):
+        fit(stripes(num_epochs=1), str(tmp_path / "w"), progress=False)
+    assert not (tmp_path / "w").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored

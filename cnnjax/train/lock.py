@@ -45,6 +45,7 @@ class WorkdirLock:
         if self._fd is not None and self._created and os.listdir(workdir) == [LOCK_NAME]:
             os.unlink(self.path)
             os.rmdir(workdir)
+            self._created = False  # removed once: the lock's exit must not try again
 
     def __exit__(self, exc_type, *exc) -> None:
         if self._fd is None:

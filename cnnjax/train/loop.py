@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from cnnjax import distributed
 from cnnjax.checkpoint import CheckpointStore
 from cnnjax.data.stream import EpochOrder
-from cnnjax.errors import ConfigError, TrainingError, exit_interrupted
+from cnnjax.errors import ConfigError, TrainingError
 from cnnjax.train import feed as feeds
 from cnnjax.train.checks import check_config, check_workdir, write_config
 from cnnjax.train.experiment import DataSplits, Experiment, build, load_splits
@@ -39,9 +39,10 @@ from cnnjax.train.runner import Runner, select_devices
 
 class StopFlag:
     """SIGTERM / SIGINT handling for a run. While ``abortable`` (start-up: loading data, building, restoring;
-    nothing written yet) a signal ends the process at once with status 75 after ``on_abort`` (which removes
-    a workdir this run created and left empty); afterwards it only sets ``signal``, and the loop checkpoints
-    after the current step (the first step's compilation, once started, runs to its end first)."""
+    nothing written yet) a signal runs ``on_abort`` (which removes a workdir this run created and left
+    empty) and then does what it did before the run (the experiments' CLIs: one line and exit 75); after
+    that it only sets ``signal``, and the loop checkpoints after the current step (the first step's
+    compilation, once started, runs to its end first)."""
 
     def __init__(self, on_abort=lambda: None):
         self.signal: int | None = None
@@ -59,9 +60,17 @@ class StopFlag:
 
     def _set(self, signum, frame):
         self.signal = signum
-        if self.abortable:
-            self.on_abort()
-            exit_interrupted(signum, "before training started; nothing was changed")
+        if not self.abortable:
+            return
+        self.on_abort()
+        # Nothing to save yet: do what the signal did before the run. Under experiments.* that is one
+        # line and exit 75; in Python, Ctrl-C raises KeyboardInterrupt and SIGTERM ends the process.
+        old = self._old.get(signum)
+        if callable(old):
+            old(signum, frame)
+        elif old != signal.SIG_IGN:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
 
     def __exit__(self, *exc):
         for sig, handler in self._old.items():
