@@ -21,18 +21,15 @@ CPU conv backward computes both gradients in one op, so its row is "conv input+w
 
 from __future__ import annotations
 
-import collections
 import json
-import re
-import statistics
 import sys
-import time
 
 from absl import flags
 
 from cnnjax.errors import UsageError
 from experiments import cli
 from experiments.benchlib import SHAPES
+from experiments.profilelib import KINDS, profile_cnnjax, profile_torch
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["cifar_resnet20", "improved_cnn"], "rows of experiments.bench to profile")
@@ -41,175 +38,7 @@ flags.DEFINE_integer("reps", 3, "timed runs of each op (median) / profiled torch
 flags.DEFINE_bool("torch", True, "also profile the PyTorch twin")
 flags.DEFINE_string("out", "", "write the tables as JSON here")
 
-KINDS = ("conv forward", "conv input-gradient", "conv weight-gradient", "conv input+weight gradient", "BatchNorm",
-         "pooling", "dense", "layout transposes / copies", "optimizer update", "input preparation", "loss",
-         "other elementwise")
-_LAYOUT_PRIMS = {"transpose", "copy", "copy_p", "reshape", "squeeze", "expand_dims", "broadcast_in_dim",
-                 "convert_element_type", "rev", "pad", "slice", "concatenate", "dynamic_slice", "gather"}
 
-# --- cnnjax: jaxpr primitives -> kinds ----------------------------------------------------------
-
-
-def _scope_kind(name_stack: str) -> str | None:
-    parts = re.split(r"[/()]", name_stack)
-    if "optimizer" in parts:
-        return "optimizer update"
-    if "input" in parts:
-        return "input preparation"
-    if "loss" in parts:
-        return "loss"
-    for part in reversed(parts):
-        if re.fullmatch(r"bn\d*|downsample_bn|norm\d*|BatchNorm_\d+", part):
-            return "BatchNorm"
-        if re.fullmatch(r"fc\d*|classifier(_\d+)?|Dense_\d+|dense\d*|head", part):
-            return "dense"
-        if re.fullmatch(r"(max|avg)?pool\d*|MaxPool_\d+|AvgPool_\d+", part):
-            return "pooling"
-    return None
-
-
-def _in_conv(name_stack: str) -> bool:
-    return any(re.fullmatch(r"conv\d*|downsample_conv|whiten|Conv_\d+|features_\d+", p)
-               for p in re.split(r"[/()]", name_stack))
-
-
-def op_kind(primitive: str, name_stack: str, out_shape: tuple, batch: int) -> str:
-    """The kind of work of one jaxpr equation."""
-    conv = primitive == "conv_general_dilated" or (primitive == "dot_general" and _in_conv(name_stack))
-    if conv:
-        if "transpose(" not in name_stack:
-            return "conv forward"
-        batch_major = bool(out_shape) and out_shape[0] % batch == 0 and out_shape[0] >= batch
-        return "conv input-gradient" if batch_major else "conv weight-gradient"
-    kind = _scope_kind(name_stack)
-    if kind:
-        return kind
-    if primitive in ("reduce_window_max", "reduce_window", "select_and_scatter_add", "reduce_window_sum"):
-        return "pooling"
-    if primitive in _LAYOUT_PRIMS:
-        return "layout transposes / copies"
-    return "other elementwise"
-
-
-def time_jaxpr_ops(fn, args, batch: int, reps: int) -> dict:
-    """Run ``fn(*args)``'s jaxpr one equation at a time (each jitted alone, timed to completion, median of
-    ``reps``); returns ms by kind."""
-    import jax
-    import jax.extend as jex
-
-    closed = jax.make_jaxpr(fn)(*args)
-    env = dict(zip(closed.jaxpr.invars, jax.tree_util.tree_leaves(args), strict=True))
-    env.update(zip(closed.jaxpr.constvars, closed.consts, strict=True))
-    ms = collections.Counter()
-    for eqn in closed.jaxpr.eqns:
-        ins = list(dict.fromkeys(v for v in eqn.invars if isinstance(v, jex.core.Var)))
-        outs = [v for v in eqn.outvars if not isinstance(v, jex.core.DropVar)]
-        info = jex.core.DebugInfo("profile_step", eqn.primitive.name, tuple(f"x{i}" for i in range(len(ins))),
-                                  tuple(f"y{i}" for i in range(len(outs))))
-        one = jex.core.Jaxpr(constvars=[], invars=ins, outvars=outs, eqns=[eqn], debug_info=info)
-        call = jax.jit(jex.core.jaxpr_as_fun(jex.core.ClosedJaxpr(one, [])))
-        values = [env[v] for v in ins]
-        results = jax.block_until_ready(call(*values))  # compile
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            jax.block_until_ready(call(*values))
-            times.append(time.perf_counter() - t)
-        env.update(zip(outs, results, strict=True))
-        shape = tuple(eqn.outvars[0].aval.shape) if eqn.outvars and hasattr(eqn.outvars[0].aval, "shape") else ()
-        ms[op_kind(eqn.primitive.name, str(eqn.source_info.name_stack), shape, batch)] += \
-            1000 * statistics.median(times)
-    return dict(ms)
-
-
-def profile_cnnjax(name: str, batch: int, reps: int) -> dict:
-    """Per-op ms by kind of cnnjax's train step for bench row ``name``, and the fused step's wall ms."""
-    import jax
-    import numpy as np
-    import optax
-
-    from cnnjax import models
-    from cnnjax.train.state import create_train_state
-    from cnnjax.train.steps import StepSpec, train_step
-    from experiments.benchlib import time_jax_training
-
-    shape = SHAPES[name]
-    model = models.create(name.split("@")[0], num_classes=10)
-    spec = StepSpec(10, (0.5,) * shape[2], (0.25,) * shape[2])
-    fused = time_jax_training(model, spec, shape, batch, steps=5)
-    state = create_train_state(model, optax.sgd(0.01, momentum=0.9), shape, jax.random.PRNGKey(0))
-    rng = np.random.RandomState(0)
-    images = jax.numpy.asarray(rng.randint(0, 256, (batch, *shape)).astype(np.uint8))
-    labels = jax.numpy.asarray(rng.randint(0, 10, batch).astype(np.int32))
-    ms = time_jaxpr_ops(lambda s, x, y: train_step(s, x, y, spec), (state, images, labels), batch, reps)
-    return {"wall_ms": 1000 * batch / fused["train_img_s"], "ms": ms}
-
-
-# --- PyTorch: aten ops -> kinds -------------------------------------------------------------------
-
-_TORCH_RULES = (
-    (r"convolution_backward|conv.*backward", "conv input+weight gradient"),
-    (r"mkldnn_convolution|_convolution|conv2d|slow_conv|convolution", "conv forward"),
-    (r"batch_norm", "BatchNorm"),
-    (r"pool", "pooling"),
-    (r"addmm|\bmm\b|linear|matmul", "dense"),
-    (r"copy_|contiguous|clone|::to$|_to_copy|permute|transpose|empty_like|as_strided", "layout transposes / copies"),
-    (r"cross_entropy|log_softmax|nll_loss", "loss"),
-)
-
-
-def torch_kind(op: str) -> str:
-    for pattern, kind in _TORCH_RULES:
-        if re.search(pattern, op):
-            return kind
-    return "other elementwise"
-
-
-def profile_torch(name: str, batch: int, steps: int) -> dict:
-    """ms per step by kind (self CPU time) for the torch twin's eager train step."""
-    import numpy as np
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    from tests import torch_models
-
-    shape = SHAPES[name]
-    torch.manual_seed(0)
-    model = torch_models.build(name.split("@")[0], num_classes=10).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    rng = np.random.RandomState(0)
-    images = torch.from_numpy(rng.randint(0, 256, (batch, shape[2], shape[0], shape[1])).astype(np.uint8))
-    labels = torch.from_numpy(rng.randint(0, 10, batch).astype(np.int64))
-
-    def step():
-        with torch.profiler.record_function("input preparation"):
-            x = (images.float() / 255.0 - 0.5) / 0.25
-        opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(model(x), labels)
-        loss.backward()
-        opt.step()
-
-    for _ in range(2):
-        step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        t = time.perf_counter()
-        for _ in range(steps):
-            step()
-        wall = (time.perf_counter() - t) / steps
-    events = list(prof.events())
-    windows = [(e.time_range.start, e.time_range.end, "optimizer update" if e.name.startswith("Optimizer.step")
-                else "input preparation") for e in events
-               if e.name.startswith("Optimizer.step") or e.name == "input preparation"]
-    ms = collections.Counter()
-    for e in events:
-        if not e.name.startswith("aten::") or e.self_cpu_time_total <= 0:
-            continue
-        kind = next((k for lo, hi, k in windows if lo <= e.time_range.start and e.time_range.end <= hi), None)
-        ms[kind or torch_kind(e.name)] += e.self_cpu_time_total / 1000 / steps
-    return {"wall_ms": wall * 1000, "ms": dict(ms)}
-
-
-# --- tables -------------------------------------------------------------------------------------
 def table(name: str, ours: dict, theirs: dict | None) -> str:
     def cells(result, kind):
         if result is None:

@@ -10,7 +10,7 @@ import optax
 from cnnjax.layers import BatchNorm, Conv, MaxPool
 from cnnjax.train.state import create_train_state
 from cnnjax.train.steps import StepSpec, train_step
-from experiments.profile_step import op_kind, time_jaxpr_ops
+from experiments.profilelib import op_kind, time_jaxpr_ops
 
 
 class _Net(nn.Module):
