@@ -337,7 +337,11 @@ def test_ctrl_c_while_fit_loads_data_in_python_raises_keyboard_interrupt_and_lea
         return real_load(config)
 
     monkeypatch.setattr(loop, "load_splits", interrupted_load)
-    with pytest.raises(KeyboardInterrupt):
-        fit(stripes(num_epochs=1), str(tmp_path / "w"), progress=False)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, whatever ran before
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fit(stripes(num_epochs=1), str(tmp_path / "w"), progress=False)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert not (tmp_path / "w").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
