@@ -15,11 +15,9 @@ of processes: it holds plain host arrays, not device layouts.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
-import re
 import shutil
 import warnings
 from typing import Any
@@ -31,7 +29,7 @@ from flax import serialization
 from orbax.checkpoint import checkpoint_managers as policies
 
 from cnnjax.errors import CheckpointError, UsageError
-from cnnjax.io import write_json_atomic
+from cnnjax.io import fs_condition, write_json_atomic
 from cnnjax.train.state import model_variables
 
 SELECTION_METRIC = "val_accuracy"  # the metric that picks the "best" checkpoint (higher is better)
@@ -148,15 +146,15 @@ class CheckpointStore:
             if jax.process_index() == 0:
                 write_checksums(self.workdir, step)
         except Exception as err:
-            problem = fs_errno_message(err)
-            if problem is None:
+            condition = fs_condition(err)
+            if condition is None:
                 raise
             try:  # orbax's writer threads may still be failing: stop them before the partial goes
                 self._mgr.close()
             except Exception:  # noqa: BLE001, S110 - the same failure again
                 pass
             _remove_partial(self.workdir, step)
-            raise CheckpointError(_cannot_save(self.workdir, step, problem)) from None
+            raise CheckpointError(_cannot_save(self.workdir, step, condition[0])) from None
 
     def best_step(self) -> int | None:
         """The step with the highest :data:`SELECTION_METRIC` (None if no checkpoint was evaluated)."""
@@ -191,26 +189,6 @@ class CheckpointStore:
 
     def close(self) -> None:
         self._mgr.close()
-
-
-# errno values that mean "the file system will not take this write" (not a bug): full, quota, read-only.
-_FS_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
-
-
-def fs_errno_message(err: BaseException) -> str | None:
-    """``strerror`` of a full / read-only / forbidden file system found in ``err`` or its chain (as an
-    ``OSError`` or as tensorstore's ``[os_error_code='28']``); None for anything else."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        code = err.errno if isinstance(err, OSError) else None
-        if code is None:
-            match = re.search(r"os_error_code='(\d+)'", str(err))
-            code = int(match.group(1)) if match else None
-        if code in _FS_ERRNOS:
-            return os.strerror(code)
-        err = err.__cause__ or err.__context__
-    return None
 
 
 def _cannot_save(workdir: str, step: int, problem: str) -> str:

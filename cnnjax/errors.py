@@ -32,7 +32,6 @@ class MissingFileError(CnnjaxError, FileNotFoundError):
     """A file or directory the user named that does not exist or cannot be read."""
 
 
-
 class CorruptFileError(CnnjaxError, ValueError):
     """A file the project wrote (config.json, metrics.jsonl, a checkpoint) that is damaged; the message
     names it and what to do."""

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from typing import IO, Any
+
+from cnnjax.errors import CorruptFileError, MissingFileError
 
 
 @contextlib.contextmanager
@@ -45,8 +49,6 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 def read_json(path: str | os.PathLike, fix: str) -> Any:
     """The JSON document at ``path``; a file that is not JSON (torn, edited, binary) raises
     :class:`cnnjax.errors.CorruptFileError` naming it and ``fix`` (what the user should do)."""
-    from cnnjax.errors import CorruptFileError
-
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -58,8 +60,6 @@ def read_json(path: str | os.PathLike, fix: str) -> Any:
 def check_readable_dir(path: str | os.PathLike, flag: str) -> None:
     """Raise :class:`cnnjax.errors.MissingFileError` if ``path`` exists but cannot be listed (permissions),
     naming ``flag`` (e.g. ``data.dir``); a missing path is left to the caller, which knows what belongs there."""
-    from cnnjax.errors import MissingFileError
-
     try:
         os.listdir(path)
     except (FileNotFoundError, NotADirectoryError):
@@ -67,3 +67,24 @@ def check_readable_dir(path: str | os.PathLike, flag: str) -> None:
     except PermissionError as err:
         raise MissingFileError(f"cannot read {os.fspath(path)} given as `{flag}` ({err.strerror}); make it readable "
                                "by this user (chmod / chown) or copy the data elsewhere") from None
+
+
+# errno values that mean "the file system will not take this write" (not a bug), with what the user can do.
+_FS_FIXES = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space", errno.EROFS: "use a writable directory",
+             errno.EACCES: "fix its permissions", errno.EPERM: "fix its permissions"}
+
+
+def fs_condition(err: BaseException) -> tuple[str, str] | None:
+    """``(strerror, fix)`` for a full / read-only / forbidden file system found in ``err`` or its chain (as an
+    ``OSError`` or as tensorstore's ``[os_error_code='28']``); None for anything else."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        code = err.errno if isinstance(err, OSError) else None
+        if code is None:
+            match = re.search(r"os_error_code='(\d+)'", str(err))
+            code = int(match.group(1)) if match else None
+        if code in _FS_FIXES:
+            return os.strerror(code), _FS_FIXES[code]
+        err = err.__cause__ or err.__context__
+    return None

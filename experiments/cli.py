@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import signal
@@ -157,16 +156,14 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def fs_problem(err: BaseException) -> str | None:
     """One line for a full / read-only / forbidden file system anywhere in ``err``'s chain, else None."""
-    from cnnjax.checkpoint import fs_errno_message
+    from cnnjax.io import fs_condition
 
-    problem = fs_errno_message(err)
-    if problem is None:
+    condition = fs_condition(err)
+    if condition is None:
         return None
     where = next((f" ({e.filename})" for e in (err, err.__cause__, err.__context__)
                   if isinstance(e, OSError) and e.filename), "")
-    fix = {os.strerror(errno.ENOSPC): "free some space", os.strerror(errno.EDQUOT): "free some space",
-           os.strerror(errno.EROFS): "use a writable directory"}.get(problem, "fix its permissions")
-    return f"{problem}{where}; {fix}, then run the same command again"
+    return f"{condition[0]}{where}; {condition[1]}, then run the same command again"
 
 
 def run(main) -> int:

@@ -16,9 +16,14 @@ def read_rows(workdir: str) -> list[dict]:
     """The rows of ``workdir/metrics.jsonl``. A torn last line (a process killed while appending it) is
     dropped: its checkpoint was never saved, so a resume would drop that row anyway. A damaged line
     elsewhere raises :class:`CorruptFileError` naming the file and the line."""
-    path = os.path.join(workdir, FILENAME)
+    return _read(os.path.join(workdir, FILENAME))[0]
+
+
+def _read(path: str) -> tuple[list[dict], bool]:
+    """``(rows, torn)``: the rows of ``path`` (see :func:`read_rows`) and whether it lacks its final newline
+    (a crash while appending: the last line is dropped if damaged, and the file must be rewritten)."""
     if not os.path.exists(path):
-        return []
+        return [], False
     with open(path, "rb") as f:
         lines = f.read().split(b"\n")
     rows = []
@@ -35,16 +40,7 @@ def read_rows(workdir: str) -> list[dict]:
             raise CorruptFileError(f"{path} line {number} is damaged ({str(err)[:60]}); delete that line, or the file "
                                    "to start its history afresh") from None
         rows.append(row)
-    return rows
-
-
-def _torn(path: str) -> bool:
-    """Whether ``path`` exists, is not empty and does not end with a newline (a crash while appending)."""
-    if not os.path.exists(path) or os.path.getsize(path) == 0:
-        return False
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) != b"\n"
+    return rows, lines[-1] != b""
 
 
 class MetricsWriter:
@@ -59,10 +55,10 @@ class MetricsWriter:
     def __init__(self, workdir: str, resume_step: int, *, enabled: bool = True, tensorboard: bool = False):
         self.path = os.path.join(workdir, FILENAME)
         self.enabled = enabled
-        rows = read_rows(workdir)  # every process keeps the history (the plots need it), one writes
+        rows, torn = _read(self.path)  # every process keeps the history (the plots need it), one writes
         self.rows = [r for r in rows if r["step"] <= resume_step]
-        if enabled and (len(self.rows) != len(rows) or _torn(self.path)):  # rewrite: rows past the checkpoint,
-            # or a torn last line, would otherwise stay in the file (and the next row be glued onto it)
+        if enabled and (len(self.rows) != len(rows) or torn):  # rewrite: rows past the checkpoint, or a torn
+            # last line, would otherwise stay in the file (and the next row be glued onto it)
             with atomic_write(self.path) as f:
                 f.writelines(json.dumps(r) + "\n" for r in self.rows)
         self._tb = None
