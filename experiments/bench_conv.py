@@ -34,6 +34,11 @@ CONV_CASES = [
     (16, 56, 64, 256, 1, 1, 0, False),
     (128, 32, 32, 32, 3, 1, 1, False),    # ImprovedCNN conv2 (XLA kept)
     (16, 224, 3, 64, 7, 2, 3, True),      # ResNet stem at 224 (XLA kept)
+    (128, 32, 3, 16, 3, 1, 1, True),      # CIFAR ResNet stem (XLA kept: RGB stems are mixed)
+    (128, 32, 3, 64, 3, 1, 1, True),
+    (128, 28, 1, 6, 5, 1, 2, True),       # LeNet conv1 on 28x28 greyscale: one input channel
+    (128, 32, 1, 16, 3, 1, 1, True),      # SimpleCNN conv1 on padded greyscale
+    (128, 32, 1, 64, 3, 1, 1, True),
 ]
 POOL_SHAPES = [(128, 32, 32, 32), (128, 16, 16, 64), (128, 30, 30, 64)]
 
@@ -66,7 +71,7 @@ def conv_rows(steps: int) -> list[str]:
             f = functools.partial(conv.conv2d, strides=(s, s), padding=pads, impl=impl)
             grad = jax.grad(lambda x, w, f=f: (f(x, w) ** 2).sum(), argnums=(1,) if first else (0, 1))
             cells += [_ms(jax.jit(f), x, w, steps=steps), _ms(jax.jit(grad), x, w, steps=steps)]
-        pick = conv.choose_impl((hw, hw), (k, k), (s, s), pads)
+        pick = conv.choose_impl((hw, hw), (k, k), (s, s), pads, in_channels=c_in)
         rows.append(f"| [{n},{hw},{hw},{c_in}] -> {c_out}, {k}x{k} s{s} p{p}{' (no input grad)' if first else ''} | "
                     + " | ".join(f"{c:.2f}" for c in cells) + f" | {pick} |")
     return rows

@@ -8,7 +8,9 @@ the previous one:
 2. ``+ynn flag``: ``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution``;
 3. ``+im2col``: :func:`cnnjax.conv.choose_impl`'s patches-times-matrix path for the shapes
    XLA:CPU handles badly (tiny outputs, strided and 1x1 convs);
-4. ``+tiled max-pool``: non-overlapping max-pool by reshape with a first-maximum gradient.
+4. ``+tiled max-pool``: non-overlapping max-pool by reshape with a first-maximum gradient;
+5. ``+greyscale im2col``: patches @ kernel for every conv of a one-channel input (the first conv
+   of the Fashion-MNIST / MNIST models).
 
 Rows are training throughput (images/s, batch 128, random uint8 data, SGD momentum 0.9) through
 the real ``Runner``, next to PyTorch eager on the same network. Earlier variants are recreated by
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -34,6 +37,8 @@ flags.DEFINE_list("models", ["lenet5", "improved_cnn", "cifar_resnet20", "resnet
 flags.DEFINE_integer("batch", 128, "batch size")
 flags.DEFINE_integer("steps", 5, "timed steps per row (after compile and one warm-up step)")
 flags.DEFINE_bool("torch", True, "also time PyTorch eager")
+flags.DEFINE_list("variants", list(VARIANTS), "variants to run (each in its own process)")
+flags.DEFINE_integer("repeats", 1, "rounds over the variants, interleaved; each cell is the median")
 flags.DEFINE_string("out", "", "write the results as JSON here")
 
 
@@ -58,13 +63,20 @@ def main(argv):
     unknown = [name for name in FLAGS.models if name not in SHAPES]
     if unknown:
         raise UsageError(f"unknown bench row(s) {unknown}; choose from {', '.join(SHAPES)}")
-    results = {}
-    for variant in VARIANTS:
-        results[variant] = _spawn(variant)
-        print(f"# {variant}: " + ", ".join(f"{k} {v:.0f}" for k, v in results[variant].items()), flush=True)
-    if FLAGS.torch:
-        results["torch eager"] = {name: bench_torch(name, SHAPES[name], FLAGS.batch, FLAGS.steps,
-                                                    compiled=False)["train_img_s"] for name in FLAGS.models}
+    bad = [v for v in FLAGS.variants if v not in VARIANTS]
+    if bad or FLAGS.repeats < 1:
+        raise UsageError(f"--variants must name some of {VARIANTS} and --repeats be >= 1; got {bad or FLAGS.repeats}")
+    runs: dict[str, list[dict]] = {}
+    for _ in range(FLAGS.repeats):  # interleaved, so a slow spell of the machine hits every variant
+        for variant in FLAGS.variants:
+            runs.setdefault(variant, []).append(_spawn(variant))
+            print(f"# {variant}: " + ", ".join(f"{k} {v:.0f}" for k, v in runs[variant][-1].items()), flush=True)
+        if FLAGS.torch:
+            runs.setdefault("torch eager", []).append(
+                {name: bench_torch(name, SHAPES[name], FLAGS.batch, FLAGS.steps, compiled=False)["train_img_s"]
+                 for name in FLAGS.models})
+    results = {v: {name: float(statistics.median(r[name] for r in rs)) for name in FLAGS.models}
+               for v, rs in runs.items()}
     print(markdown(results, FLAGS.models, FLAGS.batch))
     if FLAGS.out:
         with open(FLAGS.out, "w") as f:
@@ -75,7 +87,7 @@ def markdown(results: dict, names: list[str], batch: int) -> str:
     """Train images/s per variant; with torch, each variant's ratio to eager in brackets."""
     torch_row = results.get("torch eager")
     cols = [v for v in VARIANTS if v in results]
-    lines = [f"Train img/s at batch {batch} (ratio to PyTorch eager in brackets)", "",
+    lines = [f"Train img/s at batch {batch}, median of {FLAGS.repeats} (ratio to PyTorch eager in brackets)", "",
              "| model | " + " | ".join(cols) + (" | torch eager |" if torch_row else " |"),
              "|---" * (len(cols) + 1 + bool(torch_row)) + "|"]
     for name in names:

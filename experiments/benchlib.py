@@ -51,7 +51,7 @@ def time_jax_training(model: Any, spec: Any, data_shape: tuple[int, int, int], b
 # Benchmark rows: NAME or NAME@SIZE -> input shape [H, W, C].
 SHAPES = {"lenet5": (32, 32, 1), "improved_cnn": (32, 32, 3), "cifar_resnet20": (32, 32, 3), "resnet18": (32, 32, 3),
           "resnet18@224": (224, 224, 3), "fast_cnn": (32, 32, 3)}
-CPU_VARIANTS = ("baseline", "+ynn flag", "+im2col", "+tiled max-pool")
+CPU_VARIANTS = ("baseline", "+ynn flag", "+im2col", "+tiled max-pool", "+greyscale im2col")
 
 
 def _undo_changes(variant: str) -> None:
@@ -64,6 +64,9 @@ def _undo_changes(variant: str) -> None:
     level = CPU_VARIANTS.index(variant)
     if level < 2:
         conv.choose_impl = lambda *args, **kwargs: "xla"
+    elif level < 4:
+        rules = conv.choose_impl
+        conv.choose_impl = lambda *args, in_channels=None, **kwargs: rules(*args, **kwargs)
     if level < 3:
         layers._tiled_max_pool = lambda x, kh, kw: lax.reduce_window(
             x, -jax.numpy.inf, lax.max, (1, kh, kw, 1), (1, kh, kw, 1), "VALID")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
+import struct
+
 import ml_collections
+import numpy as np
 
 
 def override(config: ml_collections.ConfigDict, **dotted) -> ml_collections.ConfigDict:
@@ -14,3 +18,23 @@ def override(config: ml_collections.ConfigDict, **dotted) -> ml_collections.Conf
             node = node[p]
         node[leaf] = value
     return config
+
+
+def write_idx(path, array, magic):
+    """IDX: big-endian uint32 magic, big-endian uint32 dims, then the uint8 data."""
+    raw = struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape) + array.astype(np.uint8).tobytes()
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "wb") as f:
+        f.write(raw)
+
+
+def write_idx_dir(path, n_train=5, n_test=3, gz=True, seed=0):
+    """The four MNIST-layout IDX files of random images / labels in ``path``; returns the arrays."""
+    rng = np.random.RandomState(seed)
+    arrays = {"train-images-idx3-ubyte": rng.randint(0, 256, (n_train, 28, 28)),
+              "train-labels-idx1-ubyte": rng.randint(0, 10, n_train),
+              "t10k-images-idx3-ubyte": rng.randint(0, 256, (n_test, 28, 28)),
+              "t10k-labels-idx1-ubyte": rng.randint(0, 10, n_test)}
+    path.mkdir(parents=True, exist_ok=True)
+    for base, a in arrays.items():
+        write_idx(path / (base + (".gz" if gz else "")), a, 2051 if "images" in base else 2049)
+    return {k: v.astype(np.uint8) for k, v in arrays.items()}

@@ -81,6 +81,16 @@ def test_choose_impl_rules(in_hw, k, s, p, backend, want):
     assert conv.choose_impl(in_hw, k, s, ((p, p), (p, p)), backend=backend) == want
 
 
+@pytest.mark.parametrize("in_channels,backend,want", [
+    (1, "cpu", "im2col"),   # greyscale first conv: patches at any size
+    (3, "cpu", "xla"),      # RGB stems keep XLA's conv (mixed timings)
+    (1, "gpu", "xla"),
+])
+def test_choose_impl_one_input_channel(in_channels, backend, want):
+    assert conv.choose_impl((28, 28), (5, 5), (1, 1), ((2, 2), (2, 2)), backend=backend,
+                            in_channels=in_channels) == want
+
+
 def test_grouped_convs_keep_xla_and_im2col_rejects_groups():
     assert conv.choose_impl((2, 2), (3, 3), (1, 1), ((1, 1), (1, 1)), groups=2, backend="cpu") == "xla"
     x, w = jnp.zeros((1, 4, 4, 4)), jnp.zeros((3, 3, 2, 4))

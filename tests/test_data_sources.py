@@ -17,6 +17,8 @@ from cnnjax import data
 from cnnjax.data import sources
 from cnnjax.data.sources import DataFormatError, TFDSUnavailableError
 from experiments.cli import as_flags
+from tests.helpers import write_idx as _write_idx
+from tests.helpers import write_idx_dir as _idx_dir
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 needs_fashion_mnist = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR),
@@ -24,25 +26,6 @@ needs_fashion_mnist = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR),
 
 
 # ----------------------------------------------------------------------------------------------- IDX
-
-
-def _write_idx(path, array, magic):
-    """IDX: big-endian uint32 magic, big-endian uint32 dims, then the uint8 data."""
-    raw = struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape) + array.astype(np.uint8).tobytes()
-    with (gzip.open if str(path).endswith(".gz") else open)(path, "wb") as f:
-        f.write(raw)
-
-
-def _idx_dir(path, n_train=5, n_test=3, gz=True, seed=0):
-    rng = np.random.RandomState(seed)
-    arrays = {"train-images-idx3-ubyte": rng.randint(0, 256, (n_train, 28, 28)),
-              "train-labels-idx1-ubyte": rng.randint(0, 10, n_train),
-              "t10k-images-idx3-ubyte": rng.randint(0, 256, (n_test, 28, 28)),
-              "t10k-labels-idx1-ubyte": rng.randint(0, 10, n_test)}
-    path.mkdir(parents=True, exist_ok=True)
-    for base, a in arrays.items():
-        _write_idx(path / (base + (".gz" if gz else "")), a, 2051 if "images" in base else 2049)
-    return {k: v.astype(np.uint8) for k, v in arrays.items()}
 
 
 @pytest.mark.parametrize("gz", [True, False])
