@@ -71,6 +71,7 @@ PARITY_CASES = [
     ("tiny_cnn", (8, 8, 1), 8),
     ("lenet5", (32, 32, 1), 4),
     ("simple_cnn", (32, 32, 3), 4),
+    ("simple_cnn", (28, 28, 1), 4),       # unpadded Fashion-MNIST: image_size=28 (the speed run)
     ("improved_cnn", (32, 32, 3), 4),
     ("gap_cnn", (32, 32, 3), 4),
     ("gap_cnn", (20, 28, 3), 2),
@@ -96,14 +97,16 @@ NO_DROPOUT = {"improved_cnn": "dropout", "vgg11": "dropout", "vgg11_bn": "dropou
               "vgg16_bn": "dropout"}
 
 
-def _pair(name, train_mode: bool, channels: int = 3):
+def _pair(name, train_mode: bool, channels: int = 3, size: int = 32):
     """Identical-weight (cnnjax model, variables, torch model); dropout off for train-mode parity."""
     torch.manual_seed(0)
     jax_kw, torch_kw = {}, {}
     if train_mode and name in NO_DROPOUT:
         jax_kw, torch_kw = {"dropout_rate": 0.0}, {"dropout": 0.0}
-    if name == "fast_cnn":
-        torch_kw["c_in"] = channels  # the whitening width follows the input channels
+    if name in ("fast_cnn", "simple_cnn"):
+        torch_kw["c_in"] = channels  # the first conv (fast_cnn: the whitening width) follows the input
+    if name == "simple_cnn" and size != 32:
+        jax_kw["image_size"] = torch_kw["image_size"] = size
     tm = ref.build(name, **torch_kw)
     ref.randomize_bn_stats(tm, torch.Generator().manual_seed(1))
     return models.create(name, **jax_kw), variables_of(tm), tm
@@ -111,7 +114,7 @@ def _pair(name, train_mode: bool, channels: int = 3):
 
 @pytest.mark.parametrize("name,shape,batch", PARITY_CASES, ids=lambda v: str(v))
 def test_model_parity_with_torch(name, shape, batch):
-    model, variables, tm = _pair(name, train_mode=False, channels=shape[2])
+    model, variables, tm = _pair(name, train_mode=False, channels=shape[2], size=shape[0])
     # The ported tree has exactly the structure and shapes Flax builds itself: names map 1:1.
     expected = abstract_variables(model, shape)
     assert jax.tree_util.tree_structure(expected) == jax.tree_util.tree_structure(variables)
@@ -126,7 +129,7 @@ def test_model_parity_with_torch(name, shape, batch):
     label = f"{name} {shape[0]}x{shape[1]}"
     assert_parity(f"{label} eval logits", got, want, 1e-4)
 
-    model, variables, tm = _pair(name, train_mode=True, channels=shape[2])
+    model, variables, tm = _pair(name, train_mode=True, channels=shape[2], size=shape[0])
     if name in ILL_CONDITIONED_TRAIN:
         _check_train_parity_fp64(label, model, variables, tm, x)
         tol = stats_tol = ILL_CONDITIONED_TRAIN[name]

@@ -23,11 +23,11 @@ class TinyCNN(nn.Module):
 
 
 class SimpleCNN(nn.Module):
-    def __init__(self, num_classes: int = 10, c_in: int = 3):
+    def __init__(self, num_classes: int = 10, c_in: int = 3, image_size: int = 32):
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, 16, 3, padding=1)
         self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
-        self.fc1 = nn.Linear(32 * 8 * 8, 128)
+        self.fc1 = nn.Linear(32 * (image_size // 4) ** 2, 128)
         self.fc2 = nn.Linear(128, num_classes)
 
     def forward(self, x):

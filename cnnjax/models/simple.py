@@ -27,15 +27,21 @@ class TinyCNN(nn.Module):
 
 
 class SimpleCNN(nn.Module):
-    """Seed 004 SimpleCNN for 32x32x3: conv 3->16, pool, conv 16->32, pool, FC 2048->128->classes."""
+    """Seed 004 SimpleCNN for 32x32x3: conv 3->16, pool, conv 16->32, pool, FC 2048->128->classes.
+
+    ``image_size``: input height = width (28 for unpadded MNIST-style images: FC 1568->128).
+    """
 
     num_classes: int = 10
+    image_size: int = 32
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         x = MaxPool(2, name="pool1")(nn.relu(Conv(16, 3, padding=1, name="conv1")(x)))
         x = MaxPool(2, name="pool2")(nn.relu(Conv(32, 3, padding=1, name="conv2")(x)))
-        check_head_input("simple_cnn", x, (8, 8, 32), "feed 32x32 images")
+        side = self.image_size // 4
+        check_head_input("simple_cnn", x, (side, side, 32),
+                         f"feed {self.image_size}x{self.image_size} images (or set model.kwargs.image_size)")
         x = nn.relu(Dense(128, name="fc1")(flatten_nchw(x)))
         return Dense(self.num_classes, name="fc2")(x)
 

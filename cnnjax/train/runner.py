@@ -53,7 +53,8 @@ def select_devices(per_process: int = 0) -> list:
 
 def _chunk_fn(spec: StepSpec, scan: bool, axis_name: str | None, gather: bool):
     """``(state, acc, images, labels, ids) -> (state, acc)``: the step over a chunk of steps
-    (``lax.scan``), or over step ``acc['pos']`` of the chunk only (one call per step from a host loop).
+    (``lax.scan``), or one step (a host loop calls it per step with ``steps = 1``, so every chunk
+    length shares one compiled step).
 
     ``gather=True`` (resident): ``images [N, ...]`` / ``labels [N]`` are the whole split and ``ids
     [steps, B]`` index it. ``gather=False`` (streamed): ``images [steps, B, ...]``, ``labels`` and ``ids
@@ -75,9 +76,7 @@ def _chunk_fn(spec: StepSpec, scan: bool, axis_name: str | None, gather: bool):
         if scan:
             (state, acc), _ = jax.lax.scan(lambda c, r: (step(*c, take(r)), None), (state, acc), rows)
             return state, acc
-        pos = acc["pos"].astype(jnp.int32)
-        return step(state, acc, take(jax.tree_util.tree_map(
-            lambda x: jax.lax.dynamic_index_in_dim(x, pos, keepdims=False), rows)))
+        return step(state, acc, take(jax.tree_util.tree_map(lambda x: x[0], rows)))
 
     return run
 
@@ -196,25 +195,33 @@ class Runner:
         ``stop``: asked after each step (host-loop mode: each step is then waited for); when it returns
         True the chunk ends there. Every process must give the same answer (see ``distributed.any_process``).
         In ``scan`` mode (accelerators) the chunk is one computation and always runs to its end."""
-        return self._run(self._train, state, images, labels, self.put_indices(np.asarray(idx)), stop)
+        idx = np.asarray(idx)
+        chunks = [idx] if self.scan else [idx[s:s + 1] for s in range(idx.shape[0])]
+        return self._run(self._train, state, ((images, labels, self.put_indices(c)) for c in chunks), idx.shape[0],
+                         stop)
 
     def train_batches(self, state: TrainState, batch: dict, global_batch: int,
                       stop: Callable[[], bool] | None = None) -> tuple[TrainState, dict]:
         """Run a chunk of streamed batches: this process's columns ``{'images' [steps, b, H, W, C], 'labels',
         'ids' [steps, b]}`` of ``global_batch``-example batches (``stop`` and the metrics as :meth:`train`)."""
-        placed = [self.put_batches(batch[k], global_batch) for k in ("images", "labels", "ids")]
-        return self._run(self._train_batches, state, *placed, stop)
+        steps = np.asarray(batch["ids"]).shape[0]
+        chunks = [slice(None)] if self.scan else [slice(s, s + 1) for s in range(steps)]
+        calls = ([self.put_batches(np.asarray(batch[k])[c], global_batch) for k in ("images", "labels", "ids")]
+                 for c in chunks)
+        return self._run(self._train_batches, state, calls, steps, stop)
 
-    def _run(self, fn, state, images, labels, ids, stop):
+    def _run(self, fn, state, calls, steps: int, stop):
+        """Call ``fn(state, acc, *args)`` for each ``args`` of ``calls`` (host loop: one step each, placed just
+        before its call; scan: the whole chunk once)."""
         acc = self._place({k: np.zeros((), np.float32) for k in (*_METRIC_KEYS, "pos")})
-        steps = 1 if self.scan else ids.shape[-2]
-        for done in range(1, steps + 1):
-            state, acc = fn(state, acc, images, labels, ids)
-            if stop is not None and done < steps:
+        ran = 0
+        for args in calls:
+            state, acc = fn(state, acc, *args)
+            ran = steps if self.scan else ran + 1
+            if stop is not None and ran < steps:
                 jax.block_until_ready(acc["pos"])  # the signal is seen within one step, not one chunk
                 if stop():
                     break
-        ran = ids.shape[-2] if self.scan else done
         return state, {k: self.first_local(acc[k]) for k in _METRIC_KEYS} | {"steps": ran}
 
     def evaluate(self, state: TrainState, images: np.ndarray, labels: np.ndarray, batch_size: int) -> dict:

@@ -20,6 +20,9 @@ class TrainState(train_state.TrainState):
     slow: Any = None
 
 
+INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
 def model_variables(params: Any, batch_stats: Any) -> dict:
     """Flax variables ``{'params', 'batch_stats'?}`` (no empty collection for models without BN)."""
     return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
@@ -29,7 +32,10 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, input
                        key: jax.Array) -> TrainState:
     """Initialise ``model`` on a ``[1, *input_shape]`` input; ``key`` seeds init and the state's rng."""
     init_key, state_key = jax.random.split(key)
-    variables = jax.jit(lambda k: model.init({"params": k, "dropout": k}, jnp.zeros((1, *input_shape)),
-                                             train=False))(init_key)
+    init = jax.jit(lambda k: model.init({"params": k, "dropout": k}, jnp.zeros((1, *input_shape)), train=False))
+    # Runs once: on the CPU, skip LLVM's optimisations (the initialisers' threefry code took 3-4 s of a
+    # Fashion-MNIST run's start-up to optimise; ~1 s without). Values may differ in the last bit.
+    options = INIT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+    variables = init.lower(init_key).compile(compiler_options=options)(init_key)
     return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                              batch_stats=variables.get("batch_stats", {}), rng=state_key)
