@@ -219,33 +219,39 @@ def max_pool(x: Array, window: IntPair, stride: IntPair | None = None, padding: 
     return lax.reduce_window(x, -jnp.inf, lax.max, dims, strides, pads)
 
 
-def _windows(x: Array, kh: int, kw: int) -> Array:
-    n, h, w, c = x.shape
-    return x.reshape(n, h // kh, kh, w // kw, kw, c)
+def _window_views(x: Array, kh: int, kw: int) -> list[Array]:
+    """The ``kh * kw`` strided views ``[N, Ho, Wo, C]`` of ``[N, kh Ho, kw Wo, C]``, window position
+    ``i * kw + j`` (row-major) at index ``i * kw + j``."""
+    return [x[:, i::kh, j::kw, :] for i in range(kh) for j in range(kw)]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _tiled_max_pool(x: Array, kh: int, kw: int) -> Array:
-    """Max over non-overlapping ``kh x kw`` tiles of ``[N, kh Ho, kw Wo, C]`` by reshape.
+    """Max over non-overlapping ``kh x kw`` tiles of ``[N, kh Ho, kw Wo, C]``, as an elementwise max of
+    the tiles' strided views.
 
-    Its gradient goes to the first maximum of each window in row-major order, as torch's (and
-    XLA's select-and-scatter, which is several times slower on the CPU; ``python -m
-    experiments.bench_conv`` times both).
+    Its gradient goes to the first maximum of each window in row-major order, as torch's; the forward
+    keeps that position (int8) for the backward. XLA's select-and-scatter for ``reduce_window``, and a
+    reshape-based version, are several times slower on the CPU (``python -m experiments.bench_conv``).
     """
-    return _windows(x, kh, kw).max(axis=(2, 4))
+    return functools.reduce(jnp.maximum, _window_views(x, kh, kw))
 
 
 def _tiled_max_pool_fwd(x: Array, kh: int, kw: int) -> tuple[Array, Array]:
-    return _tiled_max_pool(x, kh, kw), x
+    views = _window_views(x, kh, kw)
+    top = functools.reduce(jnp.maximum, views)
+    first = jnp.full(top.shape, len(views) - 1, jnp.int8 if len(views) <= 127 else jnp.int32)
+    for k in range(len(views) - 2, -1, -1):  # the lowest position holding the maximum wins
+        first = jnp.where(views[k] == top, jnp.asarray(k, first.dtype), first)
+    return top, first
 
 
-def _tiled_max_pool_bwd(kh: int, kw: int, x: Array, g: Array) -> tuple[Array]:
-    tiles = _windows(x, kh, kw)
-    is_max = tiles == tiles.max(axis=(2, 4), keepdims=True)
-    position = (jnp.arange(kh)[:, None] * kw + jnp.arange(kw)[None, :]).reshape(1, 1, kh, 1, kw, 1)
-    first = jnp.where(is_max, position, kh * kw).min(axis=(2, 4), keepdims=True)
-    grad = jnp.where(position == first, g[:, :, None, :, None, :], jnp.zeros((), g.dtype))
-    return (grad.reshape(x.shape),)
+def _tiled_max_pool_bwd(kh: int, kw: int, first: Array, g: Array) -> tuple[Array]:
+    n, ho, wo, c = g.shape
+    zero = jnp.zeros((), g.dtype)
+    parts = [jnp.where(first == k, g, zero) for k in range(kh * kw)]
+    rows = [jnp.stack(parts[i * kw:(i + 1) * kw], axis=3).reshape(n, ho, wo * kw, c) for i in range(kh)]
+    return (jnp.stack(rows, axis=2).reshape(n, ho * kh, wo * kw, c),)
 
 
 _tiled_max_pool.defvjp(_tiled_max_pool_fwd, _tiled_max_pool_bwd)

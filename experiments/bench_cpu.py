@@ -10,7 +10,9 @@ the previous one:
    XLA:CPU handles badly (tiny outputs, strided and 1x1 convs);
 4. ``+tiled max-pool``: non-overlapping max-pool by reshape with a first-maximum gradient;
 5. ``+greyscale im2col``: patches @ kernel for every conv of a one-channel input (the first conv
-   of the Fashion-MNIST / MNIST models).
+   of the Fashion-MNIST / MNIST models);
+6. ``+strided-view max-pool``: the tiled max-pool as an elementwise max of the windows' strided
+   views, keeping the first maximum's position (int8) for the backward instead of the input.
 
 Rows are training throughput (images/s, batch 128, random uint8 data, SGD momentum 0.9) through
 the real ``Runner``, next to PyTorch eager on the same network. Earlier variants are recreated by

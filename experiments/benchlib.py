@@ -51,7 +51,7 @@ def time_jax_training(model: Any, spec: Any, data_shape: tuple[int, int, int], b
 # Benchmark rows: NAME or NAME@SIZE -> input shape [H, W, C].
 SHAPES = {"lenet5": (32, 32, 1), "improved_cnn": (32, 32, 3), "cifar_resnet20": (32, 32, 3), "resnet18": (32, 32, 3),
           "resnet18@224": (224, 224, 3), "fast_cnn": (32, 32, 3)}
-CPU_VARIANTS = ("baseline", "+ynn flag", "+im2col", "+tiled max-pool", "+greyscale im2col")
+CPU_VARIANTS = ("baseline", "+ynn flag", "+im2col", "+tiled max-pool", "+greyscale im2col", "+strided-view max-pool")
 
 
 def _undo_changes(variant: str) -> None:
@@ -70,6 +70,33 @@ def _undo_changes(variant: str) -> None:
     if level < 3:
         layers._tiled_max_pool = lambda x, kh, kw: lax.reduce_window(
             x, -jax.numpy.inf, lax.max, (1, kh, kw, 1), (1, kh, kw, 1), "VALID")
+    elif level < 5:
+        layers._tiled_max_pool = _reshape_max_pool
+
+
+def _reshape_max_pool(x, kh: int, kw: int):
+    """The tiled max-pool before strided views: max over ``[N, Ho, kh, Wo, kw, C]``, its backward
+    recomputing the first maximum from the saved input."""
+    import jax
+    import jax.numpy as jnp
+
+    def windows(v):
+        n, h, w, c = v.shape
+        return v.reshape(n, h // kh, kh, w // kw, kw, c)
+
+    @jax.custom_vjp
+    def pool(v):
+        return windows(v).max(axis=(2, 4))
+
+    def bwd(v, g):
+        tiles = windows(v)
+        is_max = tiles == tiles.max(axis=(2, 4), keepdims=True)
+        position = (jnp.arange(kh)[:, None] * kw + jnp.arange(kw)[None, :]).reshape(1, 1, kh, 1, kw, 1)
+        first = jnp.where(is_max, position, kh * kw).min(axis=(2, 4), keepdims=True)
+        return (jnp.where(position == first, g[:, :, None, :, None, :], jnp.zeros((), g.dtype)).reshape(v.shape),)
+
+    pool.defvjp(lambda v: (pool(v), v), bwd)
+    return pool(x)
 
 
 def run_cpu_variant(variant: str, names: list[str], batch: int, steps: int) -> dict:

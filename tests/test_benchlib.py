@@ -1,0 +1,42 @@
+"""experiments.benchlib: each CPU variant of experiments.bench_cpu puts back exactly the library code it
+does not have yet, and the code it puts back computes the same numbers."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnnjax import conv, layers
+from experiments import benchlib
+
+GREY_CONV = ((28, 28), (5, 5), (1, 1), ((2, 2), (2, 2)))
+
+
+@pytest.mark.parametrize("variant,grey_impl,pool", [
+    ("+im2col", "xla", "reduce_window"),
+    ("+tiled max-pool", "xla", "reshape"),
+    ("+greyscale im2col", "im2col", "reshape"),
+    ("+strided-view max-pool", "im2col", "strided"),
+])
+def test_cpu_variant_puts_back_what_it_does_not_have(monkeypatch, variant, grey_impl, pool):
+    monkeypatch.setattr(conv, "choose_impl", conv.choose_impl)  # restored after the test
+    monkeypatch.setattr(layers, "_tiled_max_pool", layers._tiled_max_pool)
+    strided = layers._tiled_max_pool
+    benchlib._undo_changes(variant)
+    assert conv.choose_impl(*GREY_CONV, backend="cpu", in_channels=1) == grey_impl
+    assert conv.choose_impl((2, 2), (3, 3), (1, 1), ((1, 1), (1, 1)), backend="cpu") == "im2col"  # earlier rule kept
+    in_place = layers._tiled_max_pool
+    assert (in_place is strided) == (pool == "strided")
+    assert (in_place is benchlib._reshape_max_pool) == (pool == "reshape")
+
+
+@pytest.mark.parametrize("window", [2, 3])
+def test_the_earlier_reshape_max_pool_gives_the_same_values_and_gradients(window):
+    x = jax.nn.relu(jax.random.normal(jax.random.PRNGKey(0), (2, 4 * window, 5 * window, 3)))  # ties at 0
+    grads = [jax.grad(lambda v, f=f: (f(v, window, window) ** 2 * jnp.arange(3.0)).sum())(x)
+             for f in (layers._tiled_max_pool, benchlib._reshape_max_pool)]
+    np.testing.assert_array_equal(layers._tiled_max_pool(x, window, window),
+                                  benchlib._reshape_max_pool(x, window, window))
+    np.testing.assert_array_equal(*grads)
