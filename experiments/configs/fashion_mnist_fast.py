@@ -1,4 +1,12 @@
-"""Fashion-MNIST speed run on a 2-core CPU (draft)."""
+"""Fashion-MNIST speed run on a 2-core CPU: >= 91% test accuracy in about 30 s from process start.
+
+``simple_cnn`` on unpadded 28x28 images (conv 16 -> pool -> conv 32 -> pool -> FC 1568 -> 128 -> 10),
+random horizontal flips, Adam with optax's one-cycle schedule (peak 1.2e-2), label smoothing 0.1,
+batch 128, 3 epochs, mirror test-time augmentation, final weights (evaluated on validation and test
+once, after the last epoch). The peak learning rate was picked on validation accuracy only (README,
+"Fashion-MNIST speed run"). ``python -m experiments.speedrun --config THIS --data_dir DIR`` times it
+against its PyTorch twin.
+"""
 
 from experiments.configs.base import base_config
 
@@ -13,7 +21,7 @@ def get_config():
     c.num_epochs = 3
     c.eval_every = 3
     c.optimizer = "adam"
-    c.learning_rate = 5e-3
+    c.learning_rate = 1.2e-2
     c.schedule = "onecycle"
     c.label_smoothing = 0.1
     c.tta = 1
