@@ -20,7 +20,7 @@ from absl import flags
 
 from cnnjax.errors import UsageError
 from experiments import cli
-from experiments.benchlib import SHAPES, bench_torch
+from experiments.benchlib import SHAPES, bench_model, bench_torch
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("quick", False, "batch 128 only, 3 timed steps, resnet18@224 at batch 16")
@@ -37,11 +37,10 @@ def bench_jax(name: str, shape, batch: int, steps: int) -> dict:
     """cnnjax train (real Runner) and eval throughput for one row."""
     import jax
 
-    from cnnjax import models
     from cnnjax.train.steps import StepSpec
     from experiments.benchlib import time_jax_training
 
-    model = models.create(name.split("@")[0], num_classes=10)
+    model = bench_model(name)
     spec = StepSpec(10, (0.5,) * shape[2], (0.25,) * shape[2])
     out = time_jax_training(model, spec, shape, batch, steps)
     ev, state = out["runner"].eval_fn, out["state"]  # the state stays on the device (jit mode)

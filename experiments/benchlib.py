@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -50,8 +51,37 @@ def time_jax_training(model: Any, spec: Any, data_shape: tuple[int, int, int], b
 
 # Benchmark rows: NAME or NAME@SIZE -> input shape [H, W, C].
 SHAPES = {"lenet5": (32, 32, 1), "improved_cnn": (32, 32, 3), "cifar_resnet20": (32, 32, 3), "resnet18": (32, 32, 3),
-          "resnet18@224": (224, 224, 3), "fast_cnn": (32, 32, 3)}
+          "resnet18@224": (224, 224, 3), "fast_cnn": (32, 32, 3), "simple_cnn@28": (28, 28, 1)}
+# Rows whose model needs arguments: (cnnjax kwargs, torch twin kwargs).
+ROW_KWARGS = {"simple_cnn@28": ({"image_size": 28}, {"c_in": 1, "image_size": 28})}
+
+
+def bench_model(name: str):
+    """The cnnjax model of bench row ``name`` (10 classes)."""
+    from cnnjax import models
+
+    return models.create(name.split("@")[0], num_classes=10, **ROW_KWARGS.get(name, ({}, {}))[0])
+
+
+def bench_torch_model(name: str):
+    """The torch twin of bench row ``name`` (10 classes)."""
+    from tests import torch_models
+
+    return torch_models.build(name.split("@")[0], num_classes=10, **ROW_KWARGS.get(name, ({}, {}))[1])
 CPU_VARIANTS = ("baseline", "+ynn flag", "+im2col", "+tiled max-pool", "+greyscale im2col", "+strided-view max-pool")
+
+
+@contextlib.contextmanager
+def with_variant(variant: str):
+    """Within the block, the library code is that of ``variant`` (put back as it was on exit)."""
+    from cnnjax import conv, layers
+
+    saved = conv.choose_impl, layers._tiled_max_pool
+    try:
+        _undo_changes(variant)
+        yield
+    finally:
+        conv.choose_impl, layers._tiled_max_pool = saved
 
 
 def _undo_changes(variant: str) -> None:
@@ -101,7 +131,6 @@ def _reshape_max_pool(x, kh: int, kw: int):
 
 def run_cpu_variant(variant: str, names: list[str], batch: int, steps: int) -> dict:
     """Train images/s of each row ``names`` with only the CPU changes up to ``variant``."""
-    from cnnjax import models
     from cnnjax.train.steps import StepSpec
 
     if variant not in CPU_VARIANTS:
@@ -111,7 +140,7 @@ def run_cpu_variant(variant: str, names: list[str], batch: int, steps: int) -> d
     for name in names:
         shape = SHAPES[name]
         spec = StepSpec(10, (0.5,) * shape[2], (0.25,) * shape[2])
-        out[name] = time_jax_training(models.create(name.split("@")[0], num_classes=10), spec, shape, batch,
+        out[name] = time_jax_training(bench_model(name), spec, shape, batch,
                                       steps)["train_img_s"]
     return out
 
@@ -128,10 +157,9 @@ def bench_torch(name: str, shape, batch: int, steps: int, compiled: bool) -> dic
     import numpy as np
     import torch
 
-    from tests import torch_models
 
     torch.manual_seed(0)
-    model = torch_models.build(name.split("@")[0], num_classes=10)
+    model = bench_torch_model(name)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     rng = np.random.RandomState(0)
     images = torch.from_numpy(rng.randint(0, 256, (batch, shape[2], shape[0], shape[1])).astype(np.uint8))

@@ -9,7 +9,7 @@ import re
 import statistics
 import time
 
-from experiments.benchlib import SHAPES
+from experiments.benchlib import SHAPES, bench_model, bench_torch_model
 
 KINDS = ("conv forward", "conv input-gradient", "conv weight-gradient", "conv input+weight gradient", "BatchNorm",
          "pooling", "dense", "layout transposes / copies", "optimizer update", "input preparation", "loss",
@@ -98,13 +98,12 @@ def profile_cnnjax(name: str, batch: int, reps: int) -> dict:
     import numpy as np
     import optax
 
-    from cnnjax import models
     from cnnjax.train.state import create_train_state
     from cnnjax.train.steps import StepSpec, train_step
     from experiments.benchlib import time_jax_training
 
     shape = SHAPES[name]
-    model = models.create(name.split("@")[0], num_classes=10)
+    model = bench_model(name)
     spec = StepSpec(10, (0.5,) * shape[2], (0.25,) * shape[2])
     fused = time_jax_training(model, spec, shape, batch, steps=5)
     state = create_train_state(model, optax.sgd(0.01, momentum=0.9), shape, jax.random.PRNGKey(0))
@@ -141,11 +140,10 @@ def profile_torch(name: str, batch: int, steps: int) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from tests import torch_models
 
     shape = SHAPES[name]
     torch.manual_seed(0)
-    model = torch_models.build(name.split("@")[0], num_classes=10).train()
+    model = bench_torch_model(name).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     rng = np.random.RandomState(0)
     images = torch.from_numpy(rng.randint(0, 256, (batch, shape[2], shape[0], shape[1])).astype(np.uint8))

@@ -11,7 +11,7 @@ import pytest
 from cnnjax import conv, layers
 from experiments import benchlib
 
-GREY_CONV = ((28, 28), (5, 5), (1, 1), ((2, 2), (2, 2)))
+GREY_CONV = ((28, 28), (3, 3), (1, 1), ((1, 1), (1, 1)))
 
 
 @pytest.mark.parametrize("variant,grey_impl,pool", [
@@ -40,3 +40,13 @@ def test_the_earlier_reshape_max_pool_gives_the_same_values_and_gradients(window
     np.testing.assert_array_equal(layers._tiled_max_pool(x, window, window),
                                   benchlib._reshape_max_pool(x, window, window))
     np.testing.assert_array_equal(*grads)
+
+
+def test_with_variant_puts_the_library_back_on_exit(monkeypatch):
+    monkeypatch.setattr(conv, "choose_impl", conv.choose_impl)
+    monkeypatch.setattr(layers, "_tiled_max_pool", layers._tiled_max_pool)
+    before = conv.choose_impl, layers._tiled_max_pool
+    with benchlib.with_variant("+tiled max-pool"):
+        assert layers._tiled_max_pool is benchlib._reshape_max_pool
+        assert conv.choose_impl(*GREY_CONV, backend="cpu", in_channels=1) == "xla"
+    assert (conv.choose_impl, layers._tiled_max_pool) == before

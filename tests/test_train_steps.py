@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -193,3 +194,26 @@ def test_random_resized_crop_is_keyed_shape_preserving_and_the_identity_at_full_
     assert out.shape == batch.shape and not np.array_equal(out[0], out[1])  # per-example keys
     with pytest.raises(ValueError, match="min area fraction"):
         AugmentConfig(random_resized_crop=1.5)
+
+
+def test_host_loop_compiles_one_step_for_every_chunk_length():
+    """An epoch of 5 steps logged every 3 runs chunks of 3 and 2 steps: one compiled step serves both,
+    and the result is the same as one 5-step chunk."""
+    spec = StepSpec(num_classes=10, mean=(0.5,), std=(0.25,))
+    model = models.create("tiny_cnn", num_classes=10)
+    images, labels = _data(40)
+    images = images[:, :8, :8, :1]
+    idx = np.arange(40, dtype=np.int32).reshape(5, 8)
+
+    def run(chunks):
+        runner = Runner(spec, model.apply, "jit", scan=False)
+        state = runner.put_state(create_train_state(model, _opt(), (8, 8, 1), jax.random.PRNGKey(0)))
+        img_d, lab_d = runner.put_data(images, labels)
+        for chunk in chunks:
+            state, _ = runner.train(state, img_d, lab_d, chunk)
+        return runner, state
+
+    split, split_state = run([idx[:3], idx[3:]])
+    assert split._train._cache_size() == 1
+    _, whole_state = run([idx])
+    chex.assert_trees_all_equal(split_state.params, whole_state.params)
