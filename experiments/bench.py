@@ -37,12 +37,10 @@ def bench_jax(name: str, shape, batch: int, steps: int) -> dict:
     """cnnjax train (real Runner) and eval throughput for one row."""
     import jax
 
-    from cnnjax.train.steps import StepSpec
-    from experiments.benchlib import time_jax_training
+    from experiments.benchlib import bench_spec, time_jax_training
 
     model = bench_model(name)
-    spec = StepSpec(10, (0.5,) * shape[2], (0.25,) * shape[2])
-    out = time_jax_training(model, spec, shape, batch, steps)
+    out = time_jax_training(model, bench_spec(shape), shape, batch, steps)
     ev, state = out["runner"].eval_fn, out["state"]  # the state stays on the device (jit mode)
     args = (state.params, state.batch_stats, out["images"], out["labels"], jax.numpy.ones(batch))
     jax.block_until_ready(ev(*args))

@@ -20,7 +20,7 @@ from absl import flags
 
 from cnnjax.errors import UsageError
 from experiments import cli
-from experiments.benchlib import CPU_VARIANTS, SHAPES, bench_model, with_variant
+from experiments.benchlib import CPU_VARIANTS, SHAPES, bench_model, bench_spec, prepared_runner, with_variant
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("a", "+tiled max-pool", "variant A (experiments.benchlib.CPU_VARIANTS)")
@@ -36,19 +36,9 @@ def _compiled(name: str, variant: str, batch: int) -> list:
     """``[runner, state, images, labels, idx]`` with the train step traced under ``variant``'s code."""
     import jax
     import numpy as np
-    import optax
-
-    from cnnjax.train.runner import Runner
-    from cnnjax.train.state import create_train_state
-    from cnnjax.train.steps import StepSpec
 
     shape = SHAPES[name]
-    model = bench_model(name)
-    runner = Runner(StepSpec(10, (0.5,) * shape[2], (0.25,) * shape[2]), model.apply, scan=False)
-    state = runner.put_state(create_train_state(model, optax.sgd(0.01, momentum=0.9), shape, jax.random.PRNGKey(0)))
-    rng = np.random.RandomState(0)
-    images, labels = runner.put_data(rng.randint(0, 256, (batch, *shape)).astype(np.uint8),
-                                     rng.randint(0, 10, batch).astype(np.int32))
+    runner, state, images, labels = prepared_runner(bench_model(name), bench_spec(shape), shape, batch, scan=False)
     idx = np.arange(batch).reshape(1, batch)
     with with_variant(variant):
         state, m = runner.train(state, images, labels, idx)  # traced and compiled here

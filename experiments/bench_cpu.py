@@ -9,8 +9,8 @@ the previous one:
 3. ``+im2col``: :func:`cnnjax.conv.choose_impl`'s patches-times-matrix path for the shapes
    XLA:CPU handles badly (tiny outputs, strided and 1x1 convs);
 4. ``+tiled max-pool``: non-overlapping max-pool by reshape with a first-maximum gradient;
-5. ``+greyscale im2col``: patches @ kernel for every conv of a one-channel input (the first conv
-   of the Fashion-MNIST / MNIST models);
+5. ``+greyscale im2col``: patches @ kernel for 3x3 (or smaller) convs of a one-channel input (the
+   first conv of SimpleCNN on Fashion-MNIST / MNIST);
 6. ``+strided-view max-pool``: the tiled max-pool as an elementwise max of the windows' strided
    views, keeping the first maximum's position (int8) for the backward instead of the input.
 
@@ -79,17 +79,17 @@ def main(argv):
                  for name in FLAGS.models})
     results = {v: {name: float(statistics.median(r[name] for r in rs)) for name in FLAGS.models}
                for v, rs in runs.items()}
-    print(markdown(results, FLAGS.models, FLAGS.batch))
+    print(markdown(results, FLAGS.models, FLAGS.batch, FLAGS.repeats))
     if FLAGS.out:
         with open(FLAGS.out, "w") as f:
             json.dump(results, f, indent=2)
 
 
-def markdown(results: dict, names: list[str], batch: int) -> str:
+def markdown(results: dict, names: list[str], batch: int, repeats: int = 1) -> str:
     """Train images/s per variant; with torch, each variant's ratio to eager in brackets."""
     torch_row = results.get("torch eager")
     cols = [v for v in VARIANTS if v in results]
-    lines = [f"Train img/s at batch {batch}, median of {FLAGS.repeats} (ratio to PyTorch eager in brackets)", "",
+    lines = [f"Train img/s at batch {batch}, median of {repeats} (ratio to PyTorch eager in brackets)", "",
              "| model | " + " | ".join(cols) + (" | torch eager |" if torch_row else " |"),
              "|---" * (len(cols) + 1 + bool(torch_row)) + "|"]
     for name in names:

@@ -55,19 +55,12 @@ def chunk_compiles(model_name: str, shape: tuple, kwargs: dict, batch: int) -> d
 
     import jax
     import numpy as np
-    import optax
 
     from cnnjax import models
-    from cnnjax.train.runner import Runner
-    from cnnjax.train.state import create_train_state
-    from cnnjax.train.steps import StepSpec
+    from experiments.benchlib import bench_spec, prepared_runner
 
     model = models.create(model_name, num_classes=10, **kwargs)
-    runner = Runner(StepSpec(10, (0.5,) * shape[2], (0.25,) * shape[2]), model.apply, scan=False)
-    state = runner.put_state(create_train_state(model, optax.sgd(0.01, momentum=0.9), shape, jax.random.PRNGKey(0)))
-    rng = np.random.RandomState(0)
-    images, labels = runner.put_data(rng.randint(0, 256, (batch * 121, *shape)).astype(np.uint8),
-                                     rng.randint(0, 10, batch * 121).astype(np.int32))
+    runner, state, images, labels = prepared_runner(model, bench_spec(shape), shape, batch * 121, scan=False)
     idx = np.arange(batch * 121).reshape(121, batch)
     seconds = []
     for chunk in (idx[:100], idx[100:]):

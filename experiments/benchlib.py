@@ -21,18 +21,9 @@ def time_jax_training(model: Any, spec: Any, data_shape: tuple[int, int, int], b
     """
     import jax
     import numpy as np
-    import optax
 
-    from cnnjax.train.runner import Runner
-    from cnnjax.train.state import create_train_state
-
-    runner = Runner(spec, model.apply, scan=scan)
-    state = runner.put_state(create_train_state(model, optax.sgd(0.01, momentum=0.9),
-                                                model_input_shape or data_shape, jax.random.PRNGKey(0)))
-    rng = np.random.RandomState(0)
     n = batch * chunk
-    images, labels = runner.put_data(rng.randint(0, 256, (n, *data_shape)).astype(np.uint8),
-                                     rng.randint(0, spec.num_classes, n).astype(np.int32))
+    runner, state, images, labels = prepared_runner(model, spec, data_shape, n, model_input_shape, scan)
     idx = np.arange(n).reshape(chunk, batch)
     t = time.perf_counter()
     state, metrics = runner.train(state, images, labels, idx)
@@ -47,6 +38,33 @@ def time_jax_training(model: Any, spec: Any, data_shape: tuple[int, int, int], b
     jax.block_until_ready(metrics)  # dispatch is asynchronous
     return {"train_img_s": calls * n / (time.perf_counter() - t), "compile_s": compile_s, "runner": runner,
             "state": state, "images": images, "labels": labels}
+
+
+def prepared_runner(model: Any, spec: Any, data_shape: tuple[int, int, int], n: int,
+                    model_input_shape: tuple[int, int, int] | None = None, scan: bool | None = None) -> tuple:
+    """``(runner, state, images, labels)``: a ``Runner`` for ``model`` with its state (SGD momentum 0.9,
+    seed 0) and ``n`` random uint8 images ``[n, *data_shape]`` with labels, placed."""
+    import jax
+    import numpy as np
+    import optax
+
+    from cnnjax.train.runner import Runner
+    from cnnjax.train.state import create_train_state
+
+    runner = Runner(spec, model.apply, scan=scan)
+    state = runner.put_state(create_train_state(model, optax.sgd(0.01, momentum=0.9),
+                                                model_input_shape or data_shape, jax.random.PRNGKey(0)))
+    rng = np.random.RandomState(0)
+    images, labels = runner.put_data(rng.randint(0, 256, (n, *data_shape)).astype(np.uint8),
+                                     rng.randint(0, spec.num_classes, n).astype(np.int32))
+    return runner, state, images, labels
+
+
+def bench_spec(shape: tuple[int, int, int]) -> Any:
+    """The benchmarks' step: 10 classes, mean 0.5 / std 0.25 per channel, no augmentation."""
+    from cnnjax.train.steps import StepSpec
+
+    return StepSpec(10, (0.5,) * shape[2], (0.25,) * shape[2])
 
 
 # Benchmark rows: NAME or NAME@SIZE -> input shape [H, W, C].
@@ -68,6 +86,8 @@ def bench_torch_model(name: str):
     from tests import torch_models
 
     return torch_models.build(name.split("@")[0], num_classes=10, **ROW_KWARGS.get(name, ({}, {}))[1])
+
+
 CPU_VARIANTS = ("baseline", "+ynn flag", "+im2col", "+tiled max-pool", "+greyscale im2col", "+strided-view max-pool")
 
 
@@ -131,17 +151,13 @@ def _reshape_max_pool(x, kh: int, kw: int):
 
 def run_cpu_variant(variant: str, names: list[str], batch: int, steps: int) -> dict:
     """Train images/s of each row ``names`` with only the CPU changes up to ``variant``."""
-    from cnnjax.train.steps import StepSpec
-
     if variant not in CPU_VARIANTS:
         raise UsageError(f"unknown variant {variant!r}; choose one of {CPU_VARIANTS}")
     _undo_changes(variant)
     out = {}
     for name in names:
         shape = SHAPES[name]
-        spec = StepSpec(10, (0.5,) * shape[2], (0.25,) * shape[2])
-        out[name] = time_jax_training(bench_model(name), spec, shape, batch,
-                                      steps)["train_img_s"]
+        out[name] = time_jax_training(bench_model(name), bench_spec(shape), shape, batch, steps)["train_img_s"]
     return out
 
 
@@ -156,7 +172,6 @@ def bench_torch(name: str, shape, batch: int, steps: int, compiled: bool) -> dic
     """PyTorch train (SGD momentum 0.9) and eval throughput of the torch twin of ``name``."""
     import numpy as np
     import torch
-
 
     torch.manual_seed(0)
     model = bench_torch_model(name)

@@ -99,12 +99,12 @@ def profile_cnnjax(name: str, batch: int, reps: int) -> dict:
     import optax
 
     from cnnjax.train.state import create_train_state
-    from cnnjax.train.steps import StepSpec, train_step
-    from experiments.benchlib import time_jax_training
+    from cnnjax.train.steps import train_step
+    from experiments.benchlib import bench_spec, time_jax_training
 
     shape = SHAPES[name]
     model = bench_model(name)
-    spec = StepSpec(10, (0.5,) * shape[2], (0.25,) * shape[2])
+    spec = bench_spec(shape)
     fused = time_jax_training(model, spec, shape, batch, steps=5)
     state = create_train_state(model, optax.sgd(0.01, momentum=0.9), shape, jax.random.PRNGKey(0))
     rng = np.random.RandomState(0)

@@ -3,9 +3,7 @@ the CLIs are ``experiments.speedrun`` and ``experiments.speedrun_torch``)."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import statistics
 import subprocess
 import tempfile
@@ -24,7 +22,7 @@ _DEFAULTS = {"data.crop_padding": 0, "data.cutout": 0, "data.random_resized_crop
 
 def check_supported(c) -> None:
     """Raise :class:`UsageError` naming the first config field the twin cannot reproduce."""
-    def get(path):
+    def get(path):  # not cnnjax.train.checks._get: that module imports JAX, which the twin's process must not
         node = c
         for part in path.split("."):
             node = node[part]
@@ -78,7 +76,8 @@ def train_twin(c, threads: int = 0) -> dict:
                          c.data.split_seed)
     mean, std = (float(v[0]) for v in MEAN_STD[c.data.name])
 
-    def tensor(images):  # uint8 [N, H, W, 1] -> float [N, 1, P, P], normalised, zero-padded like cnnjax
+    def tensor(images):  # uint8 [N, H, W, 1] -> float [N, 1, P, P], normalised, zero-padded as
+        # cnnjax.train.experiment.prepare_images does (not imported: that module imports JAX)
         x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
         pad = (int(c.data.pad_to) - x.shape[-1]) // 2 if c.data.pad_to else 0
         x = F.pad(x, (pad,) * 4) if pad > 0 else x
@@ -125,12 +124,11 @@ def train_twin(c, threads: int = 0) -> dict:
                 correct += int((logits.argmax(1).numpy() == labels[start:start + c.eval_batch_size]).sum())
         return correct / len(labels)
 
-    result = {"framework": f"torch {torch.__version__} eager, {torch.get_num_threads()} threads",
-              "model": c.model.name, "epochs": c.num_epochs, "steps": step,
-              "val_accuracy": accuracy(ds.val_images, ds.val_labels),
-              "test_accuracy": accuracy(ds.test_images, ds.test_labels),
-              "train_s": round(train_s, 2), "in_process_s": round(time.perf_counter() - t0, 2)}
-    return result
+    return {"framework": f"torch {torch.__version__} eager, {torch.get_num_threads()} threads",
+            "model": c.model.name, "epochs": c.num_epochs, "steps": step,
+            "val_accuracy": accuracy(ds.val_images, ds.val_labels),
+            "test_accuracy": accuracy(ds.test_images, ds.test_labels),
+            "train_s": round(train_s, 2), "in_process_s": round(time.perf_counter() - t0, 2)}
 
 
 def timed(cmd: list[str]) -> tuple[float, str]:
@@ -145,9 +143,9 @@ def timed(cmd: list[str]) -> tuple[float, str]:
 
 def final_accuracies(workdir: str) -> dict:
     """Validation and test accuracy of the last evaluated epoch in ``workdir/metrics.jsonl``."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    last = [r for r in rows if "test_accuracy" in r and "final_test_accuracy" not in r][-1]
+    from cnnjax.train.metrics import read_rows
+
+    last = [r for r in read_rows(workdir) if "test_accuracy" in r and "final_test_accuracy" not in r][-1]
     return {"val_accuracy": last["val_accuracy"], "test_accuracy": last["test_accuracy"]}
 
 

@@ -46,10 +46,10 @@ def test_twin_refuses_what_it_cannot_reproduce(key, value, message):
 
 
 def test_final_accuracies_come_from_the_last_evaluated_epoch(tmp_path):
-    rows = [{"epoch": 1, "train_loss": 1.0},
-            {"epoch": 2, "val_accuracy": 0.8, "test_accuracy": 0.79},
-            {"epoch": 3, "val_accuracy": 0.91, "test_accuracy": 0.905},
-            {"epoch": 3, "best_epoch": 3, "final_test_accuracy": 0.905}]
+    rows = [{"epoch": 1, "step": 10, "train_loss": 1.0},  # rows as the training loop writes them
+            {"epoch": 2, "step": 20, "val_accuracy": 0.8, "test_accuracy": 0.79},
+            {"epoch": 3, "step": 30, "val_accuracy": 0.91, "test_accuracy": 0.905},
+            {"epoch": 3, "step": 30, "best_epoch": 3, "final_test_accuracy": 0.905}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert speedrunlib.final_accuracies(str(tmp_path)) == {"val_accuracy": 0.91, "test_accuracy": 0.905}
 

@@ -181,11 +181,6 @@ class Runner:
         sharding = NamedSharding(self.mesh, PartitionSpec(None, AXIS))
         return jax.make_array_from_callback((local.shape[0], global_batch, *local.shape[2:]), sharding, shard)
 
-    def put_indices(self, idx: np.ndarray) -> Array:
-        """``[steps, global_batch]`` (the same in every process) -> this process's part of it, placed."""
-        idx = np.asarray(idx, np.int32)
-        return self.put_batches(idx[:, self.local_columns(idx.shape[-1])], idx.shape[-1])
-
     # --- compute -----------------------------------------------------------------------------
     def train(self, state: TrainState, images: Array, labels: Array, idx: np.ndarray,
               stop: Callable[[], bool] | None = None) -> tuple[TrainState, dict]:
@@ -195,20 +190,23 @@ class Runner:
         ``stop``: asked after each step (host-loop mode: each step is then waited for); when it returns
         True the chunk ends there. Every process must give the same answer (see ``distributed.any_process``).
         In ``scan`` mode (accelerators) the chunk is one computation and always runs to its end."""
-        idx = np.asarray(idx)
-        chunks = [idx] if self.scan else [idx[s:s + 1] for s in range(idx.shape[0])]
-        return self._run(self._train, state, ((images, labels, self.put_indices(c)) for c in chunks), idx.shape[0],
-                         stop)
+        idx = np.asarray(idx, np.int32)
+        local = idx[:, self.local_columns(idx.shape[-1])]  # this process's columns, chosen once per chunk
+        calls = ((images, labels, self.put_batches(local[c], idx.shape[-1])) for c in self._step_slices(len(idx)))
+        return self._run(self._train, state, calls, len(idx), stop)
 
     def train_batches(self, state: TrainState, batch: dict, global_batch: int,
                       stop: Callable[[], bool] | None = None) -> tuple[TrainState, dict]:
         """Run a chunk of streamed batches: this process's columns ``{'images' [steps, b, H, W, C], 'labels',
         'ids' [steps, b]}`` of ``global_batch``-example batches (``stop`` and the metrics as :meth:`train`)."""
-        steps = np.asarray(batch["ids"]).shape[0]
-        chunks = [slice(None)] if self.scan else [slice(s, s + 1) for s in range(steps)]
-        calls = ([self.put_batches(np.asarray(batch[k])[c], global_batch) for k in ("images", "labels", "ids")]
-                 for c in chunks)
+        arrays = [np.asarray(batch[k]) for k in ("images", "labels", "ids")]
+        steps = len(arrays[-1])
+        calls = ([self.put_batches(a[c], global_batch) for a in arrays] for c in self._step_slices(steps))
         return self._run(self._train_batches, state, calls, steps, stop)
+
+    def _step_slices(self, steps: int) -> list[slice]:
+        """What each call of a chunk of ``steps`` takes: the whole chunk (scan), or one step at a time."""
+        return [slice(None)] if self.scan else [slice(s, s + 1) for s in range(steps)]
 
     def _run(self, fn, state, calls, steps: int, stop):
         """Call ``fn(state, acc, *args)`` for each ``args`` of ``calls`` (host loop: one step each, placed just
