@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from cnnjax.data.folder import decode_files, decode_image
 from cnnjax.data.sources import DataFormatError
+
+# Serialises the lazy opening of a TFDS data source in a process (threads share one source).
+_OPEN_LOCK = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,9 +242,12 @@ class TFDSSource:
 
     def image(self, i: int) -> np.ndarray:
         if self._source is None:
-            import tensorflow_datasets as tfds
+            with _OPEN_LOCK:  # the feed's prefetch threads may ask at once: open the source once
+                if self._source is None:
+                    import tensorflow_datasets as tfds
 
-            self._source = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir, download=False)
+                    self._source = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir,
+                                                    download=False)
         image = np.asarray(self._source[int(self.indices[i])]["image"], np.uint8)
         if self.size:
             from PIL import Image
