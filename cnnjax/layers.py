@@ -170,28 +170,75 @@ class BatchNorm(nn.Module):
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
         xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # bf16 -> f32; f64 stays f64
-        if train:
-            axes = tuple(range(x.ndim - 1))
-            count = math.prod(x.shape[:-1])
-            mean = jnp.mean(xf, axis=axes)
-            if self.axis_name is not None:
-                mean = lax.pmean(mean, self.axis_name)
-            var = jnp.mean(jnp.square(xf - mean), axis=axes)
-            if self.axis_name is not None:
-                var = lax.pmean(var, self.axis_name)
-                count = count * lax.psum(1, self.axis_name)
-            if not self.is_initializing():
-                unbiased = var * (count / max(count - 1, 1))
-                ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
-                ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * unbiased
-        else:
-            mean, var = ra_mean.value, ra_var.value
-        y = (xf - mean) * lax.rsqrt(var + self.epsilon)
-        if self.use_scale:
-            y = y * self.param("scale", self.scale_init, (features,), jnp.float32).astype(xf.dtype)
-        if self.use_bias:
-            y = y + self.param("bias", self.bias_init, (features,), jnp.float32).astype(xf.dtype)
+        scale = (self.param("scale", self.scale_init, (features,), jnp.float32) if self.use_scale
+                 else jnp.ones((features,), jnp.float32)).astype(xf.dtype)
+        bias = (self.param("bias", self.bias_init, (features,), jnp.float32) if self.use_bias
+                else jnp.zeros((features,), jnp.float32)).astype(xf.dtype)
+        if not train:
+            y = (xf - ra_mean.value) * lax.rsqrt(ra_var.value + self.epsilon) * scale + bias
+            return y.astype(x.dtype)
+        y, mean, var = _batch_norm_train(xf, scale, bias, self.epsilon, self.axis_name)
+        if not self.is_initializing():
+            count = math.prod(x.shape[:-1]) * (1 if self.axis_name is None else lax.psum(1, self.axis_name))
+            unbiased = var * (count / max(count - 1, 1))
+            ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
+            ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * unbiased
         return y.astype(x.dtype)
+
+
+def _channel_sums(rows: Array, axis_name: str | None) -> tuple[Array, int]:
+    """Sum of ``[M, C]`` over its rows (and over the mapped axis ``axis_name``), and the row count."""
+    total, count = jnp.sum(rows, axis=0), rows.shape[0]
+    if axis_name is not None:
+        total, count = lax.psum(total, axis_name), count * lax.psum(1, axis_name)
+    return total, count
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _batch_norm_train(x: Array, scale: Array, bias: Array, epsilon: float,
+                      axis_name: str | None) -> tuple[Array, Array, Array]:
+    """Training-mode BatchNorm of ``[..., C]``: ``(y, batch mean [C], biased batch variance [C])``.
+
+    ``y = (x - mean) / sqrt(var + epsilon) * scale + bias``, statistics over every axis but the last
+    (and across ``axis_name``). The backward is the closed form, two channel sums and one elementwise
+    pass, instead of autodiff's chain through the mean and variance: 1.5-2.7x faster per layer on the
+    CPU (``python -m experiments.bench_ab`` measures the whole step). Parameter gradients are this
+    replica's own, as autodiff gives them; the train step averages them across replicas.
+    """
+    return _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name)[0]
+
+
+def _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name):
+    rows = x.reshape(-1, x.shape[-1])
+    total, count = _channel_sums(rows, axis_name)
+    mean = total / count
+    centred = rows - mean
+    sq_total, _ = _channel_sums(centred * centred, axis_name)
+    var = sq_total / count
+    inv_std = lax.rsqrt(var + epsilon)
+    y = (centred * (inv_std * scale) + bias).reshape(x.shape)
+    return (y, mean, var), (x, mean, inv_std, scale)
+
+
+def _batch_norm_train_bwd(epsilon, axis_name, residuals, cotangents):
+    del epsilon
+    x, mean, inv_std, scale = residuals
+    g_y, g_mean, g_var = cotangents
+    rows, g_rows = x.reshape(-1, x.shape[-1]), g_y.reshape(-1, x.shape[-1])
+    x_hat = (rows - mean) * inv_std
+    g_bias, g_scale = jnp.sum(g_rows, axis=0), jnp.sum(g_rows * x_hat, axis=0)
+    # dx needs the sums over the whole (cross-replica) batch, and the statistics' cotangents summed
+    # over replicas as pmean's transpose does; one psum carries all four.
+    totals, count = jnp.stack([g_bias, g_scale, g_mean, g_var]), rows.shape[0]
+    if axis_name is not None:
+        totals, count = lax.psum(totals, axis_name), count * lax.psum(1, axis_name)
+    sum_g, sum_g_xhat, total_g_mean, total_g_var = totals
+    g_x = (scale * inv_std) * (g_rows - sum_g / count - x_hat * (sum_g_xhat / count)) \
+        + total_g_mean / count + x_hat * (2.0 * total_g_var / (count * inv_std))
+    return g_x.reshape(x.shape), g_scale, g_bias
+
+
+_batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 
 
 def _pool_geometry(x: Array, window: IntPair, stride: IntPair | None, padding: IntPair, name: str):

@@ -88,7 +88,8 @@ def bench_torch_model(name: str):
     return torch_models.build(name.split("@")[0], num_classes=10, **ROW_KWARGS.get(name, ({}, {}))[1])
 
 
-CPU_VARIANTS = ("baseline", "+ynn flag", "+im2col", "+tiled max-pool", "+greyscale im2col", "+strided-view max-pool")
+CPU_VARIANTS = ("baseline", "+ynn flag", "+im2col", "+tiled max-pool", "+greyscale im2col", "+strided-view max-pool",
+                "+closed-form BatchNorm backward")
 
 
 @contextlib.contextmanager
@@ -96,12 +97,12 @@ def with_variant(variant: str):
     """Within the block, the library code is that of ``variant`` (put back as it was on exit)."""
     from cnnjax import conv, layers
 
-    saved = conv.choose_impl, layers._tiled_max_pool
+    saved = conv.choose_impl, layers._tiled_max_pool, layers._batch_norm_train
     try:
         _undo_changes(variant)
         yield
     finally:
-        conv.choose_impl, layers._tiled_max_pool = saved
+        conv.choose_impl, layers._tiled_max_pool, layers._batch_norm_train = saved
 
 
 def _undo_changes(variant: str) -> None:
@@ -122,6 +123,22 @@ def _undo_changes(variant: str) -> None:
             x, -jax.numpy.inf, lax.max, (1, kh, kw, 1), (1, kh, kw, 1), "VALID")
     elif level < 5:
         layers._tiled_max_pool = _reshape_max_pool
+    if level < 6:
+        layers._batch_norm_train = autodiff_batch_norm_train
+
+
+def autodiff_batch_norm_train(x, scale, bias, epsilon: float, axis_name: str | None):
+    """Training-mode BatchNorm before its closed-form backward: the textbook forward, differentiated by
+    JAX through the mean and variance. Returns ``(y, mean, biased var)`` like ``layers._batch_norm_train``."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axis=axes)
+    mean = mean if axis_name is None else lax.pmean(mean, axis_name)
+    var = jnp.mean(jnp.square(x - mean), axis=axes)
+    var = var if axis_name is None else lax.pmean(var, axis_name)
+    return (x - mean) * lax.rsqrt(var + epsilon) * scale + bias, mean, var
 
 
 def _reshape_max_pool(x, kh: int, kw: int):

@@ -14,22 +14,26 @@ from experiments import benchlib
 GREY_CONV = ((28, 28), (3, 3), (1, 1), ((1, 1), (1, 1)))
 
 
-@pytest.mark.parametrize("variant,grey_impl,pool", [
-    ("+im2col", "xla", "reduce_window"),
-    ("+tiled max-pool", "xla", "reshape"),
-    ("+greyscale im2col", "im2col", "reshape"),
-    ("+strided-view max-pool", "im2col", "strided"),
+@pytest.mark.parametrize("variant,grey_impl,pool,closed_form_bn", [
+    ("+im2col", "xla", "reduce_window", False),
+    ("+tiled max-pool", "xla", "reshape", False),
+    ("+greyscale im2col", "im2col", "reshape", False),
+    ("+strided-view max-pool", "im2col", "strided", False),
+    ("+closed-form BatchNorm backward", "im2col", "strided", True),
 ])
-def test_cpu_variant_puts_back_what_it_does_not_have(monkeypatch, variant, grey_impl, pool):
+def test_cpu_variant_puts_back_what_it_does_not_have(monkeypatch, variant, grey_impl, pool, closed_form_bn):
     monkeypatch.setattr(conv, "choose_impl", conv.choose_impl)  # restored after the test
     monkeypatch.setattr(layers, "_tiled_max_pool", layers._tiled_max_pool)
-    strided = layers._tiled_max_pool
+    monkeypatch.setattr(layers, "_batch_norm_train", layers._batch_norm_train)
+    strided, closed_form = layers._tiled_max_pool, layers._batch_norm_train
     benchlib._undo_changes(variant)
     assert conv.choose_impl(*GREY_CONV, backend="cpu", in_channels=1) == grey_impl
     assert conv.choose_impl((2, 2), (3, 3), (1, 1), ((1, 1), (1, 1)), backend="cpu") == "im2col"  # earlier rule kept
     in_place = layers._tiled_max_pool
     assert (in_place is strided) == (pool == "strided")
     assert (in_place is benchlib._reshape_max_pool) == (pool == "reshape")
+    assert (layers._batch_norm_train is closed_form) == closed_form_bn
+    assert (layers._batch_norm_train is benchlib.autodiff_batch_norm_train) == (not closed_form_bn)
 
 
 @pytest.mark.parametrize("window", [2, 3])
@@ -45,8 +49,10 @@ def test_the_earlier_reshape_max_pool_gives_the_same_values_and_gradients(window
 def test_with_variant_puts_the_library_back_on_exit(monkeypatch):
     monkeypatch.setattr(conv, "choose_impl", conv.choose_impl)
     monkeypatch.setattr(layers, "_tiled_max_pool", layers._tiled_max_pool)
-    before = conv.choose_impl, layers._tiled_max_pool
+    monkeypatch.setattr(layers, "_batch_norm_train", layers._batch_norm_train)
+    before = conv.choose_impl, layers._tiled_max_pool, layers._batch_norm_train
     with benchlib.with_variant("+tiled max-pool"):
         assert layers._tiled_max_pool is benchlib._reshape_max_pool
+        assert layers._batch_norm_train is benchlib.autodiff_batch_norm_train
         assert conv.choose_impl(*GREY_CONV, backend="cpu", in_channels=1) == "xla"
-    assert (conv.choose_impl, layers._tiled_max_pool) == before
+    assert (conv.choose_impl, layers._tiled_max_pool, layers._batch_norm_train) == before

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from cnnjax import layers
+from experiments import benchlib
 from tests import torch_models as ref
 from tests.parity import assert_parity, nchw, nhwc, variables_of
 
@@ -228,6 +231,52 @@ def test_cross_replica_batchnorm_equals_full_batch():
     # Without axis_name each shard normalises with its own statistics: different output.
     local = jax.vmap(lambda s: layers.BatchNorm().apply(variables, s, train=True, mutable=["batch_stats"])[0])(shards)
     assert np.abs(np.asarray(local).reshape(x.shape) - np.asarray(full)).max() > 1e-3
+
+
+@pytest.mark.parametrize("two_d", [True, False])
+def test_batchnorm_train_gradients_match_torch(two_d):
+    """The closed-form backward gives torch's input, scale and bias gradients."""
+    tbn, variables = _bn_pair(5, two_d=two_d)
+    variables = _sub(variables)
+    x = rand(4, 6, 7, 5) * 2 - 1 if two_d else rand(9, 5) * 2 - 1
+    g = rand(*x.shape)
+    tbn.train()
+    xt = (nchw(x) if two_d else torch.from_numpy(x)).requires_grad_(True)
+    gt = nchw(g) if two_d else torch.from_numpy(g)
+    (tbn(xt) * gt).sum().backward()
+
+    def loss(params, x):
+        y, _ = layers.BatchNorm().apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+        return jnp.sum(y * g)
+
+    g_params, g_x = jax.grad(loss, argnums=(0, 1))(variables["params"], jnp.asarray(x))
+    assert_parity("BatchNorm input gradient", g_x, nhwc(xt.grad) if two_d else xt.grad.numpy(), TOL)
+    assert_parity("BatchNorm scale gradient", g_params["scale"], tbn.weight.grad.numpy(), 1e-4)
+    assert_parity("BatchNorm bias gradient", g_params["bias"], tbn.bias.grad.numpy(), 1e-4)
+
+
+@pytest.mark.parametrize("axis_name", [None, "batch"])
+def test_batch_norm_backward_equals_autodiff_including_statistics_cotangents(axis_name):
+    """Loss terms on the returned mean and variance are differentiated too, across replicas as well."""
+    x = jnp.asarray(rand(8, 3, 4, 6) * 1.5 + 0.3)
+    scale, bias, g = jnp.linspace(0.5, 2.0, 6), jnp.linspace(-1.0, 1.0, 6), jnp.asarray(rand(8, 3, 4, 6))
+
+    def loss(fn, x, scale, bias):
+        y, mean, var = fn(x, scale, bias, 1e-5, axis_name)
+        return jnp.sum(jnp.maximum(y, 0.0) * g[: x.shape[0]]) + jnp.sum(3.0 * mean) + jnp.sum(var * var)
+
+    def grads(fn):
+        grad = jax.grad(functools.partial(loss, fn), argnums=(0, 1, 2))
+        if axis_name is None:
+            return grad(x, scale, bias)
+        g_x, g_scale, g_bias = jax.vmap(grad, in_axes=(0, None, None), axis_name=axis_name)(
+            x.reshape(4, 2, 3, 4, 6), scale, bias)
+        return g_x.reshape(x.shape), g_scale, g_bias
+
+    got, want = grads(layers._batch_norm_train), grads(benchlib.autodiff_batch_norm_train)
+    for name, a, b in zip(("input", "scale", "bias"), got, want, strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5, err_msg=f"{name} gradient")
+    assert float(jnp.max(jnp.abs(got[0]))) > 0.1  # the case is not degenerate
 
 
 def test_dropout_semantics():
