@@ -1,17 +1,21 @@
-"""2-D convolution as a pure function, with an explicit patches-times-matrix path for the CPU.
+"""2-D convolution as a pure function, with explicit patches-times-matrix and shifted-sum paths for the CPU.
 
 XLA:CPU (jaxlib 0.10) runs some convolution shapes through very slow paths: 3x3 convs whose
 output is 2x2 or smaller (ResNet-18's last stages at 32x32 input), the input gradient of strided
 convs, 1x1 convs, and convs of a one-channel (greyscale) input. For those
 shapes :func:`conv2d` builds the ``kH * kW`` shifted views of the padded input, concatenates them
 into patches ``[N, H', W', kH * kW * C_in]`` and multiplies by the kernel reshaped to
-``[kH * kW * C_in, C_out]`` — the same numbers, summed in another order. ``impl='auto'`` makes
-that choice on the CPU only (accelerators keep XLA's convolution); ``python -m
-experiments.bench_conv`` re-measures every rule below.
+``[kH * kW * C_in, C_out]`` — the same numbers, summed in another order. A conv of a one-channel
+input (the first conv of an MNIST model) is instead a sum of ``kH * kW`` shifted views times a kernel
+row, one elementwise pass, with XLA's own (fast) gradients. ``impl='auto'`` makes that choice on the
+CPU only (accelerators keep XLA's convolution); ``python -m experiments.bench_conv`` re-measures every
+rule below.
 """
 
 from __future__ import annotations
 
+import functools
+import operator
 from typing import Any
 
 import jax
@@ -22,17 +26,23 @@ from cnnjax.errors import UsageError
 
 Array = jax.Array
 Pads = tuple[tuple[int, int], tuple[int, int]]
-IMPLS = ("auto", "xla", "im2col")
+IMPLS = ("auto", "xla", "im2col", "shifted")
 
 # Largest output (H' * W') for which a strided kxk conv uses patches on the CPU: patches win up to
 # 16x16 outputs, break even near 14x14 at batch 16 and lose at 28x28 (experiments.bench_conv).
 STRIDED_MAX_OUTPUT = 256
 # Largest output for which a stride-1 kxk conv uses patches (2x2: the pathological XLA case).
 TINY_MAX_OUTPUT = 4
-# A greyscale first conv (one input channel) with a kernel up to 3x3 uses patches at any size:
-# SimpleCNN's 3x3 1 -> 16 on 28x28 trains 12% faster in the whole step (experiments.bench_ab). Alone,
-# LeNet's 5x5 1 -> 6 is faster as patches too, but its whole step was 5-11% slower, so it keeps XLA.
-# Three-channel (RGB) stems are mixed (experiments.bench_conv) and keep XLA's convolution.
+# A conv of a one-channel (greyscale) input whose output channels are a multiple of 8 takes the
+# shifted-sum path at any size: XLA:CPU's forward for these shapes is several times slower (a 5x5 1 -> 8
+# conv on 32x32 plus tanh: 5.7 against 1.6 ms at batch 128) while its gradients are fast, so the
+# shifted sum keeps XLA's gradients. With other channel counts XLA:CPU fuses the sum with the next
+# activation into a loop it does not vectorise (1 -> 6 plus tanh: 7.7 ms), so those keep the earlier
+# rule: patches for kernels up to 3x3 (SimpleCNN's 3x3 1 -> 16 trained 12% faster so), XLA's conv above
+# (LeNet's 5x5 1 -> 6). Up to SHIFTED_MAX_TERMS products per output. RGB stems keep XLA's conv.
+SHIFTED_MAX_IN_CHANNELS = 1
+SHIFTED_OUT_CHANNEL_MULTIPLE = 8
+SHIFTED_MAX_TERMS = 49
 PATCHES_MAX_IN_CHANNELS = 1
 PATCHES_MAX_KERNEL = 3
 
@@ -44,10 +54,14 @@ def output_size(size: int, kernel: int, stride: int, pads: tuple[int, int], dila
 
 def choose_impl(in_hw: tuple[int, int], kernel_hw: tuple[int, int], strides: tuple[int, int], pads: Pads,
                 dilation: tuple[int, int] = (1, 1), groups: int = 1, backend: str | None = None,
-                in_channels: int | None = None) -> str:
-    """'im2col' or 'xla' for a conv of these static shapes on ``backend`` (default: jax's)."""
+                in_channels: int | None = None, out_channels: int | None = None) -> str:
+    """'shifted', 'im2col' or 'xla' for a conv of these static shapes on ``backend`` (default: jax's)."""
     if (backend or jax.default_backend()) != "cpu" or groups != 1:
         return "xla"
+    if in_channels is not None and in_channels <= SHIFTED_MAX_IN_CHANNELS and out_channels is not None and \
+            out_channels % SHIFTED_OUT_CHANNEL_MULTIPLE == 0 and \
+            kernel_hw[0] * kernel_hw[1] * in_channels <= SHIFTED_MAX_TERMS:
+        return "shifted"
     if in_channels is not None and in_channels <= PATCHES_MAX_IN_CHANNELS and max(kernel_hw) <= PATCHES_MAX_KERNEL:
         return "im2col"
     out = output_size(in_hw[0], kernel_hw[0], strides[0], pads[0], dilation[0]) * \
@@ -59,11 +73,12 @@ def choose_impl(in_hw: tuple[int, int], kernel_hw: tuple[int, int], strides: tup
     return "xla"
 
 
-def im2col_conv(x: Array, kernel: Array, strides: tuple[int, int], pads: Pads,
-                dilation: tuple[int, int] = (1, 1), precision: Any = None) -> Array:
-    """``[N, H, W, C] * [kH, kW, C, O] -> [N, H', W', O]`` as patches @ kernel (groups = 1)."""
-    kh, kw, c, o = kernel.shape
-    n, h, w, _ = x.shape
+def _shifted_views(x: Array, kernel_hw: tuple[int, int], strides: tuple[int, int], pads: Pads,
+                   dilation: tuple[int, int]) -> list[Array]:
+    """The ``kH * kW`` views ``[N, H', W', C]`` of the padded input that kernel tap ``(i, j)`` sees, in
+    row-major tap order."""
+    kh, kw = kernel_hw
+    n, h, w, c = x.shape
     ho = output_size(h, kh, strides[0], pads[0], dilation[0])
     wo = output_size(w, kw, strides[1], pads[1], dilation[1])
     if ho <= 0 or wo <= 0:
@@ -76,9 +91,52 @@ def im2col_conv(x: Array, kernel: Array, strides: tuple[int, int], pads: Pads,
             views.append(lax.slice(xp, (0, y0, x0, 0),
                                    (n, y0 + strides[0] * (ho - 1) + 1, x0 + strides[1] * (wo - 1) + 1, c),
                                    (1, strides[0], strides[1], 1)))
+    return views
+
+
+def im2col_conv(x: Array, kernel: Array, strides: tuple[int, int], pads: Pads,
+                dilation: tuple[int, int] = (1, 1), precision: Any = None) -> Array:
+    """``[N, H, W, C] * [kH, kW, C, O] -> [N, H', W', O]`` as patches @ kernel (groups = 1)."""
+    kh, kw, c, o = kernel.shape
+    views = _shifted_views(x, (kh, kw), strides, pads, dilation)
+    n, ho, wo, _ = views[0].shape
     patches = views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)  # (i, j, c) order == HWI
     y = jnp.dot(patches.reshape(n * ho * wo, kh * kw * c), kernel.reshape(kh * kw * c, o), precision=precision)
     return y.reshape(n, ho, wo, o)
+
+
+def _xla_conv(x: Array, kernel: Array, strides: tuple[int, int], pads: Pads, dilation: tuple[int, int],
+              groups: int = 1, precision: Any = None) -> Array:
+    return lax.conv_general_dilated(x, kernel, window_strides=strides, padding=pads, rhs_dilation=dilation,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
+                                    precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def shifted_sum_conv(x: Array, kernel: Array, strides: tuple[int, int], pads: Pads,
+                     dilation: tuple[int, int] = (1, 1), precision: Any = None) -> Array:
+    """``[N, H, W, C] * [kH, kW, C, O] -> [N, H', W', O]`` as ``sum_{i, j, c} view_ij[..., c] * kernel[i, j, c]``.
+
+    One elementwise pass over the output, meant for few input channels. Its gradients are XLA's
+    convolution gradients (the same numbers as ``impl='xla'``), which are fast for these shapes.
+    """
+    views = _shifted_views(x, kernel.shape[:2], strides, pads, dilation)
+    kw, c = kernel.shape[1], kernel.shape[2]
+    terms = [view[..., ch:ch + 1] * kernel[k // kw, k % kw, ch] for k, view in enumerate(views) for ch in range(c)]
+    return functools.reduce(operator.add, terms)
+
+
+def _shifted_sum_conv_fwd(x, kernel, strides, pads, dilation, precision):
+    return shifted_sum_conv(x, kernel, strides, pads, dilation, precision), (x, kernel)
+
+
+def _shifted_sum_conv_bwd(strides, pads, dilation, precision, residuals, g):
+    x, kernel = residuals
+    _, vjp = jax.vjp(lambda x, k: _xla_conv(x, k, strides, pads, dilation, 1, precision), x, kernel)
+    return vjp(g)
+
+
+shifted_sum_conv.defvjp(_shifted_sum_conv_fwd, _shifted_sum_conv_bwd)
 
 
 def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: str | Pads,
@@ -86,8 +144,8 @@ def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: str | Pad
            impl: str = "auto") -> Array:
     """NHWC x HWIO convolution; ``padding`` is 'SAME' / 'VALID' or ``((top, bottom), (left, right))``.
 
-    ``impl``: 'xla' (``lax.conv_general_dilated``), 'im2col' (patches @ kernel, groups 1 only) or
-    'auto' (:func:`choose_impl`).
+    ``impl``: 'xla' (``lax.conv_general_dilated``), 'im2col' (patches @ kernel, groups 1 only),
+    'shifted' (sum of shifted views times kernel rows, groups 1 only) or 'auto' (:func:`choose_impl`).
     """
     if impl not in IMPLS:
         raise UsageError(f"conv impl must be one of {', '.join(IMPLS)}; got {impl!r}")
@@ -98,11 +156,12 @@ def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: str | Pad
     else:
         pads = padding
     if impl == "auto":
-        impl = choose_impl(x.shape[1:3], (kh, kw), strides, pads, dilation, groups, in_channels=x.shape[-1])
-    if impl == "im2col" and groups != 1:
-        raise UsageError("conv impl='im2col' supports groups=1 only; use impl='xla' for grouped convs")
+        impl = choose_impl(x.shape[1:3], (kh, kw), strides, pads, dilation, groups, in_channels=x.shape[-1],
+                           out_channels=kernel.shape[-1])
+    if impl in ("im2col", "shifted") and groups != 1:
+        raise UsageError(f"conv impl={impl!r} supports groups=1 only; use impl='xla' for grouped convs")
     if impl == "im2col":
         return im2col_conv(x, kernel, strides, pads, dilation, precision)
-    return lax.conv_general_dilated(x, kernel, window_strides=strides, padding=pads, rhs_dilation=dilation,
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
-                                    precision=precision)
+    if impl == "shifted":
+        return shifted_sum_conv(x, kernel, strides, pads, dilation, precision)
+    return _xla_conv(x, kernel, strides, pads, dilation, groups, precision)

@@ -94,7 +94,7 @@ class Conv(nn.Module):
     bias_init: Initializer | None = None
     dtype: Any | None = None
     precision: Any = None
-    impl: str = "auto"  # 'auto' | 'xla' | 'im2col': see cnnjax.conv (same parameters either way)
+    impl: str = "auto"  # 'auto' | 'xla' | 'im2col' | 'shifted': see cnnjax.conv (same parameters either way)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:

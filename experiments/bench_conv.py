@@ -1,8 +1,10 @@
 """Per-op CPU timings behind ``cnnjax.conv.choose_impl`` and the tiled max-pool:
 ``python -m experiments.bench_conv [--steps N]``.
 
-For each conv shape: forward and forward+backward milliseconds through XLA's convolution and
-through the patches @ kernel path, and which one ``choose_impl`` picks on this backend. For 2x2
+For each conv shape: forward, forward+tanh and forward+backward milliseconds through XLA's
+convolution, the patches @ kernel path and (for few input channels) the shifted-sum path, and which
+one ``choose_impl`` picks on this backend. (The forward+tanh column shows whether XLA:CPU still
+vectorises the conv once the next activation is fused into it.) For 2x2
 max-pool after ReLU (ties): forward+backward of ``reduce_window`` (XLA's select-and-scatter), the
 earlier reshape-based tiled pool, and cnnjax's strided-view pool. Random fp32 data; each number is
 the mean of ``--steps`` calls after a compile call.
@@ -37,7 +39,9 @@ CONV_CASES = [
     (16, 224, 3, 64, 7, 2, 3, True),      # ResNet stem at 224 (XLA kept)
     (128, 32, 3, 16, 3, 1, 1, True),      # CIFAR ResNet stem (XLA kept: RGB stems are mixed)
     (128, 32, 3, 64, 3, 1, 1, True),
-    (128, 28, 1, 6, 5, 1, 2, True),       # LeNet conv1 on 28x28 greyscale (XLA kept: its whole step was slower)
+    (128, 32, 1, 6, 5, 1, 0, True),       # LeNet conv1 on 32x32 greyscale (XLA kept: 6 channels do not vectorise)
+    (128, 32, 1, 8, 5, 1, 0, True),
+    (128, 28, 1, 6, 5, 1, 2, True),       # LeNet conv1 on 28x28 greyscale
     (128, 28, 1, 16, 3, 1, 1, True),      # SimpleCNN conv1 on 28x28 greyscale
     (128, 32, 1, 64, 3, 1, 1, True),
 ]
@@ -68,13 +72,17 @@ def conv_rows(steps: int) -> list[str]:
         w = jax.numpy.asarray(rng.randn(k, k, c_in, c_out).astype(np.float32) * 0.05)
         pads = ((p, p), (p, p))
         cells = []
-        for impl in ("xla", "im2col"):
+        for impl in ("xla", "im2col", "shifted"):
+            if impl == "shifted" and k * k * c_in > conv.SHIFTED_MAX_TERMS:
+                cells += [None] * 3
+                continue
             f = functools.partial(conv.conv2d, strides=(s, s), padding=pads, impl=impl)
             grad = jax.grad(lambda x, w, f=f: (f(x, w) ** 2).sum(), argnums=(1,) if first else (0, 1))
-            cells += [_ms(jax.jit(f), x, w, steps=steps), _ms(jax.jit(grad), x, w, steps=steps)]
-        pick = conv.choose_impl((hw, hw), (k, k), (s, s), pads, in_channels=c_in)
+            cells += [_ms(jax.jit(f), x, w, steps=steps), _ms(jax.jit(lambda x, w, f=f: jax.numpy.tanh(f(x, w))),
+                                                              x, w, steps=steps), _ms(jax.jit(grad), x, w, steps=steps)]
+        pick = conv.choose_impl((hw, hw), (k, k), (s, s), pads, in_channels=c_in, out_channels=c_out)
         rows.append(f"| [{n},{hw},{hw},{c_in}] -> {c_out}, {k}x{k} s{s} p{p}{' (no input grad)' if first else ''} | "
-                    + " | ".join(f"{c:.2f}" for c in cells) + f" | {pick} |")
+                    + " | ".join("-" if c is None else f"{c:.2f}" for c in cells) + f" | {pick} |")
     return rows
 
 
@@ -102,8 +110,9 @@ def main(argv):
     import jax
 
     print(f"backend {jax.default_backend()}, {FLAGS.steps} calls per number, milliseconds per call\n")
-    print("| conv | xla fwd | xla fwd+bwd | im2col fwd | im2col fwd+bwd | choose_impl |")
-    print("|---|---|---|---|---|---|")
+    print("| conv | " + " | ".join(f"{impl} {what}" for impl in ("xla", "im2col", "shifted")
+                                   for what in ("fwd", "fwd+tanh", "fwd+bwd")) + " | choose_impl |")
+    print("|---|" + "---|" * 10)
     for row in conv_rows(FLAGS.steps):
         print(row, flush=True)
     print("\n| 2x2 max-pool after ReLU, forward+backward | reduce_window | reshape (before) | strided views (cnnjax) |")

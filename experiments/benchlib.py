@@ -89,7 +89,7 @@ def bench_torch_model(name: str):
 
 
 CPU_VARIANTS = ("baseline", "+ynn flag", "+im2col", "+tiled max-pool", "+greyscale im2col", "+strided-view max-pool",
-                "+closed-form BatchNorm backward")
+                "+closed-form BatchNorm backward", "+shifted-sum greyscale conv")
 
 
 @contextlib.contextmanager
@@ -117,7 +117,9 @@ def _undo_changes(variant: str) -> None:
         conv.choose_impl = lambda *args, **kwargs: "xla"
     elif level < 4:
         rules = conv.choose_impl
-        conv.choose_impl = lambda *args, in_channels=None, **kwargs: rules(*args, **kwargs)
+        conv.choose_impl = lambda *args, in_channels=None, out_channels=None, **kwargs: rules(*args, **kwargs)
+    elif level < 7:
+        conv.choose_impl = _greyscale_im2col_rules(conv.choose_impl)
     if level < 3:
         layers._tiled_max_pool = lambda x, kh, kw: lax.reduce_window(
             x, -jax.numpy.inf, lax.max, (1, kh, kw, 1), (1, kh, kw, 1), "VALID")
@@ -125,6 +127,18 @@ def _undo_changes(variant: str) -> None:
         layers._tiled_max_pool = _reshape_max_pool
     if level < 6:
         layers._batch_norm_train = autodiff_batch_norm_train
+
+
+def _greyscale_im2col_rules(rules):
+    """``rules`` as they were before the shifted sum: a greyscale conv up to 3x3 took the patches path,
+    a bigger one the other rules."""
+    def choose(in_hw, kernel_hw, *args, in_channels=None, out_channels=None, **kwargs):
+        got = rules(in_hw, kernel_hw, *args, in_channels=in_channels, out_channels=out_channels, **kwargs)
+        if got != "shifted":
+            return got
+        return "im2col" if max(kernel_hw) <= 3 else rules(in_hw, kernel_hw, *args, **kwargs)
+
+    return choose
 
 
 def autodiff_batch_norm_train(x, scale, bias, epsilon: float, axis_name: str | None):

@@ -20,6 +20,7 @@ GREY_CONV = ((28, 28), (3, 3), (1, 1), ((1, 1), (1, 1)))
     ("+greyscale im2col", "im2col", "reshape", False),
     ("+strided-view max-pool", "im2col", "strided", False),
     ("+closed-form BatchNorm backward", "im2col", "strided", True),
+    ("+shifted-sum greyscale conv", "shifted", "strided", True),
 ])
 def test_cpu_variant_puts_back_what_it_does_not_have(monkeypatch, variant, grey_impl, pool, closed_form_bn):
     monkeypatch.setattr(conv, "choose_impl", conv.choose_impl)  # restored after the test
@@ -27,7 +28,10 @@ def test_cpu_variant_puts_back_what_it_does_not_have(monkeypatch, variant, grey_
     monkeypatch.setattr(layers, "_batch_norm_train", layers._batch_norm_train)
     strided, closed_form = layers._tiled_max_pool, layers._batch_norm_train
     benchlib._undo_changes(variant)
-    assert conv.choose_impl(*GREY_CONV, backend="cpu", in_channels=1) == grey_impl
+    assert conv.choose_impl(*GREY_CONV, backend="cpu", in_channels=1, out_channels=16) == grey_impl
+    grey_5x5 = conv.choose_impl((32, 32), (5, 5), (1, 1), ((0, 0), (0, 0)), backend="cpu", in_channels=1,
+                                out_channels=8)
+    assert grey_5x5 == ("shifted" if grey_impl == "shifted" else "xla")
     assert conv.choose_impl((2, 2), (3, 3), (1, 1), ((1, 1), (1, 1)), backend="cpu") == "im2col"  # earlier rule kept
     in_place = layers._tiled_max_pool
     assert (in_place is strided) == (pool == "strided")
@@ -54,5 +58,5 @@ def test_with_variant_puts_the_library_back_on_exit(monkeypatch):
     with benchlib.with_variant("+tiled max-pool"):
         assert layers._tiled_max_pool is benchlib._reshape_max_pool
         assert layers._batch_norm_train is benchlib.autodiff_batch_norm_train
-        assert conv.choose_impl(*GREY_CONV, backend="cpu", in_channels=1) == "xla"
+        assert conv.choose_impl(*GREY_CONV, backend="cpu", in_channels=1, out_channels=16) == "xla"
     assert (conv.choose_impl, layers._tiled_max_pool, layers._batch_norm_train) == before

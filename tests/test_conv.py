@@ -1,5 +1,5 @@
-"""cnnjax.conv: the patches path equals XLA's convolution (values and gradients) and torch;
-the CPU choice rules; clear errors."""
+"""cnnjax.conv: the patches and shifted-sum paths equal XLA's convolution (values and gradients) and
+torch; the CPU choice rules; clear errors."""
 
 from __future__ import annotations
 
@@ -32,24 +32,33 @@ def xla(x, w, strides, pads, dilation):
     return conv.conv2d(x, w, strides, pads, dilation, impl="xla")
 
 
-@pytest.mark.parametrize("hw,c_in,c_out,k,s,pads,d", CASES)
-def test_im2col_matches_xla_values_and_gradients(hw, c_in, c_out, k, s, pads, d):
+GREYSCALE_CASES = [
+    ((32, 32), 1, 6, (5, 5), (1, 1), ((0, 0), (0, 0)), (1, 1)),  # LeNet's first conv
+    ((28, 28), 1, 16, (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1)),  # SimpleCNN's
+    ((11, 10), 1, 3, (3, 5), (2, 1), ((0, 1), (2, 2)), (2, 1)),
+]
+
+
+@pytest.mark.parametrize("impl", ["im2col", "shifted"])
+@pytest.mark.parametrize("hw,c_in,c_out,k,s,pads,d", CASES + GREYSCALE_CASES)
+def test_explicit_paths_match_xla_values_and_gradients(impl, hw, c_in, c_out, k, s, pads, d):
     x = jnp.asarray(rng.randn(2, *hw, c_in).astype(np.float32))
     w = jnp.asarray(rng.randn(*k, c_in, c_out).astype(np.float32))
-    im2col = lambda x, w: conv.conv2d(x, w, s, pads, d, impl="im2col")  # noqa: E731
+    path = lambda x, w: conv.conv2d(x, w, s, pads, d, impl=impl)  # noqa: E731
     want = xla(x, w, s, pads, d)
-    chex.assert_trees_all_close(jax.jit(im2col)(x, w), want, atol=1e-4, rtol=1e-5)
+    chex.assert_trees_all_close(jax.jit(path)(x, w), want, atol=1e-4, rtol=1e-5)
     loss = lambda f: lambda x, w: (f(x, w) ** 2).sum()  # noqa: E731
-    grads = jax.grad(loss(im2col), argnums=(0, 1))(x, w)
+    grads = jax.grad(loss(path), argnums=(0, 1))(x, w)
     want_grads = jax.grad(loss(lambda x, w: xla(x, w, s, pads, d)), argnums=(0, 1))(x, w)
     chex.assert_trees_all_close(grads, want_grads, atol=1e-3, rtol=1e-4)
 
 
-@pytest.mark.parametrize("impl", ["xla", "im2col"])
-@pytest.mark.parametrize("hw,stride,padding", [((2, 2), 1, 1), ((10, 9), 2, 1), ((6, 6), 1, 0)])
-def test_both_paths_match_torch_including_input_gradient(impl, hw, stride, padding):
-    x = rng.randn(3, *hw, 4).astype(np.float32)
-    w = rng.randn(3, 3, 4, 5).astype(np.float32)
+@pytest.mark.parametrize("impl", ["xla", "im2col", "shifted"])
+@pytest.mark.parametrize("hw,stride,padding,c_in", [((2, 2), 1, 1, 4), ((10, 9), 2, 1, 4), ((6, 6), 1, 0, 4),
+                                                    ((12, 12), 1, 1, 1)])
+def test_every_path_matches_torch_including_input_gradient(impl, hw, stride, padding, c_in):
+    x = rng.randn(3, *hw, c_in).astype(np.float32)
+    w = rng.randn(3, 3, c_in, 5).astype(np.float32)
     xt = nchw(x).requires_grad_(True)
     yt = F.conv2d(xt, torch.from_numpy(w.transpose(3, 2, 0, 1).copy()), stride=stride, padding=padding)
     (yt ** 2).sum().backward()
@@ -59,12 +68,13 @@ def test_both_paths_match_torch_including_input_gradient(impl, hw, stride, paddi
     assert_parity(f"conv2d {impl} input gradient vs torch", vjp(2 * y)[0], nhwc(xt.grad), 1e-4)
 
 
-def test_same_padding_string_goes_through_both_paths():
+def test_same_padding_string_goes_through_every_path():
     x = jnp.asarray(rng.randn(2, 7, 6, 3).astype(np.float32))
     w = jnp.asarray(rng.randn(3, 3, 3, 4).astype(np.float32))
     for padding in ("SAME", "VALID"):
-        chex.assert_trees_all_close(conv.conv2d(x, w, (2, 2), padding, impl="im2col"),
-                                    conv.conv2d(x, w, (2, 2), padding, impl="xla"), atol=1e-4)
+        for impl in ("im2col", "shifted"):
+            chex.assert_trees_all_close(conv.conv2d(x, w, (2, 2), padding, impl=impl),
+                                        conv.conv2d(x, w, (2, 2), padding, impl="xla"), atol=1e-4)
 
 
 @pytest.mark.parametrize("in_hw,k,s,p,backend,want", [
@@ -81,29 +91,35 @@ def test_choose_impl_rules(in_hw, k, s, p, backend, want):
     assert conv.choose_impl(in_hw, k, s, ((p, p), (p, p)), backend=backend) == want
 
 
-@pytest.mark.parametrize("in_channels,k,backend,want", [
-    (1, 3, "cpu", "im2col"),   # greyscale 3x3 first conv: patches at any size
-    (1, 5, "cpu", "xla"),      # LeNet's 5x5: the whole step was slower as patches
-    (3, 3, "cpu", "xla"),      # RGB stems keep XLA's conv (mixed timings)
-    (1, 3, "gpu", "xla"),
+@pytest.mark.parametrize("in_channels,out_channels,k,backend,want", [
+    (1, 16, 3, "cpu", "shifted"),  # SimpleCNN's greyscale first conv: a shifted sum
+    (1, 8, 5, "cpu", "shifted"),
+    (1, 6, 5, "cpu", "xla"),       # LeNet's 5x5 1 -> 6: the fused sum + tanh does not vectorise
+    (1, 6, 3, "cpu", "im2col"),    # other greyscale 3x3 convs: patches
+    (1, 16, 9, "cpu", "xla"),      # 81 products per output: over SHIFTED_MAX_TERMS
+    (3, 16, 3, "cpu", "xla"),      # RGB stems keep XLA's conv (mixed timings)
+    (1, 16, 3, "gpu", "xla"),
 ])
-def test_choose_impl_one_input_channel(in_channels, k, backend, want):
+def test_choose_impl_one_input_channel(in_channels, out_channels, k, backend, want):
     assert conv.choose_impl((28, 28), (k, k), (1, 1), ((k // 2, k // 2),) * 2, backend=backend,
-                            in_channels=in_channels) == want
+                            in_channels=in_channels, out_channels=out_channels) == want
 
 
 def test_grouped_convs_keep_xla_and_im2col_rejects_groups():
     assert conv.choose_impl((2, 2), (3, 3), (1, 1), ((1, 1), (1, 1)), groups=2, backend="cpu") == "xla"
     x, w = jnp.zeros((1, 4, 4, 4)), jnp.zeros((3, 3, 2, 4))
-    with pytest.raises(ValueError, match="groups=1 only; use impl='xla'"):
-        conv.conv2d(x, w, (1, 1), ((1, 1), (1, 1)), groups=2, impl="im2col")
-    with pytest.raises(ValueError, match="conv impl must be one of auto, xla, im2col"):
+    for impl in ("im2col", "shifted"):
+        with pytest.raises(ValueError, match="groups=1 only; use impl='xla'"):
+            conv.conv2d(x, w, (1, 1), ((1, 1), (1, 1)), groups=2, impl=impl)
+    with pytest.raises(ValueError, match="conv impl must be one of auto, xla, im2col, shifted"):
         conv.conv2d(x, jnp.zeros((3, 3, 4, 4)), (1, 1), ((1, 1), (1, 1)), impl="fft")
 
 
 def test_conv_module_impls_share_parameters_and_outputs():
     x = jnp.asarray(rng.randn(2, 4, 4, 6).astype(np.float32))
-    a, b = layers.Conv(8, 3, 2, 1, impl="xla"), layers.Conv(8, 3, 2, 1, impl="im2col")
+    a = layers.Conv(8, 3, 2, 1, impl="xla")
     variables = a.init(jax.random.PRNGKey(0), x)
-    chex.assert_trees_all_equal_shapes(variables, b.init(jax.random.PRNGKey(0), x))
-    chex.assert_trees_all_close(a.apply(variables, x), b.apply(variables, x), atol=1e-5)
+    for impl in ("im2col", "shifted"):
+        b = layers.Conv(8, 3, 2, 1, impl=impl)
+        chex.assert_trees_all_equal_shapes(variables, b.init(jax.random.PRNGKey(0), x))
+        chex.assert_trees_all_close(a.apply(variables, x), b.apply(variables, x), atol=1e-5)
