@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from cnnjax.conv import conv2d
 from cnnjax.errors import UsageError
@@ -205,10 +206,11 @@ def _batch_norm_train(x: Array, scale: Array, bias: Array, epsilon: float,
     CPU (``python -m experiments.bench_ab`` measures the whole step). Parameter gradients are this
     replica's own, as autodiff gives them; the train step averages them across replicas.
     """
-    return _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name)[0]
+    return _batch_norm_forward(x, scale, bias, epsilon, axis_name)[0]
 
 
-def _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name):
+def _batch_norm_forward(x, scale, bias, epsilon, axis_name):
+    """``((y, mean, var), residuals)`` of :func:`_batch_norm_train`."""
     rows = x.reshape(-1, x.shape[-1])
     total, count = _channel_sums(rows, axis_name)
     mean = total / count
@@ -220,25 +222,37 @@ def _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name):
     return (y, mean, var), (x, mean, inv_std, scale)
 
 
+def _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name):
+    return _batch_norm_forward(x.value, scale.value, bias.value, epsilon, axis_name)  # symbolic_zeros: wrapped
+
+
 def _batch_norm_train_bwd(epsilon, axis_name, residuals, cotangents):
     del epsilon
     x, mean, inv_std, scale = residuals
     g_y, g_mean, g_var = cotangents
+    # Zero cotangents come in symbolic (the statistics' are, when they only feed the running averages):
+    # their terms are left out of the elementwise pass instead of computed as zeros.
+    if isinstance(g_y, SymbolicZero):
+        g_y = jnp.zeros_like(x)
+    stats = {name: g for name, g in (("mean", g_mean), ("var", g_var)) if not isinstance(g, SymbolicZero)}
     rows, g_rows = x.reshape(-1, x.shape[-1]), g_y.reshape(-1, x.shape[-1])
     x_hat = (rows - mean) * inv_std
     g_bias, g_scale = jnp.sum(g_rows, axis=0), jnp.sum(g_rows * x_hat, axis=0)
     # dx needs the sums over the whole (cross-replica) batch, and the statistics' cotangents summed
-    # over replicas as pmean's transpose does; one psum carries all four.
-    totals, count = jnp.stack([g_bias, g_scale, g_mean, g_var]), rows.shape[0]
+    # over replicas as pmean's transpose does; one psum carries them all.
+    totals, count = jnp.stack([g_bias, g_scale, *stats.values()]), rows.shape[0]
     if axis_name is not None:
         totals, count = lax.psum(totals, axis_name), count * lax.psum(1, axis_name)
-    sum_g, sum_g_xhat, total_g_mean, total_g_var = totals
-    g_x = (scale * inv_std) * (g_rows - sum_g / count - x_hat * (sum_g_xhat / count)) \
-        + total_g_mean / count + x_hat * (2.0 * total_g_var / (count * inv_std))
+    total = dict(zip(["bias", "scale", *stats], totals, strict=True))
+    g_x = (scale * inv_std) * (g_rows - total["bias"] / count - x_hat * (total["scale"] / count))
+    if "mean" in total:
+        g_x = g_x + total["mean"] / count
+    if "var" in total:
+        g_x = g_x + x_hat * (2.0 * total["var"] / (count * inv_std))
     return g_x.reshape(x.shape), g_scale, g_bias
 
 
-_batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
+_batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd, symbolic_zeros=True)
 
 
 def _pool_geometry(x: Array, window: IntPair, stride: IntPair | None, padding: IntPair, name: str):
