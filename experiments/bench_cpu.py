@@ -12,7 +12,11 @@ the previous one:
 5. ``+greyscale im2col``: patches @ kernel for 3x3 (or smaller) convs of a one-channel input (the
    first conv of SimpleCNN on Fashion-MNIST / MNIST);
 6. ``+strided-view max-pool``: the tiled max-pool as an elementwise max of the windows' strided
-   views, keeping the first maximum's position (int8) for the backward instead of the input.
+   views, keeping the first maximum's position (int8) for the backward instead of the input;
+7. ``+closed-form BatchNorm backward``: training BatchNorm as one custom VJP, its backward two channel
+   sums and one elementwise pass instead of autodiff through the mean and variance;
+8. ``+shifted-sum greyscale conv``: a one-channel conv with a multiple of 8 output channels as a sum
+   of shifted views times kernel rows, with XLA's convolution gradients.
 
 Rows are training throughput (images/s, batch 128, random uint8 data, SGD momentum 0.9) through
 the real ``Runner``, next to PyTorch eager on the same network. Earlier variants are recreated by
