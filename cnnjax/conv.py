@@ -35,7 +35,7 @@ STRIDED_MAX_OUTPUT = 256
 TINY_MAX_OUTPUT = 4
 # A conv of a one-channel (greyscale) input whose output channels are a multiple of 8 takes the
 # shifted-sum path at any size: XLA:CPU's forward for these shapes is several times slower (a 5x5 1 -> 8
-# conv on 32x32 plus tanh: 5.7 against 1.6 ms at batch 128) while its gradients are fast, so the
+# conv on 32x32 plus tanh: 6.4 against 1.5 ms at batch 128, experiments.bench_conv) while its gradients are fast, so the
 # shifted sum keeps XLA's gradients. With other channel counts XLA:CPU fuses the sum with the next
 # activation into a loop it does not vectorise (1 -> 6 plus tanh: 7.7 ms), so those keep the earlier
 # rule: patches for kernels up to 3x3 (SimpleCNN's 3x3 1 -> 16 trained 12% faster so), XLA's conv above
