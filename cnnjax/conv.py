@@ -117,13 +117,16 @@ def shifted_sum_conv(x: Array, kernel: Array, strides: tuple[int, int], pads: Pa
                      dilation: tuple[int, int] = (1, 1), precision: Any = None) -> Array:
     """``[N, H, W, C] * [kH, kW, C, O] -> [N, H', W', O]`` as ``sum_{i, j, c} view_ij[..., c] * kernel[i, j, c]``.
 
-    One elementwise pass over the output, meant for few input channels. Its gradients are XLA's
+    One elementwise pass over the output, meant for few input channels; it accumulates in at least
+    float32 (bf16 inputs are promoted, the result has ``x``'s dtype). Its gradients are XLA's
     convolution gradients (the same numbers as ``impl='xla'``), which are fast for these shapes.
     """
-    views = _shifted_views(x, kernel.shape[:2], strides, pads, dilation)
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    views = _shifted_views(x.astype(acc), kernel.shape[:2], strides, pads, dilation)
+    kernel_acc = kernel.astype(acc)
     kw, c = kernel.shape[1], kernel.shape[2]
-    terms = [view[..., ch:ch + 1] * kernel[k // kw, k % kw, ch] for k, view in enumerate(views) for ch in range(c)]
-    return functools.reduce(operator.add, terms)
+    terms = [view[..., ch:ch + 1] * kernel_acc[k // kw, k % kw, ch] for k, view in enumerate(views) for ch in range(c)]
+    return functools.reduce(operator.add, terms).astype(x.dtype)
 
 
 def _shifted_sum_conv_fwd(x, kernel, strides, pads, dilation, precision):

@@ -53,6 +53,17 @@ def test_explicit_paths_match_xla_values_and_gradients(impl, hw, c_in, c_out, k,
     chex.assert_trees_all_close(grads, want_grads, atol=1e-3, rtol=1e-4)
 
 
+def test_shifted_sum_accumulates_bf16_in_float32():
+    x = jnp.asarray(rng.randn(2, 12, 12, 1).astype(np.float32)).astype(jnp.bfloat16)
+    w = jnp.asarray(rng.randn(5, 5, 1, 8).astype(np.float32)).astype(jnp.bfloat16)
+    pads = ((2, 2), (2, 2))
+    got = conv.conv2d(x, w, (1, 1), pads, impl="shifted")
+    assert got.dtype == jnp.bfloat16
+    exact = conv.conv2d(x.astype(jnp.float32), w.astype(jnp.float32), (1, 1), pads, impl="xla")
+    # Summed in float32 and rounded once: within one bf16 rounding (2^-8 relative) of the exact sum.
+    np.testing.assert_allclose(np.asarray(got, np.float32), exact, rtol=2 ** -8, atol=1e-6)
+
+
 @pytest.mark.parametrize("impl", ["xla", "im2col", "shifted"])
 @pytest.mark.parametrize("hw,stride,padding,c_in", [((2, 2), 1, 1, 4), ((10, 9), 2, 1, 4), ((6, 6), 1, 0, 4),
                                                     ((12, 12), 1, 1, 1)])
