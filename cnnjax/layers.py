@@ -187,12 +187,16 @@ class BatchNorm(nn.Module):
         return y.astype(x.dtype)
 
 
+def _across_replicas(total: Array, count: int, axis_name: str | None) -> tuple[Array, int]:
+    """``total`` and its row ``count`` summed over the mapped axis ``axis_name`` (unchanged without one)."""
+    if axis_name is None:
+        return total, count
+    return lax.psum(total, axis_name), count * lax.psum(1, axis_name)
+
+
 def _channel_sums(rows: Array, axis_name: str | None) -> tuple[Array, int]:
     """Sum of ``[M, C]`` over its rows (and over the mapped axis ``axis_name``), and the row count."""
-    total, count = jnp.sum(rows, axis=0), rows.shape[0]
-    if axis_name is not None:
-        total, count = lax.psum(total, axis_name), count * lax.psum(1, axis_name)
-    return total, count
+    return _across_replicas(jnp.sum(rows, axis=0), rows.shape[0], axis_name)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -240,9 +244,7 @@ def _batch_norm_train_bwd(epsilon, axis_name, residuals, cotangents):
     g_bias, g_scale = jnp.sum(g_rows, axis=0), jnp.sum(g_rows * x_hat, axis=0)
     # dx needs the sums over the whole (cross-replica) batch, and the statistics' cotangents summed
     # over replicas as pmean's transpose does; one psum carries them all.
-    totals, count = jnp.stack([g_bias, g_scale, *stats.values()]), rows.shape[0]
-    if axis_name is not None:
-        totals, count = lax.psum(totals, axis_name), count * lax.psum(1, axis_name)
+    totals, count = _across_replicas(jnp.stack([g_bias, g_scale, *stats.values()]), rows.shape[0], axis_name)
     total = dict(zip(["bias", "scale", *stats], totals, strict=True))
     g_x = (scale * inv_std) * (g_rows - total["bias"] / count - x_hat * (total["scale"] / count))
     if "mean" in total:

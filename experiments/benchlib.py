@@ -115,11 +115,11 @@ def _undo_changes(variant: str) -> None:
     level = CPU_VARIANTS.index(variant)
     if level < 2:
         conv.choose_impl = lambda *args, **kwargs: "xla"
-    elif level < 4:
-        rules = conv.choose_impl
-        conv.choose_impl = lambda *args, in_channels=None, out_channels=None, **kwargs: rules(*args, **kwargs)
     elif level < 7:
-        conv.choose_impl = _greyscale_im2col_rules(conv.choose_impl)
+        # Without out_channels the rules never pick the shifted sum (before +shifted-sum greyscale conv);
+        # without in_channels either, no greyscale rule at all (before +greyscale im2col).
+        rules, drop = conv.choose_impl, ("in_channels", "out_channels") if level < 4 else ("out_channels",)
+        conv.choose_impl = lambda *args, **kwargs: rules(*args, **{k: v for k, v in kwargs.items() if k not in drop})
     if level < 3:
         layers._tiled_max_pool = lambda x, kh, kw: lax.reduce_window(
             x, -jax.numpy.inf, lax.max, (1, kh, kw, 1), (1, kh, kw, 1), "VALID")
@@ -127,18 +127,6 @@ def _undo_changes(variant: str) -> None:
         layers._tiled_max_pool = _reshape_max_pool
     if level < 6:
         layers._batch_norm_train = autodiff_batch_norm_train
-
-
-def _greyscale_im2col_rules(rules):
-    """``rules`` as they were before the shifted sum: a greyscale conv up to 3x3 took the patches path,
-    a bigger one the other rules."""
-    def choose(in_hw, kernel_hw, *args, in_channels=None, out_channels=None, **kwargs):
-        got = rules(in_hw, kernel_hw, *args, in_channels=in_channels, out_channels=out_channels, **kwargs)
-        if got != "shifted":
-            return got
-        return "im2col" if max(kernel_hw) <= 3 else rules(in_hw, kernel_hw, *args, **kwargs)
-
-    return choose
 
 
 def autodiff_batch_norm_train(x, scale, bias, epsilon: float, axis_name: str | None):
