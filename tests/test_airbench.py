@@ -16,7 +16,7 @@ from cnnjax import models
 from cnnjax.data.pipeline import AugmentConfig, alternating_flips, augment
 from cnnjax.train import airbench
 from cnnjax.train.optim import make_optimizer, make_schedule
-from cnnjax.train.state import TrainState
+from cnnjax.train.state import TrainState, init_variables
 from cnnjax.train.steps import Lookahead, lookahead_update, tta_logits
 
 
@@ -154,7 +154,7 @@ def test_tta_weights_views_as_airbench():
 
 def test_init_whitening_sets_only_the_whitening_kernel():
     model = models.create("fast_cnn")
-    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 1)))["params"]
+    params = init_variables(model, (32, 32, 1), jax.random.PRNGKey(0))["params"]
     images = np.random.RandomState(0).randint(0, 256, (64, 32, 32, 1)).astype(np.uint8)
     new = airbench.init_whitening(params, images, (0.5,), (0.25,))
     assert not np.allclose(new["whiten"]["kernel"], params["whiten"]["kernel"])

@@ -7,11 +7,11 @@ import sys
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import pytest
 
 from cnnjax import layers, models
 from cnnjax.analysis import conv_output_size, conv_params, measured_receptive_field, receptive_field, summary
+from cnnjax.train.state import init_variables
 
 
 class ThreeConvs(nn.Module):
@@ -31,7 +31,7 @@ def test_receptive_field_recurrence():
 
 def test_three_3x3_convs_recurrence_and_measurement_agree_on_7():
     model = ThreeConvs()
-    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 21, 21, 1)))
+    variables = init_variables(model, (21, 21, 1), jax.random.PRNGKey(0))
     assert summary(model, (21, 21, 1)).receptive_field() == (7, 7)
     assert measured_receptive_field(model, variables, (21, 21, 1)) == (7, 7)
 
@@ -43,7 +43,7 @@ def test_three_3x3_convs_recurrence_and_measurement_agree_on_7():
 )
 def test_model_receptive_field_recurrence_matches_measurement(name, shape):
     model = models.create(name)
-    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)), train=False)
+    variables = init_variables(model, shape, jax.random.PRNGKey(0), train=False)
     table = summary(model, shape)
     want = table.receptive_field()
     last = [r.name for r in table.rows if r.receptive_field is not None][-1]
@@ -52,7 +52,7 @@ def test_model_receptive_field_recurrence_matches_measurement(name, shape):
 
 def test_every_spatial_row_receptive_field_is_measured_exactly():
     model = models.create("simple_cnn")
-    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    variables = init_variables(model, (32, 32, 3), jax.random.PRNGKey(0), train=False)
     for row in summary(model, (32, 32, 3)).rows:
         if row.receptive_field is not None:
             assert measured_receptive_field(model, variables, (32, 32, 3), layer=row.name) == row.receptive_field

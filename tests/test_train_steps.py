@@ -11,6 +11,7 @@ import pytest
 
 from cnnjax import models
 from cnnjax.data.pipeline import AugmentConfig, augment, epoch_batches
+from cnnjax.models.cifar_resnet import CifarResNet
 from cnnjax.train.optim import make_optimizer
 from cnnjax.train.runner import Runner, summarize_eval
 from cnnjax.train.state import create_train_state
@@ -31,9 +32,15 @@ def _data(n=64, seed=0):
     return rng.randint(0, 256, (n, 32, 32, 3)).astype(np.uint8), rng.randint(0, 10, n).astype(np.int32)
 
 
+def _small_resnet(axis_name=None):
+    """CIFAR ResNet-8: one block per stage, so BatchNorm, both option-A shortcuts and global pooling at
+    a third of ResNet-20's compile time."""
+    return CifarResNet(8, axis_name=axis_name)
+
+
 def _one_step(mode, devices=None):
     axis = AXIS if mode == "pmap" else None
-    model = models.create("cifar_resnet20", axis_name=axis)
+    model = _small_resnet(axis)
     state = create_train_state(model, _opt(), (32, 32, 3), jax.random.PRNGKey(0))
     runner = Runner(SPEC, model.apply, mode, devices)
     images, labels = _data()
@@ -56,7 +63,7 @@ def test_jit_pmap_sharded_one_step_agree():
             np.testing.assert_allclose(metrics[k], ref_metrics[k], atol=1e-5, err_msg=f"{mode} {k}")
         assert int(state.step) == 1
     # The step actually moved the parameters.
-    init = create_train_state(models.create("cifar_resnet20"), _opt(), (32, 32, 3), jax.random.PRNGKey(0))
+    init = create_train_state(_small_resnet(), _opt(), (32, 32, 3), jax.random.PRNGKey(0))
     moved = max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
         lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), ref_state.params, init.params)))
     assert moved > 1e-4
@@ -82,6 +89,24 @@ def test_training_reduces_loss_and_eval_reports_confusion():
     assert ev["count"] == 50 and ev["confusion"].sum() == 50
     np.testing.assert_allclose(np.trace(ev["confusion"]) / 50, ev["accuracy"])
     assert ev["per_class_accuracy"].shape == (10,)
+
+
+def test_a_split_smaller_than_the_eval_batch_is_one_unpadded_batch():
+    model = models.create("simple_cnn")
+    spec = StepSpec(num_classes=10, mean=(0.5,) * 3, std=(0.25,) * 3)
+    runner = Runner(spec, model.apply)
+    state = runner.put_state(create_train_state(model, _opt("adam"), (32, 32, 3), jax.random.PRNGKey(0)))
+    images, labels = _data(10)
+    shapes, eval_fn = [], runner.eval_fn
+    runner.eval_fn = lambda *args: shapes.append(args[2].shape) or eval_fn(*args)
+    whole = runner.evaluate(state, images, labels, batch_size=2000)
+    assert shapes == [(10, 32, 32, 3)]  # not padded up to 2000 rows
+    shapes.clear()
+    batched = runner.evaluate(state, images, labels, batch_size=4)  # 4 + 4 + (2 and 2 padding rows)
+    assert shapes == [(4, 32, 32, 3)] * 3
+    assert whole["count"] == batched["count"] == 10
+    np.testing.assert_allclose(whole["loss"], batched["loss"], rtol=1e-5)
+    np.testing.assert_array_equal(whole["confusion"], batched["confusion"])
 
 
 def test_summarize_eval_per_class():
@@ -134,7 +159,7 @@ def test_epoch_batches_is_a_permutation():
 
 def test_scan_and_host_loop_runners_agree():
     """The accelerator path (lax.scan over a chunk) equals the CPU path (host loop of steps)."""
-    model = models.create("cifar_resnet20")
+    model = _small_resnet()
     images, labels = _data(64)
     idx = np.asarray(epoch_batches(jax.random.PRNGKey(0), 64, 32))[:1]  # one step, batch 32
     out = {}
@@ -155,7 +180,7 @@ def test_scan_and_host_loop_runners_agree():
 
 
 def test_mixed_precision_keeps_fp32_params_and_bn_stats():
-    model = models.create("cifar_resnet20")
+    model = _small_resnet()
     spec = StepSpec(num_classes=10, mean=(0.5,) * 3, std=(0.25,) * 3, compute_dtype=jnp.bfloat16)
     state = create_train_state(model, _opt(), (32, 32, 3), jax.random.PRNGKey(0))
     before = jax.device_get(state)  # the runner donates the state it trains

@@ -11,6 +11,7 @@ from cnnjax import checkpoint, models, transfer
 from cnnjax.data import Dataset
 from cnnjax.train.experiment import build
 from cnnjax.train.runner import Runner
+from cnnjax.train.state import init_variables
 from experiments.configs.base import base_config
 
 
@@ -45,7 +46,7 @@ def pretrained(tmp_path_factory):
     """A resnet18 checkpoint with non-trivial BN statistics (5 classes), as a training run writes it."""
     model = models.create("resnet18", num_classes=5)
     x = jax.random.normal(jax.random.PRNGKey(1), (8, 32, 32, 3))
-    variables = model.init(jax.random.PRNGKey(0), x, train=False)
+    variables = init_variables(model, (32, 32, 3), jax.random.PRNGKey(0), train=False)
     _, updates = model.apply(variables, x * 3 + 1, train=True, mutable=["batch_stats"])
     variables = {"params": variables["params"], "batch_stats": updates["batch_stats"]}
     path = str(tmp_path_factory.mktemp("pretrained"))

@@ -261,10 +261,12 @@ def process_range(n: int) -> tuple[int, int]:
 
 
 def _padded_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, device):
-    """The split put on ``device`` once, zero-padded to whole batches, sliced there."""
+    """The split put on ``device`` once, zero-padded to whole batches, sliced there. A split smaller
+    than ``batch_size`` is one batch of its own size, not padded up to ``batch_size``."""
     n = images.shape[0]
     if n == 0:
         return
+    batch_size = min(batch_size, n)
     pad = (-n) % batch_size
     images_d = jax.device_put(np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)]), device)
     labels_d = jax.device_put(np.concatenate([labels, np.zeros((pad,), labels.dtype)]), device)

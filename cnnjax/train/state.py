@@ -28,14 +28,24 @@ def model_variables(params: Any, batch_stats: Any) -> dict:
     return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
 
 
+def init_variables(model: nn.Module, input_shape: tuple[int, ...], key: jax.Array, **kwargs: Any) -> dict:
+    """``model``'s variables, initialised on a ``[1, *input_shape]`` zero input in one compiled call.
+
+    ``key`` seeds both the ``params`` and ``dropout`` streams; ``kwargs`` go to ``model.init``
+    (e.g. ``train=False``). On the CPU the call compiles without LLVM's optimisations: it runs once,
+    and the initialisers' threefry code took 3-4 s of a Fashion-MNIST run's start-up to optimise (~1 s
+    without); initialising op by op (``model.init`` outside ``jit``) is slower still, 3-7 s even
+    for LeNet. Values may differ from an optimised compile in the last bit.
+    """
+    init = jax.jit(lambda k: model.init({"params": k, "dropout": k}, jnp.zeros((1, *input_shape)), **kwargs))
+    options = INIT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+    return init.lower(key).compile(compiler_options=options)(key)
+
+
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, input_shape: tuple[int, int, int],
                        key: jax.Array) -> TrainState:
     """Initialise ``model`` on a ``[1, *input_shape]`` input; ``key`` seeds init and the state's rng."""
     init_key, state_key = jax.random.split(key)
-    init = jax.jit(lambda k: model.init({"params": k, "dropout": k}, jnp.zeros((1, *input_shape)), train=False))
-    # Runs once: on the CPU, skip LLVM's optimisations (the initialisers' threefry code took 3-4 s of a
-    # Fashion-MNIST run's start-up to optimise; ~1 s without). Values may differ in the last bit.
-    options = INIT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
-    variables = init.lower(init_key).compile(compiler_options=options)(init_key)
+    variables = init_variables(model, input_shape, init_key, train=False)
     return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                              batch_stats=variables.get("batch_stats", {}), rng=state_key)
