@@ -47,7 +47,7 @@ def pretrained(tmp_path_factory):
     model = models.create("resnet18", num_classes=5)
     x = jax.random.normal(jax.random.PRNGKey(1), (8, 32, 32, 3))
     variables = init_variables(model, (32, 32, 3), jax.random.PRNGKey(0), train=False)
-    _, updates = model.apply(variables, x * 3 + 1, train=True, mutable=["batch_stats"])
+    _, updates = jax.jit(lambda v: model.apply(v, x * 3 + 1, train=True, mutable=["batch_stats"]))(variables)
     variables = {"params": variables["params"], "batch_stats": updates["batch_stats"]}
     path = str(tmp_path_factory.mktemp("pretrained"))
     checkpoint.save(path, 0, variables, {"epoch": 0})
