@@ -11,7 +11,9 @@ import pytest
 
 from cnnjax import models
 from cnnjax.data.pipeline import AugmentConfig, augment, epoch_batches
+from cnnjax.data.stream import ArraySource
 from cnnjax.models.cifar_resnet import CifarResNet
+from cnnjax.train import feed
 from cnnjax.train.optim import make_optimizer
 from cnnjax.train.runner import Runner, summarize_eval
 from cnnjax.train.state import create_train_state
@@ -91,7 +93,8 @@ def test_training_reduces_loss_and_eval_reports_confusion():
     assert ev["per_class_accuracy"].shape == (10,)
 
 
-def test_a_split_smaller_than_the_eval_batch_is_one_unpadded_batch():
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_split_smaller_than_the_eval_batch_is_one_unpadded_batch(streamed):
     model = models.create("simple_cnn")
     spec = StepSpec(num_classes=10, mean=(0.5,) * 3, std=(0.25,) * 3)
     runner = Runner(spec, model.apply)
@@ -99,10 +102,11 @@ def test_a_split_smaller_than_the_eval_batch_is_one_unpadded_batch():
     images, labels = _data(10)
     shapes, eval_fn = [], runner.eval_fn
     runner.eval_fn = lambda *args: shapes.append(args[2].shape) or eval_fn(*args)
-    whole = runner.evaluate(state, images, labels, batch_size=2000)
+    split = ArraySource(images, labels)
+    whole = feed.evaluate(runner, state.params, state.batch_stats, split, 2000, streamed=streamed)
     assert shapes == [(10, 32, 32, 3)]  # not padded up to 2000 rows
     shapes.clear()
-    batched = runner.evaluate(state, images, labels, batch_size=4)  # 4 + 4 + (2 and 2 padding rows)
+    batched = feed.evaluate(runner, state.params, state.batch_stats, split, 4, streamed=streamed)  # 4, 4, 2 + 2 pad
     assert shapes == [(4, 32, 32, 3)] * 3
     assert whole["count"] == batched["count"] == 10
     np.testing.assert_allclose(whole["loss"], batched["loss"], rtol=1e-5)

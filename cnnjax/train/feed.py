@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from cnnjax.data.stream import ArraySource, EpochOrder, EvalBatch, StepBatch, stream
-from cnnjax.train.runner import Runner, process_range
+from cnnjax.train.runner import Runner, eval_batch_size, process_range
 
 
 class ResidentFeed:
@@ -67,5 +67,6 @@ def evaluate(runner: Runner, params, batch_stats, source, batch_size: int, *, st
     if not streamed:
         return runner.evaluate_variables(params, batch_stats, source.images, source.labels, batch_size)
     lo, hi = process_range(len(source))
+    batch_size = eval_batch_size(hi - lo, batch_size)
     return runner.evaluate_batches(params, batch_stats, stream(EvalBatch(source, lo, hi, batch_size), 0,
                                                                math.ceil((hi - lo) / batch_size), workers))

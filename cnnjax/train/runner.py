@@ -260,13 +260,19 @@ def process_range(n: int) -> tuple[int, int]:
     return lo, lo + size + (p < extra)
 
 
+def eval_batch_size(n: int, batch_size: int) -> int:
+    """The batch size an evaluation of ``n`` examples uses: ``batch_size``, or ``n`` when the split is
+    smaller (one unpadded batch instead of one padded up to ``batch_size``)."""
+    return max(1, min(batch_size, n))
+
+
 def _padded_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, device):
-    """The split put on ``device`` once, zero-padded to whole batches, sliced there. A split smaller
-    than ``batch_size`` is one batch of its own size, not padded up to ``batch_size``."""
+    """The split put on ``device`` once, zero-padded to whole batches of :func:`eval_batch_size`, sliced
+    there."""
     n = images.shape[0]
     if n == 0:
         return
-    batch_size = min(batch_size, n)
+    batch_size = eval_batch_size(n, batch_size)
     pad = (-n) % batch_size
     images_d = jax.device_put(np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)]), device)
     labels_d = jax.device_put(np.concatenate([labels, np.zeros((pad,), labels.dtype)]), device)

@@ -34,8 +34,8 @@ def init_variables(model: nn.Module, input_shape: tuple[int, ...], key: jax.Arra
     ``key`` seeds both the ``params`` and ``dropout`` streams; ``kwargs`` go to ``model.init``
     (e.g. ``train=False``). On the CPU the call compiles without LLVM's optimisations: it runs once,
     and the initialisers' threefry code took 3-4 s of a Fashion-MNIST run's start-up to optimise (~1 s
-    without); initialising op by op (``model.init`` outside ``jit``) is slower still, 3-7 s even
-    for LeNet. Values may differ from an optimised compile in the last bit.
+    without); initialising op by op (``model.init`` outside ``jit``) is slower still (LeNet-5 in a
+    fresh process: 7.0 s against 1.2 s). Values may differ from an optimised compile in the last bit.
     """
     init = jax.jit(lambda k: model.init({"params": k, "dropout": k}, jnp.zeros((1, *input_shape)), **kwargs))
     options = INIT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
