@@ -82,6 +82,12 @@ class Conv(nn.Module):
 
     ``H' = floor((H + 2 p - dilation (k - 1) - 1) / stride) + 1`` for explicit padding ``p``.
     Params: ``kernel [kH, kW, C_in / groups, features]`` and (if ``use_bias``) ``bias [features]``.
+
+    Channel padding (a CPU layout aid, groups 1 only; the parameters keep the shapes above):
+    ``pad_features`` appends that many output channels that are exactly zero (zero kernel columns
+    and bias), so the output is ``[N, H', W', features + pad_features]``; ``in_features`` is the
+    channel count the kernel has when the input carries extra zero channels after it (a previous
+    layer's ``pad_features``), which meet zero kernel rows.
     """
 
     features: int
@@ -96,12 +102,14 @@ class Conv(nn.Module):
     dtype: Any | None = None
     precision: Any = None
     impl: str = "auto"  # 'auto' | 'xla' | 'im2col' | 'shifted': see cnnjax.conv (same parameters either way)
+    pad_features: int = 0
+    in_features: int | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         _check_nhwc(x, "Conv")
         kh, kw = _pair(self.kernel_size, "kernel_size")
-        in_features = x.shape[-1]
+        in_features, extra_in = self._in_channels(x.shape[-1])
         if in_features % self.groups or self.features % self.groups:
             raise UsageError(
                 f"Conv groups={self.groups} must divide both input channels ({in_features}) "
@@ -110,6 +118,9 @@ class Conv(nn.Module):
         kernel_shape = (kh, kw, in_features // self.groups, self.features)
         kernel = self.param("kernel", self.kernel_init, kernel_shape, jnp.float32)
         dtype = self.dtype or x.dtype
+        # Zero kernel rows for the input's padding channels, zero columns for the output's.
+        if extra_in or self.pad_features:
+            kernel = jnp.pad(kernel, ((0, 0), (0, 0), (0, extra_in), (0, self.pad_features)))
         y = conv2d(x.astype(dtype), kernel.astype(dtype), _pair(self.stride, "stride"),
                    canonical_padding(self.padding), _pair(self.dilation, "dilation"), self.groups,
                    self.precision, self.impl)
@@ -117,8 +128,21 @@ class Conv(nn.Module):
             fan_in = kh * kw * in_features // self.groups
             init = self.bias_init or torch_default_bias_init(fan_in)
             bias = self.param("bias", init, (self.features,), jnp.float32)
-            y = y + bias.astype(dtype)
+            y = y + (jnp.pad(bias, (0, self.pad_features)) if self.pad_features else bias).astype(dtype)
         return y
+
+    def _in_channels(self, channels: int) -> tuple[int, int]:
+        """``(channels the kernel has, zero padding channels after them)`` for an input of ``channels``."""
+        if self.pad_features < 0:
+            raise UsageError(f"Conv pad_features must be >= 0, got {self.pad_features}")
+        if (self.pad_features or self.in_features is not None) and self.groups != 1:
+            raise UsageError("Conv channel padding (pad_features / in_features) supports groups=1 only")
+        if self.in_features is None:
+            return channels, 0
+        if not 0 < self.in_features <= channels:
+            raise UsageError(f"Conv in_features={self.in_features} must be in 1..{channels}, the input's channels; "
+                             "feed the previous layer's (padded) output or leave in_features unset")
+        return self.in_features, channels - self.in_features
 
 
 class Dense(nn.Module):
@@ -404,6 +428,13 @@ class Dropout(nn.Module):
             return x
         keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.rate, x.shape)
         return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x))
+
+
+def without_channel_padding(model: nn.Module) -> nn.Module:
+    """``model`` with its CPU channel padding off (``pad_channels=False``) if it has that field, else
+    ``model``: summaries and feature maps then show each layer's true channels. The parameters and
+    outputs are the same either way."""
+    return model.clone(pad_channels=False) if hasattr(model, "pad_channels") else model
 
 
 def flatten_nchw(x: Array) -> Array:

@@ -89,20 +89,21 @@ def bench_torch_model(name: str):
 
 
 CPU_VARIANTS = ("baseline", "+ynn flag", "+im2col", "+tiled max-pool", "+greyscale im2col", "+strided-view max-pool",
-                "+closed-form BatchNorm backward", "+shifted-sum greyscale conv")
+                "+closed-form BatchNorm backward", "+shifted-sum greyscale conv", "+8-channel LeNet")
 
 
 @contextlib.contextmanager
 def with_variant(variant: str):
     """Within the block, the library code is that of ``variant`` (put back as it was on exit)."""
     from cnnjax import conv, layers
+    from cnnjax.models import lenet
 
-    saved = conv.choose_impl, layers._tiled_max_pool, layers._batch_norm_train
+    saved = conv.choose_impl, layers._tiled_max_pool, layers._batch_norm_train, lenet.CPU_CHANNEL_PAD
     try:
         _undo_changes(variant)
         yield
     finally:
-        conv.choose_impl, layers._tiled_max_pool, layers._batch_norm_train = saved
+        conv.choose_impl, layers._tiled_max_pool, layers._batch_norm_train, lenet.CPU_CHANNEL_PAD = saved
 
 
 def _undo_changes(variant: str) -> None:
@@ -111,6 +112,7 @@ def _undo_changes(variant: str) -> None:
     from jax import lax
 
     from cnnjax import conv, layers
+    from cnnjax.models import lenet
 
     level = CPU_VARIANTS.index(variant)
     if level < 2:
@@ -127,6 +129,8 @@ def _undo_changes(variant: str) -> None:
         layers._tiled_max_pool = _reshape_max_pool
     if level < 6:
         layers._batch_norm_train = autodiff_batch_norm_train
+    if level < 8:
+        lenet.CPU_CHANNEL_PAD = 0  # LeNet-5's 6-channel maps as they are
 
 
 def autodiff_batch_norm_train(x, scale, bias, epsilon: float, axis_name: str | None):

@@ -9,23 +9,27 @@ import numpy as np
 import pytest
 
 from cnnjax import conv, layers
+from cnnjax.models import lenet
 from experiments import benchlib
 
 GREY_CONV = ((28, 28), (3, 3), (1, 1), ((1, 1), (1, 1)))
 
 
-@pytest.mark.parametrize("variant,grey_impl,pool,closed_form_bn", [
-    ("+im2col", "xla", "reduce_window", False),
-    ("+tiled max-pool", "xla", "reshape", False),
-    ("+greyscale im2col", "im2col", "reshape", False),
-    ("+strided-view max-pool", "im2col", "strided", False),
-    ("+closed-form BatchNorm backward", "im2col", "strided", True),
-    ("+shifted-sum greyscale conv", "shifted", "strided", True),
+@pytest.mark.parametrize("variant,grey_impl,pool,closed_form_bn,lenet_pad", [
+    ("+im2col", "xla", "reduce_window", False, 0),
+    ("+tiled max-pool", "xla", "reshape", False, 0),
+    ("+greyscale im2col", "im2col", "reshape", False, 0),
+    ("+strided-view max-pool", "im2col", "strided", False, 0),
+    ("+closed-form BatchNorm backward", "im2col", "strided", True, 0),
+    ("+shifted-sum greyscale conv", "shifted", "strided", True, 0),
+    ("+8-channel LeNet", "shifted", "strided", True, 2),
 ])
-def test_cpu_variant_puts_back_what_it_does_not_have(monkeypatch, variant, grey_impl, pool, closed_form_bn):
+def test_cpu_variant_puts_back_what_it_does_not_have(monkeypatch, variant, grey_impl, pool, closed_form_bn,
+                                                      lenet_pad):
     monkeypatch.setattr(conv, "choose_impl", conv.choose_impl)  # restored after the test
     monkeypatch.setattr(layers, "_tiled_max_pool", layers._tiled_max_pool)
     monkeypatch.setattr(layers, "_batch_norm_train", layers._batch_norm_train)
+    monkeypatch.setattr(lenet, "CPU_CHANNEL_PAD", lenet.CPU_CHANNEL_PAD)
     strided, closed_form = layers._tiled_max_pool, layers._batch_norm_train
     benchlib._undo_changes(variant)
     assert conv.choose_impl(*GREY_CONV, backend="cpu", in_channels=1, out_channels=16) == grey_impl
@@ -38,6 +42,7 @@ def test_cpu_variant_puts_back_what_it_does_not_have(monkeypatch, variant, grey_
     assert (in_place is benchlib._reshape_max_pool) == (pool == "reshape")
     assert (layers._batch_norm_train is closed_form) == closed_form_bn
     assert (layers._batch_norm_train is benchlib.autodiff_batch_norm_train) == (not closed_form_bn)
+    assert lenet.CPU_CHANNEL_PAD == lenet_pad
 
 
 @pytest.mark.parametrize("window", [2, 3])
@@ -54,9 +59,10 @@ def test_with_variant_puts_the_library_back_on_exit(monkeypatch):
     monkeypatch.setattr(conv, "choose_impl", conv.choose_impl)
     monkeypatch.setattr(layers, "_tiled_max_pool", layers._tiled_max_pool)
     monkeypatch.setattr(layers, "_batch_norm_train", layers._batch_norm_train)
-    before = conv.choose_impl, layers._tiled_max_pool, layers._batch_norm_train
+    before = conv.choose_impl, layers._tiled_max_pool, layers._batch_norm_train, lenet.CPU_CHANNEL_PAD
     with benchlib.with_variant("+tiled max-pool"):
         assert layers._tiled_max_pool is benchlib._reshape_max_pool
         assert layers._batch_norm_train is benchlib.autodiff_batch_norm_train
         assert conv.choose_impl(*GREY_CONV, backend="cpu", in_channels=1, out_channels=16) == "xla"
-    assert (conv.choose_impl, layers._tiled_max_pool, layers._batch_norm_train) == before
+        assert lenet.CPU_CHANNEL_PAD == 0
+    assert (conv.choose_impl, layers._tiled_max_pool, layers._batch_norm_train, lenet.CPU_CHANNEL_PAD) == before

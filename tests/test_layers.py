@@ -71,6 +71,37 @@ def test_conv_bad_arguments_fail_clearly():
         layers.Conv(4).init(jax.random.PRNGKey(0), jnp.zeros((8, 8, 3)))
 
 
+@pytest.mark.parametrize("c_in,pad_in,pad_out", [(1, 0, 2), (6, 2, 0), (6, 2, 3)])
+def test_conv_channel_padding_keeps_torch_numbers_and_gradients(c_in, pad_in, pad_out):
+    """pad_features appends exactly-zero output channels; in_features ignores zero input channels
+    after the real ones; the parameters, outputs and gradients are those of the plain torch conv."""
+    torch.manual_seed(0)
+    tconv = torch.nn.Conv2d(c_in, 6, 5)
+    variables = {"params": variables_of(torch.nn.ModuleDict({"c": tconv}))["params"]["c"]}
+    x = rand(2, 12, 12, c_in)
+    x_padded = np.concatenate([x, np.zeros((*x.shape[:3], pad_in), np.float32)], axis=-1)
+    conv = layers.Conv(6, 5, pad_features=pad_out, in_features=c_in if pad_in else None)
+    chex.assert_trees_all_equal_shapes(conv.init(jax.random.PRNGKey(0), x_padded), variables)
+    y = conv.apply(variables, x_padded)
+    chex.assert_shape(y, (2, 8, 8, 6 + pad_out))
+    assert_parity("Conv with channel padding", y[..., :6], nhwc(tconv(nchw(x))), TOL)
+    np.testing.assert_array_equal(y[..., 6:], 0.0)
+    weights = jnp.arange(6.0)  # a loss that weighs the channels differently
+    grads = [jax.grad(lambda v, c=c, x=x: (c.apply(v, x)[..., :6] ** 2 * weights).sum())(variables)
+             for c, x in ((conv, x_padded), (layers.Conv(6, 5), x))]
+    chex.assert_trees_all_close(*grads, atol=1e-4, rtol=1e-5)
+
+
+def test_conv_channel_padding_bad_arguments_fail_clearly():
+    x = jnp.zeros((1, 8, 8, 6))
+    with pytest.raises(ValueError, match="in_features=8 must be in 1..6"):
+        layers.Conv(4, in_features=8).init(jax.random.PRNGKey(0), x)
+    with pytest.raises(ValueError, match="pad_features must be >= 0"):
+        layers.Conv(4, pad_features=-1).init(jax.random.PRNGKey(0), x)
+    with pytest.raises(ValueError, match="supports groups=1 only"):
+        layers.Conv(4, groups=2, pad_features=2).init(jax.random.PRNGKey(0), x)
+
+
 def test_conv_default_init_is_torch_bound():
     conv = layers.Conv(64, 3)
     params = conv.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 32)))["params"]

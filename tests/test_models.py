@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +12,9 @@ import pytest
 import torch
 
 from cnnjax import models
+from cnnjax.analysis import summary
 from cnnjax.port import state_dict_to_variables
+from cnnjax.train.plots import conv_outputs
 from cnnjax.train.state import init_variables
 from tests import torch_models as ref
 from tests.parity import assert_parity, nchw, variables_of
@@ -190,6 +193,22 @@ def test_wrong_input_size_is_a_clear_error(name, shape, needle):
     with pytest.raises(ValueError, match=r".*") as info:
         models.create(name).init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)), train=False)
     assert needle in str(info.value)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_lenet5_channel_padding_changes_no_number(train):
+    """The CPU's 8-channel LeNet-5 has the same parameters, outputs and gradients as the 6-channel one,
+    and the summary and feature maps show 6 channels either way."""
+    padded, plain = (models.create("lenet5", pad_channels=p) for p in (True, False))
+    variables = init_variables(plain, (32, 32, 1), jax.random.PRNGKey(0))
+    chex.assert_trees_all_equal_shapes(init_variables(padded, (32, 32, 1), jax.random.PRNGKey(0)), variables)
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 1))
+    loss = lambda m: lambda v: (m.apply(v, x, train=train) ** 2).sum()  # noqa: E731
+    chex.assert_trees_all_close(padded.apply(variables, x), plain.apply(variables, x), atol=1e-6)
+    chex.assert_trees_all_close(jax.grad(loss(padded))(variables), jax.grad(loss(plain))(variables),
+                                atol=1e-5, rtol=1e-5)
+    assert [r.output_shape[-1] for r in summary(padded, (32, 32, 1)).rows][:4] == [6, 6, 16, 16]
+    assert [out.shape[-1] for _, out in conv_outputs(padded, variables, x)] == [6, 16]
 
 
 def test_lenet5_takes_mnist_28x28_with_padding_2():
