@@ -39,7 +39,8 @@ TINY_MAX_OUTPUT = 4
 # shifted sum keeps XLA's gradients. With other channel counts XLA:CPU fuses the sum with the next
 # activation into a loop it does not vectorise (1 -> 6 plus tanh: 7.7 ms), so those keep the earlier
 # rule: patches for kernels up to 3x3 (SimpleCNN's 3x3 1 -> 16 trained 12% faster so), XLA's conv above
-# (LeNet's 5x5 1 -> 6). Up to SHIFTED_MAX_TERMS products per output. RGB stems keep XLA's conv.
+# (LeNet's 5x5 1 -> 6, which LeNet-5 therefore computes as 1 -> 8 on the CPU: cnnjax.models.lenet).
+# Up to SHIFTED_MAX_TERMS products per output. RGB stems keep XLA's conv.
 SHIFTED_MAX_IN_CHANNELS = 1
 SHIFTED_OUT_CHANNEL_MULTIPLE = 8
 SHIFTED_MAX_TERMS = 49

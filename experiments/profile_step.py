@@ -1,6 +1,6 @@
 """Where one train step spends its time, op by op, cnnjax and PyTorch eager side by side.
 
-``python -m experiments.profile_step --models cifar_resnet20,improved_cnn [--batch 128] [--out FILE]``
+``python -m experiments.profile_step --models cifar_resnet20,improved_cnn [--batch 128] [--fused] [--out FILE]``
 prints one markdown table per model: ms per step and share for conv forward, conv input-gradient,
 conv weight-gradient, BatchNorm, pooling, dense, layout transposes / copies, the optimizer update,
 input preparation, loss and other elementwise work.
@@ -14,6 +14,12 @@ stack (``layer1_0/bn1``, ``optimizer``); backward ops sit under ``transpose(jvp(
 im2col matmul's) weight gradient is the one whose output is not batch-major. The fused step's wall
 time is given beside it: the gap between the two is what fusion saves (or, for XLA's layout choices,
 costs).
+``--fused``: the compiled step as it really runs instead. A ``jax.profiler`` trace times each XLA:CPU
+thunk (a fusion, a YNN dot, a copy), which is named by its HLO instruction and grouped by kind from that
+instruction and its module path; the largest thunks are listed with their path. XLA:CPU runs
+convolutions asynchronously, so their rows hold the launch only: the wall time not covered by the
+other thunks is the convolutions' work. This is where XLA's fusion decisions show, such as a transpose
+that recomputes the activations it moves instead of reading them.
 PyTorch: the torch twin (tests/torch_models.py) in eager mode, ``torch.profiler`` self CPU time of
 each aten op, classified by op name; ops inside ``Optimizer.step`` count as the optimizer. PyTorch's
 CPU conv backward computes both gradients in one op, so its row is "conv input+weight gradient".
@@ -23,19 +29,23 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 
 from absl import flags
 
 from cnnjax.errors import UsageError
 from experiments import cli
 from experiments.benchlib import SHAPES
-from experiments.profilelib import KINDS, profile_cnnjax, profile_torch
+from experiments.profilelib import FUSED_KINDS, KINDS, profile_cnnjax, profile_fused, profile_torch
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["cifar_resnet20", "improved_cnn"], "rows of experiments.bench to profile")
 flags.DEFINE_integer("batch", 128, "batch size")
 flags.DEFINE_integer("reps", 3, "timed runs of each op (median) / profiled torch steps")
 flags.DEFINE_bool("torch", True, "also profile the PyTorch twin")
+flags.DEFINE_bool("fused", False, "profile the compiled step's XLA thunks (jax.profiler) instead of op by op")
+flags.DEFINE_integer("steps", 10, "--fused: traced steps")
+flags.DEFINE_integer("top", 10, "--fused: largest thunks listed")
 flags.DEFINE_string("out", "", "write the tables as JSON here")
 
 
@@ -60,12 +70,37 @@ def table(name: str, ours: dict, theirs: dict | None) -> str:
     return "\n".join(lines)
 
 
+def fused_table(name: str, result: dict, top: int) -> str:
+    ms, kinds, wall = result["ms"], result["kinds"], result["wall_ms"]
+    timed = sum(ms.values())
+    by_kind = {k: sum(v for n, v in ms.items() if kinds[n] == k) for k in FUSED_KINDS}
+    counts = {k: sum(kinds[n] == k for n in ms) for k in FUSED_KINDS}
+    lines = [f"**{name}**, batch {FLAGS.batch}, the fused step: wall {wall:.1f} ms; the thunks timed in full sum to "
+             f"{timed:.1f} ms, so the asynchronous convolutions' work (and waits) take about {wall - timed:.1f} ms", "",
+             "| kind | ms/step | share of wall | thunks |", "|---|---:|---:|---:|"]
+    for kind in FUSED_KINDS:
+        if counts[kind]:
+            lines.append(f"| {kind} | {by_kind[kind]:.1f} | {100 * by_kind[kind] / wall:.0f}% | {counts[kind]} |")
+    lines.append(f"| convolutions' work and waits (wall - timed thunks) | {wall - timed:.1f} | "
+                 f"{100 * (wall - timed) / wall:.0f}% | |")
+    lines += ["", f"Largest {top} thunks:", "", "| thunk | kind | ms/step | module path |", "|---|---|---:|---|"]
+    for n, v in sorted(ms.items(), key=lambda kv: -kv[1])[:top]:
+        path = result["op_names"][n].removeprefix("jit(<lambda>)/") or "(none: XLA-made)"
+        lines.append(f"| `{n}` | {kinds[n]} | {v:.1f} | `{path}` |")
+    return "\n".join(lines)
+
+
 def main(argv):
     del argv
     results = {}
     for name in FLAGS.models:
         if name not in SHAPES:
             raise UsageError(f"unknown bench row {name!r}; choose from {', '.join(SHAPES)}")
+        if FLAGS.fused:
+            with tempfile.TemporaryDirectory(prefix="profile_step_") as trace_dir:
+                results[name] = profile_fused(name, FLAGS.batch, FLAGS.steps, trace_dir)
+            print(fused_table(name, results[name], FLAGS.top) + "\n", flush=True)
+            continue
         ours = profile_cnnjax(name, FLAGS.batch, FLAGS.reps)
         theirs = profile_torch(name, FLAGS.batch, FLAGS.reps) if FLAGS.torch else None
         results[name] = {"cnnjax": ours, "torch": theirs}

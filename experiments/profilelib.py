@@ -114,6 +114,91 @@ def profile_cnnjax(name: str, batch: int, reps: int) -> dict:
     return {"wall_ms": 1000 * batch / fused["train_img_s"], "ms": ms}
 
 
+# --- cnnjax: the fused step's XLA:CPU thunks --------------------------------------------------------
+
+FUSED_KINDS = ("convolutions (asynchronous: launch only)", "layout transposes / copies", "conv as dots / patches",
+               "BatchNorm", "pooling", "dense", "optimizer update", "input preparation", "loss", "other elementwise")
+
+
+def hlo_instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
+    """``{instruction name: (opcode, metadata op_name or '')}`` of the entry computation of compiled HLO text."""
+    entry = hlo_text.split("\nENTRY ", 1)[-1]
+    out = {}
+    for line in entry.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = .*? ([a-z][\w\-]*)\(", line)
+        if m:
+            op_name = re.search(r'op_name="([^"]*)"', line)
+            out[m.group(1)] = (m.group(2), op_name.group(1) if op_name else "")
+    return out
+
+
+def thunk_kind(name: str, opcode: str, op_name: str) -> str:
+    """The kind of work of one thunk of the fused step (an HLO instruction of the entry computation)."""
+    if opcode == "convolution":
+        return FUSED_KINDS[0]
+    if re.match(r"(transpose|copy|bitcast_copy)", name) or opcode in ("copy", "transpose"):
+        return "layout transposes / copies"
+    if _in_conv(op_name):
+        return "conv as dots / patches"
+    return _scope_kind(op_name) or ("pooling" if "reduce-window" in opcode else "other elementwise")
+
+
+def profile_fused(name: str, batch: int, steps: int, trace_dir: str) -> dict:
+    """ms per step of each XLA:CPU thunk of cnnjax's jitted train step for bench row ``name``, from a
+    ``jax.profiler`` trace of ``steps`` steps written under ``trace_dir``, with the step's wall ms.
+
+    Thunks that run on the calling thread are timed in full; XLA:CPU's convolutions run asynchronously,
+    so for them the trace holds the launch only and their work is in ``wall_ms - sum(ms)``."""
+    import glob
+    import gzip
+    import json
+
+    import jax
+    import numpy as np
+    import optax
+
+    from cnnjax.train.state import create_train_state
+    from cnnjax.train.steps import train_step
+    from experiments.benchlib import bench_spec
+
+    shape = SHAPES[name]
+    model, spec = bench_model(name), bench_spec(shape)
+    state = create_train_state(model, optax.sgd(0.01, momentum=0.9), shape, jax.random.PRNGKey(0))
+    rng = np.random.RandomState(0)
+    images = jax.numpy.asarray(rng.randint(0, 256, (batch, *shape)).astype(np.uint8))
+    labels = jax.numpy.asarray(rng.randint(0, spec.num_classes, batch).astype(np.int32))
+    step = jax.jit(lambda s, x, y: train_step(s, x, y, spec)[0], donate_argnums=0).lower(state, images, labels)
+    step = step.compile()
+    instructions = hlo_instructions(step.as_text())
+    for _ in range(2):  # warm-up
+        state = step(state, images, labels)
+    jax.block_until_ready(state)
+    t = time.perf_counter()
+    for _ in range(steps):
+        state = step(state, images, labels)
+    jax.block_until_ready(state)
+    wall_ms = 1000 * (time.perf_counter() - t) / steps
+    jax.profiler.start_trace(trace_dir)
+    try:
+        for _ in range(steps):
+            state = step(state, images, labels)
+        jax.block_until_ready(state)
+    finally:
+        jax.profiler.stop_trace()
+    traces = sorted(glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True))
+    if not traces:
+        raise RuntimeError(f"jax.profiler wrote no trace under {trace_dir}")
+    with gzip.open(traces[-1]) as f:
+        events = json.load(f)["traceEvents"]
+    ms = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("name") in instructions:
+            ms[e["name"]] += e["dur"] / 1000 / steps
+    return {"wall_ms": wall_ms, "ms": dict(ms),
+            "kinds": {n: thunk_kind(n, *instructions[n]) for n in ms},
+            "op_names": {n: instructions[n][1] for n in ms}}
+
+
 # --- PyTorch: aten ops -> kinds -------------------------------------------------------------------
 
 _TORCH_RULES = (

@@ -10,6 +10,7 @@ import optax
 from cnnjax.layers import BatchNorm, Conv, MaxPool
 from cnnjax.train.state import create_train_state
 from cnnjax.train.steps import StepSpec, train_step
+from experiments import profilelib
 from experiments.profilelib import op_kind, time_jaxpr_ops
 
 
@@ -45,3 +46,38 @@ def test_op_kind_rules():
     assert op_kind("transpose", "jvp(Net)", (4, 4), 4) == "layout transposes / copies"
     assert op_kind("add", "optimizer", (4,), 4) == "optimizer update"
     assert op_kind("max", "jvp(Net)/relu", (4, 8, 8, 4), 4) == "other elementwise"
+
+
+def test_hlo_instructions_and_thunk_kinds():
+    hlo = """HloModule m
+
+%fused_computation (param_0: f32[4]) -> f32[4] {
+  %param_0 = f32[4]{0} parameter(0)
+  ROOT %neg = f32[4]{0} negate(%param_0)
+}
+
+ENTRY %main (p: f32[4,8,8,1]) -> f32[4] {
+  %conv_general_dilated.3 = f32[4,8,8,4]{3,2,1,0} convolution(%p, %k), window={size=3x3}, metadata={op_name="CONV"}
+  %transpose_copy_fusion.2 = f32[4,8,8,4]{3,2,1,0} fusion(%conv_general_dilated.3), kind=kLoop, calls=%fused_computation
+  %ynn_fusion.1 = f32[36,4]{1,0} fusion(%a, %b), kind=kCustom, metadata={op_name="DOT"}
+  %multiply_add_fusion = f32[4]{0} fusion(%x), kind=kLoop, metadata={op_name="jit(run)/transpose(jvp(Net))/bn1/mul"}
+  ROOT %add_fusion = f32[4]{0} fusion(%x), kind=kLoop, metadata={op_name="jit(run)/optimizer/add"}
+}
+"""
+    found = profilelib.hlo_instructions(hlo.replace("CONV", "jit(run)/jvp(Net)/conv1/conv_general_dilated").replace(
+        "DOT", "jit(run)/transpose(jvp(Net))/layer1_0/conv2/dot_general"))
+    assert "neg" not in found  # only the entry computation's instructions are thunks
+    assert found["conv_general_dilated.3"] == ("convolution", "jit(run)/jvp(Net)/conv1/conv_general_dilated")
+    kinds = {n: profilelib.thunk_kind(n, *v) for n, v in found.items()}
+    assert kinds == {"conv_general_dilated.3": "convolutions (asynchronous: launch only)",
+                     "transpose_copy_fusion.2": "layout transposes / copies",
+                     "ynn_fusion.1": "conv as dots / patches", "multiply_add_fusion": "BatchNorm",
+                     "add_fusion": "optimizer update"}
+
+
+def test_fused_profile_times_the_compiled_steps_thunks(tmp_path):
+    result = profilelib.profile_fused("lenet5", batch=8, steps=2, trace_dir=str(tmp_path))
+    assert result["wall_ms"] > 0 and sum(result["ms"].values()) > 0
+    kinds = set(result["kinds"].values())
+    assert {"convolutions (asynchronous: launch only)", "layout transposes / copies", "dense"} <= kinds, kinds
+    assert set(result["kinds"]) == set(result["ms"]) == set(result["op_names"])
