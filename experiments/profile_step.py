@@ -17,9 +17,10 @@ costs).
 ``--fused``: the compiled step as it really runs instead. A ``jax.profiler`` trace times each XLA:CPU
 thunk (a fusion, a YNN dot, a copy), which is named by its HLO instruction and grouped by kind from that
 instruction and its module path; the largest thunks are listed with their path. XLA:CPU runs
-convolutions asynchronously, so their rows hold the launch only: the wall time not covered by the
-other thunks is the convolutions' work. This is where XLA's fusion decisions show, such as a transpose
-that recomputes the activations it moves instead of reading them.
+convolutions asynchronously, alongside the other thunks, so their rows hold the launch only and their
+work shows only where it leaves the wall time uncovered (the last row: wall minus the timed thunks).
+This is where XLA's fusion decisions show, such as a transpose that recomputes the activations it
+moves instead of reading them.
 PyTorch: the torch twin (tests/torch_models.py) in eager mode, ``torch.profiler`` self CPU time of
 each aten op, classified by op name; ops inside ``Optimizer.step`` count as the optimizer. PyTorch's
 CPU conv backward computes both gradients in one op, so its row is "conv input+weight gradient".
@@ -76,12 +77,12 @@ def fused_table(name: str, result: dict, top: int) -> str:
     by_kind = {k: sum(v for n, v in ms.items() if kinds[n] == k) for k in FUSED_KINDS}
     counts = {k: sum(kinds[n] == k for n in ms) for k in FUSED_KINDS}
     lines = [f"**{name}**, batch {FLAGS.batch}, the fused step: wall {wall:.1f} ms; the thunks timed in full sum to "
-             f"{timed:.1f} ms, so the asynchronous convolutions' work (and waits) take about {wall - timed:.1f} ms", "",
+             f"{timed:.1f} ms; the asynchronous convolutions run alongside them", "",
              "| kind | ms/step | share of wall | thunks |", "|---|---:|---:|---:|"]
     for kind in FUSED_KINDS:
         if counts[kind]:
             lines.append(f"| {kind} | {by_kind[kind]:.1f} | {100 * by_kind[kind] / wall:.0f}% | {counts[kind]} |")
-    lines.append(f"| convolutions' work and waits (wall - timed thunks) | {wall - timed:.1f} | "
+    lines.append(f"| wall time the timed thunks leave uncovered (convolutions, waits) | {wall - timed:.1f} | "
                  f"{100 * (wall - timed) / wall:.0f}% | |")
     lines += ["", f"Largest {top} thunks:", "", "| thunk | kind | ms/step | module path |", "|---|---|---:|---|"]
     for n, v in sorted(ms.items(), key=lambda kv: -kv[1])[:top]:

@@ -148,7 +148,8 @@ def profile_fused(name: str, batch: int, steps: int, trace_dir: str) -> dict:
     ``jax.profiler`` trace of ``steps`` steps written under ``trace_dir``, with the step's wall ms.
 
     Thunks that run on the calling thread are timed in full; XLA:CPU's convolutions run asynchronously,
-    so for them the trace holds the launch only and their work is in ``wall_ms - sum(ms)``."""
+    so for them the trace holds the launch only; their work overlaps the other thunks and shows only where it
+    leaves ``wall_ms`` uncovered."""
     import glob
     import gzip
     import json
