@@ -246,3 +246,26 @@ def test_host_loop_compiles_one_step_for_every_chunk_length():
     assert split._train._cache_size() == 1
     _, whole_state = run([idx])
     chex.assert_trees_all_equal(split_state.params, whole_state.params)
+
+
+@pytest.mark.parametrize("build,shape,tx", [
+    (lambda: models.create("simple_cnn", image_size=28), (28, 28, 1), "adam"),
+    (lambda: CifarResNet(8), (32, 32, 3), "sgd"),  # BatchNorm statistics too
+])
+def test_create_train_state_equals_flax_create_with_eager_optimizer_init(build, shape, tx):
+    """The variables and optimizer state compiled in one call are exactly what Flax's ``TrainState.create``
+    (optax's init run op by op) gives, tree structure included."""
+    import optax
+
+    from cnnjax.train.state import TrainState, init_variables
+
+    model = build()
+    tx = optax.adam(1e-3) if tx == "adam" else optax.sgd(0.1, momentum=0.9)
+    init_key, state_key = jax.random.split(jax.random.PRNGKey(3))
+    variables = init_variables(model, shape, init_key, train=False)
+    want = TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                             batch_stats=variables.get("batch_stats", {}), rng=state_key)
+    got = create_train_state(model, tx, shape, jax.random.PRNGKey(3))
+    fields = lambda s: (s.step, s.params, s.opt_state, s.batch_stats, s.rng)  # noqa: E731
+    chex.assert_trees_all_equal(fields(got), fields(want))
+    chex.assert_trees_all_equal_structs(got.opt_state, want.opt_state)
