@@ -316,12 +316,11 @@ def build(config: ml_collections.ConfigDict, data: DataSplits | Dataset, steps_p
     model, frozen = build_model(config)
     tx, schedule = _optimizer(config, steps_per_epoch, frozen)
     shape = input_shape(data.image_shape, spec)
-    try:
-        jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)), train=False))
+    try:  # a model that cannot take this shape fails while its init is traced, before anything runs
+        state = create_train_state(model, tx, shape, jax.random.PRNGKey(config.seed))
     except ValueError as err:
         raise ConfigError("model.name", f"{config.model.name!r} cannot take {data.name} images of shape {shape}: "
                                         f"{err}") from None
-    state = create_train_state(model, tx, shape, jax.random.PRNGKey(config.seed))
     if config.get("whiten_init_images", 0):
         from cnnjax.train import airbench
 
