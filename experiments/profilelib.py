@@ -92,24 +92,32 @@ def time_jaxpr_ops(fn, args, batch: int, reps: int) -> dict:
     return dict(ms)
 
 
-def profile_cnnjax(name: str, batch: int, reps: int) -> dict:
-    """Per-op ms by kind of cnnjax's train step for bench row ``name``, and the fused step's wall ms."""
+def _step_inputs(name: str, batch: int) -> tuple:
+    """``(model, spec, state, images, labels)`` for bench row ``name``: the bench's step, an SGD momentum 0.9
+    state (seed 0) and a random uint8 batch ``[batch, H, W, C]`` with labels, on the device."""
     import jax
     import numpy as np
     import optax
 
     from cnnjax.train.state import create_train_state
-    from cnnjax.train.steps import train_step
-    from experiments.benchlib import bench_spec, time_jax_training
+    from experiments.benchlib import bench_spec
 
     shape = SHAPES[name]
-    model = bench_model(name)
-    spec = bench_spec(shape)
-    fused = time_jax_training(model, spec, shape, batch, steps=5)
+    model, spec = bench_model(name), bench_spec(shape)
     state = create_train_state(model, optax.sgd(0.01, momentum=0.9), shape, jax.random.PRNGKey(0))
     rng = np.random.RandomState(0)
     images = jax.numpy.asarray(rng.randint(0, 256, (batch, *shape)).astype(np.uint8))
-    labels = jax.numpy.asarray(rng.randint(0, 10, batch).astype(np.int32))
+    labels = jax.numpy.asarray(rng.randint(0, spec.num_classes, batch).astype(np.int32))
+    return model, spec, state, images, labels
+
+
+def profile_cnnjax(name: str, batch: int, reps: int) -> dict:
+    """Per-op ms by kind of cnnjax's train step for bench row ``name``, and the fused step's wall ms."""
+    from cnnjax.train.steps import train_step
+    from experiments.benchlib import time_jax_training
+
+    model, spec, state, images, labels = _step_inputs(name, batch)
+    fused = time_jax_training(model, spec, SHAPES[name], batch, steps=5)
     ms = time_jaxpr_ops(lambda s, x, y: train_step(s, x, y, spec), (state, images, labels), batch, reps)
     return {"wall_ms": 1000 * batch / fused["train_img_s"], "ms": ms}
 
@@ -155,21 +163,12 @@ def profile_fused(name: str, batch: int, steps: int, trace_dir: str) -> dict:
     import json
 
     import jax
-    import numpy as np
-    import optax
 
-    from cnnjax.train.state import create_train_state
     from cnnjax.train.steps import train_step
-    from experiments.benchlib import bench_spec
 
-    shape = SHAPES[name]
-    model, spec = bench_model(name), bench_spec(shape)
-    state = create_train_state(model, optax.sgd(0.01, momentum=0.9), shape, jax.random.PRNGKey(0))
-    rng = np.random.RandomState(0)
-    images = jax.numpy.asarray(rng.randint(0, 256, (batch, *shape)).astype(np.uint8))
-    labels = jax.numpy.asarray(rng.randint(0, spec.num_classes, batch).astype(np.int32))
-    step = jax.jit(lambda s, x, y: train_step(s, x, y, spec)[0], donate_argnums=0).lower(state, images, labels)
-    step = step.compile()
+    _, spec, state, images, labels = _step_inputs(name, batch)
+    step = jax.jit(lambda s, x, y: train_step(s, x, y, spec)[0], donate_argnums=0)
+    step = step.lower(state, images, labels).compile()
     instructions = hlo_instructions(step.as_text())
     for _ in range(2):  # warm-up
         state = step(state, images, labels)

@@ -16,7 +16,7 @@ from cnnjax.models.cifar_resnet import CifarResNet
 from cnnjax.train import feed
 from cnnjax.train.optim import make_optimizer
 from cnnjax.train.runner import Runner, summarize_eval
-from cnnjax.train.state import create_train_state
+from cnnjax.train.state import TrainState, create_train_state, init_variables
 from cnnjax.train.steps import AXIS, StepSpec
 
 SPEC = StepSpec(num_classes=10, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
@@ -248,19 +248,14 @@ def test_host_loop_compiles_one_step_for_every_chunk_length():
     chex.assert_trees_all_equal(split_state.params, whole_state.params)
 
 
-@pytest.mark.parametrize("build,shape,tx", [
+@pytest.mark.parametrize("build,shape,opt", [
     (lambda: models.create("simple_cnn", image_size=28), (28, 28, 1), "adam"),
-    (lambda: CifarResNet(8), (32, 32, 3), "sgd"),  # BatchNorm statistics too
+    (_small_resnet, (32, 32, 3), "nesterov"),  # BatchNorm statistics; clipping and weight decay state
 ])
-def test_create_train_state_equals_flax_create_with_eager_optimizer_init(build, shape, tx):
+def test_create_train_state_equals_flax_create_with_eager_optimizer_init(build, shape, opt):
     """The variables and optimizer state compiled in one call are exactly what Flax's ``TrainState.create``
     (optax's init run op by op) gives, tree structure included."""
-    import optax
-
-    from cnnjax.train.state import TrainState, init_variables
-
-    model = build()
-    tx = optax.adam(1e-3) if tx == "adam" else optax.sgd(0.1, momentum=0.9)
+    model, tx = build(), _opt(opt)
     init_key, state_key = jax.random.split(jax.random.PRNGKey(3))
     variables = init_variables(model, shape, init_key, train=False)
     want = TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
