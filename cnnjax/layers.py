@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any, Union
 
@@ -297,51 +298,86 @@ def _pool_geometry(x: Array, window: IntPair, stride: IntPair | None, padding: I
 def max_pool(x: Array, window: IntPair, stride: IntPair | None = None, padding: IntPair = 0) -> Array:
     """torch ``MaxPool2d`` on ``[N, H, W, C]``: padding counts as ``-inf``; stride defaults to window."""
     dims, strides, pads = _pool_geometry(x, window, stride, padding, "max_pool")
-    kh, kw = dims[1:3]
-    ho, wo = x.shape[1] // kh, x.shape[2] // kw
-    if strides == dims and pads == ((0, 0),) * 4 and ho > 0 and wo > 0:
+    (kh, kw), (sh, sw), (ph, pw) = dims[1:3], strides[1:3], (pads[1][0], pads[2][0])
+    ho, wo = (x.shape[1] + 2 * ph - kh) // sh + 1, (x.shape[2] + 2 * pw - kw) // sw + 1
+    if ho <= 0 or wo <= 0:  # an empty output, as torch's shape rule gives
+        return lax.reduce_window(x, -jnp.inf, lax.max, dims, strides, pads)
+    if (sh, sw, ph, pw) == (kh, kw, 0, 0):
         # Non-overlapping windows: torch's floor mode drops the trailing rows / columns.
         return _tiled_max_pool(x[:, : ho * kh, : wo * kw, :], kh, kw)
-    # Python-scalar init values let XLA recognise max / add windows (and differentiate them).
-    return lax.reduce_window(x, -jnp.inf, lax.max, dims, strides, pads)
+    return _overlapping_max_pool(x, (kh, kw), (sh, sw), (ph, pw))
 
 
-def _window_views(x: Array, kh: int, kw: int) -> list[Array]:
-    """The ``kh * kw`` strided views ``[N, Ho, Wo, C]`` of ``[N, kh Ho, kw Wo, C]``, window position
-    ``i * kw + j`` (row-major) at index ``i * kw + j``."""
-    return [x[:, i::kh, j::kw, :] for i in range(kh) for j in range(kw)]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _tiled_max_pool(x: Array, kh: int, kw: int) -> Array:
-    """Max over non-overlapping ``kh x kw`` tiles of ``[N, kh Ho, kw Wo, C]``, as an elementwise max of
-    the tiles' strided views.
+    """Max over the non-overlapping ``kh x kw`` tiles of ``[N, kh Ho, kw Wo, C]``."""
+    return _window_max_pool(x, (kh, kw), (kh, kw), (0, 0))
+
+
+def _overlapping_max_pool(x: Array, window: tuple[int, int], stride: tuple[int, int],
+                          padding: tuple[int, int]) -> Array:
+    """Max over ``window``s of ``[N, H, W, C]`` taken every ``stride``, ``padding`` rows / columns of ``-inf``."""
+    return _window_max_pool(x, window, stride, padding)
+
+
+def _window_views(x: Array, window: tuple[int, int], stride: tuple[int, int], out_hw: tuple[int, int]) -> list[Array]:
+    """The ``kh * kw`` strided views ``[N, Ho, Wo, C]`` of (padded) ``x``, window position ``i * kw + j``
+    (row-major) at index ``i * kw + j``."""
+    (kh, kw), (sh, sw), (ho, wo) = window, stride, out_hw
+    n, _, _, c = x.shape
+    return [lax.slice(x, (0, i, j, 0), (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c), (1, sh, sw, 1))
+            for i in range(kh) for j in range(kw)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _window_max_pool(x: Array, window: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]) -> Array:
+    """Max pool of ``[N, H, W, C]`` (output ``[N, Ho, Wo, C]``, floor mode) as an elementwise max of the
+    windows' ``kh * kw`` strided views.
 
     Its gradient goes to the first maximum of each window in row-major order, as torch's; the forward
-    keeps that position (int8) for the backward. XLA's select-and-scatter for ``reduce_window``, and a
-    reshape-based version, are several times slower on the CPU (``python -m experiments.bench_conv``).
+    keeps that position (int8) for the backward, which adds each position's share into its place by
+    stride phase: no scatter. XLA's ``reduce_window`` gradient (select-and-scatter, or a variadic
+    arg-max window) is 10-20x slower on the CPU (``python -m experiments.bench_conv``).
     """
-    return functools.reduce(jnp.maximum, _window_views(x, kh, kw))
+    return _window_max_pool_fwd(x, window, stride, padding)[0]
 
 
-def _tiled_max_pool_fwd(x: Array, kh: int, kw: int) -> tuple[Array, Array]:
-    views = _window_views(x, kh, kw)
+def _window_max_pool_fwd(x, window, stride, padding):
+    (kh, kw), (sh, sw), (ph, pw) = window, stride, padding
+    out_hw = ((x.shape[1] + 2 * ph - kh) // sh + 1, (x.shape[2] + 2 * pw - kw) // sw + 1)
+    if ph or pw:
+        x = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)), constant_values=-jnp.inf)
+    views = _window_views(x, window, stride, out_hw)
     top = functools.reduce(jnp.maximum, views)
     first = jnp.full(top.shape, len(views) - 1, jnp.int8 if len(views) <= 127 else jnp.int32)
     for k in range(len(views) - 2, -1, -1):  # the lowest position holding the maximum wins
         first = jnp.where(views[k] == top, jnp.asarray(k, first.dtype), first)
-    return top, first
+    return top, (first, x.shape)
 
 
-def _tiled_max_pool_bwd(kh: int, kw: int, first: Array, g: Array) -> tuple[Array]:
-    n, ho, wo, c = g.shape
+def _window_max_pool_bwd(window, stride, padding, residuals, g):
+    """``dx[y, x] = sum`` of the shares ``g * (first == k)`` of the windows covering ``(y, x)``, built per stride
+    phase ``(y % sh, x % sw)``: each phase is a sum of shifted (not strided) shares, and the phases interleave by
+    a stack and a reshape."""
+    first, (n, hp, wp, c) = residuals
+    (kh, kw), (sh, sw), (ph, pw) = window, stride, padding
+    _, ho, wo, _ = g.shape
+    mh, mw = -(-hp // sh), -(-wp // sw)  # rows / columns per phase
     zero = jnp.zeros((), g.dtype)
-    parts = [jnp.where(first == k, g, zero) for k in range(kh * kw)]
-    rows = [jnp.stack(parts[i * kw:(i + 1) * kw], axis=3).reshape(n, ho, wo * kw, c) for i in range(kh)]
-    return (jnp.stack(rows, axis=2).reshape(n, ho * kh, wo * kw, c),)
+    rows = []
+    for pi in range(sh):
+        cols = []
+        for pj in range(sw):
+            # Window offset (i, j) = (pi + sh t, pj + sw u) lands on phase (pi, pj), shifted by (t, u).
+            shares = [lax.pad(jnp.where(first == i * kw + j, g, zero), zero,
+                              ((0, 0, 0), (i // sh, mh - ho - i // sh, 0), (j // sw, mw - wo - j // sw, 0), (0, 0, 0)))
+                      for i in range(pi, kh, sh) for j in range(pj, kw, sw)]
+            cols.append(functools.reduce(operator.add, shares) if shares else jnp.zeros((n, mh, mw, c), g.dtype))
+        rows.append(jnp.stack(cols, axis=3))  # [N, mh, mw, sw, C]
+    dx = jnp.stack(rows, axis=2).reshape(n, mh * sh, mw * sw, c)
+    return (dx[:, ph:hp - ph, pw:wp - pw, :],)
 
 
-_tiled_max_pool.defvjp(_tiled_max_pool_fwd, _tiled_max_pool_bwd)
+_window_max_pool.defvjp(_window_max_pool_fwd, _window_max_pool_bwd)
 
 
 def avg_pool(

@@ -6,8 +6,9 @@ convolution, the patches @ kernel path and (for few input channels) the shifted-
 one ``choose_impl`` picks on this backend. (The forward+tanh column shows whether XLA:CPU still
 vectorises the conv once the next activation is fused into it.) For 2x2
 max-pool after ReLU (ties): forward+backward of ``reduce_window`` (XLA's select-and-scatter), the
-earlier reshape-based tiled pool, and cnnjax's strided-view pool. Random fp32 data; each number is
-the mean of ``--steps`` calls after a compile call.
+earlier reshape-based tiled pool, and cnnjax's strided-view pool; for ResNet's overlapping 3x3 / stride 2 /
+padding 1 stem pool: ``reduce_window`` against cnnjax's strided views. Random fp32 data; each number is
+the mean of ``--steps`` calls after a compile call. ``--only conv|pool`` runs one part.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from experiments import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("steps", 10, "timed calls per number")
+flags.DEFINE_enum("only", "all", ["all", "conv", "pool"], "which tables to time")
 
 # (batch, H=W, C_in, C_out, kernel, stride, padding, first layer: no input gradient)
 CONV_CASES = [
@@ -46,6 +48,8 @@ CONV_CASES = [
     (128, 32, 1, 64, 3, 1, 1, True),
 ]
 POOL_SHAPES = [(128, 32, 32, 32), (128, 16, 16, 64), (128, 30, 30, 64), (128, 28, 28, 16), (128, 14, 14, 32)]
+# ResNet's stem max-pool input: ResNet-18 at 32x32 (batch 128) and at 224x224 (batch 16).
+STEM_POOL_SHAPES = [(128, 16, 16, 64), (16, 112, 112, 64)]
 
 
 def _ms(fn, *args, steps: int) -> float:
@@ -105,20 +109,48 @@ def pool_rows(steps: int) -> list[str]:
     return rows
 
 
+def overlapping_pool_rows(steps: int) -> list[str]:
+    """ResNet's stem max-pool (3x3, stride 2, padding 1) after ReLU, forward+backward ms: ``reduce_window``
+    and its autodiff against ``layers.max_pool``'s strided views."""
+    import jax
+    import numpy as np
+    from jax import lax
+
+    from cnnjax import layers
+
+    rng = np.random.RandomState(0)
+    rows = []
+    for shape in STEM_POOL_SHAPES:
+        x = jax.nn.relu(jax.numpy.asarray(rng.randn(*shape).astype(np.float32)))
+        window = lambda v: lax.reduce_window(v, -jax.numpy.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1),  # noqa: E731
+                                             ((0, 0), (1, 1), (1, 1), (0, 0)))
+        cells = [_ms(jax.jit(jax.grad(lambda v, f=f: (f(v) ** 2).sum())), x, steps=steps)
+                 for f in (window, lambda v: layers.max_pool(v, 3, 2, 1))]
+        rows.append(f"| {list(shape)} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+    return rows
+
+
 def main(argv):
     del argv
     import jax
 
     print(f"backend {jax.default_backend()}, {FLAGS.steps} calls per number, milliseconds per call\n")
-    print("| conv | " + " | ".join(f"{impl} {what}" for impl in ("xla", "im2col", "shifted")
-                                   for what in ("fwd", "fwd+tanh", "fwd+bwd")) + " | choose_impl |")
-    print("|---|" + "---|" * 10)
-    for row in conv_rows(FLAGS.steps):
-        print(row, flush=True)
-    print("\n| 2x2 max-pool after ReLU, forward+backward | reduce_window | reshape (before) | strided views (cnnjax) |")
-    print("|---|---|---|---|")
-    for row in pool_rows(FLAGS.steps):
-        print(row, flush=True)
+    if FLAGS.only in ("all", "conv"):
+        print("| conv | " + " | ".join(f"{impl} {what}" for impl in ("xla", "im2col", "shifted")
+                                       for what in ("fwd", "fwd+tanh", "fwd+bwd")) + " | choose_impl |")
+        print("|---|" + "---|" * 10)
+        for row in conv_rows(FLAGS.steps):
+            print(row, flush=True)
+    if FLAGS.only in ("all", "pool"):
+        print("\n| 2x2 max-pool after ReLU, forward+backward | reduce_window | reshape (before) "
+              "| strided views (cnnjax) |")
+        print("|---|---|---|---|")
+        for row in pool_rows(FLAGS.steps):
+            print(row, flush=True)
+        print("\n| 3x3 / 2 / 1 max-pool after ReLU, forward+backward | reduce_window | strided views (cnnjax) |")
+        print("|---|---|---|")
+        for row in overlapping_pool_rows(FLAGS.steps):
+            print(row, flush=True)
 
 
 if __name__ == "__main__":

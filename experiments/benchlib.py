@@ -89,7 +89,8 @@ def bench_torch_model(name: str):
 
 
 CPU_VARIANTS = ("baseline", "+ynn flag", "+im2col", "+tiled max-pool", "+greyscale im2col", "+strided-view max-pool",
-                "+closed-form BatchNorm backward", "+shifted-sum greyscale conv", "+8-channel LeNet")
+                "+closed-form BatchNorm backward", "+shifted-sum greyscale conv", "+8-channel LeNet",
+                "+overlapping strided-view max-pool")
 
 
 @contextlib.contextmanager
@@ -98,12 +99,14 @@ def with_variant(variant: str):
     from cnnjax import conv, layers
     from cnnjax.models import lenet
 
-    saved = conv.choose_impl, layers._tiled_max_pool, layers._batch_norm_train, lenet.CPU_CHANNEL_PAD
+    saved = (conv.choose_impl, layers._tiled_max_pool, layers._overlapping_max_pool, layers._batch_norm_train,
+             lenet.CPU_CHANNEL_PAD)
     try:
         _undo_changes(variant)
         yield
     finally:
-        conv.choose_impl, layers._tiled_max_pool, layers._batch_norm_train, lenet.CPU_CHANNEL_PAD = saved
+        (conv.choose_impl, layers._tiled_max_pool, layers._overlapping_max_pool, layers._batch_norm_train,
+         lenet.CPU_CHANNEL_PAD) = saved
 
 
 def _undo_changes(variant: str) -> None:
@@ -131,6 +134,9 @@ def _undo_changes(variant: str) -> None:
         layers._batch_norm_train = autodiff_batch_norm_train
     if level < 8:
         lenet.CPU_CHANNEL_PAD = 0  # LeNet-5's 6-channel maps as they are
+    if level < 9:
+        layers._overlapping_max_pool = lambda x, window, stride, padding: lax.reduce_window(
+            x, -jax.numpy.inf, lax.max, (1, *window, 1), (1, *stride, 1), ((0, 0), *((p, p) for p in padding), (0, 0)))
 
 
 def autodiff_batch_norm_train(x, scale, bias, epsilon: float, axis_name: str | None):

@@ -15,22 +15,25 @@ from experiments import benchlib
 GREY_CONV = ((28, 28), (3, 3), (1, 1), ((1, 1), (1, 1)))
 
 
-@pytest.mark.parametrize("variant,grey_impl,pool,closed_form_bn,lenet_pad", [
-    ("+im2col", "xla", "reduce_window", False, 0),
-    ("+tiled max-pool", "xla", "reshape", False, 0),
-    ("+greyscale im2col", "im2col", "reshape", False, 0),
-    ("+strided-view max-pool", "im2col", "strided", False, 0),
-    ("+closed-form BatchNorm backward", "im2col", "strided", True, 0),
-    ("+shifted-sum greyscale conv", "shifted", "strided", True, 0),
-    ("+8-channel LeNet", "shifted", "strided", True, 2),
+@pytest.mark.parametrize("variant,grey_impl,pool,closed_form_bn,lenet_pad,overlapping_views", [
+    ("+im2col", "xla", "reduce_window", False, 0, False),
+    ("+tiled max-pool", "xla", "reshape", False, 0, False),
+    ("+greyscale im2col", "im2col", "reshape", False, 0, False),
+    ("+strided-view max-pool", "im2col", "strided", False, 0, False),
+    ("+closed-form BatchNorm backward", "im2col", "strided", True, 0, False),
+    ("+shifted-sum greyscale conv", "shifted", "strided", True, 0, False),
+    ("+8-channel LeNet", "shifted", "strided", True, 2, False),
+    ("+overlapping strided-view max-pool", "shifted", "strided", True, 2, True),
 ])
 def test_cpu_variant_puts_back_what_it_does_not_have(monkeypatch, variant, grey_impl, pool, closed_form_bn,
-                                                      lenet_pad):
+                                                      lenet_pad, overlapping_views):
     monkeypatch.setattr(conv, "choose_impl", conv.choose_impl)  # restored after the test
     monkeypatch.setattr(layers, "_tiled_max_pool", layers._tiled_max_pool)
+    monkeypatch.setattr(layers, "_overlapping_max_pool", layers._overlapping_max_pool)
     monkeypatch.setattr(layers, "_batch_norm_train", layers._batch_norm_train)
     monkeypatch.setattr(lenet, "CPU_CHANNEL_PAD", lenet.CPU_CHANNEL_PAD)
-    strided, closed_form = layers._tiled_max_pool, layers._batch_norm_train
+    strided, overlapping = layers._tiled_max_pool, layers._overlapping_max_pool
+    closed_form = layers._batch_norm_train
     benchlib._undo_changes(variant)
     assert conv.choose_impl(*GREY_CONV, backend="cpu", in_channels=1, out_channels=16) == grey_impl
     grey_5x5 = conv.choose_impl((32, 32), (5, 5), (1, 1), ((0, 0), (0, 0)), backend="cpu", in_channels=1,
@@ -43,6 +46,7 @@ def test_cpu_variant_puts_back_what_it_does_not_have(monkeypatch, variant, grey_
     assert (layers._batch_norm_train is closed_form) == closed_form_bn
     assert (layers._batch_norm_train is benchlib.autodiff_batch_norm_train) == (not closed_form_bn)
     assert lenet.CPU_CHANNEL_PAD == lenet_pad
+    assert (layers._overlapping_max_pool is overlapping) == overlapping_views
 
 
 @pytest.mark.parametrize("window", [2, 3])
@@ -55,14 +59,32 @@ def test_the_earlier_reshape_max_pool_gives_the_same_values_and_gradients(window
     np.testing.assert_array_equal(*grads)
 
 
+def test_the_earlier_overlapping_max_pool_gives_the_same_values_and_gradients(monkeypatch):
+    """The ``reduce_window`` pool that variants before ``+overlapping strided-view max-pool`` put back."""
+    x = jax.nn.relu(jax.random.normal(jax.random.PRNGKey(0), (2, 16, 15, 3)))  # ties at 0
+    monkeypatch.setattr(layers, "_overlapping_max_pool", layers._overlapping_max_pool)
+    pools = [layers._overlapping_max_pool]
+    benchlib._undo_changes("+8-channel LeNet")
+    pools.append(layers._overlapping_max_pool)
+    assert pools[0] is not pools[1]
+    got = [jax.value_and_grad(lambda v, f=f: (f(v, (3, 3), (2, 2), (1, 1)) ** 2 * jnp.arange(3.0)).sum())(x)
+           for f in pools]
+    np.testing.assert_array_equal(got[0][0], got[1][0])
+    np.testing.assert_array_equal(got[0][1], got[1][1])
+
+
 def test_with_variant_puts_the_library_back_on_exit(monkeypatch):
     monkeypatch.setattr(conv, "choose_impl", conv.choose_impl)
     monkeypatch.setattr(layers, "_tiled_max_pool", layers._tiled_max_pool)
+    monkeypatch.setattr(layers, "_overlapping_max_pool", layers._overlapping_max_pool)
     monkeypatch.setattr(layers, "_batch_norm_train", layers._batch_norm_train)
-    before = conv.choose_impl, layers._tiled_max_pool, layers._batch_norm_train, lenet.CPU_CHANNEL_PAD
+    before = (conv.choose_impl, layers._tiled_max_pool, layers._overlapping_max_pool, layers._batch_norm_train,
+              lenet.CPU_CHANNEL_PAD)
     with benchlib.with_variant("+tiled max-pool"):
         assert layers._tiled_max_pool is benchlib._reshape_max_pool
         assert layers._batch_norm_train is benchlib.autodiff_batch_norm_train
         assert conv.choose_impl(*GREY_CONV, backend="cpu", in_channels=1, out_channels=16) == "xla"
         assert lenet.CPU_CHANNEL_PAD == 0
-    assert (conv.choose_impl, layers._tiled_max_pool, layers._batch_norm_train, lenet.CPU_CHANNEL_PAD) == before
+        assert layers._overlapping_max_pool is not before[2]
+    assert (conv.choose_impl, layers._tiled_max_pool, layers._overlapping_max_pool, layers._batch_norm_train,
+            lenet.CPU_CHANNEL_PAD) == before

@@ -137,30 +137,53 @@ def test_max_pool_matches_torch(window, stride, padding, hw):
     assert_parity("max_pool", got, want, 0.0)
 
 
-@pytest.mark.parametrize("window,hw,ties", [(2, (8, 8), False), (2, (8, 8), True), (2, (31, 31), False),
-                                             (3, (3, 3), True), ((2, 3), (7, 9), True)])
-def test_max_pool_gradient_matches_torch_with_ties_and_floor_mode(window, hw, ties):
-    """Non-overlapping pools take the reshape path; its gradient goes to the first maximum of each
-    window (torch's choice), and floor mode drops trailing rows / columns."""
+MAX_POOL_GRADIENT_CASES = [
+    # (window, stride, padding, hw, ties): non-overlapping tiles first (floor mode drops the rest) ...
+    (2, None, 0, (8, 8), False), (2, None, 0, (8, 8), True), (2, None, 0, (31, 31), False),
+    (3, None, 0, (3, 3), True), ((2, 3), None, 0, (7, 9), True),
+    # ... then overlapping windows (ResNet's stem pool: 3 / 2 / 1), padding, and a stride above the window.
+    (3, 2, 1, (9, 10), True), (3, 2, 1, (16, 16), False), (3, 1, 1, (5, 5), True),
+    ((2, 3), (1, 2), (1, 1), (7, 8), True), ((2, 3), (3, 2), (1, 1), (13, 12), True), (5, (2, 3), 2, (13, 12), True),
+]
+
+
+@pytest.mark.parametrize("window,stride,padding,hw,ties", MAX_POOL_GRADIENT_CASES)
+def test_max_pool_gradient_matches_torch_with_ties_and_floor_mode(window, stride, padding, hw, ties):
+    """The strided-view pools send each window's gradient to its first maximum (torch's choice) and add
+    the shares of overlapping windows; floor mode drops trailing rows / columns."""
     x = rand(2, *hw, 3)
     if ties:  # quantised values and a block of zeros (as after ReLU) give many equal maxima
         x = np.round(x).clip(0, None)
         x[:, :4, :4] = 0.0
     xt = nchw(x).requires_grad_(True)
-    yt = F.max_pool2d(xt, window)
+    yt = F.max_pool2d(xt, window, stride, padding)
     weight = rand(*nhwc(yt).shape)
     (yt * nchw(weight)).sum().backward()
-    y, vjp = jax.vjp(lambda v: layers.max_pool(v, window), jnp.asarray(x))
+    y, vjp = jax.vjp(lambda v: layers.max_pool(v, window, stride, padding), jnp.asarray(x))
     assert_parity("max_pool", y, nhwc(yt), 0.0)
-    assert_parity("max_pool gradient (ties, floor mode)", vjp(jnp.asarray(weight))[0], nhwc(xt.grad), 0.0)
+    # Exact where no two windows share an input; otherwise the shares are added in another order than torch's
+    # (a gradient sent to the wrong position would be off by O(1)).
+    (kh, kw), (sh, sw) = layers._pair(window, ""), layers._pair(stride or window, "")
+    tol = 0.0 if sh >= kh and sw >= kw else TOL
+    assert_parity("max_pool gradient (ties, floor mode)", vjp(jnp.asarray(weight))[0], nhwc(xt.grad), tol)
 
 
-def test_tiled_max_pool_equals_reduce_window_path():
-    x = jnp.asarray(np.round(rand(2, 10, 10, 4)))  # ties
-    tiled = jax.grad(lambda v: (layers.max_pool(v, 2) ** 2).sum())
-    window = jax.grad(lambda v: (jax.lax.reduce_window(v, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1),
-                                                       "VALID") ** 2).sum())
-    chex.assert_trees_all_equal(jax.jit(tiled)(x), window(x))
+@pytest.mark.parametrize("window,stride,padding,hw", [(2, 2, 0, (10, 10)), (3, 2, 1, (10, 9)),
+                                                     ((3, 2), (1, 3), (1, 0), (8, 11))])
+def test_strided_view_max_pool_equals_reduce_window_path(window, stride, padding, hw):
+    """Values and gradients (ties included) equal XLA's ``reduce_window`` and its autodiff, jitted or not."""
+    x = jnp.asarray(np.round(rand(2, *hw, 4)))  # ties
+    (kh, kw), (sh, sw), (ph, pw) = (layers._pair(v, "") for v in (window, stride, padding))
+
+    def window_loss(v):
+        y = jax.lax.reduce_window(v, -jnp.inf, jax.lax.max, (1, kh, kw, 1), (1, sh, sw, 1),
+                                  ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+        return (y ** 2).sum()
+
+    views = jax.value_and_grad(lambda v: (layers.max_pool(v, window, stride, padding) ** 2).sum())
+    want = jax.value_and_grad(window_loss)(x)
+    chex.assert_trees_all_equal(jax.jit(views)(x), want)
+    chex.assert_trees_all_equal(views(x), want)
 
 
 @pytest.mark.parametrize("count_include_pad", [True, False])
