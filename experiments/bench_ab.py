@@ -20,11 +20,19 @@ from absl import flags
 
 from cnnjax.errors import UsageError
 from experiments import cli
-from experiments.benchlib import CPU_VARIANTS, SHAPES, bench_model, bench_spec, prepared_runner, with_variant
+from experiments.benchlib import (
+    CPU_VARIANTS,
+    PROCESS_VARIANTS,
+    SHAPES,
+    bench_model,
+    bench_spec,
+    prepared_runner,
+    with_variant,
+)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("a", "+tiled max-pool", "variant A (experiments.benchlib.CPU_VARIANTS)")
-flags.DEFINE_string("b", CPU_VARIANTS[-1], "variant B")
+flags.DEFINE_string("b", [v for v in CPU_VARIANTS if v not in PROCESS_VARIANTS][-1], "variant B")
 flags.DEFINE_list("models", ["lenet5", "improved_cnn", "cifar_resnet20", "resnet18", "fast_cnn"], "bench rows")
 flags.DEFINE_integer("rounds", 9, "alternating rounds")
 flags.DEFINE_integer("steps", 5, "steps per side per round")
@@ -61,6 +69,9 @@ def _images_per_s(side: list, steps: int) -> float:
 def main(argv):
     del argv
     for v in (FLAGS.a, FLAGS.b):
+        if v in PROCESS_VARIANTS:
+            raise UsageError(f"{v!r} is a setting of the whole process, which one process cannot pair; compare it "
+                             f"with python -m experiments.bench_cpu --variants=\"{CPU_VARIANTS[-2]},{v}\" --repeats 5")
         if v not in CPU_VARIANTS[1:]:
             raise UsageError(f"--a / --b must be one of {CPU_VARIANTS[1:]} (the baseline lacks the XLA flag); "
                              f"got {v!r}")

@@ -18,11 +18,16 @@ the previous one:
 8. ``+shifted-sum greyscale conv``: a one-channel conv with a multiple of 8 output channels as a sum
    of shifted views times kernel rows, with XLA's convolution gradients;
 9. ``+8-channel LeNet``: LeNet-5 carries its 6-channel maps as 8 channels (2 exactly zero), so its
-   first conv takes the shifted sum and XLA:CPU vectorises the tanh and pool after it.
+   first conv takes the shifted sum and XLA:CPU vectorises the tanh and pool after it;
+10. ``+overlapping strided-view max-pool``: overlapping max-pools (ResNet's stem) as strided views too,
+    their gradient added per stride phase instead of XLA's select-and-scatter;
+11. ``+huge pages``: the process runs with glibc's ``glibc.malloc.hugetlb=1`` tunable, as the entry points
+    do (``experiments.cli``); every earlier variant runs with ``glibc.malloc.hugetlb=0``.
 
 Rows are training throughput (images/s, batch 128, random uint8 data, SGD momentum 0.9) through
-the real ``Runner``, next to PyTorch eager on the same network. Earlier variants are recreated by
-swapping the library function back inside that variant's process.
+the real ``Runner``, next to PyTorch eager on the same network (timed in this process, which runs with
+the entry points' settings, huge pages included). Earlier variants are recreated by swapping the library
+function back inside that variant's process.
 """
 
 from __future__ import annotations
@@ -50,12 +55,22 @@ flags.DEFINE_integer("repeats", 1, "rounds over the variants, interleaved; each 
 flags.DEFINE_string("out", "", "write the results as JSON here")
 
 
-def _spawn(variant: str) -> dict:
-    env = dict(os.environ)
+def variant_env(variant: str, environ: dict) -> dict:
+    """``environ`` as ``variant``'s process needs it: the entry points' XLA flag from ``+ynn flag`` on, and
+    glibc's huge-page tunable on (``=1``) from ``+huge pages`` on, off (``=0``) before it."""
+    env = dict(environ)
     flags_ = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "ynn_fusion_type" not in f)
     if VARIANTS.index(variant) >= 1:
         flags_ = f"{flags_} {cli.CPU_XLA_FLAG}".strip()
     env["XLA_FLAGS"] = flags_
+    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and not t.startswith(cli.HUGE_PAGES_TUNABLE)]
+    huge = VARIANTS.index(variant) >= VARIANTS.index("+huge pages")
+    env["GLIBC_TUNABLES"] = ":".join([*tunables, f"{cli.HUGE_PAGES_TUNABLE}={int(huge)}"])
+    return env
+
+
+def _spawn(variant: str) -> dict:
+    env = variant_env(variant, os.environ)
     # Not through experiments.cli: importing it would add the flag to the baseline too.
     code = ("import json; from experiments.benchlib import run_cpu_variant; "
             f"print(json.dumps(run_cpu_variant({variant!r}, {list(FLAGS.models)!r}, {FLAGS.batch}, {FLAGS.steps})))")

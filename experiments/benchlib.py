@@ -90,7 +90,10 @@ def bench_torch_model(name: str):
 
 CPU_VARIANTS = ("baseline", "+ynn flag", "+im2col", "+tiled max-pool", "+greyscale im2col", "+strided-view max-pool",
                 "+closed-form BatchNorm backward", "+shifted-sum greyscale conv", "+8-channel LeNet",
-                "+overlapping strided-view max-pool")
+                "+overlapping strided-view max-pool", "+huge pages")
+# Variants that are a setting of the whole process (glibc's huge-page tunable, read at start-up), not library
+# code: only experiments.bench_cpu, which gives every variant its own process, can compare them.
+PROCESS_VARIANTS = ("+huge pages",)
 
 
 @contextlib.contextmanager

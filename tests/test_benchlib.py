@@ -88,3 +88,15 @@ def test_with_variant_puts_the_library_back_on_exit(monkeypatch):
         assert layers._overlapping_max_pool is not before[2]
     assert (conv.choose_impl, layers._tiled_max_pool, layers._overlapping_max_pool, layers._batch_norm_train,
             lenet.CPU_CHANNEL_PAD) == before
+
+
+@pytest.mark.parametrize("variant,ynn_flag,huge", [("baseline", False, 0), ("+ynn flag", True, 0),
+                                                   ("+overlapping strided-view max-pool", True, 0),
+                                                   ("+huge pages", True, 1)])
+def test_bench_cpu_gives_each_variant_its_process_settings(variant, ynn_flag, huge):
+    from experiments import bench_cpu, cli
+
+    environ = {"XLA_FLAGS": "--xla_dump_to=/tmp/x", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"}
+    env = bench_cpu.variant_env(variant, environ)
+    assert env["XLA_FLAGS"].split() == ["--xla_dump_to=/tmp/x"] + ([cli.CPU_XLA_FLAG] if ynn_flag else [])
+    assert env["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:glibc.malloc.hugetlb={huge}"
