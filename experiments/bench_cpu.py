@@ -43,7 +43,7 @@ from absl import flags
 from cnnjax.errors import UsageError
 from experiments import cli
 from experiments.benchlib import CPU_VARIANTS as VARIANTS
-from experiments.benchlib import SHAPES, bench_torch
+from experiments.benchlib import SHAPES, bench_torch, variant_env
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["lenet5", "improved_cnn", "cifar_resnet20", "resnet18", "fast_cnn"], "rows")
@@ -53,20 +53,6 @@ flags.DEFINE_bool("torch", True, "also time PyTorch eager")
 flags.DEFINE_list("variants", list(VARIANTS), "variants to run (each in its own process)")
 flags.DEFINE_integer("repeats", 1, "rounds over the variants, interleaved; each cell is the median")
 flags.DEFINE_string("out", "", "write the results as JSON here")
-
-
-def variant_env(variant: str, environ: dict) -> dict:
-    """``environ`` as ``variant``'s process needs it: the entry points' XLA flag from ``+ynn flag`` on, and
-    glibc's huge-page tunable on (``=1``) from ``+huge pages`` on, off (``=0``) before it."""
-    env = dict(environ)
-    flags_ = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "ynn_fusion_type" not in f)
-    if VARIANTS.index(variant) >= 1:
-        flags_ = f"{flags_} {cli.CPU_XLA_FLAG}".strip()
-    env["XLA_FLAGS"] = flags_
-    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and not t.startswith(cli.HUGE_PAGES_TUNABLE)]
-    huge = VARIANTS.index(variant) >= VARIANTS.index("+huge pages")
-    env["GLIBC_TUNABLES"] = ":".join([*tunables, f"{cli.HUGE_PAGES_TUNABLE}={int(huge)}"])
-    return env
 
 
 def _spawn(variant: str) -> dict:

@@ -96,6 +96,22 @@ CPU_VARIANTS = ("baseline", "+ynn flag", "+im2col", "+tiled max-pool", "+greysca
 PROCESS_VARIANTS = ("+huge pages",)
 
 
+def variant_env(variant: str, environ: dict) -> dict:
+    """``environ`` as ``variant``'s process needs it: the entry points' XLA flag from ``+ynn flag`` on, and
+    glibc's huge-page tunable on (``=1``) from ``+huge pages`` on, off (``=0``) before it."""
+    from experiments import cli
+
+    env = dict(environ)
+    flags_ = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "ynn_fusion_type" not in f)
+    if CPU_VARIANTS.index(variant) >= 1:
+        flags_ = f"{flags_} {cli.CPU_XLA_FLAG}".strip()
+    env["XLA_FLAGS"] = flags_
+    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and not t.startswith(cli.HUGE_PAGES_TUNABLE)]
+    huge = CPU_VARIANTS.index(variant) >= CPU_VARIANTS.index("+huge pages")
+    env["GLIBC_TUNABLES"] = ":".join([*tunables, f"{cli.HUGE_PAGES_TUNABLE}={int(huge)}"])
+    return env
+
+
 @contextlib.contextmanager
 def with_variant(variant: str):
     """Within the block, the library code is that of ``variant`` (put back as it was on exit)."""

@@ -94,9 +94,9 @@ def test_with_variant_puts_the_library_back_on_exit(monkeypatch):
                                                    ("+overlapping strided-view max-pool", True, 0),
                                                    ("+huge pages", True, 1)])
 def test_bench_cpu_gives_each_variant_its_process_settings(variant, ynn_flag, huge):
-    from experiments import bench_cpu, cli
+    from experiments import cli
 
     environ = {"XLA_FLAGS": "--xla_dump_to=/tmp/x", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"}
-    env = bench_cpu.variant_env(variant, environ)
+    env = benchlib.variant_env(variant, environ)
     assert env["XLA_FLAGS"].split() == ["--xla_dump_to=/tmp/x"] + ([cli.CPU_XLA_FLAG] if ynn_flag else [])
     assert env["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:glibc.malloc.hugetlb={huge}"
