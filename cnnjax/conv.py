@@ -7,7 +7,8 @@ shapes :func:`conv2d` builds the ``kH * kW`` shifted views of the padded input, 
 into patches ``[N, H', W', kH * kW * C_in]`` and multiplies by the kernel reshaped to
 ``[kH * kW * C_in, C_out]`` — the same numbers, summed in another order. A conv of a one-channel
 input (the first conv of an MNIST model) is instead a sum of ``kH * kW`` shifted views times a kernel
-row, one elementwise pass, with XLA's own (fast) gradients. ``impl='auto'`` makes that choice on the
+row, one elementwise pass, with XLA's own (fast) gradients. Every other CPU conv is XLA's, with its input
+kept for the weight gradient (:func:`kept_input_conv`). ``impl='auto'`` makes these choices on the
 CPU only (accelerators keep XLA's convolution); ``python -m experiments.bench_conv`` re-measures every
 rule below.
 """
@@ -26,7 +27,10 @@ from cnnjax.errors import UsageError
 
 Array = jax.Array
 Pads = tuple[tuple[int, int], tuple[int, int]]
-IMPLS = ("auto", "xla", "im2col", "shifted")
+IMPLS = ("auto", "xla", "im2col", "shifted", "kept")
+# On the CPU, 'auto' runs the convs it leaves to XLA as 'kept' (groups = 1): cifar_resnet20's train step
+# 1.19x faster, paired (experiments.bench_ab, variant "+kept conv input"); the other bench models unchanged.
+KEEP_CONV_INPUT_ON_CPU = True
 
 # Largest output (H' * W') for which a strided kxk conv uses patches on the CPU: patches win up to
 # 16x16 outputs, break even near 14x14 at batch 16 and lose at 28x28 (experiments.bench_conv).
@@ -134,13 +138,43 @@ def _shifted_sum_conv_fwd(x, kernel, strides, pads, dilation, precision):
     return shifted_sum_conv(x, kernel, strides, pads, dilation, precision), (x, kernel)
 
 
-def _shifted_sum_conv_bwd(strides, pads, dilation, precision, residuals, g):
+def _xla_conv_bwd(strides, pads, dilation, precision, residuals, g):
+    """XLA's input and kernel gradients of a groups-1 conv, from the residuals ``(x, kernel)``."""
     x, kernel = residuals
     _, vjp = jax.vjp(lambda x, k: _xla_conv(x, k, strides, pads, dilation, 1, precision), x, kernel)
     return vjp(g)
 
 
-shifted_sum_conv.defvjp(_shifted_sum_conv_fwd, _shifted_sum_conv_bwd)
+shifted_sum_conv.defvjp(_shifted_sum_conv_fwd, _xla_conv_bwd)
+
+
+def _kept(x: Array) -> Array:
+    """``x``, passed through a while loop that runs zero times. The trip count is read from ``x``, so XLA
+    cannot remove the loop: the result is a buffer of its own, and XLA cannot fuse the ops that made ``x``
+    into the ops that read it. (Only a NaN in ``x``'s first element runs the body once, and its
+    gradients are NaN then anyway.)"""
+    first = x.reshape(-1)[0]
+    _, kept = lax.while_loop(lambda c: c[0], lambda c: (jnp.zeros_like(c[0]), c[1] + 1), (first != first, x))
+    return kept
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def kept_input_conv(x: Array, kernel: Array, strides: tuple[int, int], pads: Pads,
+                    dilation: tuple[int, int] = (1, 1), precision: Any = None) -> Array:
+    """XLA's convolution (groups = 1), whose backward reads its input from a buffer kept in the forward.
+
+    The same numbers and gradients as ``impl='xla'``. Without it, XLA:CPU fuses a recomputation of the
+    input (the BatchNorm, ReLU and residual adds that made it) into the transpose its weight gradient
+    needs, where strided reads make it slow: cifar_resnet20's transposes took 124 of a 506 ms step.
+    """
+    return _xla_conv(x, kernel, strides, pads, dilation, 1, precision)
+
+
+def _kept_input_conv_fwd(x, kernel, strides, pads, dilation, precision):
+    return _xla_conv(x, kernel, strides, pads, dilation, 1, precision), (_kept(x), kernel)
+
+
+kept_input_conv.defvjp(_kept_input_conv_fwd, _xla_conv_bwd)
 
 
 def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: str | Pads,
@@ -149,7 +183,8 @@ def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: str | Pad
     """NHWC x HWIO convolution; ``padding`` is 'SAME' / 'VALID' or ``((top, bottom), (left, right))``.
 
     ``impl``: 'xla' (``lax.conv_general_dilated``), 'im2col' (patches @ kernel, groups 1 only),
-    'shifted' (sum of shifted views times kernel rows, groups 1 only) or 'auto' (:func:`choose_impl`).
+    'shifted' (sum of shifted views times kernel rows, groups 1 only), 'kept' (:func:`kept_input_conv`,
+    groups 1 only) or 'auto' (:func:`choose_impl`; on the CPU, its 'xla' convs run as 'kept').
     """
     if impl not in IMPLS:
         raise UsageError(f"conv impl must be one of {', '.join(IMPLS)}; got {impl!r}")
@@ -162,10 +197,14 @@ def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: str | Pad
     if impl == "auto":
         impl = choose_impl(x.shape[1:3], (kh, kw), strides, pads, dilation, groups, in_channels=x.shape[-1],
                            out_channels=kernel.shape[-1])
-    if impl in ("im2col", "shifted") and groups != 1:
+        if impl == "xla" and groups == 1 and KEEP_CONV_INPUT_ON_CPU and jax.default_backend() == "cpu":
+            impl = "kept"
+    if impl in ("im2col", "shifted", "kept") and groups != 1:
         raise UsageError(f"conv impl={impl!r} supports groups=1 only; use impl='xla' for grouped convs")
     if impl == "im2col":
         return im2col_conv(x, kernel, strides, pads, dilation, precision)
     if impl == "shifted":
         return shifted_sum_conv(x, kernel, strides, pads, dilation, precision)
+    if impl == "kept":
+        return kept_input_conv(x, kernel, strides, pads, dilation, precision)
     return _xla_conv(x, kernel, strides, pads, dilation, groups, precision)

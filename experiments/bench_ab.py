@@ -70,8 +70,9 @@ def main(argv):
     del argv
     for v in (FLAGS.a, FLAGS.b):
         if v in PROCESS_VARIANTS:
+            before = CPU_VARIANTS[CPU_VARIANTS.index(v) - 1]
             raise UsageError(f"{v!r} is a setting of the whole process, which one process cannot pair; compare it "
-                             f"with python -m experiments.bench_cpu --variants=\"{CPU_VARIANTS[-2]},{v}\" --repeats 5")
+                             f"with python -m experiments.bench_cpu --variants=\"{before},{v}\" --repeats 5")
         if v not in CPU_VARIANTS[1:]:
             raise UsageError(f"--a / --b must be one of {CPU_VARIANTS[1:]} (the baseline lacks the XLA flag); "
                              f"got {v!r}")

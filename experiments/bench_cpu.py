@@ -22,7 +22,9 @@ the previous one:
 10. ``+overlapping strided-view max-pool``: overlapping max-pools (ResNet's stem) as strided views too,
     their gradient added per stride phase instead of XLA's select-and-scatter;
 11. ``+huge pages``: the process runs with glibc's ``glibc.malloc.hugetlb=1`` tunable, as the entry points
-    do (``experiments.cli``); every earlier variant runs with ``glibc.malloc.hugetlb=0``.
+    do (``experiments.cli``); every earlier variant runs with ``glibc.malloc.hugetlb=0``;
+12. ``+kept conv input``: XLA's convs keep their input for the weight gradient in a buffer XLA cannot fuse
+    into (``cnnjax.conv.kept_input_conv``), instead of recomputing it inside the transposes.
 
 Rows are training throughput (images/s, batch 128, random uint8 data, SGD momentum 0.9) through
 the real ``Runner``, next to PyTorch eager on the same network (timed in this process, which runs with

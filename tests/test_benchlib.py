@@ -32,6 +32,7 @@ def test_cpu_variant_puts_back_what_it_does_not_have(monkeypatch, variant, grey_
     monkeypatch.setattr(layers, "_overlapping_max_pool", layers._overlapping_max_pool)
     monkeypatch.setattr(layers, "_batch_norm_train", layers._batch_norm_train)
     monkeypatch.setattr(lenet, "CPU_CHANNEL_PAD", lenet.CPU_CHANNEL_PAD)
+    monkeypatch.setattr(conv, "KEEP_CONV_INPUT_ON_CPU", conv.KEEP_CONV_INPUT_ON_CPU)
     strided, overlapping = layers._tiled_max_pool, layers._overlapping_max_pool
     closed_form = layers._batch_norm_train
     benchlib._undo_changes(variant)
@@ -63,6 +64,7 @@ def test_the_earlier_overlapping_max_pool_gives_the_same_values_and_gradients(mo
     """The ``reduce_window`` pool that variants before ``+overlapping strided-view max-pool`` put back."""
     x = jax.nn.relu(jax.random.normal(jax.random.PRNGKey(0), (2, 16, 15, 3)))  # ties at 0
     monkeypatch.setattr(layers, "_overlapping_max_pool", layers._overlapping_max_pool)
+    monkeypatch.setattr(conv, "KEEP_CONV_INPUT_ON_CPU", conv.KEEP_CONV_INPUT_ON_CPU)
     pools = [layers._overlapping_max_pool]
     benchlib._undo_changes("+8-channel LeNet")
     pools.append(layers._overlapping_max_pool)
@@ -100,3 +102,11 @@ def test_bench_cpu_gives_each_variant_its_process_settings(variant, ynn_flag, hu
     env = benchlib.variant_env(variant, environ)
     assert env["XLA_FLAGS"].split() == ["--xla_dump_to=/tmp/x"] + ([cli.CPU_XLA_FLAG] if ynn_flag else [])
     assert env["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:glibc.malloc.hugetlb={huge}"
+
+
+@pytest.mark.parametrize("variant,kept", [("+huge pages", False), ("+kept conv input", True)])
+def test_kept_conv_input_variant(monkeypatch, variant, kept):
+    monkeypatch.setattr(conv, "KEEP_CONV_INPUT_ON_CPU", conv.KEEP_CONV_INPUT_ON_CPU)
+    with benchlib.with_variant(variant):
+        assert conv.KEEP_CONV_INPUT_ON_CPU is kept
+    assert conv.KEEP_CONV_INPUT_ON_CPU is True

@@ -64,7 +64,7 @@ def test_shifted_sum_accumulates_bf16_in_float32():
     np.testing.assert_allclose(np.asarray(got, np.float32), exact, rtol=2 ** -8, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["xla", "im2col", "shifted"])
+@pytest.mark.parametrize("impl", ["xla", "im2col", "shifted", "kept"])
 @pytest.mark.parametrize("hw,stride,padding,c_in", [((2, 2), 1, 1, 4), ((10, 9), 2, 1, 4), ((6, 6), 1, 0, 4),
                                                     ((12, 12), 1, 1, 1)])
 def test_every_path_matches_torch_including_input_gradient(impl, hw, stride, padding, c_in):
@@ -79,11 +79,36 @@ def test_every_path_matches_torch_including_input_gradient(impl, hw, stride, pad
     assert_parity(f"conv2d {impl} input gradient vs torch", vjp(2 * y)[0], nhwc(xt.grad), 1e-4)
 
 
+@pytest.mark.parametrize("stride,dilation", [(1, 1), (2, 1), (1, 2)])
+def test_kept_input_conv_has_xlas_numbers_and_gradients_jitted_or_not(stride, dilation):
+    x = jnp.asarray(rng.randn(2, 9, 8, 4).astype(np.float32))
+    w = jnp.asarray(rng.randn(3, 3, 4, 6).astype(np.float32))
+
+    def loss(impl):
+        return lambda x, w: (conv.conv2d(jax.nn.relu(x), w, (stride, stride), ((1, 1), (1, 1)), (dilation,) * 2,
+                                         impl=impl) ** 2).sum()
+
+    want = jax.value_and_grad(loss("xla"), argnums=(0, 1))(x, w)
+    for fn in (jax.value_and_grad(loss("kept"), argnums=(0, 1)),
+               jax.jit(jax.value_and_grad(loss("kept"), argnums=(0, 1)))):
+        chex.assert_trees_all_equal(fn(x, w), want)
+
+
+def test_auto_keeps_the_input_of_xlas_cpu_convs(monkeypatch):
+    """On the CPU, 'auto' sends the convs it leaves to XLA through kept_input_conv: its backward reads
+    the input from a zero-trip while loop's output."""
+    x, w = jnp.ones((2, 32, 32, 16)), jnp.ones((3, 3, 16, 16))
+    grad_jaxpr = str(jax.make_jaxpr(jax.grad(lambda w: conv.conv2d(x, w, (1, 1), "SAME").sum()))(w))
+    assert ("while" in grad_jaxpr) == (jax.default_backend() == "cpu")
+    monkeypatch.setattr(conv, "KEEP_CONV_INPUT_ON_CPU", False)
+    assert "while" not in str(jax.make_jaxpr(jax.grad(lambda w: conv.conv2d(x, w, (1, 1), "SAME").sum()))(w))
+
+
 def test_same_padding_string_goes_through_every_path():
     x = jnp.asarray(rng.randn(2, 7, 6, 3).astype(np.float32))
     w = jnp.asarray(rng.randn(3, 3, 3, 4).astype(np.float32))
     for padding in ("SAME", "VALID"):
-        for impl in ("im2col", "shifted"):
+        for impl in ("im2col", "shifted", "kept"):
             chex.assert_trees_all_close(conv.conv2d(x, w, (2, 2), padding, impl=impl),
                                         conv.conv2d(x, w, (2, 2), padding, impl="xla"), atol=1e-4)
 
@@ -119,10 +144,10 @@ def test_choose_impl_one_input_channel(in_channels, out_channels, k, backend, wa
 def test_grouped_convs_keep_xla_and_im2col_rejects_groups():
     assert conv.choose_impl((2, 2), (3, 3), (1, 1), ((1, 1), (1, 1)), groups=2, backend="cpu") == "xla"
     x, w = jnp.zeros((1, 4, 4, 4)), jnp.zeros((3, 3, 2, 4))
-    for impl in ("im2col", "shifted"):
+    for impl in ("im2col", "shifted", "kept"):
         with pytest.raises(ValueError, match="groups=1 only; use impl='xla'"):
             conv.conv2d(x, w, (1, 1), ((1, 1), (1, 1)), groups=2, impl=impl)
-    with pytest.raises(ValueError, match="conv impl must be one of auto, xla, im2col, shifted"):
+    with pytest.raises(ValueError, match="conv impl must be one of auto, xla, im2col, shifted, kept"):
         conv.conv2d(x, jnp.zeros((3, 3, 4, 4)), (1, 1), ((1, 1), (1, 1)), impl="fft")
 
 
