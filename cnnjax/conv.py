@@ -148,12 +148,12 @@ def _xla_conv_bwd(strides, pads, dilation, precision, residuals, g):
 shifted_sum_conv.defvjp(_shifted_sum_conv_fwd, _xla_conv_bwd)
 
 
-def _kept(x: Array) -> Array:
-    """``x``, passed through a while loop that runs zero times. The trip count is read from ``x``, so XLA
-    cannot remove the loop: the result is a buffer of its own, and XLA cannot fuse the ops that made ``x``
-    into the ops that read it. (Only a NaN in ``x``'s first element runs the body once, and its
-    gradients are NaN then anyway.)"""
-    first = x.reshape(-1)[0]
+def _kept(x: Array, kernel: Array) -> Array:
+    """``x``, passed through a while loop that runs zero times. The trip count is read from the (replicated)
+    ``kernel``, so XLA cannot remove the loop, and a sharded ``x`` needs no communication: the result is a
+    buffer of its own, and XLA cannot fuse the ops that made ``x`` into the ops that read it. (Only a NaN
+    kernel runs the body once, and the gradients are NaN then anyway.)"""
+    first = kernel.reshape(-1)[0]
     _, kept = lax.while_loop(lambda c: c[0], lambda c: (jnp.zeros_like(c[0]), c[1] + 1), (first != first, x))
     return kept
 
@@ -171,7 +171,7 @@ def kept_input_conv(x: Array, kernel: Array, strides: tuple[int, int], pads: Pad
 
 
 def _kept_input_conv_fwd(x, kernel, strides, pads, dilation, precision):
-    return _xla_conv(x, kernel, strides, pads, dilation, 1, precision), (_kept(x), kernel)
+    return _xla_conv(x, kernel, strides, pads, dilation, 1, precision), (_kept(x, kernel), kernel)
 
 
 kept_input_conv.defvjp(_kept_input_conv_fwd, _xla_conv_bwd)

@@ -57,6 +57,8 @@ def _running_an_experiment() -> bool:
 # tunable, which it reads at process start only, so an entry point re-executes itself once with it (same process
 # id). Set ``GLIBC_TUNABLES=glibc.malloc.hugetlb=0`` to run without.
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb"
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+_UNBLOCK_AFTER_REEXEC = "CNNJAX_UNBLOCK_STOP_SIGNALS"
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -89,10 +91,14 @@ def _reexec_with_huge_pages() -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
+    # SIGTERM / Ctrl-C stay blocked across the exec (a blocked signal stays pending), until the new image has
+    # its handlers: a signal during the restart is then one line and status 75 too, not a traceback.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
-        os.execve(sys.executable, [sys.executable, *argv[1:]], {**os.environ, "GLIBC_TUNABLES": tunables})
+        os.execve(sys.executable, [sys.executable, *argv[1:]],
+                  {**os.environ, "GLIBC_TUNABLES": tunables, _UNBLOCK_AFTER_REEXEC: "1"})
     except OSError:
-        return  # run on without
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # run on without
 
 
 # A command's SIGTERM / Ctrl-C (during start-up, or at any time for evaluate / predict / port) is one line
@@ -101,6 +107,8 @@ if _running_an_experiment():
     _reexec_with_huge_pages()
     signal.signal(signal.SIGTERM, _interrupt_at_start)
     signal.signal(signal.SIGINT, _interrupt_at_start)
+    if os.environ.pop(_UNBLOCK_AFTER_REEXEC, None):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # a signal that came during the restart lands now
 
 
 def define_distributed_flags() -> None:
