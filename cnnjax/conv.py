@@ -184,7 +184,7 @@ def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: str | Pad
 
     ``impl``: 'xla' (``lax.conv_general_dilated``), 'im2col' (patches @ kernel, groups 1 only),
     'shifted' (sum of shifted views times kernel rows, groups 1 only), 'kept' (:func:`kept_input_conv`,
-    groups 1 only) or 'auto' (:func:`choose_impl`; on the CPU, its 'xla' convs run as 'kept').
+    groups 1 only) or 'auto' (:func:`choose_impl`; on the CPU in one process, its 'xla' convs run as 'kept').
     """
     if impl not in IMPLS:
         raise UsageError(f"conv impl must be one of {', '.join(IMPLS)}; got {impl!r}")
@@ -197,7 +197,9 @@ def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: str | Pad
     if impl == "auto":
         impl = choose_impl(x.shape[1:3], (kh, kw), strides, pads, dilation, groups, in_channels=x.shape[-1],
                            out_channels=kernel.shape[-1])
-        if impl == "xla" and groups == 1 and KEEP_CONV_INPUT_ON_CPU and jax.default_backend() == "cpu":
+        # Measured in one process; a run over several processes keeps XLA's own backward.
+        if impl == "xla" and groups == 1 and KEEP_CONV_INPUT_ON_CPU and jax.default_backend() == "cpu" and \
+                jax.process_count() == 1:
             impl = "kept"
     if impl in ("im2col", "shifted", "kept") and groups != 1:
         raise UsageError(f"conv impl={impl!r} supports groups=1 only; use impl='xla' for grouped convs")
