@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-from cnnjax.conv import conv2d
+from cnnjax.conv import conv2d, output_size
 from cnnjax.errors import UsageError
 
 Array = jax.Array
@@ -299,13 +299,19 @@ def max_pool(x: Array, window: IntPair, stride: IntPair | None = None, padding: 
     """torch ``MaxPool2d`` on ``[N, H, W, C]``: padding counts as ``-inf``; stride defaults to window."""
     dims, strides, pads = _pool_geometry(x, window, stride, padding, "max_pool")
     (kh, kw), (sh, sw), (ph, pw) = dims[1:3], strides[1:3], (pads[1][0], pads[2][0])
-    ho, wo = (x.shape[1] + 2 * ph - kh) // sh + 1, (x.shape[2] + 2 * pw - kw) // sw + 1
+    ho, wo = _pool_output_hw(x, (kh, kw), (sh, sw), (ph, pw))
     if ho <= 0 or wo <= 0:  # an empty output, as torch's shape rule gives
         return lax.reduce_window(x, -jnp.inf, lax.max, dims, strides, pads)
     if (sh, sw, ph, pw) == (kh, kw, 0, 0):
         # Non-overlapping windows: torch's floor mode drops the trailing rows / columns.
         return _tiled_max_pool(x[:, : ho * kh, : wo * kw, :], kh, kw)
     return _overlapping_max_pool(x, (kh, kw), (sh, sw), (ph, pw))
+
+
+def _pool_output_hw(x: Array, window: tuple[int, int], stride: tuple[int, int],
+                    padding: tuple[int, int]) -> tuple[int, int]:
+    """``(Ho, Wo)`` of a floor-mode pool of ``[N, H, W, C]`` with symmetric ``padding``."""
+    return tuple(output_size(x.shape[1 + a], window[a], stride[a], (padding[a], padding[a])) for a in (0, 1))
 
 
 def _tiled_max_pool(x: Array, kh: int, kw: int) -> Array:
@@ -342,8 +348,8 @@ def _window_max_pool(x: Array, window: tuple[int, int], stride: tuple[int, int],
 
 
 def _window_max_pool_fwd(x, window, stride, padding):
-    (kh, kw), (sh, sw), (ph, pw) = window, stride, padding
-    out_hw = ((x.shape[1] + 2 * ph - kh) // sh + 1, (x.shape[2] + 2 * pw - kw) // sw + 1)
+    ph, pw = padding
+    out_hw = _pool_output_hw(x, window, stride, padding)
     if ph or pw:
         x = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)), constant_values=-jnp.inf)
     views = _window_views(x, window, stride, out_hw)

@@ -107,7 +107,7 @@ def variant_env(variant: str, environ: dict) -> dict:
         flags_ = f"{flags_} {cli.CPU_XLA_FLAG}".strip()
     env["XLA_FLAGS"] = flags_
     tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and not t.startswith(cli.HUGE_PAGES_TUNABLE)]
-    huge = CPU_VARIANTS.index(variant) >= CPU_VARIANTS.index("+huge pages")
+    huge = CPU_VARIANTS.index(variant) >= CPU_VARIANTS.index(PROCESS_VARIANTS[0])
     env["GLIBC_TUNABLES"] = ":".join([*tunables, f"{cli.HUGE_PAGES_TUNABLE}={int(huge)}"])
     return env
 
