@@ -27,7 +27,7 @@ from cnnjax.errors import UsageError
 
 Array = jax.Array
 Pads = tuple[tuple[int, int], tuple[int, int]]
-IMPLS = ("auto", "xla", "im2col", "shifted", "kept")
+IMPLS = ("auto", "xla", "im2col", "shifted", "kept", "split")
 # On the CPU, 'auto' runs the convs it leaves to XLA as 'kept' (groups = 1): cifar_resnet20's train step
 # 1.19x faster, paired (experiments.bench_ab, variant "+kept conv input"); the other bench models unchanged.
 KEEP_CONV_INPUT_ON_CPU = True
@@ -35,6 +35,11 @@ KEEP_CONV_INPUT_ON_CPU = True
 # Largest output (H' * W') for which a strided kxk conv uses patches on the CPU: patches win up to
 # 16x16 outputs, break even near 14x14 at batch 16 and lose at 28x28 (experiments.bench_conv).
 STRIDED_MAX_OUTPUT = 256
+# Widest input for which such a strided conv runs as 'split' (XLA's forward and weight gradient, the patches
+# path's input gradient): concatenating narrow patches is slow on XLA:CPU. cifar_resnet20's [128, 32, 32, 16]
+# -> 32 stride-2 conv: forward+backward 33.7 ms as patches, 16.2 ms split; with 32 or more input channels
+# patches are as fast or faster.
+SPLIT_MAX_IN_CHANNELS = 16
 # Largest output for which a stride-1 kxk conv uses patches (2x2: the pathological XLA case).
 TINY_MAX_OUTPUT = 4
 # A conv of a one-channel (greyscale) input whose output channels are a multiple of 8 takes the
@@ -74,7 +79,8 @@ def choose_impl(in_hw: tuple[int, int], kernel_hw: tuple[int, int], strides: tup
     if kernel_hw == (1, 1) or out <= TINY_MAX_OUTPUT:
         return "im2col"
     if max(strides) > 1 and out <= STRIDED_MAX_OUTPUT:
-        return "im2col"
+        narrow = in_channels is not None and in_channels <= SPLIT_MAX_IN_CHANNELS
+        return "split" if narrow else "im2col"
     return "xla"
 
 
@@ -177,6 +183,34 @@ def _kept_input_conv_fwd(x, kernel, strides, pads, dilation, precision):
 kept_input_conv.defvjp(_kept_input_conv_fwd, _xla_conv_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def split_conv(x: Array, kernel: Array, strides: tuple[int, int], pads: Pads,
+               dilation: tuple[int, int] = (1, 1), precision: Any = None) -> Array:
+    """XLA's convolution (groups = 1) whose input gradient is the patches path's: ``g @ kernel^T``, then
+    the transposed patch extraction (slices of that product added into the padded input shape).
+
+    The same numbers as ``impl='xla'``, gradients summed in another order. Meant for strided convs on the
+    CPU, where XLA's forward and weight gradient are fast, but its input gradient (a conv of the dilated
+    output gradient) is slow, and building the patches (a concatenation) is too. The weight gradient is
+    XLA's, from the input kept as in :func:`kept_input_conv`.
+    """
+    return _xla_conv(x, kernel, strides, pads, dilation, 1, precision)
+
+
+def _split_conv_fwd(x, kernel, strides, pads, dilation, precision):
+    return _xla_conv(x, kernel, strides, pads, dilation, 1, precision), (_kept(x, kernel), kernel)
+
+
+def _split_conv_bwd(strides, pads, dilation, precision, residuals, g):
+    x, kernel = residuals
+    input_grad = jax.linear_transpose(lambda v: im2col_conv(v, kernel, strides, pads, dilation, precision), x)
+    kernel_grad = jax.linear_transpose(lambda k: _xla_conv(x, k, strides, pads, dilation, 1, precision), kernel)
+    return input_grad(g)[0], kernel_grad(g)[0]
+
+
+split_conv.defvjp(_split_conv_fwd, _split_conv_bwd)
+
+
 def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: str | Pads,
            dilation: tuple[int, int] = (1, 1), groups: int = 1, precision: Any = None,
            impl: str = "auto") -> Array:
@@ -197,11 +231,14 @@ def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: str | Pad
     if impl == "auto":
         impl = choose_impl(x.shape[1:3], (kh, kw), strides, pads, dilation, groups, in_channels=x.shape[-1],
                            out_channels=kernel.shape[-1])
-        # Measured in one process; a run over several processes keeps XLA's own backward.
-        if impl == "xla" and groups == 1 and KEEP_CONV_INPUT_ON_CPU and jax.default_backend() == "cpu" and \
-                jax.process_count() == 1:
+        # Kept inputs were measured in one process; a run over several processes keeps XLA's own backward,
+        # and the patches path for split convs.
+        keep = KEEP_CONV_INPUT_ON_CPU and jax.default_backend() == "cpu" and jax.process_count() == 1
+        if impl == "xla" and groups == 1 and keep:
             impl = "kept"
-    if impl in ("im2col", "shifted", "kept") and groups != 1:
+        elif impl == "split" and not keep:
+            impl = "im2col"
+    if impl in ("im2col", "shifted", "kept", "split") and groups != 1:
         raise UsageError(f"conv impl={impl!r} supports groups=1 only; use impl='xla' for grouped convs")
     if impl == "im2col":
         return im2col_conv(x, kernel, strides, pads, dilation, precision)
@@ -209,4 +246,6 @@ def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: str | Pad
         return shifted_sum_conv(x, kernel, strides, pads, dilation, precision)
     if impl == "kept":
         return kept_input_conv(x, kernel, strides, pads, dilation, precision)
+    if impl == "split":
+        return split_conv(x, kernel, strides, pads, dilation, precision)
     return _xla_conv(x, kernel, strides, pads, dilation, groups, precision)

@@ -90,7 +90,7 @@ def bench_torch_model(name: str):
 
 CPU_VARIANTS = ("baseline", "+ynn flag", "+im2col", "+tiled max-pool", "+greyscale im2col", "+strided-view max-pool",
                 "+closed-form BatchNorm backward", "+shifted-sum greyscale conv", "+8-channel LeNet",
-                "+overlapping strided-view max-pool", "+huge pages", "+kept conv input")
+                "+overlapping strided-view max-pool", "+huge pages", "+kept conv input", "+split strided conv")
 # Variants that are a setting of the whole process (glibc's huge-page tunable, read at start-up), not library
 # code: only experiments.bench_cpu, which gives every variant its own process, can compare them.
 PROCESS_VARIANTS = ("+huge pages",)
@@ -144,6 +144,9 @@ def _undo_changes(variant: str) -> None:
         # without in_channels either, no greyscale rule at all (before +greyscale im2col).
         rules, drop = conv.choose_impl, ("in_channels", "out_channels") if level < 4 else ("out_channels",)
         conv.choose_impl = lambda *args, **kwargs: rules(*args, **{k: v for k, v in kwargs.items() if k not in drop})
+    if 2 <= level < 12:
+        picks = conv.choose_impl  # narrow strided convs as patches, as before 'split'
+        conv.choose_impl = lambda *args, **kwargs: "im2col" if (i := picks(*args, **kwargs)) == "split" else i
     if level < 3:
         layers._tiled_max_pool = lambda x, kh, kw: lax.reduce_window(
             x, -jax.numpy.inf, lax.max, (1, kh, kw, 1), (1, kh, kw, 1), "VALID")

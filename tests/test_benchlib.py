@@ -41,6 +41,9 @@ def test_cpu_variant_puts_back_what_it_does_not_have(monkeypatch, variant, grey_
                                 out_channels=8)
     assert grey_5x5 == ("shifted" if grey_impl == "shifted" else "xla")
     assert conv.choose_impl((2, 2), (3, 3), (1, 1), ((1, 1), (1, 1)), backend="cpu") == "im2col"  # earlier rule kept
+    narrow_strided = conv.choose_impl((32, 32), (3, 3), (2, 2), ((1, 1), (1, 1)), backend="cpu", in_channels=16,
+                                      out_channels=32)
+    assert narrow_strided == "im2col"  # 'split' came later
     in_place = layers._tiled_max_pool
     assert (in_place is strided) == (pool == "strided")
     assert (in_place is benchlib._reshape_max_pool) == (pool == "reshape")
@@ -65,6 +68,7 @@ def test_the_earlier_overlapping_max_pool_gives_the_same_values_and_gradients(mo
     x = jax.nn.relu(jax.random.normal(jax.random.PRNGKey(0), (2, 16, 15, 3)))  # ties at 0
     monkeypatch.setattr(layers, "_overlapping_max_pool", layers._overlapping_max_pool)
     monkeypatch.setattr(conv, "KEEP_CONV_INPUT_ON_CPU", conv.KEEP_CONV_INPUT_ON_CPU)
+    monkeypatch.setattr(conv, "choose_impl", conv.choose_impl)
     pools = [layers._overlapping_max_pool]
     benchlib._undo_changes("+8-channel LeNet")
     pools.append(layers._overlapping_max_pool)
@@ -102,6 +106,16 @@ def test_bench_cpu_gives_each_variant_its_process_settings(variant, ynn_flag, hu
     env = benchlib.variant_env(variant, environ)
     assert env["XLA_FLAGS"].split() == ["--xla_dump_to=/tmp/x"] + ([cli.CPU_XLA_FLAG] if ynn_flag else [])
     assert env["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:glibc.malloc.hugetlb={huge}"
+
+
+@pytest.mark.parametrize("variant,want", [("+huge pages", "im2col"), ("+kept conv input", "im2col"),
+                                          ("+split strided conv", "split")])
+def test_split_strided_conv_variant(variant, want):
+    pick = conv.choose_impl
+    with benchlib.with_variant(variant):
+        assert conv.choose_impl((32, 32), (3, 3), (2, 2), ((1, 1), (1, 1)), backend="cpu", in_channels=16,
+                                out_channels=32) == want
+    assert conv.choose_impl is pick
 
 
 @pytest.mark.parametrize("variant,kept", [("+huge pages", False), ("+kept conv input", True)])

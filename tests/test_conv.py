@@ -64,7 +64,7 @@ def test_shifted_sum_accumulates_bf16_in_float32():
     np.testing.assert_allclose(np.asarray(got, np.float32), exact, rtol=2 ** -8, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["xla", "im2col", "shifted", "kept"])
+@pytest.mark.parametrize("impl", ["xla", "im2col", "shifted", "kept", "split"])
 @pytest.mark.parametrize("hw,stride,padding,c_in", [((2, 2), 1, 1, 4), ((10, 9), 2, 1, 4), ((6, 6), 1, 0, 4),
                                                     ((12, 12), 1, 1, 1)])
 def test_every_path_matches_torch_including_input_gradient(impl, hw, stride, padding, c_in):
@@ -82,17 +82,64 @@ def test_every_path_matches_torch_including_input_gradient(impl, hw, stride, pad
 
 @pytest.mark.parametrize("stride,dilation", [(1, 1), (2, 1), (1, 2)])
 def test_kept_input_conv_has_xlas_numbers_and_gradients_jitted_or_not(stride, dilation):
-    x = jnp.asarray(rng.randn(2, 9, 8, 4).astype(np.float32))
-    w = jnp.asarray(rng.randn(3, 3, 4, 6).astype(np.float32))
+    local = np.random.RandomState(2)  # the same data whichever tests ran before
+    x = jnp.asarray(local.randn(2, 9, 8, 4).astype(np.float32))
+    w = jnp.asarray(local.randn(3, 3, 4, 6).astype(np.float32))
 
     def loss(impl):
         return lambda x, w: (conv.conv2d(jax.nn.relu(x), w, (stride, stride), ((1, 1), (1, 1)), (dilation,) * 2,
                                          impl=impl) ** 2).sum()
 
-    want = jax.value_and_grad(loss("xla"), argnums=(0, 1))(x, w)
+    want_loss, want_grads = jax.value_and_grad(loss("xla"), argnums=(0, 1))(x, w)
     for fn in (jax.value_and_grad(loss("kept"), argnums=(0, 1)),
                jax.jit(jax.value_and_grad(loss("kept"), argnums=(0, 1)))):
-        chex.assert_trees_all_equal(fn(x, w), want)
+        got_loss, got_grads = fn(x, w)
+        chex.assert_trees_all_equal(got_grads, want_grads)
+        # The same conv; XLA may sum the loss in another order (seen: one float32 ulp apart).
+        chex.assert_trees_all_close(got_loss, want_loss, rtol=1e-6)
+
+
+@pytest.mark.parametrize("stride,dilation,padding", [(2, 1, 1), (2, 1, 0), (3, 1, 2), (1, 1, 1), (2, 2, 1)])
+def test_split_conv_has_xlas_values_and_gradients_jitted_or_not(stride, dilation, padding):
+    """'split': XLA's forward and weight gradient exactly; the input gradient from the patches path, equal up
+    to the order of the sums (and to torch's, above)."""
+    local = np.random.RandomState(3)
+    x = jnp.asarray(local.randn(2, 11, 10, 4).astype(np.float32))
+    w = jnp.asarray(local.randn(3, 3, 4, 6).astype(np.float32))
+    pads = ((padding, padding + 1), (padding, padding))
+
+    def loss(impl):
+        return lambda x, w: (jnp.tanh(conv.conv2d(jax.nn.relu(x), w, (stride, stride), pads, (dilation,) * 2,
+                                                  impl=impl)) ** 2).sum()
+
+    want_loss, (want_dx, want_dw) = jax.value_and_grad(loss("xla"), argnums=(0, 1))(x, w)
+    for fn in (jax.value_and_grad(loss("split"), argnums=(0, 1)),
+               jax.jit(jax.value_and_grad(loss("split"), argnums=(0, 1)))):
+        got_loss, (got_dx, got_dw) = fn(x, w)
+        chex.assert_trees_all_close((got_loss, got_dx, got_dw), (want_loss, want_dx, want_dw), atol=1e-5, rtol=1e-5)
+        assert float(jnp.max(jnp.abs(got_dx))) > 0.1  # a gradient that could be wrong
+
+
+def test_auto_splits_narrow_strided_cpu_convs_in_one_process(monkeypatch):
+    """A strided 3x3 conv of a 16-channel input runs as 'split' on the CPU: its gradient keeps the input in a
+    zero-trip while loop and takes no convolution for the input gradient; without kept inputs it is
+    patches."""
+    x, w = jnp.ones((2, 32, 32, 16)), jnp.ones((3, 3, 16, 32))
+
+    def grad_jaxpr():
+        return str(jax.make_jaxpr(jax.grad(lambda x, w: conv.conv2d(x, w, (2, 2), "SAME").sum(), (0, 1)))(x, w))
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("'split' is a CPU rule")
+    xla_input_gradient = "lhs_dilation=(2, 2)"  # XLA's input gradient of a stride-2 conv
+    assert xla_input_gradient in str(jax.make_jaxpr(jax.grad(
+        lambda x, w: conv.conv2d(x, w, (2, 2), "SAME", impl="xla").sum(), (0, 1)))(x, w))
+    split = grad_jaxpr()
+    assert "while" in split and split.count("conv_general_dilated") == 2  # forward and weight gradient
+    assert xla_input_gradient not in split
+    monkeypatch.setattr(conv, "KEEP_CONV_INPUT_ON_CPU", False)
+    patches = grad_jaxpr()
+    assert "while" not in patches and "conv_general_dilated" not in patches
 
 
 def test_auto_keeps_the_input_of_xlas_cpu_convs(monkeypatch):
@@ -109,7 +156,7 @@ def test_same_padding_string_goes_through_every_path():
     x = jnp.asarray(rng.randn(2, 7, 6, 3).astype(np.float32))
     w = jnp.asarray(rng.randn(3, 3, 3, 4).astype(np.float32))
     for padding in ("SAME", "VALID"):
-        for impl in ("im2col", "shifted", "kept"):
+        for impl in ("im2col", "shifted", "kept", "split"):
             chex.assert_trees_all_close(conv.conv2d(x, w, (2, 2), padding, impl=impl),
                                         conv.conv2d(x, w, (2, 2), padding, impl="xla"), atol=1e-4)
 
@@ -121,11 +168,25 @@ def test_same_padding_string_goes_through_every_path():
     ((3, 3), (3, 3), (1, 1), 1, "cpu", "xla"),          # 3x3 output: XLA measured faster
     ((56, 56), (1, 1), (1, 1), 0, "cpu", "im2col"),     # 1x1 conv: a plain matmul
     ((32, 32), (3, 3), (2, 2), 1, "cpu", "im2col"),     # strided, 16x16 output
+    ((32, 32), (7, 7), (2, 2), 3, "cpu", "im2col"),     # (without in_channels: as patches)
     ((56, 56), (3, 3), (2, 2), 1, "cpu", "xla"),        # strided, 28x28 output
     ((2, 2), (3, 3), (1, 1), 1, "gpu", "xla"),          # accelerators keep XLA's conv
 ])
 def test_choose_impl_rules(in_hw, k, s, p, backend, want):
     assert conv.choose_impl(in_hw, k, s, ((p, p), (p, p)), backend=backend) == want
+
+
+@pytest.mark.parametrize("in_hw,in_channels,k,want", [
+    ((32, 32), 16, 3, "split"),    # cifar_resnet20's first downsampling conv: narrow patches concatenate slowly
+    ((32, 32), 3, 7, "split"),     # ResNet-18's 7x7 / 2 stem at 32x32
+    ((16, 16), 32, 3, "im2col"),   # wider inputs: patches as fast or faster
+    ((56, 56), 16, 3, "xla"),      # 28x28 output
+])
+def test_choose_impl_strided_rules(in_hw, in_channels, k, want):
+    assert conv.choose_impl(in_hw, (k, k), (2, 2), ((k // 2, k // 2),) * 2, backend="cpu", in_channels=in_channels,
+                            out_channels=32) == want
+    assert conv.choose_impl(in_hw, (k, k), (2, 2), ((k // 2, k // 2),) * 2, backend="gpu", in_channels=in_channels,
+                            out_channels=32) == "xla"
 
 
 @pytest.mark.parametrize("in_channels,out_channels,k,backend,want", [
@@ -145,10 +206,10 @@ def test_choose_impl_one_input_channel(in_channels, out_channels, k, backend, wa
 def test_grouped_convs_keep_xla_and_im2col_rejects_groups():
     assert conv.choose_impl((2, 2), (3, 3), (1, 1), ((1, 1), (1, 1)), groups=2, backend="cpu") == "xla"
     x, w = jnp.zeros((1, 4, 4, 4)), jnp.zeros((3, 3, 2, 4))
-    for impl in ("im2col", "shifted", "kept"):
+    for impl in ("im2col", "shifted", "kept", "split"):
         with pytest.raises(ValueError, match="groups=1 only; use impl='xla'"):
             conv.conv2d(x, w, (1, 1), ((1, 1), (1, 1)), groups=2, impl=impl)
-    with pytest.raises(ValueError, match="conv impl must be one of auto, xla, im2col, shifted, kept"):
+    with pytest.raises(ValueError, match="conv impl must be one of auto, xla, im2col, shifted, kept, split"):
         conv.conv2d(x, jnp.zeros((3, 3, 4, 4)), (1, 1), ((1, 1), (1, 1)), impl="fft")
 
 
