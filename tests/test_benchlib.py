@@ -33,6 +33,7 @@ def test_cpu_variant_puts_back_what_it_does_not_have(monkeypatch, variant, grey_
     monkeypatch.setattr(layers, "_batch_norm_train", layers._batch_norm_train)
     monkeypatch.setattr(lenet, "CPU_CHANNEL_PAD", lenet.CPU_CHANNEL_PAD)
     monkeypatch.setattr(conv, "KEEP_CONV_INPUT_ON_CPU", conv.KEEP_CONV_INPUT_ON_CPU)
+    monkeypatch.setattr(layers, "TILED_POOL_BROADCAST_BACKWARD", layers.TILED_POOL_BROADCAST_BACKWARD)
     strided, overlapping = layers._tiled_max_pool, layers._overlapping_max_pool
     closed_form = layers._batch_norm_train
     benchlib._undo_changes(variant)
@@ -51,6 +52,7 @@ def test_cpu_variant_puts_back_what_it_does_not_have(monkeypatch, variant, grey_
     assert (layers._batch_norm_train is benchlib.autodiff_batch_norm_train) == (not closed_form_bn)
     assert lenet.CPU_CHANNEL_PAD == lenet_pad
     assert (layers._overlapping_max_pool is overlapping) == overlapping_views
+    assert layers.TILED_POOL_BROADCAST_BACKWARD is False
 
 
 @pytest.mark.parametrize("window", [2, 3])
@@ -69,6 +71,7 @@ def test_the_earlier_overlapping_max_pool_gives_the_same_values_and_gradients(mo
     monkeypatch.setattr(layers, "_overlapping_max_pool", layers._overlapping_max_pool)
     monkeypatch.setattr(conv, "KEEP_CONV_INPUT_ON_CPU", conv.KEEP_CONV_INPUT_ON_CPU)
     monkeypatch.setattr(conv, "choose_impl", conv.choose_impl)
+    monkeypatch.setattr(layers, "TILED_POOL_BROADCAST_BACKWARD", layers.TILED_POOL_BROADCAST_BACKWARD)
     pools = [layers._overlapping_max_pool]
     benchlib._undo_changes("+8-channel LeNet")
     pools.append(layers._overlapping_max_pool)
@@ -116,6 +119,14 @@ def test_split_strided_conv_variant(variant, want):
         assert conv.choose_impl((32, 32), (3, 3), (2, 2), ((1, 1), (1, 1)), backend="cpu", in_channels=16,
                                 out_channels=32) == want
     assert conv.choose_impl is pick
+
+
+@pytest.mark.parametrize("variant,broadcast", [("+split strided conv", False),
+                                               ("+broadcast tiled max-pool backward", True)])
+def test_broadcast_tiled_max_pool_backward_variant(variant, broadcast):
+    with benchlib.with_variant(variant):
+        assert layers.TILED_POOL_BROADCAST_BACKWARD is broadcast
+    assert layers.TILED_POOL_BROADCAST_BACKWARD is True
 
 
 @pytest.mark.parametrize("variant,kept", [("+huge pages", False), ("+kept conv input", True)])

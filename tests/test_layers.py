@@ -168,6 +168,28 @@ def test_max_pool_gradient_matches_torch_with_ties_and_floor_mode(window, stride
     assert_parity("max_pool gradient (ties, floor mode)", vjp(jnp.asarray(weight))[0], nhwc(xt.grad), tol)
 
 
+@pytest.mark.parametrize("window,hw", [(2, (8, 8)), (2, (31, 30)), (3, (7, 7)), ((2, 3), (7, 9))])
+def test_tiled_max_pool_broadcast_backward_equals_the_stacked_phases(monkeypatch, window, hw):
+    """Non-overlapping windows: the broadcast backward (no stack in its jaxpr) gives exactly the
+    general backward's gradient, ties and trailing rows / columns included, jitted or not."""
+    x = np.round(rand(2, *hw, 4)).clip(0, None)  # ties, as after ReLU
+    weight = jnp.asarray(rand(2, hw[0] // layers._pair(window, "")[0], hw[1] // layers._pair(window, "")[1], 4))
+    grad = jax.grad(lambda v: (layers.max_pool(v, window) * weight).sum())
+    broadcast = [grad(jnp.asarray(x)), jax.jit(grad)(jnp.asarray(x))]
+    def stacks() -> bool:  # jnp.stack is a `stack` primitive here, a concatenation in XLA
+        text = str(jax.make_jaxpr(grad)(jnp.asarray(x)))
+        return "stack[" in text or "concatenate[" in text
+
+    assert not stacks()
+    monkeypatch.setattr(layers, "TILED_POOL_BROADCAST_BACKWARD", False)
+    jax.clear_caches()  # the flag is read when the backward is traced
+    assert stacks()
+    stacked = grad(jnp.asarray(x))
+    assert float(jnp.abs(stacked).sum()) > 0
+    for got in broadcast:
+        chex.assert_trees_all_equal(got, stacked)
+
+
 @pytest.mark.parametrize("window,stride,padding,hw", [(2, 2, 0, (10, 10)), (3, 2, 1, (10, 9)),
                                                      ((3, 2), (1, 3), (1, 0), (8, 11))])
 def test_strided_view_max_pool_equals_reduce_window_path(window, stride, padding, hw):
