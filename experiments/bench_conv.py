@@ -6,9 +6,12 @@ convolution, the patches @ kernel path and (for few input channels) the shifted-
 one ``choose_impl`` picks on this backend. (The forward+tanh column shows whether XLA:CPU still
 vectorises the conv once the next activation is fused into it.) For 2x2
 max-pool after ReLU (ties): forward+backward of ``reduce_window`` (XLA's select-and-scatter), the
-earlier reshape-based tiled pool, and cnnjax's strided-view pool; for ResNet's overlapping 3x3 / stride 2 /
+earlier reshape-based tiled pool, and cnnjax's strided-view pool with its earlier (stacked stride phases)
+and current (broadcast) backward; for ResNet's overlapping 3x3 / stride 2 /
 padding 1 stem pool: ``reduce_window`` against cnnjax's strided views. Random fp32 data; each number is
-the mean of ``--steps`` calls after a compile call. ``--only conv|pool`` runs one part.
+the mean of ``--steps`` calls after a compile call. ``--only conv|pool`` runs one part. A second conv
+table times strided convs forward+backward as patches, as XLA's conv with its input kept, and as 'split'
+(:func:`cnnjax.conv.split_conv`).
 """
 
 from __future__ import annotations
@@ -47,7 +50,16 @@ CONV_CASES = [
     (128, 28, 1, 16, 3, 1, 1, True),      # SimpleCNN conv1 on 28x28 greyscale
     (128, 32, 1, 64, 3, 1, 1, True),
 ]
-POOL_SHAPES = [(128, 32, 32, 32), (128, 16, 16, 64), (128, 30, 30, 64), (128, 28, 28, 16), (128, 14, 14, 32)]
+# Strided convs for the 'split' table: (batch, H=W, C_in, C_out, kernel, stride, padding, first layer).
+STRIDED_CASES = [
+    (128, 32, 16, 32, 3, 2, 1, False),    # cifar_resnet20's first downsampling conv (split)
+    (128, 32, 3, 64, 7, 2, 3, True),      # ResNet-18's stem at 32x32 (split)
+    (128, 16, 32, 64, 3, 2, 1, False),    # cifar_resnet20's second downsampling conv (patches)
+    (128, 8, 128, 256, 3, 2, 1, False),   # ResNet-18 layer3 at 32x32 (patches)
+    (16, 28, 128, 256, 3, 2, 1, False),   # ResNet-18 layer3 at 224 / 4 (patches)
+]
+POOL_SHAPES = [(128, 32, 32, 32), (128, 16, 16, 64), (128, 30, 30, 64), (128, 28, 28, 16), (128, 14, 14, 32),
+               (128, 15, 15, 256)]
 # ResNet's stem max-pool input: ResNet-18 at 32x32 (batch 128) and at 224x224 (batch 16).
 STEM_POOL_SHAPES = [(128, 16, 16, 64), (16, 112, 112, 64)]
 
@@ -90,6 +102,31 @@ def conv_rows(steps: int) -> list[str]:
     return rows
 
 
+def strided_rows(steps: int) -> list[str]:
+    """Forward+backward ms of strided convs as patches, as XLA's conv with its input kept, and split
+    (XLA's forward and weight gradient, the patches path's input gradient)."""
+    import jax
+    import numpy as np
+
+    from cnnjax import conv
+
+    rng = np.random.RandomState(0)
+    rows = []
+    for n, hw, c_in, c_out, k, s, p, first in STRIDED_CASES:
+        x = jax.numpy.asarray(rng.randn(n, hw, hw, c_in).astype(np.float32))
+        w = jax.numpy.asarray(rng.randn(k, k, c_in, c_out).astype(np.float32) * 0.05)
+        pads = ((p, p), (p, p))
+        cells = []
+        for impl in ("im2col", "kept", "split"):
+            f = functools.partial(conv.conv2d, strides=(s, s), padding=pads, impl=impl)
+            grad = jax.grad(lambda x, w, f=f: (jax.numpy.tanh(f(x, w)) ** 2).sum(), argnums=(1,) if first else (0, 1))
+            cells.append(_ms(jax.jit(grad), x, w, steps=steps))
+        pick = conv.choose_impl((hw, hw), (k, k), (s, s), pads, in_channels=c_in, out_channels=c_out)
+        rows.append(f"| [{n},{hw},{hw},{c_in}] -> {c_out}, {k}x{k} s{s} p{p}{' (no input grad)' if first else ''} | "
+                    + " | ".join(f"{c:.2f}" for c in cells) + f" | {pick} |")
+    return rows
+
+
 def pool_rows(steps: int) -> list[str]:
     import jax
     import numpy as np
@@ -103,8 +140,16 @@ def pool_rows(steps: int) -> list[str]:
     for shape in POOL_SHAPES:
         x = jax.nn.relu(jax.numpy.asarray(rng.randn(*shape).astype(np.float32)))  # after ReLU: ties at 0
         window = lambda v: lax.reduce_window(v, -jax.numpy.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")  # noqa: E731
+        h2, w2 = shape[1] // 2 * 2, shape[2] // 2 * 2  # floor mode
         cells = [_ms(jax.jit(jax.grad(lambda v, f=f: (f(v) ** 2).sum())), x, steps=steps)
-                 for f in (window, lambda v: _reshape_max_pool(v, 2, 2), lambda v: layers.max_pool(v, 2))]
+                 for f in (window, lambda v, h2=h2, w2=w2: _reshape_max_pool(v[:, :h2, :w2], 2, 2))]
+        for broadcast in (False, True):  # the strided views' backward: stacked stride phases, or broadcast
+            try:
+                layers.TILED_POOL_BROADCAST_BACKWARD = broadcast
+                jax.clear_caches()  # the flag is read when the backward is traced
+                cells.append(_ms(jax.jit(jax.grad(lambda v: (layers.max_pool(v, 2) ** 2).sum())), x, steps=steps))
+            finally:
+                layers.TILED_POOL_BROADCAST_BACKWARD = True
         rows.append(f"| {list(shape)} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
     return rows
 
@@ -141,10 +186,15 @@ def main(argv):
         print("|---|" + "---|" * 10)
         for row in conv_rows(FLAGS.steps):
             print(row, flush=True)
+        print("\n| strided conv, forward+backward after tanh | patches (im2col) | XLA, input kept (kept) | split "
+              "| choose_impl |")
+        print("|---|---|---|---|---|")
+        for row in strided_rows(FLAGS.steps):
+            print(row, flush=True)
     if FLAGS.only in ("all", "pool"):
         print("\n| 2x2 max-pool after ReLU, forward+backward | reduce_window | reshape (before) "
-              "| strided views (cnnjax) |")
-        print("|---|---|---|---|")
+              "| strided views, stacked phases (before) | strided views, broadcast backward (cnnjax) |")
+        print("|---|---|---|---|---|")
         for row in pool_rows(FLAGS.steps):
             print(row, flush=True)
         print("\n| 3x3 / 2 / 1 max-pool after ReLU, forward+backward | reduce_window | strided views (cnnjax) |")

@@ -24,7 +24,12 @@ the previous one:
 11. ``+huge pages``: the process runs with glibc's ``glibc.malloc.hugetlb=1`` tunable, as the entry points
     do (``experiments.cli``); every earlier variant runs with ``glibc.malloc.hugetlb=0``;
 12. ``+kept conv input``: XLA's convs keep their input for the weight gradient in a buffer XLA cannot fuse
-    into (``cnnjax.conv.kept_input_conv``), instead of recomputing it inside the transposes.
+    into (``cnnjax.conv.kept_input_conv``), instead of recomputing it inside the transposes;
+13. ``+split strided conv``: strided convs of inputs up to 16 channels (cifar_resnet20's first downsampling
+    conv, ResNet-18's 7x7 / 2 stem at 32x32) run XLA's forward and weight gradient with the patches path's
+    input gradient (``cnnjax.conv.split_conv``), instead of building their narrow patches;
+14. ``+broadcast tiled max-pool backward``: non-overlapping max-pools' backward as one select of the
+    gradient broadcast over each tile, instead of stacking stride phases (concatenations on XLA:CPU).
 
 Rows are training throughput (images/s, batch 128, random uint8 data, SGD momentum 0.9) through
 the real ``Runner``, next to PyTorch eager on the same network (timed in this process, which runs with
@@ -45,7 +50,7 @@ from absl import flags
 from cnnjax.errors import UsageError
 from experiments import cli
 from experiments.benchlib import CPU_VARIANTS as VARIANTS
-from experiments.benchlib import SHAPES, bench_torch, variant_env
+from experiments.benchlib import SHAPES, bench_torch, summarise, variant_env, variants_markdown
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["lenet5", "improved_cnn", "cifar_resnet20", "resnet18", "fast_cnn"], "rows")
@@ -86,29 +91,14 @@ def main(argv):
             runs.setdefault("torch eager", []).append(
                 {name: bench_torch(name, SHAPES[name], FLAGS.batch, FLAGS.steps, compiled=False)["train_img_s"]
                  for name in FLAGS.models})
-    results = {v: {name: float(statistics.median(r[name] for r in rs)) for name in FLAGS.models}
-               for v, rs in runs.items()}
-    print(markdown(results, FLAGS.models, FLAGS.batch, FLAGS.repeats))
+    results = summarise(runs, FLAGS.models, statistics.median)
+    print(variants_markdown(results, FLAGS.models, FLAGS.batch, FLAGS.repeats))
+    fastest = summarise(runs, FLAGS.models, max)
+    if FLAGS.repeats > 1:  # slow spells only ever slow a round down: each side's fastest round is its best estimate
+        print("\n" + variants_markdown(fastest, FLAGS.models, FLAGS.batch, FLAGS.repeats, "fastest"))
     if FLAGS.out:
         with open(FLAGS.out, "w") as f:
-            json.dump(results, f, indent=2)
-
-
-def markdown(results: dict, names: list[str], batch: int, repeats: int = 1) -> str:
-    """Train images/s per variant; with torch, each variant's ratio to eager in brackets."""
-    torch_row = results.get("torch eager")
-    cols = [v for v in VARIANTS if v in results]
-    lines = [f"Train img/s at batch {batch}, median of {repeats} (ratio to PyTorch eager in brackets)", "",
-             "| model | " + " | ".join(cols) + (" | torch eager |" if torch_row else " |"),
-             "|---" * (len(cols) + 1 + bool(torch_row)) + "|"]
-    for name in names:
-        cells = []
-        for v in cols:
-            value = results[v][name]
-            cells.append(f"{value:.0f} ({value / torch_row[name]:.2f}x)" if torch_row else f"{value:.0f}")
-        tail = f" | {torch_row[name]:.0f} |" if torch_row else " |"
-        lines.append(f"| {name} | " + " | ".join(cells) + tail)
-    return "\n".join(lines)
+            json.dump({"median": results, "fastest": fastest, "rounds": runs}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
 from typing import Any
 
@@ -203,6 +204,32 @@ def _reshape_max_pool(x, kh: int, kw: int):
 
     pool.defvjp(lambda v: (pool(v), v), bwd)
     return pool(x)
+
+
+def summarise(runs: dict[str, list[dict]], names: list[str], pick) -> dict:
+    """``{variant: {model: pick(that model's images/s over the rounds)}}``."""
+    return {v: {name: float(pick([r[name] for r in rs])) for name in names} for v, rs in runs.items()}
+
+
+def variants_markdown(results: dict, names: list[str], batch: int, repeats: int = 1, of: str = "median") -> str:
+    """Train images/s per variant (``of`` the rounds); with torch, each variant's ratio to eager in brackets
+    and a last row with the geometric mean of those ratios."""
+    torch_row = results.get("torch eager")
+    cols = [v for v in CPU_VARIANTS if v in results]
+    lines = [f"Train img/s at batch {batch}, {of} of {repeats} (ratio to PyTorch eager in brackets)", "",
+             "| model | " + " | ".join(cols) + (" | torch eager |" if torch_row else " |"),
+             "|---" * (len(cols) + 1 + bool(torch_row)) + "|"]
+    for name in names:
+        cells = []
+        for v in cols:
+            value = results[v][name]
+            cells.append(f"{value:.0f} ({value / torch_row[name]:.2f}x)" if torch_row else f"{value:.0f}")
+        tail = f" | {torch_row[name]:.0f} |" if torch_row else " |"
+        lines.append(f"| {name} | " + " | ".join(cells) + tail)
+    if torch_row:
+        means = [statistics.geometric_mean(results[v][name] / torch_row[name] for name in names) for v in cols]
+        lines.append("| geometric mean | " + " | ".join(f"{m:.2f}x" for m in means) + " | |")
+    return "\n".join(lines)
 
 
 def run_cpu_variant(variant: str, names: list[str], batch: int, steps: int) -> dict:

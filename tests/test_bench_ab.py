@@ -32,3 +32,4 @@ def test_a_process_variant_is_refused_in_one_line():
     lines = [line for line in out.stderr.splitlines() if "setting of the whole process" in line]
     assert len(lines) == 1 and "experiments.bench_cpu" in lines[0]
     assert "Traceback" not in out.stderr
+

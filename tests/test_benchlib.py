@@ -3,6 +3,8 @@ does not have yet, and the code it puts back computes the same numbers."""
 
 from __future__ import annotations
 
+import statistics
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -135,3 +137,16 @@ def test_kept_conv_input_variant(monkeypatch, variant, kept):
     with benchlib.with_variant(variant):
         assert conv.KEEP_CONV_INPUT_ON_CPU is kept
     assert conv.KEEP_CONV_INPUT_ON_CPU is True
+
+
+def test_bench_cpu_tables_give_medians_fastest_rounds_and_the_geometric_mean():
+    runs = {"+kept conv input": [{"a": 100.0, "b": 10.0}, {"a": 50.0, "b": 30.0}, {"a": 80.0, "b": 20.0}],
+            "torch eager": [{"a": 100.0, "b": 20.0}, {"a": 100.0, "b": 20.0}, {"a": 100.0, "b": 20.0}]}
+    median = benchlib.summarise(runs, ["a", "b"], statistics.median)
+    fastest = benchlib.summarise(runs, ["a", "b"], max)
+    assert median["+kept conv input"] == {"a": 80.0, "b": 20.0}
+    assert fastest["+kept conv input"] == {"a": 100.0, "b": 30.0}
+    table = benchlib.variants_markdown(fastest, ["a", "b"], 128, 3, "fastest")
+    assert "fastest of 3" in table
+    assert "| b | 30 (1.50x) | 20 |" in table
+    assert "| geometric mean | 1.22x | |" in table  # sqrt(1.0 * 1.5)
