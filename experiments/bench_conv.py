@@ -9,9 +9,9 @@ max-pool after ReLU (ties): forward+backward of ``reduce_window`` (XLA's select-
 earlier reshape-based tiled pool, and cnnjax's strided-view pool with its earlier (stacked stride phases)
 and current (broadcast) backward; for ResNet's overlapping 3x3 / stride 2 /
 padding 1 stem pool: ``reduce_window`` against cnnjax's strided views. Random fp32 data; each number is
-the mean of ``--steps`` calls after a compile call. ``--only conv|pool`` runs one part. A second conv
-table times strided convs forward+backward as patches, as XLA's conv with its input kept, and as 'split'
-(:func:`cnnjax.conv.split_conv`).
+the fastest of ``--steps`` calls after a compile call (the mean of them before 2026-12-01).
+``--only conv|pool`` runs one part. A second conv table times strided convs forward+backward as
+patches, as XLA's conv with its input kept, and as 'split' (:func:`cnnjax.conv.split_conv`).
 """
 
 from __future__ import annotations
@@ -65,14 +65,17 @@ STEM_POOL_SHAPES = [(128, 16, 16, 64), (16, 112, 112, 64)]
 
 
 def _ms(fn, *args, steps: int) -> float:
+    """Milliseconds of the fastest of ``steps`` calls, each waited for (after a compile call): this machine's
+    slow spells only ever lengthen a call."""
     import jax
 
     jax.block_until_ready(fn(*args))
-    t = time.perf_counter()
+    times = []
     for _ in range(steps):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t) / steps * 1e3
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return min(times) * 1e3
 
 
 def conv_rows(steps: int) -> list[str]:
@@ -141,13 +144,16 @@ def pool_rows(steps: int) -> list[str]:
         x = jax.nn.relu(jax.numpy.asarray(rng.randn(*shape).astype(np.float32)))  # after ReLU: ties at 0
         window = lambda v: lax.reduce_window(v, -jax.numpy.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")  # noqa: E731
         h2, w2 = shape[1] // 2 * 2, shape[2] // 2 * 2  # floor mode
-        cells = [_ms(jax.jit(jax.grad(lambda v, f=f: (f(v) ** 2).sum())), x, steps=steps)
+        # The output gradient is an input of its own, as in a train step (where other fusions make it).
+        weight = jax.numpy.asarray(rng.randn(shape[0], h2 // 2, w2 // 2, shape[3]).astype(np.float32))
+        cells = [_ms(jax.jit(jax.grad(lambda v, w, f=f: (f(v) * w).sum())), x, weight, steps=steps)
                  for f in (window, lambda v, h2=h2, w2=w2: _reshape_max_pool(v[:, :h2, :w2], 2, 2))]
         for broadcast in (False, True):  # the strided views' backward: stacked stride phases, or broadcast
             try:
                 layers.TILED_POOL_BROADCAST_BACKWARD = broadcast
                 jax.clear_caches()  # the flag is read when the backward is traced
-                cells.append(_ms(jax.jit(jax.grad(lambda v: (layers.max_pool(v, 2) ** 2).sum())), x, steps=steps))
+                cells.append(_ms(jax.jit(jax.grad(lambda v, w: (layers.max_pool(v, 2) * w).sum())), x, weight,
+                                 steps=steps))
             finally:
                 layers.TILED_POOL_BROADCAST_BACKWARD = True
         rows.append(f"| {list(shape)} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
@@ -192,7 +198,7 @@ def main(argv):
         for row in strided_rows(FLAGS.steps):
             print(row, flush=True)
     if FLAGS.only in ("all", "pool"):
-        print("\n| 2x2 max-pool after ReLU, forward+backward | reduce_window | reshape (before) "
+        print("\n| 2x2 max-pool after ReLU, forward+backward of sum(pool * weight) | reduce_window | reshape (before) "
               "| strided views, stacked phases (before) | strided views, broadcast backward (cnnjax) |")
         print("|---|---|---|---|---|")
         for row in pool_rows(FLAGS.steps):
