@@ -28,6 +28,7 @@ from experiments.benchlib import (
     SHAPES,
     bench_model,
     bench_spec,
+    paired_ratios,
     prepared_runner,
     with_variant,
 )
@@ -66,15 +67,6 @@ def _images_per_s(side: list, steps: int) -> float:
     jax.block_until_ready(m)
     side[1] = state
     return steps * idx.shape[1] / (time.perf_counter() - t)
-
-
-def paired_ratios(a_runs: list[float], b_runs: list[float]) -> tuple[float, float]:
-    """``(median of the per-round ratios B / A, B's fastest round / A's fastest round)`` of two sides' images/s,
-    one entry per round."""
-    if len(a_runs) != len(b_runs) or not a_runs:
-        raise UsageError(f"paired rounds need the same number of runs on each side (>= 1); got {len(a_runs)} "
-                         f"and {len(b_runs)}")
-    return statistics.median(b / a for a, b in zip(a_runs, b_runs, strict=True)), max(b_runs) / max(a_runs)
 
 
 def main(argv):

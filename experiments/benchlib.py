@@ -206,6 +206,15 @@ def _reshape_max_pool(x, kh: int, kw: int):
     return pool(x)
 
 
+def paired_ratios(a_runs: list[float], b_runs: list[float]) -> tuple[float, float]:
+    """``(median of the per-round ratios B / A, B's fastest round / A's fastest round)`` of two sides' images/s,
+    one entry per round."""
+    if len(a_runs) != len(b_runs) or not a_runs:
+        raise UsageError(f"paired rounds need the same number of runs on each side (>= 1); got {len(a_runs)} "
+                         f"and {len(b_runs)}")
+    return statistics.median(b / a for a, b in zip(a_runs, b_runs, strict=True)), max(b_runs) / max(a_runs)
+
+
 def summarise(runs: dict[str, list[dict]], names: list[str], pick) -> dict:
     """``{variant: {model: pick(that model's images/s over the rounds)}}``."""
     return {v: {name: float(pick([r[name] for r in rs])) for name in names} for v, rs in runs.items()}

@@ -1,9 +1,12 @@
 """experiments.benchlib: each CPU variant of experiments.bench_cpu puts back exactly the library code it
-does not have yet, and the code it puts back computes the same numbers."""
+does not have yet, and the code it puts back computes the same numbers; the ratios and tables the bench scripts
+print; bench_ab's one-line refusal of a process variant."""
 
 from __future__ import annotations
 
 import statistics
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +14,7 @@ import numpy as np
 import pytest
 
 from cnnjax import conv, layers
+from cnnjax.errors import UsageError
 from cnnjax.models import lenet
 from experiments import benchlib
 
@@ -150,3 +154,27 @@ def test_bench_cpu_tables_give_medians_fastest_rounds_and_the_geometric_mean():
     assert "fastest of 3" in table
     assert "| b | 30 (1.50x) | 20 |" in table
     assert "| geometric mean | 1.22x | |" in table  # sqrt(1.0 * 1.5)
+
+
+def test_paired_ratios_median_of_rounds_and_fastest_rounds():
+    # Round 2 hit a slow spell on A only; round 3 on B only.
+    a_runs, b_runs = [100.0, 60.0, 100.0], [110.0, 108.0, 70.0]
+    median, fastest = benchlib.paired_ratios(a_runs, b_runs)
+    assert median == pytest.approx(1.1)        # ratios 1.1, 1.8, 0.7
+    assert fastest == pytest.approx(110 / 100)
+
+
+@pytest.mark.parametrize("a_runs,b_runs", [([1.0], [1.0, 2.0]), ([], [])])
+def test_paired_ratios_need_equal_nonempty_rounds(a_runs, b_runs):
+    with pytest.raises(UsageError, match="same number of runs on each side"):
+        benchlib.paired_ratios(a_runs, b_runs)
+
+
+def test_a_process_variant_is_refused_in_one_line():
+    out = subprocess.run([sys.executable, "-m", "experiments.bench_ab", "--a", "+kept conv input", "--b", "+huge pages",
+                          "--models", "lenet5"], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    lines = [line for line in out.stderr.splitlines() if "setting of the whole process" in line]
+    assert len(lines) == 1 and "experiments.bench_cpu" in lines[0]
+    assert "Traceback" not in out.stderr
+

@@ -122,8 +122,8 @@ def test_split_conv_has_xlas_values_and_gradients_jitted_or_not(stride, dilation
 
 def test_auto_splits_narrow_strided_cpu_convs_in_one_process(monkeypatch):
     """A strided 3x3 conv of a 16-channel input runs as 'split' on the CPU: its gradient keeps the input in a
-    zero-trip while loop and takes no convolution for the input gradient; without kept inputs it is
-    patches."""
+    zero-trip while loop and takes no convolution for the input gradient; over several processes, or
+    without kept inputs, it is patches."""
     x, w = jnp.ones((2, 32, 32, 16)), jnp.ones((3, 3, 16, 32))
 
     def grad_jaxpr():
@@ -137,6 +137,10 @@ def test_auto_splits_narrow_strided_cpu_convs_in_one_process(monkeypatch):
     split = grad_jaxpr()
     assert "while" in split and split.count("conv_general_dilated") == 2  # forward and weight gradient
     assert xla_input_gradient not in split
+    with monkeypatch.context() as m:  # a run over several processes: patches, as before 'split'
+        m.setattr(jax, "process_count", lambda: 2)
+        several = grad_jaxpr()
+        assert "while" not in several and "conv_general_dilated" not in several
     monkeypatch.setattr(conv, "KEEP_CONV_INPUT_ON_CPU", False)
     patches = grad_jaxpr()
     assert "while" not in patches and "conv_general_dilated" not in patches
