@@ -86,10 +86,8 @@ def conv_rows(steps: int) -> list[str]:
 
     rng = np.random.RandomState(0)
     rows = []
-    for n, hw, c_in, c_out, k, s, p, first in CONV_CASES:
-        x = jax.numpy.asarray(rng.randn(n, hw, hw, c_in).astype(np.float32))
-        w = jax.numpy.asarray(rng.randn(k, k, c_in, c_out).astype(np.float32) * 0.05)
-        pads = ((p, p), (p, p))
+    for case in CONV_CASES:
+        (_, _, c_in, _, k, s, _, first), (x, w, pads) = case, _case_data(rng, case)
         cells = []
         for impl in ("xla", "im2col", "shifted"):
             if impl == "shifted" and k * k * c_in > conv.SHIFTED_MAX_TERMS:
@@ -99,10 +97,29 @@ def conv_rows(steps: int) -> list[str]:
             grad = jax.grad(lambda x, w, f=f: (f(x, w) ** 2).sum(), argnums=(1,) if first else (0, 1))
             cells += [_ms(jax.jit(f), x, w, steps=steps), _ms(jax.jit(lambda x, w, f=f: jax.numpy.tanh(f(x, w))),
                                                               x, w, steps=steps), _ms(jax.jit(grad), x, w, steps=steps)]
-        pick = conv.choose_impl((hw, hw), (k, k), (s, s), pads, in_channels=c_in, out_channels=c_out)
-        rows.append(f"| [{n},{hw},{hw},{c_in}] -> {c_out}, {k}x{k} s{s} p{p}{' (no input grad)' if first else ''} | "
-                    + " | ".join("-" if c is None else f"{c:.2f}" for c in cells) + f" | {pick} |")
+        rows.append(_case_row(case, ["-" if c is None else f"{c:.2f}" for c in cells]))
     return rows
+
+
+def _case_data(rng, case: tuple) -> tuple:
+    """``(x [N, H, W, C_in], kernel [k, k, C_in, C_out], pads)`` of a conv case, random."""
+    import jax
+    import numpy as np
+
+    n, hw, c_in, c_out, k, _, p, _ = case
+    x = jax.numpy.asarray(rng.randn(n, hw, hw, c_in).astype(np.float32))
+    w = jax.numpy.asarray(rng.randn(k, k, c_in, c_out).astype(np.float32) * 0.05)
+    return x, w, ((p, p), (p, p))
+
+
+def _case_row(case: tuple, cells: list[str]) -> str:
+    """A markdown row: the conv case, its cells and the path ``choose_impl`` picks for it here."""
+    from cnnjax import conv
+
+    n, hw, c_in, c_out, k, s, p, first = case
+    pick = conv.choose_impl((hw, hw), (k, k), (s, s), ((p, p), (p, p)), in_channels=c_in, out_channels=c_out)
+    return (f"| [{n},{hw},{hw},{c_in}] -> {c_out}, {k}x{k} s{s} p{p}{' (no input grad)' if first else ''} | "
+            + " | ".join(cells) + f" | {pick} |")
 
 
 def strided_rows(steps: int) -> list[str]:
@@ -115,18 +132,14 @@ def strided_rows(steps: int) -> list[str]:
 
     rng = np.random.RandomState(0)
     rows = []
-    for n, hw, c_in, c_out, k, s, p, first in STRIDED_CASES:
-        x = jax.numpy.asarray(rng.randn(n, hw, hw, c_in).astype(np.float32))
-        w = jax.numpy.asarray(rng.randn(k, k, c_in, c_out).astype(np.float32) * 0.05)
-        pads = ((p, p), (p, p))
+    for case in STRIDED_CASES:
+        (_, _, _, _, _, s, _, first), (x, w, pads) = case, _case_data(rng, case)
         cells = []
         for impl in ("im2col", "kept", "split"):
             f = functools.partial(conv.conv2d, strides=(s, s), padding=pads, impl=impl)
             grad = jax.grad(lambda x, w, f=f: (jax.numpy.tanh(f(x, w)) ** 2).sum(), argnums=(1,) if first else (0, 1))
             cells.append(_ms(jax.jit(grad), x, w, steps=steps))
-        pick = conv.choose_impl((hw, hw), (k, k), (s, s), pads, in_channels=c_in, out_channels=c_out)
-        rows.append(f"| [{n},{hw},{hw},{c_in}] -> {c_out}, {k}x{k} s{s} p{p}{' (no input grad)' if first else ''} | "
-                    + " | ".join(f"{c:.2f}" for c in cells) + f" | {pick} |")
+        rows.append(_case_row(case, [f"{c:.2f}" for c in cells]))
     return rows
 
 
