@@ -90,6 +90,15 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
+def barrier(name: str) -> None:
+    """Return on each process once every process has called ``barrier(name)`` (a no-op in one process)."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
 def any_process(flag: bool) -> bool:
     """True on every process if ``flag`` is true on any (a collective: every process must call it)."""
     if jax.process_count() == 1:

@@ -23,6 +23,7 @@ def test_single_process_needs_nothing_and_initialize_is_a_no_op():
     assert distributed.initialize(spec) is False
     assert distributed.is_primary()
     assert distributed.any_process(True) and not distributed.any_process(False)
+    assert distributed.barrier("alone") is None  # returns at once: nobody to wait for
     tree = {"a": 1.5}
     assert distributed.sum_over_processes(tree) is tree
 

@@ -271,6 +271,32 @@ def test_a_signal_during_start_up_or_compilation_is_one_line_and_exit_75(tmp_pat
         assert checkpoint.steps(str(workdir))
 
 
+def test_a_signal_while_waiting_for_the_other_processes_aborts_the_start_up(tmp_path, monkeypatch):
+    """The processes leave start-up at one barrier. A signal that comes while this process waits there (another
+    is still starting, and will abort) aborts this one too, before anything is written; a run that gets past
+    the barrier stops after a step, with a checkpoint."""
+    from cnnjax.train import loop
+
+    names = []
+
+    def barrier_then_ctrl_c(name):
+        names.append(name)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while "waiting"
+
+    monkeypatch.setattr(loop.distributed, "barrier", barrier_then_ctrl_c)
+    workdir = tmp_path / "w"
+    with pytest.raises(KeyboardInterrupt):
+        fit(stripes(num_epochs=1), str(workdir), progress=False)
+    assert names == ["cnnjax.fit: start-up done"]
+    # Nothing of the run is written: no checkpoint, no config.json, no metrics.
+    left = sorted(p.name for p in workdir.rglob("*")) if workdir.exists() else []
+    assert not checkpoint.steps(str(workdir)) and not {"config.json", "metrics.jsonl"} & set(left), left
+
+    monkeypatch.setattr(loop.distributed, "barrier", lambda name: names.append(name))
+    assert fit(stripes(num_epochs=1), str(workdir), progress=False, stop_after_steps=1)["interrupted"]
+    assert names[-1] == "cnnjax.fit: start-up done" and checkpoint.steps(str(workdir)) == [1]
+
+
 @pytest.mark.skipif(not os.path.isdir(FMNIST), reason="apt-get install dataset-fashion-mnist")
 def test_sigterm_is_acted_on_within_one_step_not_one_chunk(tmp_path):
     """log_every far above the epoch: a chunk is the whole epoch, yet the run stops right after the step

@@ -155,6 +155,9 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
         store, run = CheckpointStore(workdir), None
         try:
             state, step, acc = _resume(store, exp.state, spe, workdir)
+            # The processes leave start-up together. Otherwise a signal could find one still starting (it aborts)
+            # and another past it (it steps on, then waits for the first at its first collective).
+            distributed.barrier("cnnjax.fit: start-up done")
             stop.abortable = False  # from here on a signal stops the run after its next step, with a checkpoint
             run = _open_run(config, workdir, data, exp, store, devices, step, progress, tensorboard)
             return _train(run, run.runner.put_state(state), step, acc, stop, stop_after_steps)
