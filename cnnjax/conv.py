@@ -8,9 +8,10 @@ into patches ``[N, H', W', kH * kW * C_in]`` and multiplies by the kernel reshap
 ``[kH * kW * C_in, C_out]`` — the same numbers, summed in another order. A conv of a one-channel
 input (the first conv of an MNIST model) is instead a sum of ``kH * kW`` shifted views times a kernel
 row, one elementwise pass, with XLA's own (fast) gradients. Every other CPU conv is XLA's, with its input
-kept for the weight gradient (:func:`kept_input_conv`). ``impl='auto'`` makes these choices on the
-CPU only (accelerators keep XLA's convolution); ``python -m experiments.bench_conv`` re-measures every
-rule below.
+kept for the weight gradient (:func:`kept_input_conv`); strided convs of narrow inputs take XLA's forward
+and weight gradient and the patches path's input gradient (:func:`split_conv`). ``impl='auto'`` makes
+these choices on the CPU only (accelerators keep XLA's convolution); ``python -m experiments.bench_conv``
+re-measures every rule below.
 """
 
 from __future__ import annotations
@@ -36,9 +37,11 @@ KEEP_CONV_INPUT_ON_CPU = True
 # 16x16 outputs, break even near 14x14 at batch 16 and lose at 28x28 (experiments.bench_conv).
 STRIDED_MAX_OUTPUT = 256
 # Widest input for which such a strided conv runs as 'split' (XLA's forward and weight gradient, the patches
-# path's input gradient): concatenating narrow patches is slow on XLA:CPU. cifar_resnet20's [128, 32, 32, 16]
-# -> 32 stride-2 conv: forward+backward 33.7 ms as patches, 16.2 ms split; with 32 or more input channels
-# patches are as fast or faster.
+# path's input gradient): concatenating narrow patches is slow on XLA:CPU, above all in this machine's slow
+# spells. cifar_resnet20's [128, 32, 32, 16] -> 32 stride-2 conv, forward+backward: medians 33.7 ms as patches
+# against 16.2 ms split (an ad hoc script), fastest calls 10.2 against 10.7 ms (experiments.bench_conv); its
+# train step 1.07-1.08x by the fastest rounds of three paired runs (experiments.bench_ab). With 32 or more
+# input channels patches are as fast or faster.
 SPLIT_MAX_IN_CHANNELS = 16
 # Largest output for which a stride-1 kxk conv uses patches (2x2: the pathological XLA case).
 TINY_MAX_OUTPUT = 4
@@ -218,7 +221,8 @@ def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: str | Pad
 
     ``impl``: 'xla' (``lax.conv_general_dilated``), 'im2col' (patches @ kernel, groups 1 only),
     'shifted' (sum of shifted views times kernel rows, groups 1 only), 'kept' (:func:`kept_input_conv`,
-    groups 1 only) or 'auto' (:func:`choose_impl`; on the CPU in one process, its 'xla' convs run as 'kept').
+    groups 1 only), 'split' (:func:`split_conv`, groups 1 only) or 'auto' (:func:`choose_impl`; on the CPU
+    in one process, its 'xla' convs run as 'kept'; over several processes its 'split' convs run as 'im2col').
     """
     if impl not in IMPLS:
         raise UsageError(f"conv impl must be one of {', '.join(IMPLS)}; got {impl!r}")

@@ -393,8 +393,8 @@ def _tiled_max_pool_bwd(window, residuals, g):
     """The backward of non-overlapping ``kh x kw`` windows as one select of ``g`` broadcast over each tile,
     ``[N, Ho, kh, Wo, kw, C]`` reshaped to the input (rows / columns past the last tile get zeros). XLA:CPU
     fuses the broadcasts into one pass; the stacks of the general backward are concatenations, which it runs
-    slowly: a 2x2 pool's forward+backward on ``[128, 15, 15, 256]`` 3.66 -> 1.77 ms, a 3x3 pool's on
-    ``[128, 7, 7, 256]`` 11.37 -> 1.04 ms."""
+    slowly: a 2x2 pool's forward+backward on ``[128, 15, 15, 256]`` 4.10 -> 2.22 ms (``python -m
+    experiments.bench_conv --only pool``), a 3x3 pool's on ``[128, 7, 7, 256]`` 11.37 -> 1.04 ms (ad hoc)."""
     first, (n, h, w, c) = residuals
     kh, kw = window
     _, ho, wo, _ = g.shape
