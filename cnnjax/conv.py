@@ -180,6 +180,7 @@ def kept_input_conv(x: Array, kernel: Array, strides: tuple[int, int], pads: Pad
 
 
 def _kept_input_conv_fwd(x, kernel, strides, pads, dilation, precision):
+    """XLA's forward, with residuals ``(x kept in a buffer of its own, kernel)``; 'kept' and 'split' share it."""
     return _xla_conv(x, kernel, strides, pads, dilation, 1, precision), (_kept(x, kernel), kernel)
 
 
@@ -200,10 +201,6 @@ def split_conv(x: Array, kernel: Array, strides: tuple[int, int], pads: Pads,
     return _xla_conv(x, kernel, strides, pads, dilation, 1, precision)
 
 
-def _split_conv_fwd(x, kernel, strides, pads, dilation, precision):
-    return _xla_conv(x, kernel, strides, pads, dilation, 1, precision), (_kept(x, kernel), kernel)
-
-
 def _split_conv_bwd(strides, pads, dilation, precision, residuals, g):
     x, kernel = residuals
     input_grad = jax.linear_transpose(lambda v: im2col_conv(v, kernel, strides, pads, dilation, precision), x)
@@ -211,7 +208,7 @@ def _split_conv_bwd(strides, pads, dilation, precision, residuals, g):
     return input_grad(g)[0], kernel_grad(g)[0]
 
 
-split_conv.defvjp(_split_conv_fwd, _split_conv_bwd)
+split_conv.defvjp(_kept_input_conv_fwd, _split_conv_bwd)
 
 
 def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: str | Pads,
