@@ -12,21 +12,30 @@ padding 1 stem pool: ``reduce_window`` against cnnjax's strided views. Random fp
 the fastest of ``--steps`` calls after a compile call (the mean of them before 2026-12-01).
 ``--only conv|pool`` runs one part. A second conv table times strided convs forward+backward as
 patches, as XLA's conv with its input kept, and as 'split' (:func:`cnnjax.conv.split_conv`).
+
+``--only torch [--models cifar_resnet20,fast_cnn]`` times every conv of those bench models (read from the
+model itself, :func:`experiments.benchlib.model_convs`) as their train step runs it, forward and
+forward+backward (no input gradient for the first conv), in cnnjax (``impl='auto'``) and in PyTorch eager
+(NCHW, as ``experiments.bench`` runs the twin), and sums them per step: how much of a model's gap to
+PyTorch is its convolutions.
 """
 
 from __future__ import annotations
 
 import functools
 import sys
-import time
 
 from absl import flags
 
 from experiments import cli
+from experiments.benchlib import conv_vs_torch_rows, fastest_ms
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("steps", 10, "timed calls per number")
-flags.DEFINE_enum("only", "all", ["all", "conv", "pool"], "which tables to time")
+flags.DEFINE_enum("only", "all", ["all", "conv", "pool", "torch"],
+                  "which tables to time (torch: only the bench models' convs against PyTorch)")
+flags.DEFINE_list("models", ["cifar_resnet20", "fast_cnn"], "--only torch: bench rows whose convs to time")
+flags.DEFINE_integer("batch", 128, "--only torch: batch size")
 
 # (batch, H=W, C_in, C_out, kernel, stride, padding, first layer: no input gradient)
 CONV_CASES = [
@@ -64,20 +73,6 @@ POOL_SHAPES = [(128, 32, 32, 32), (128, 16, 16, 64), (128, 30, 30, 64), (128, 28
 STEM_POOL_SHAPES = [(128, 16, 16, 64), (16, 112, 112, 64)]
 
 
-def _ms(fn, *args, steps: int) -> float:
-    """Milliseconds of the fastest of ``steps`` calls, each waited for (after a compile call): this machine's
-    slow spells only ever lengthen a call."""
-    import jax
-
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return min(times) * 1e3
-
-
 def conv_rows(steps: int) -> list[str]:
     import jax
     import numpy as np
@@ -95,8 +90,9 @@ def conv_rows(steps: int) -> list[str]:
                 continue
             f = functools.partial(conv.conv2d, strides=(s, s), padding=pads, impl=impl)
             grad = jax.grad(lambda x, w, f=f: (f(x, w) ** 2).sum(), argnums=(1,) if first else (0, 1))
-            cells += [_ms(jax.jit(f), x, w, steps=steps), _ms(jax.jit(lambda x, w, f=f: jax.numpy.tanh(f(x, w))),
-                                                              x, w, steps=steps), _ms(jax.jit(grad), x, w, steps=steps)]
+            tanh = jax.jit(lambda x, w, f=f: jax.numpy.tanh(f(x, w)))
+            cells += [fastest_ms(jax.jit(f), x, w, steps=steps), fastest_ms(tanh, x, w, steps=steps),
+                      fastest_ms(jax.jit(grad), x, w, steps=steps)]
         rows.append(_case_row(case, ["-" if c is None else f"{c:.2f}" for c in cells]))
     return rows
 
@@ -138,7 +134,7 @@ def strided_rows(steps: int) -> list[str]:
         for impl in ("im2col", "kept", "split"):
             f = functools.partial(conv.conv2d, strides=(s, s), padding=pads, impl=impl)
             grad = jax.grad(lambda x, w, f=f: (jax.numpy.tanh(f(x, w)) ** 2).sum(), argnums=(1,) if first else (0, 1))
-            cells.append(_ms(jax.jit(grad), x, w, steps=steps))
+            cells.append(fastest_ms(jax.jit(grad), x, w, steps=steps))
         rows.append(_case_row(case, [f"{c:.2f}" for c in cells]))
     return rows
 
@@ -159,13 +155,13 @@ def pool_rows(steps: int) -> list[str]:
         h2, w2 = shape[1] // 2 * 2, shape[2] // 2 * 2  # floor mode
         # The output gradient is an input of its own, as in a train step (where other fusions make it).
         weight = jax.numpy.asarray(rng.randn(shape[0], h2 // 2, w2 // 2, shape[3]).astype(np.float32))
-        cells = [_ms(jax.jit(jax.grad(lambda v, w, f=f: (f(v) * w).sum())), x, weight, steps=steps)
+        cells = [fastest_ms(jax.jit(jax.grad(lambda v, w, f=f: (f(v) * w).sum())), x, weight, steps=steps)
                  for f in (window, lambda v, h2=h2, w2=w2: _reshape_max_pool(v[:, :h2, :w2], 2, 2))]
         for broadcast in (False, True):  # the strided views' backward: stacked stride phases, or broadcast
             try:
                 layers.TILED_POOL_BROADCAST_BACKWARD = broadcast
                 jax.clear_caches()  # the flag is read when the backward is traced
-                cells.append(_ms(jax.jit(jax.grad(lambda v, w: (layers.max_pool(v, 2) * w).sum())), x, weight,
+                cells.append(fastest_ms(jax.jit(jax.grad(lambda v, w: (layers.max_pool(v, 2) * w).sum())), x, weight,
                                  steps=steps))
             finally:
                 layers.TILED_POOL_BROADCAST_BACKWARD = True
@@ -188,7 +184,7 @@ def overlapping_pool_rows(steps: int) -> list[str]:
         x = jax.nn.relu(jax.numpy.asarray(rng.randn(*shape).astype(np.float32)))
         window = lambda v: lax.reduce_window(v, -jax.numpy.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1),  # noqa: E731
                                              ((0, 0), (1, 1), (1, 1), (0, 0)))
-        cells = [_ms(jax.jit(jax.grad(lambda v, f=f: (f(v) ** 2).sum())), x, steps=steps)
+        cells = [fastest_ms(jax.jit(jax.grad(lambda v, f=f: (f(v) ** 2).sum())), x, steps=steps)
                  for f in (window, lambda v: layers.max_pool(v, 3, 2, 1))]
         rows.append(f"| {list(shape)} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
     return rows
@@ -199,6 +195,15 @@ def main(argv):
     import jax
 
     print(f"backend {jax.default_backend()}, {FLAGS.steps} calls per number, milliseconds per call\n")
+    if FLAGS.only == "torch":
+        for name in FLAGS.models:
+            print(f"**{name}**, batch {FLAGS.batch}: each conv as the train step runs it\n")
+            print("| conv | calls per step | cnnjax fwd | cnnjax fwd+bwd | PyTorch fwd | PyTorch fwd+bwd "
+                  "| cnnjax speed / PyTorch's, fwd+bwd |")
+            print("|---|---:|---:|---:|---:|---:|---:|")
+            for row in conv_vs_torch_rows(name, FLAGS.batch, FLAGS.steps):
+                print(row, flush=True)
+            print()
     if FLAGS.only in ("all", "conv"):
         print("| conv | " + " | ".join(f"{impl} {what}" for impl in ("xla", "im2col", "shifted")
                                        for what in ("fwd", "fwd+tanh", "fwd+bwd")) + " | choose_impl |")

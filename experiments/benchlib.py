@@ -82,6 +82,91 @@ def bench_model(name: str):
     return models.create(name.split("@")[0], num_classes=10, **ROW_KWARGS.get(name, ({}, {}))[0])
 
 
+def model_convs(name: str) -> list[dict]:
+    """The convolutions of bench row ``name``'s forward (train mode), in call order, identical ones merged.
+
+    Each is ``{"module": the cnnjax Conv, "input": (H, W, C) it reads, "count": calls per forward,
+    "first": True for the conv of the model's input (whose input gradient a train step does not need)}``.
+    Read by tracing the model's init with Flax's method interceptor, so it follows the zoo as it is."""
+    import flax.linen as nn
+    import jax
+
+    from cnnjax.layers import Conv
+
+    convs: dict = {}
+
+    def record(next_fun, args, kwargs, context):
+        module = context.module
+        if isinstance(module, Conv) and context.method_name == "__call__":
+            key = (tuple(args[0].shape[1:]), module.features, module.kernel_size, module.stride, module.padding,
+                   module.dilation, module.groups, module.use_bias, module.in_features, module.pad_features)
+            entry = convs.setdefault(key, {"module": module.clone(parent=None, name=None), "input": key[0],
+                                           "count": 0, "first": not convs})
+            entry["count"] += 1
+        return next_fun(*args, **kwargs)
+
+    model = bench_model(name)
+    x = jax.ShapeDtypeStruct((1, *SHAPES[name]), jax.numpy.float32)
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda x: model.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)},
+                                            x, train=True), x)
+    return list(convs.values())
+
+
+def conv_vs_torch_rows(name: str, batch: int, steps: int) -> list[str]:
+    """Markdown rows for bench row ``name``: each of its convs, cnnjax and PyTorch eager, forward and
+    forward+backward ms at ``batch``, then their sums over one train step (times the calls per step)."""
+    import jax
+    import numpy as np
+    import torch
+
+    from cnnjax.layers import canonical_padding
+
+    rng = np.random.RandomState(0)
+    rows, totals = [], np.zeros(4)
+    for conv in model_convs(name):
+        module, (h, w, c), first = conv["module"], conv["input"], conv["first"]
+        x = jax.numpy.asarray(rng.randn(batch, h, w, c).astype(np.float32))
+        params = jax.jit(module.init)(jax.random.PRNGKey(0), x)
+        y = jax.eval_shape(module.apply, params, x)
+        g = jax.numpy.asarray(rng.randn(*y.shape).astype(np.float32))
+
+        def fwd_bwd(params, x, g, apply=module.apply, first=first):
+            if first:
+                y, vjp = jax.vjp(lambda variables: apply(variables, x), params)
+            else:
+                y, vjp = jax.vjp(apply, params, x)
+            return y, vjp(g)
+
+        ours = [fastest_ms(jax.jit(module.apply), params, x, steps=steps),
+                fastest_ms(jax.jit(fwd_bwd), params, x, g, steps=steps)]
+        pads = canonical_padding(module.padding)
+        if isinstance(pads, str) or pads[0][0] != pads[0][1] or pads[1][0] != pads[1][1]:
+            raise ValueError(f"{name}: a conv with asymmetric padding {module.padding} has no torch Conv2d twin")
+        c_in = module.in_features or c
+        twin = torch.nn.Conv2d(c_in, module.features, module.kernel_size, module.stride, (pads[0][0], pads[1][0]),
+                               module.dilation, module.groups, module.use_bias)
+        xt = torch.from_numpy(rng.randn(batch, c_in, h, w).astype(np.float32)).requires_grad_(not first)
+        gt = torch.from_numpy(rng.randn(*twin(xt).shape).astype(np.float32))
+
+        def torch_fwd_bwd(twin=twin, xt=xt, gt=gt):
+            twin.zero_grad(set_to_none=True)
+            xt.grad = None
+            twin(xt).backward(gt)
+
+        with torch.no_grad():
+            theirs = [fastest_ms(twin, xt, steps=steps)]
+        theirs.append(fastest_ms(torch_fwd_bwd, steps=steps))
+        cells = ours + theirs
+        totals += conv["count"] * np.array(cells)
+        rows.append(f"| [{batch},{h},{w},{c}] -> {module.features}, k{module.kernel_size} s{module.stride} "
+                    f"p{module.padding}{' (first)' if first else ''} "
+                    f"| {conv['count']} | " + " | ".join(f"{v:.2f}" for v in cells) + f" | {cells[3] / cells[1]:.2f} |")
+    rows.append("| **per train step** | | " + " | ".join(f"**{v:.1f}**" for v in totals)
+                + f" | **{totals[3] / totals[1]:.2f}** |")
+    return rows
+
+
 def bench_torch_model(name: str):
     """The torch twin of bench row ``name`` (10 classes)."""
     from tests import torch_models
@@ -251,6 +336,20 @@ def run_cpu_variant(variant: str, names: list[str], batch: int, steps: int) -> d
         shape = SHAPES[name]
         out[name] = time_jax_training(bench_model(name), bench_spec(shape), shape, batch, steps)["train_img_s"]
     return out
+
+
+def fastest_ms(fn, *args, steps: int) -> float:
+    """Milliseconds of the fastest of ``steps`` calls, each waited for (after a compile call): this machine's
+    slow spells only ever lengthen a call."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return min(times) * 1e3
 
 
 def timeit(fn, steps: int) -> float:

@@ -178,3 +178,27 @@ def test_a_process_variant_is_refused_in_one_line():
     assert len(lines) == 1 and "experiments.bench_cpu" in lines[0]
     assert "Traceback" not in out.stderr
 
+
+
+def test_model_convs_lists_each_distinct_conv_of_a_bench_model_with_its_calls():
+    convs = benchlib.model_convs("cifar_resnet20")
+    got = [(c["input"], c["module"].features, c["module"].stride, c["count"], c["first"]) for c in convs]
+    assert got == [((32, 32, 3), 16, 1, 1, True), ((32, 32, 16), 16, 1, 6, False), ((32, 32, 16), 32, 2, 1, False),
+                   ((16, 16, 32), 32, 1, 5, False), ((16, 16, 32), 64, 2, 1, False), ((8, 8, 64), 64, 1, 5, False)]
+    # LeNet-5's CPU layout: conv1 writes 2 zero channels, which conv2 reads as 6 (what torch's twin has).
+    first, second = benchlib.model_convs("lenet5")
+    assert (first["module"].pad_features, second["input"], second["module"].in_features) == (2, (14, 14, 8), 6)
+
+
+def test_conv_vs_torch_rows_time_every_conv_and_sum_them_per_step():
+    pytest.importorskip("torch")
+    rows = benchlib.conv_vs_torch_rows("cifar_resnet20", batch=2, steps=1)
+    convs = benchlib.model_convs("cifar_resnet20")
+    assert len(rows) == len(convs) + 1 and rows[-1].startswith("| **per train step** |")
+    cells = [[float(v) for v in row.strip("|").split("|")[1:]] for row in rows[:-1]]
+    assert [int(c[0]) for c in cells] == [c["count"] for c in convs]
+    assert all(v > 0 for c in cells for v in c)
+    totals = [float(v.strip(" *")) for v in rows[-1].strip("|").split("|")[2:]]
+    want = [sum(c[0] * c[i] for c in cells) for i in range(1, 5)]
+    np.testing.assert_allclose(totals[:4], want, rtol=0.01, atol=0.06)
+    assert totals[4] == pytest.approx(totals[3] / totals[1], abs=0.01)
