@@ -99,7 +99,8 @@ def model_convs(name: str) -> list[dict]:
         module = context.module
         if isinstance(module, Conv) and context.method_name == "__call__":
             key = (tuple(args[0].shape[1:]), module.features, module.kernel_size, module.stride, module.padding,
-                   module.dilation, module.groups, module.use_bias, module.in_features, module.pad_features)
+                   module.dilation, module.groups, module.use_bias, module.in_features, module.pad_features,
+                   module.impl)
             entry = convs.setdefault(key, {"module": module.clone(parent=None, name=None), "input": key[0],
                                            "count": 0, "first": not convs})
             entry["count"] += 1
