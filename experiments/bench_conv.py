@@ -82,14 +82,13 @@ def conv_rows(steps: int) -> list[str]:
     rng = np.random.RandomState(0)
     rows = []
     for case in CONV_CASES:
-        (_, _, c_in, _, k, s, _, first), (x, w, pads) = case, _case_data(rng, case)
+        (_, _, c_in, _, k, _, _, _), (x, w) = case, _case_data(rng, case)
         cells = []
         for impl in ("xla", "im2col", "shifted"):
             if impl == "shifted" and k * k * c_in > conv.SHIFTED_MAX_TERMS:
                 cells += [None] * 3
                 continue
-            f = functools.partial(conv.conv2d, strides=(s, s), padding=pads, impl=impl)
-            grad = jax.grad(lambda x, w, f=f: (f(x, w) ** 2).sum(), argnums=(1,) if first else (0, 1))
+            f, grad = _conv_and_grad(case, impl)
             tanh = jax.jit(lambda x, w, f=f: jax.numpy.tanh(f(x, w)))
             cells += [fastest_ms(jax.jit(f), x, w, steps=steps), fastest_ms(tanh, x, w, steps=steps),
                       fastest_ms(jax.jit(grad), x, w, steps=steps)]
@@ -98,14 +97,26 @@ def conv_rows(steps: int) -> list[str]:
 
 
 def _case_data(rng, case: tuple) -> tuple:
-    """``(x [N, H, W, C_in], kernel [k, k, C_in, C_out], pads)`` of a conv case, random."""
+    """``(x [N, H, W, C_in], kernel [k, k, C_in, C_out])`` of a conv case, random."""
     import jax
     import numpy as np
 
-    n, hw, c_in, c_out, k, _, p, _ = case
+    n, hw, c_in, c_out, k, _, _, _ = case
     x = jax.numpy.asarray(rng.randn(n, hw, hw, c_in).astype(np.float32))
     w = jax.numpy.asarray(rng.randn(k, k, c_in, c_out).astype(np.float32) * 0.05)
-    return x, w, ((p, p), (p, p))
+    return x, w
+
+
+def _conv_and_grad(case: tuple, impl: str, after=lambda y: y) -> tuple:
+    """``(conv(x, w), grad of sum(after(conv(x, w)) ** 2))`` of a conv case under ``impl``; the gradient is
+    the kernel's only for a first layer (no input gradient), else the input's and the kernel's."""
+    import jax
+
+    from cnnjax import conv
+
+    _, _, _, _, _, s, p, first = case
+    f = functools.partial(conv.conv2d, strides=(s, s), padding=((p, p), (p, p)), impl=impl)
+    return f, jax.grad(lambda x, w: (after(f(x, w)) ** 2).sum(), argnums=(1,) if first else (0, 1))
 
 
 def _case_row(case: tuple, cells: list[str]) -> str:
@@ -124,16 +135,13 @@ def strided_rows(steps: int) -> list[str]:
     import jax
     import numpy as np
 
-    from cnnjax import conv
-
     rng = np.random.RandomState(0)
     rows = []
     for case in STRIDED_CASES:
-        (_, _, _, _, _, s, _, first), (x, w, pads) = case, _case_data(rng, case)
+        x, w = _case_data(rng, case)
         cells = []
         for impl in ("im2col", "kept", "split"):
-            f = functools.partial(conv.conv2d, strides=(s, s), padding=pads, impl=impl)
-            grad = jax.grad(lambda x, w, f=f: (jax.numpy.tanh(f(x, w)) ** 2).sum(), argnums=(1,) if first else (0, 1))
+            _, grad = _conv_and_grad(case, impl, after=jax.numpy.tanh)
             cells.append(fastest_ms(jax.jit(grad), x, w, steps=steps))
         rows.append(_case_row(case, [f"{c:.2f}" for c in cells]))
     return rows
@@ -161,8 +169,8 @@ def pool_rows(steps: int) -> list[str]:
             try:
                 layers.TILED_POOL_BROADCAST_BACKWARD = broadcast
                 jax.clear_caches()  # the flag is read when the backward is traced
-                cells.append(fastest_ms(jax.jit(jax.grad(lambda v, w: (layers.max_pool(v, 2) * w).sum())), x, weight,
-                                 steps=steps))
+                grad = jax.jit(jax.grad(lambda v, w: (layers.max_pool(v, 2) * w).sum()))
+                cells.append(fastest_ms(grad, x, weight, steps=steps))
             finally:
                 layers.TILED_POOL_BROADCAST_BACKWARD = True
         rows.append(f"| {list(shape)} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")

@@ -127,6 +127,9 @@ def conv_vs_torch_rows(name: str, batch: int, steps: int) -> list[str]:
     rows, totals = [], np.zeros(4)
     for conv in model_convs(name):
         module, (h, w, c), first = conv["module"], conv["input"], conv["first"]
+        pads = canonical_padding(module.padding)
+        if isinstance(pads, str) or pads[0][0] != pads[0][1] or pads[1][0] != pads[1][1]:
+            raise ValueError(f"{name}: a conv with asymmetric padding {module.padding} has no torch Conv2d twin")
         x = jax.numpy.asarray(rng.randn(batch, h, w, c).astype(np.float32))
         params = jax.jit(module.init)(jax.random.PRNGKey(0), x)
         y = jax.eval_shape(module.apply, params, x)
@@ -141,9 +144,6 @@ def conv_vs_torch_rows(name: str, batch: int, steps: int) -> list[str]:
 
         ours = [fastest_ms(jax.jit(module.apply), params, x, steps=steps),
                 fastest_ms(jax.jit(fwd_bwd), params, x, g, steps=steps)]
-        pads = canonical_padding(module.padding)
-        if isinstance(pads, str) or pads[0][0] != pads[0][1] or pads[1][0] != pads[1][1]:
-            raise ValueError(f"{name}: a conv with asymmetric padding {module.padding} has no torch Conv2d twin")
         c_in = module.in_features or c
         twin = torch.nn.Conv2d(c_in, module.features, module.kernel_size, module.stride, (pads[0][0], pads[1][0]),
                                module.dilation, module.groups, module.use_bias)
