@@ -1,9 +1,11 @@
 """Side-by-side training / eval throughput: cnnjax (jit) vs PyTorch eager and torch.compile.
 
-``python -m experiments.bench [--quick] [--out FILE]`` prints a markdown table (images/s,
-compile time separately, cnnjax / PyTorch ratio per row) and writes JSON to FILE. Same network
-(the torch twins in tests/torch_models.py, equal parameter counts), same batch, SGD with
-momentum 0.9, cross-entropy, uint8 input normalised inside the step in both frameworks.
+``python -m experiments.bench [--quick] [--precisions fp32,bf16] [--torch_device auto] [--out FILE]`` prints a
+markdown table (images/s, compile time separately, cnnjax / PyTorch ratio per row) and writes JSON to FILE.
+Same network (the torch twins in tests/torch_models.py, equal parameter counts), same batch, SGD with
+momentum 0.9, cross-entropy, uint8 input normalised inside the step in both frameworks. cnnjax runs on
+JAX's default device and torch on the GPU when it sees one (``--torch_device``), so on a GPU machine
+both sides are on the GPU; ``bf16`` rows compute in bfloat16 on both sides (float32 parameters).
 The last section times a full epoch through the on-device pipeline (permutation + crop/flip
 augmentation) against the same number of steps on one resident batch.
 """
@@ -20,27 +22,31 @@ from absl import flags
 
 from cnnjax.errors import UsageError
 from experiments import cli
-from experiments.benchlib import SHAPES, bench_model, bench_torch
+from experiments.benchlib import PRECISIONS, SHAPES, bench_model, bench_torch, torch_device, torch_device_name
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("quick", False, "batch 128 only, 3 timed steps, resnet18@224 at batch 16")
+flags.DEFINE_bool("pipeline", True, "add the on-device pipeline's epoch-overhead row (cifar_resnet20)")
 flags.DEFINE_bool("data_modes", True, "add stream-vs-resident epoch-time rows (experiments.bench_stream)")
 flags.DEFINE_string("out", "", "write the results as JSON here")
 flags.DEFINE_integer("steps", 10, "timed steps per row (after warm-up)")
 flags.DEFINE_bool("torch", True, "also time PyTorch (eager and torch.compile)")
+flags.DEFINE_bool("torch_compile", True, "with --torch, also time torch.compile (needs a C++ toolchain)")
 flags.DEFINE_list("models", ["lenet5", "improved_cnn", "cifar_resnet20", "resnet18", "resnet18@224", "fast_cnn"],
                   "rows to run (NAME or NAME@SIZE)")
+flags.DEFINE_list("precisions", ["fp32"], "fp32 and / or bf16 (bfloat16 compute, float32 parameters) rows")
+flags.DEFINE_string("torch_device", "auto", "auto (the GPU when torch sees one, else the CPU) | cpu | cuda")
 
 
 
-def bench_jax(name: str, shape, batch: int, steps: int) -> dict:
-    """cnnjax train (real Runner) and eval throughput for one row."""
+def bench_jax(name: str, shape, batch: int, steps: int, precision: str = "fp32") -> dict:
+    """cnnjax train (real Runner) and eval throughput for one row, on JAX's default device."""
     import jax
 
     from experiments.benchlib import bench_spec, time_jax_training
 
     model = bench_model(name)
-    out = time_jax_training(model, bench_spec(shape), shape, batch, steps)
+    out = time_jax_training(model, bench_spec(shape, precision), shape, batch, steps)
     ev, state = out["runner"].eval_fn, out["state"]  # the state stays on the device (jit mode)
     args = (state.params, state.batch_stats, out["images"], out["labels"], jax.numpy.ones(batch))
     jax.block_until_ready(ev(*args))
@@ -95,32 +101,38 @@ def main(argv):
 
     batches = (128,) if FLAGS.quick else (128, 512)
     steps = 3 if FLAGS.quick else FLAGS.steps
+    unknown = [n for n in FLAGS.models if n not in SHAPES] + [p for p in FLAGS.precisions if p not in PRECISIONS]
+    if unknown:
+        raise UsageError(f"unknown bench row or precision {unknown[0]!r}; rows: {', '.join(SHAPES)}; "
+                         f"precisions: {', '.join(PRECISIONS)}")
+    device = torch_device(FLAGS.torch_device) if FLAGS.torch else None
     rows = []
     for name in FLAGS.models:
-        if name not in SHAPES:
-            raise UsageError(f"unknown bench row {name!r}; choose from {', '.join(SHAPES)}")
         for batch in batches:
-            b = 16 if (FLAGS.quick and name.endswith("@224")) else batch
-            row = {"model": name, "input": "x".join(map(str, SHAPES[name])), "batch": b}
-            row["jax"] = bench_jax(name, SHAPES[name], b, steps)
-            if FLAGS.torch:
-                row["torch_eager"] = bench_torch(name, SHAPES[name], b, steps, compiled=False)
-                try:
-                    row["torch_compile"] = bench_torch(name, SHAPES[name], b, steps, compiled=True)
-                except Exception as err:  # torch.compile needs a C++ toolchain and may not support the host
-                    row["torch_compile"] = {"error": str(err).splitlines()[0][:120]}
-            rows.append(row)
-            print_row(row, flush=True)
-    pipeline = bench_pipeline()
+            for precision in FLAGS.precisions:
+                b = 16 if (FLAGS.quick and name.endswith("@224")) else batch
+                row = {"model": name, "input": "x".join(map(str, SHAPES[name])), "batch": b, "precision": precision}
+                row["jax"] = bench_jax(name, SHAPES[name], b, steps, precision)
+                if FLAGS.torch:
+                    row["torch_eager"] = bench_torch(name, SHAPES[name], b, steps, False, device, precision)
+                    try:
+                        if FLAGS.torch_compile:
+                            row["torch_compile"] = bench_torch(name, SHAPES[name], b, steps, True, device, precision)
+                    except Exception as err:  # torch.compile needs a C++ toolchain and may not support the host
+                        row["torch_compile"] = {"error": str(err).splitlines()[0][:120]}
+                rows.append(row)
+                print_row(row, flush=True)
+    pipeline = bench_pipeline() if FLAGS.pipeline else None
     data_modes = bench_data_modes() if FLAGS.data_modes else []
-    torch_version = "n/a"
+    torch_version, torch_on = "n/a", "n/a"
     if FLAGS.torch:
         import torch
 
-        torch_version = torch.__version__
+        torch_version, torch_on = torch.__version__, torch_device_name(device)
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} cores", "device": str(jax.devices()[0]), "jax": jax.__version__,
-            "torch": torch_version, "xla_flags": os.environ.get("XLA_FLAGS", ""), "quick": FLAGS.quick}
+            "torch": torch_version, "torch_device": torch_on, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "quick": FLAGS.quick}
     table = markdown(rows, pipeline, meta) + "".join(
         f"\nStream vs resident ({r['model']} on an exported Fashion-MNIST folder): {r['stream_epoch_s']:.2f} vs "
         f"{r['resident_epoch_s']:.2f} s/epoch -> ratio {r['ratio']:.2f}" for r in data_modes)
@@ -152,21 +164,26 @@ def _fmt(d: dict, key: str) -> str:
 def print_row(row: dict, flush: bool = False) -> None:
     j, t = row["jax"], row.get("torch_eager", {})
     ratio = j["train_img_s"] / t["train_img_s"] if t else float("nan")
-    print(f"# {row['model']} {row['input']} b{row['batch']}: cnnjax {j['train_img_s']:.0f} img/s, "
-          f"torch eager {_fmt(t, 'train_img_s')} img/s, ratio {ratio:.2f}", flush=flush)
+    print(f"# {row['model']} {row['input']} b{row['batch']} {row.get('precision', 'fp32')}: "
+          f"cnnjax {j['train_img_s']:.0f} img/s, torch eager {_fmt(t, 'train_img_s')} img/s, ratio {ratio:.2f}",
+          flush=flush)
 
 
-def markdown(rows: list, pipeline: dict, meta: dict) -> str:
-    head = ("| model | input | batch | cnnjax train img/s | torch eager | torch.compile | cnnjax / eager | "
+def markdown(rows: list, pipeline: dict | None, meta: dict) -> str:
+    head = ("| model | input | batch | precision | cnnjax train img/s | torch eager | torch.compile | cnnjax / eager | "
             "cnnjax eval img/s | torch eval | cnnjax compile s |")
-    lines = [f"Machine: {meta['machine']} ({meta['device']}); jax {meta['jax']}, torch {meta['torch']}; "
-             f"{meta['date']}; XLA_FLAGS={meta['xla_flags'] or '(none)'}", "", head, "|" + "---|" * 10]
+    lines = [f"Machine: {meta['machine']} (cnnjax on {meta['device']}, torch on {meta.get('torch_device', 'cpu')}); "
+             f"jax {meta['jax']}, torch {meta['torch']}; {meta['date']}; XLA_FLAGS={meta['xla_flags'] or '(none)'}",
+             "", head, "|" + "---|" * 11]
     for r in rows:
         j, te, tc = r["jax"], r.get("torch_eager", {}), r.get("torch_compile", {})
         ratio = f"{j['train_img_s'] / te['train_img_s']:.2f}" if te else "n/a"
-        lines.append(f"| {r['model']} | {r['input']} | {r['batch']} | {j['train_img_s']:.0f} | "
+        lines.append(f"| {r['model']} | {r['input']} | {r['batch']} | {r.get('precision', 'fp32')} | "
+                     f"{j['train_img_s']:.0f} | "
                      f"{_fmt(te, 'train_img_s')} | {_fmt(tc, 'train_img_s')} | {ratio} | {j['eval_img_s']:.0f} | "
                      f"{_fmt(te, 'eval_img_s')} | {j['compile_s']:.1f} |")
+    if pipeline is None:
+        return "\n".join(lines)
     lines += ["", f"Pipeline overhead (cifar_resnet20, batch 128, {pipeline['steps']} steps): full epoch with "
               f"on-device shuffle + crop/flip {pipeline['pipeline_epoch_s']:.2f} s vs one resident batch "
               f"{pipeline['resident_batch_s']:.2f} s -> ratio {pipeline['overhead_ratio']:.3f}"]

@@ -1,4 +1,4 @@
-"""Shared timing helper for the benchmark scripts (bench, bench_scan, bench_resize)."""
+"""Shared timing helpers for the benchmark scripts (bench, bench_cpu, bench_ab, bench_conv, bench_recipe, ...)."""
 
 from __future__ import annotations
 
@@ -61,11 +61,20 @@ def prepared_runner(model: Any, spec: Any, data_shape: tuple[int, int, int], n: 
     return runner, state, images, labels
 
 
-def bench_spec(shape: tuple[int, int, int]) -> Any:
-    """The benchmarks' step: 10 classes, mean 0.5 / std 0.25 per channel, no augmentation."""
+PRECISIONS = ("fp32", "bf16")
+
+
+def bench_spec(shape: tuple[int, int, int], precision: str = "fp32") -> Any:
+    """The benchmarks' step: 10 classes, mean 0.5 / std 0.25 per channel, no augmentation; ``precision``
+    'bf16' computes in bfloat16 (float32 parameters and BatchNorm statistics, as ``mixed_precision``)."""
+    import jax.numpy as jnp
+
     from cnnjax.train.steps import StepSpec
 
-    return StepSpec(10, (0.5,) * shape[2], (0.25,) * shape[2])
+    if precision not in PRECISIONS:
+        raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
+    return StepSpec(10, (0.5,) * shape[2], (0.25,) * shape[2], compute_dtype=dtype)
 
 
 # Benchmark rows: NAME or NAME@SIZE -> input shape [H, W, C].
@@ -353,44 +362,99 @@ def fastest_ms(fn, *args, steps: int) -> float:
     return min(times) * 1e3
 
 
-def timeit(fn, steps: int) -> float:
+def timeit(fn, steps: int, sync=None) -> float:
+    """Seconds for ``steps`` calls of ``fn``; ``sync()`` (e.g. ``torch.cuda.synchronize``) is called before the
+    clock starts and before it is read, so work queued on an accelerator is counted."""
+    sync = sync or (lambda: None)
+    sync()
     t = time.perf_counter()
     for _ in range(steps):
         fn()
+    sync()
     return time.perf_counter() - t
 
 
-def bench_torch(name: str, shape, batch: int, steps: int, compiled: bool) -> dict:
-    """PyTorch train (SGD momentum 0.9) and eval throughput of the torch twin of ``name``."""
+TORCH_DEVICES = ("auto", "cpu", "cuda")
+
+
+def torch_device(choice: str = "auto") -> str:
+    """The device the torch twins run on: 'cuda' when ``choice`` is 'auto' and this torch sees a GPU, else
+    'cpu'; 'cuda' without one is an error (a GPU bench against torch on the CPU would compare nothing)."""
+    import torch
+
+    if choice not in TORCH_DEVICES:
+        raise UsageError(f"--torch_device must be one of {', '.join(TORCH_DEVICES)}; got {choice!r}")
+    has_cuda = torch.cuda.is_available()
+    if choice == "cuda" and not has_cuda:
+        raise UsageError(f"--torch_device=cuda, but torch {torch.__version__} sees no GPU; install a CUDA build "
+                         "of torch or pass --torch_device=cpu")
+    return "cuda" if choice == "cuda" or (choice == "auto" and has_cuda) else "cpu"
+
+
+def torch_device_name(device: str) -> str:
+    """``'cpu'`` or the GPU's name, for the bench's metadata."""
+    import torch
+
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
+
+
+def torch_steps(name: str, shape, batch: int, device: str = "cpu", precision: str = "fp32") -> dict:
+    """The torch twin of ``name`` on ``device`` with one random uint8 batch ``[batch, C, H, W]``, and its
+    ``train_step`` (SGD momentum 0.9, cross-entropy) and ``eval_step`` closures; ``sync`` waits for the GPU.
+
+    On a GPU the twin runs channels-last (torch's fast convolution layout there; NCHW on the CPU, as
+    measured before). ``precision`` 'bf16' runs the forward under ``torch.autocast`` in bfloat16 (float32
+    parameters and loss), the counterpart of cnnjax's ``mixed_precision``."""
     import numpy as np
     import torch
 
+    if precision not in PRECISIONS:
+        raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     torch.manual_seed(0)
-    model = bench_torch_model(name)
+    layout = torch.channels_last if device == "cuda" else torch.contiguous_format
+    model = bench_torch_model(name).to(device, memory_format=layout)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     rng = np.random.RandomState(0)
     images = torch.from_numpy(rng.randint(0, 256, (batch, shape[2], shape[0], shape[1])).astype(np.uint8))
-    labels = torch.from_numpy(rng.randint(0, 10, batch).astype(np.int64))
+    images = images.to(device).contiguous(memory_format=layout)
+    labels = torch.from_numpy(rng.randint(0, 10, batch).astype(np.int64)).to(device)
+    autocast = lambda: torch.autocast(device, torch.bfloat16, enabled=precision == "bf16")  # noqa: E731
 
     def train_step():
         x = (images.float() / 255.0 - 0.5) / 0.25
         opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(model(x), labels)
+        with autocast():
+            logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
         loss.backward()
         opt.step()
         return loss
 
-    step_fn = torch.compile(train_step) if compiled else train_step
-    model.train()
-    t = time.perf_counter()
-    step_fn()
-    compile_s = time.perf_counter() - t
-    step_fn()
-    dt = timeit(step_fn, steps)
-    model.eval()
-    with torch.no_grad():
-        fwd = torch.compile(model) if compiled else model
-        eval_step = lambda: fwd((images.float() / 255.0 - 0.5) / 0.25)  # noqa: E731
-        eval_step()
-        ev = timeit(eval_step, steps)
-    return {"train_img_s": steps * batch / dt, "eval_img_s": steps * batch / ev, "compile_s": compile_s}
+    def eval_step():
+        with torch.no_grad(), autocast():
+            return model((images.float() / 255.0 - 0.5) / 0.25)
+
+    return {"model": model, "train_step": train_step, "eval_step": eval_step,
+            "sync": torch.cuda.synchronize if device == "cuda" else None}
+
+
+def bench_torch(name: str, shape, batch: int, steps: int, compiled: bool, device: str = "cpu",
+                precision: str = "fp32") -> dict:
+    """PyTorch train and eval throughput of the torch twin of ``name`` (:func:`torch_steps`), eager or
+    ``torch.compile``-d; every timing waits for the device."""
+    import torch
+
+    twin = torch_steps(name, shape, batch, device, precision)
+    sync = twin["sync"] or (lambda: None)
+    out = {}
+    for mode, fn in (("train", twin["train_step"]), ("eval", twin["eval_step"])):
+        twin["model"].train(mode == "train")
+        step = torch.compile(fn) if compiled else fn
+        t = time.perf_counter()
+        step()
+        sync()
+        if mode == "train":
+            out["compile_s"] = time.perf_counter() - t
+        step()
+        out[f"{mode}_img_s"] = steps * batch / timeit(step, steps, twin["sync"])
+    return out

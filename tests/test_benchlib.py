@@ -4,6 +4,7 @@ print; bench_ab's one-line refusal of a process variant."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import subprocess
 import sys
@@ -179,7 +180,6 @@ def test_a_process_variant_is_refused_in_one_line():
     assert "Traceback" not in out.stderr
 
 
-
 def test_model_convs_lists_each_distinct_conv_of_a_bench_model_with_its_calls():
     convs = benchlib.model_convs("cifar_resnet20")
     got = [(c["input"], c["module"].features, c["module"].stride, c["count"], c["first"]) for c in convs]
@@ -202,3 +202,59 @@ def test_conv_vs_torch_rows_time_every_conv_and_sum_them_per_step():
     want = [sum(c[0] * c[i] for c in cells) for i in range(1, 5)]
     np.testing.assert_allclose(totals[:4], want, rtol=0.01, atol=0.06)
     assert totals[4] == pytest.approx(totals[3] / totals[1], abs=0.01)
+
+
+# --- the bench's torch side: device and precision ---------------------------------------------------------
+
+
+def test_torch_device_follows_the_gpu_torch_sees_and_refuses_cuda_without_one(monkeypatch):
+    torch = pytest.importorskip("torch")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert benchlib.torch_device("auto") == "cpu" and benchlib.torch_device("cpu") == "cpu"
+    with pytest.raises(UsageError, match="sees no GPU; install a CUDA build of torch or pass --torch_device=cpu"):
+        benchlib.torch_device("cuda")
+    with pytest.raises(UsageError, match="--torch_device must be one of auto, cpu, cuda; got 'tpu'"):
+        benchlib.torch_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert benchlib.torch_device("auto") == "cuda" and benchlib.torch_device("cpu") == "cpu"
+
+
+@pytest.mark.parametrize("precision,dtype", [("fp32", "float32"), ("bf16", "bfloat16")])
+def test_torch_twin_steps_compute_in_the_precision_asked_and_keep_float32_parameters(precision, dtype):
+    torch = pytest.importorskip("torch")
+
+    twin = benchlib.torch_steps("lenet5", (32, 32, 1), 4, "cpu", precision)
+    seen = []
+    first_conv = next(m for m in twin["model"].modules() if isinstance(m, torch.nn.Conv2d))
+    first_conv.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    before = first_conv.weight.detach().clone()
+    loss = twin["train_step"]()
+    assert seen == [getattr(torch, dtype)] and torch.isfinite(loss) and loss.dtype == torch.float32
+    assert first_conv.weight.dtype == torch.float32 and not torch.equal(first_conv.weight, before)  # it stepped
+    assert twin["eval_step"]().dtype == getattr(torch, dtype) and twin["sync"] is None
+
+
+def test_bench_spec_precision_sets_the_compute_dtype():
+    assert benchlib.bench_spec((32, 32, 3)).compute_dtype == jnp.float32
+    assert benchlib.bench_spec((32, 32, 3), "bf16").compute_dtype == jnp.bfloat16
+    with pytest.raises(UsageError, match="precision must be one of fp32, bf16; got 'fp16'"):
+        benchlib.bench_spec((32, 32, 3), "fp16")
+
+
+def test_bench_gives_a_row_per_model_and_precision_with_both_sides_timed(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, "-m", "experiments.bench", "--quick", "--models", "lenet5",
+                           "--precisions", "fp32,bf16", "--steps", "1", "--notorch_compile", "--nopipeline",
+                           "--nodata_modes", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert [(r["model"], r["precision"]) for r in result["rows"]] == [("lenet5", "fp32"), ("lenet5", "bf16")]
+    assert all(r[side]["train_img_s"] > 0 for r in result["rows"] for side in ("jax", "torch_eager"))
+    assert result["meta"]["torch_device"] == "cpu" and result["pipeline"] is None
+    assert "| lenet5 | 32x32x1 | 128 | bf16 |" in done.stdout and "torch on cpu" in done.stdout
+    bad = subprocess.run([sys.executable, "-m", "experiments.bench", "--precisions", "fp16", "--notorch"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: unknown bench row or "
+                                                                                 "precision 'fp16'")
