@@ -72,6 +72,10 @@ def test_full_file_system_refuses_the_save_in_one_line_and_keeps_the_earlier_che
         assert [r["epoch"] for r in _rows(workdir)] == [1, 2, 3]
 
 
+# orbax's writer threads of the failed save may still call back into its asyncio loop after orbax closed it
+# ("RuntimeError: Event loop is closed", raised in a thread and ignored there): orbax's own clean-up, not
+# cnnjax's, and what this test checks is asserted below.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_save_that_orbax_cannot_finish_raises_checkpoint_error_and_leaves_no_partial(tmp_path, monkeypatch):
     """The space check is skipped (as when another writer fills the disk mid-save): orbax fails inside."""
     with _tmpfs(tmp_path / "fs") as fs:
