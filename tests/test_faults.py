@@ -285,7 +285,10 @@ def test_a_signal_while_waiting_for_the_other_processes_aborts_the_start_up(tmp_
 
     def barrier_then_ctrl_c(name):
         names.append(name)
-        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while "waiting"
+        # Ctrl-C while "waiting". raise_signal, not os.kill: the kernel may hand a process-directed signal to
+        # another (XLA / orbax) thread, and Python then runs the handler at the main thread's next check, which can
+        # come after start-up has ended; raise_signal signals this thread and runs the handler before it returns.
+        signal.raise_signal(signal.SIGINT)
 
     monkeypatch.setattr(loop.distributed, "barrier", barrier_then_ctrl_c)
     workdir = tmp_path / "w"
@@ -366,7 +369,7 @@ def test_ctrl_c_while_fit_loads_data_in_python_raises_keyboard_interrupt_and_lea
     real_load = loop.load_splits
 
     def interrupted_load(config):
-        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the data loads
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C while the data loads (handled before this returns)
         return real_load(config)
 
     monkeypatch.setattr(loop, "load_splits", interrupted_load)
