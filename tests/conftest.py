@@ -10,6 +10,23 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored(request):
+    """Every test starts with the SIGINT / SIGTERM handlers the previous one started with: a test (or library
+    code it runs in-process) that leaves its own handler installed is named in a warning and undone, so a later
+    test of signal behaviour does not inherit it (with pytest-xdist the order of files differs run to run)."""
+    import signal
+    import warnings
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in before.items():
+        if signal.getsignal(sig) is not handler:
+            warnings.warn(f"{request.node.nodeid} left {sig.name} handled by {signal.getsignal(sig)!r}; restored",
+                          stacklevel=1)
+            signal.signal(sig, handler)
+
+
 def pytest_terminal_summary(terminalreporter):
     """Print every measured parity max |Δ| so runs document their figures."""
     from tests.parity import REPORT

@@ -291,9 +291,13 @@ def test_a_signal_while_waiting_for_the_other_processes_aborts_the_start_up(tmp_
         signal.raise_signal(signal.SIGINT)
 
     monkeypatch.setattr(loop.distributed, "barrier", barrier_then_ctrl_c)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, whatever ran before
     workdir = tmp_path / "w"
-    with pytest.raises(KeyboardInterrupt):
-        fit(stripes(num_epochs=1), str(workdir), progress=False)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fit(stripes(num_epochs=1), str(workdir), progress=False)
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert names == ["cnnjax.fit: start-up done"]
     # Nothing of the run is written: no checkpoint, no config.json, no metrics.
     left = sorted(p.name for p in workdir.rglob("*")) if workdir.exists() else []
