@@ -109,15 +109,15 @@ def main(argv):
     rows = []
     for name in FLAGS.models:
         for batch in batches:
+            b = 16 if (FLAGS.quick and name.endswith("@224")) else batch
             for precision in FLAGS.precisions:
-                b = 16 if (FLAGS.quick and name.endswith("@224")) else batch
                 row = {"model": name, "input": "x".join(map(str, SHAPES[name])), "batch": b, "precision": precision}
                 row["jax"] = bench_jax(name, SHAPES[name], b, steps, precision)
                 if FLAGS.torch:
                     row["torch_eager"] = bench_torch(name, SHAPES[name], b, steps, False, device, precision)
+                if FLAGS.torch and FLAGS.torch_compile:
                     try:
-                        if FLAGS.torch_compile:
-                            row["torch_compile"] = bench_torch(name, SHAPES[name], b, steps, True, device, precision)
+                        row["torch_compile"] = bench_torch(name, SHAPES[name], b, steps, True, device, precision)
                     except Exception as err:  # torch.compile needs a C++ toolchain and may not support the host
                         row["torch_compile"] = {"error": str(err).splitlines()[0][:120]}
                 rows.append(row)

@@ -31,7 +31,14 @@ from absl import flags
 
 from cnnjax.errors import UsageError
 from experiments import cli
-from experiments.benchlib import PRECISIONS, bench_torch_model, torch_device, torch_device_name
+from experiments.benchlib import (
+    PRECISIONS,
+    bench_torch_model,
+    torch_autocast,
+    torch_device,
+    torch_device_name,
+    torch_layout,
+)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("train", 50_000, "synthetic CIFAR-shaped training images (10% are held out for validation)")
@@ -65,13 +72,18 @@ def run_cnnjax(data_root: str, workdir: str, overrides: list[str]) -> dict:
 
 def run_torch(images, labels, config: dict, steps_per_epoch: int, device: str, compiled: bool) -> dict:
     """Epoch times of the twin under the recipe's per-step work (see the module doc) on ``device``."""
+    import jax
+    import ml_collections
     import numpy as np
     import torch
     import torch.nn.functional as F
 
+    from cnnjax.data.sources import MEAN_STD
+    from cnnjax.train.optim import make_schedule
+
     torch.manual_seed(0)
     batch, pad = config["batch_size"], config["data"]["crop_padding"]
-    layout = torch.channels_last if device == "cuda" else torch.contiguous_format
+    layout = torch_layout(device)
     net = bench_torch_model("fast_cnn").to(device, memory_format=layout)
     net.whiten.weight.requires_grad_(False)  # set from data once, then frozen (as cnnjax's 'frozen' group)
     model = torch.compile(net) if compiled else net
@@ -86,10 +98,12 @@ def run_torch(images, labels, config: dict, steps_per_epoch: int, device: str, c
     slow = [p.detach().clone() for p in net.parameters()]
     data = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
     labels = torch.from_numpy(labels.astype(np.int64)).to(device)
-    mean = torch.tensor([125.3, 123.0, 113.9], device=device).view(1, 3, 1, 1)
-    std = torch.tensor([63.0, 62.1, 66.7], device=device).view(1, 3, 1, 1)
+    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) * 255 for v in MEAN_STD["cifar10"])
     rows = torch.arange(32, device=device)
-    total = steps_per_epoch * FLAGS.epochs
+    # The learning-rate multiplier of every step, from cnnjax's own schedule for this config (computed once).
+    schedule = make_schedule(ml_collections.ConfigDict(config), steps_per_epoch, FLAGS.epochs)
+    rates = np.asarray(jax.vmap(schedule)(np.arange(steps_per_epoch * FLAGS.epochs))) / config["learning_rate"]
+    every = config.get("lookahead_every", 0)
 
     def augment(x):
         """Per image: flip with probability 1/2, translate by up to ``pad`` pixels (reflect padding)."""
@@ -103,22 +117,17 @@ def run_torch(images, labels, config: dict, steps_per_epoch: int, device: str, c
         return xp[n, :, (rows + dy)[:, :, None], (rows + dx)[:, None, :]].permute(0, 3, 1, 2)
 
     def step(i, idx):
-        for group in opt.param_groups:  # the recipe's triangular schedule, per step
-            frac = i / total
-            up = config["pct_start"]
-            rate = (config["lr_start_factor"] + (1 - config["lr_start_factor"]) * frac / up if frac < up else
-                    1 - (1 - config["lr_end_factor"]) * (frac - up) / (1 - up))
-            group["lr"] = lr * group["initial"] * rate
+        for group in opt.param_groups:
+            group["lr"] = lr * group["initial"] * float(rates[i])
         x = (augment(data[idx].float()) - mean) / std
         x = x.contiguous(memory_format=layout)
-        with torch.autocast(device, torch.bfloat16, enabled=FLAGS.precision == "bf16"):
+        with torch_autocast(device, FLAGS.precision):
             logits = model(x)
         loss = F.cross_entropy(logits.float(), labels[idx], label_smoothing=config["label_smoothing"],
                                reduction="sum")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        every = config.get("lookahead_every", 0)
         if every and (i + 1) % every == 0:
             with torch.no_grad():
                 fast = list(net.parameters())

@@ -398,32 +398,45 @@ def torch_device_name(device: str) -> str:
     return torch.cuda.get_device_name() if device == "cuda" else "cpu"
 
 
+def torch_layout(device: str):
+    """The memory format the torch twins run in: channels-last on a GPU (torch's fast convolution layout
+    there), NCHW on the CPU (as measured before)."""
+    import torch
+
+    return torch.channels_last if device == "cuda" else torch.contiguous_format
+
+
+def torch_autocast(device: str, precision: str):
+    """The context a twin's forward runs in: ``torch.autocast`` in bfloat16 for 'bf16', a no-op for 'fp32'."""
+    import torch
+
+    return torch.autocast(device, torch.bfloat16, enabled=precision == "bf16")
+
+
 def torch_steps(name: str, shape, batch: int, device: str = "cpu", precision: str = "fp32") -> dict:
     """The torch twin of ``name`` on ``device`` with one random uint8 batch ``[batch, C, H, W]``, and its
     ``train_step`` (SGD momentum 0.9, cross-entropy) and ``eval_step`` closures; ``sync`` waits for the GPU.
 
-    On a GPU the twin runs channels-last (torch's fast convolution layout there; NCHW on the CPU, as
-    measured before). ``precision`` 'bf16' runs the forward under ``torch.autocast`` in bfloat16 (float32
-    parameters and loss), the counterpart of cnnjax's ``mixed_precision``."""
+    The twin runs in :func:`torch_layout`; ``precision`` 'bf16' runs the forward under ``torch.autocast`` in
+    bfloat16 (float32 parameters and loss), the counterpart of cnnjax's ``mixed_precision``."""
     import numpy as np
     import torch
 
     if precision not in PRECISIONS:
         raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     torch.manual_seed(0)
-    layout = torch.channels_last if device == "cuda" else torch.contiguous_format
+    layout = torch_layout(device)
     model = bench_torch_model(name).to(device, memory_format=layout)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     rng = np.random.RandomState(0)
     images = torch.from_numpy(rng.randint(0, 256, (batch, shape[2], shape[0], shape[1])).astype(np.uint8))
     images = images.to(device).contiguous(memory_format=layout)
     labels = torch.from_numpy(rng.randint(0, 10, batch).astype(np.int64)).to(device)
-    autocast = lambda: torch.autocast(device, torch.bfloat16, enabled=precision == "bf16")  # noqa: E731
 
     def train_step():
         x = (images.float() / 255.0 - 0.5) / 0.25
         opt.zero_grad(set_to_none=True)
-        with autocast():
+        with torch_autocast(device, precision):
             logits = model(x)
         loss = torch.nn.functional.cross_entropy(logits.float(), labels)
         loss.backward()
@@ -431,7 +444,7 @@ def torch_steps(name: str, shape, batch: int, device: str = "cpu", precision: st
         return loss
 
     def eval_step():
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), torch_autocast(device, precision):
             return model((images.float() / 255.0 - 0.5) / 0.25)
 
     return {"model": model, "train_step": train_step, "eval_step": eval_step,

@@ -275,7 +275,15 @@ def test_a_signal_during_start_up_or_compilation_is_one_line_and_exit_75(tmp_pat
         assert checkpoint.steps(str(workdir))
 
 
-def test_a_signal_while_waiting_for_the_other_processes_aborts_the_start_up(tmp_path, monkeypatch):
+@pytest.fixture
+def python_ctrl_c():
+    """Python's own Ctrl-C handler (``KeyboardInterrupt``) for the test, whatever ran before it; put back after."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_a_signal_while_waiting_for_the_other_processes_aborts_the_start_up(tmp_path, monkeypatch, python_ctrl_c):
     """The processes leave start-up at one barrier. A signal that comes while this process waits there (another
     is still starting, and will abort) aborts this one too, before anything is written; a run that gets past
     the barrier stops after a step, with a checkpoint."""
@@ -285,19 +293,13 @@ def test_a_signal_while_waiting_for_the_other_processes_aborts_the_start_up(tmp_
 
     def barrier_then_ctrl_c(name):
         names.append(name)
-        # Ctrl-C while "waiting". raise_signal, not os.kill: the kernel may hand a process-directed signal to
-        # another (XLA / orbax) thread, and Python then runs the handler at the main thread's next check, which can
-        # come after start-up has ended; raise_signal signals this thread and runs the handler before it returns.
+        # Ctrl-C while "waiting": raise_signal signals this thread, and Python runs the handler before it returns.
         signal.raise_signal(signal.SIGINT)
 
     monkeypatch.setattr(loop.distributed, "barrier", barrier_then_ctrl_c)
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, whatever ran before
     workdir = tmp_path / "w"
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            fit(stripes(num_epochs=1), str(workdir), progress=False)
-    finally:
-        signal.signal(signal.SIGINT, before)
+    with pytest.raises(KeyboardInterrupt):
+        fit(stripes(num_epochs=1), str(workdir), progress=False)
     assert names == ["cnnjax.fit: start-up done"]
     # Nothing of the run is written: no checkpoint, no config.json, no metrics.
     left = sorted(p.name for p in workdir.rglob("*")) if workdir.exists() else []
@@ -365,8 +367,8 @@ def test_runner_stop_ends_a_chunk_after_the_step_it_names():
     assert float(m["loss_sum"]) == float(m3["loss_sum"])
 
 
-def test_ctrl_c_while_fit_loads_data_in_python_raises_keyboard_interrupt_and_leaves_no_workdir(tmp_path,
-                                                                                               monkeypatch):
+def test_ctrl_c_while_fit_loads_data_in_python_raises_keyboard_interrupt_and_leaves_no_workdir(tmp_path, monkeypatch,
+                                                                                               python_ctrl_c):
     """Library use (a notebook): start-up keeps Python's own Ctrl-C behaviour; the process lives on."""
     from cnnjax.train import loop
 
@@ -377,11 +379,7 @@ def test_ctrl_c_while_fit_loads_data_in_python_raises_keyboard_interrupt_and_lea
         return real_load(config)
 
     monkeypatch.setattr(loop, "load_splits", interrupted_load)
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, whatever ran before
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            fit(stripes(num_epochs=1), str(tmp_path / "w"), progress=False)
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
-    finally:
-        signal.signal(signal.SIGINT, before)
+    with pytest.raises(KeyboardInterrupt):
+        fit(stripes(num_epochs=1), str(tmp_path / "w"), progress=False)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
     assert not (tmp_path / "w").exists()
