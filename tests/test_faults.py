@@ -283,31 +283,55 @@ def python_ctrl_c():
     signal.signal(signal.SIGINT, before)
 
 
-def test_a_signal_while_waiting_for_the_other_processes_aborts_the_start_up(tmp_path, monkeypatch, python_ctrl_c):
-    """The processes leave start-up at one barrier. A signal that comes while this process waits there (another
-    is still starting, and will abort) aborts this one too, before anything is written; a run that gets past
-    the barrier stops after a step, with a checkpoint."""
+def _start_up_agreement(monkeypatch, signal_when: str) -> list:
+    """Replace the collective with which the processes leave start-up (``distributed.any_process``, its first
+    call in ``fit``) by one that sends this process Ctrl-C ``before`` its flag is taken (the signal came while it
+    waited for the others) or ``after`` (the others had agreed to go on; this process left the collective late).
+    Returns the flags the collective was given at that first call."""
     from cnnjax.train import loop
 
-    names = []
+    given, real = [], loop.distributed.any_process
 
-    def barrier_then_ctrl_c(name):
-        names.append(name)
-        # Ctrl-C while "waiting": raise_signal signals this thread, and Python runs the handler before it returns.
-        signal.raise_signal(signal.SIGINT)
+    def agree(flag):
+        if given:  # the training loop's own stop checks
+            return real(flag)
+        if signal_when == "before":
+            # raise_signal signals this thread, and Python runs the handler before it returns.
+            signal.raise_signal(signal.SIGINT)
+            flag = True  # as fit would have passed, had the handler run before the call
+        given.append(flag)
+        if signal_when == "after":
+            signal.raise_signal(signal.SIGINT)
+        return real(flag)
 
-    monkeypatch.setattr(loop.distributed, "barrier", barrier_then_ctrl_c)
+    monkeypatch.setattr(loop.distributed, "any_process", agree)
+    return given
+
+
+def test_a_signal_while_waiting_for_the_other_processes_aborts_the_start_up(tmp_path, monkeypatch, python_ctrl_c):
+    """The processes leave start-up through one collective. A signal that comes while this process waits there
+    (another may still be starting, and will abort) aborts every process, before anything is written."""
+    given = _start_up_agreement(monkeypatch, "before")
     workdir = tmp_path / "w"
     with pytest.raises(KeyboardInterrupt):
         fit(stripes(num_epochs=1), str(workdir), progress=False)
-    assert names == ["cnnjax.fit: start-up done"]
+    assert given == [True]
     # Nothing of the run is written: no checkpoint, no config.json, no metrics.
     left = sorted(p.name for p in workdir.rglob("*")) if workdir.exists() else []
     assert not checkpoint.steps(str(workdir)) and not {"config.json", "metrics.jsonl"} & set(left), left
 
-    monkeypatch.setattr(loop.distributed, "barrier", lambda name: names.append(name))
-    assert fit(stripes(num_epochs=1), str(workdir), progress=False, stop_after_steps=1)["interrupted"]
-    assert names[-1] == "cnnjax.fit: start-up done" and checkpoint.steps(str(workdir)) == [1]
+
+def test_a_signal_as_a_process_leaves_start_up_late_stops_after_the_first_step(tmp_path, monkeypatch,
+                                                                               python_ctrl_c):
+    """The race of a 2-process CI run: the others have agreed to go on (and are compiling the first step) when
+    the signal reaches a process that has not yet left the collective. It must not abort alone; it steps on,
+    and the run stops after the first step with a checkpoint, in every process (the loop's stop checks)."""
+    given = _start_up_agreement(monkeypatch, "after")
+    workdir = tmp_path / "w"
+    out = fit(stripes(num_epochs=1), str(workdir), progress=False)
+    assert given == [False]
+    assert out == {"interrupted": True, "epoch": 1, "step_in_epoch": 1}
+    assert checkpoint.steps(str(workdir)) == [1]
 
 
 @pytest.mark.skipif(not os.path.isdir(FMNIST), reason="apt-get install dataset-fashion-mnist")

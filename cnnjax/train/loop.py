@@ -39,9 +39,10 @@ from cnnjax.train.runner import Runner, select_devices
 
 class StopFlag:
     """SIGTERM / SIGINT handling for a run. While ``abortable`` (start-up: loading data, building, restoring;
-    nothing written yet) a signal runs ``on_abort`` (which removes a workdir this run created and left
-    empty) and then does what it did before the run (the experiments' CLIs: one line and exit 75); after
-    that it only sets ``signal``, and the loop checkpoints after the current step (the first step's
+    nothing written yet) a signal runs :meth:`abort`: ``on_abort`` (which removes a workdir this run created
+    and left empty), then what the signal did before the run (the experiments' CLIs: one line and exit 75).
+    After that it only sets ``signal``: ``fit`` aborts if a process got one before all of them agreed to
+    leave start-up, and otherwise the loop checkpoints after the current step (the first step's
     compilation, once started, runs to its end first)."""
 
     def __init__(self, on_abort=lambda: None):
@@ -60,17 +61,20 @@ class StopFlag:
 
     def _set(self, signum, frame):
         self.signal = signum
-        if not self.abortable:
-            return
+        if self.abortable:
+            self.abort(frame)
+
+    def abort(self, frame=None) -> None:
+        """Stop start-up for ``self.signal``: ``on_abort``, then do what the signal did before the run. Under
+        experiments.* that is one line and exit 75; in Python, Ctrl-C raises KeyboardInterrupt and SIGTERM
+        ends the process. (Returns only if the signal was ignored before the run.)"""
         self.on_abort()
-        # Nothing to save yet: do what the signal did before the run. Under experiments.* that is one
-        # line and exit 75; in Python, Ctrl-C raises KeyboardInterrupt and SIGTERM ends the process.
-        old = self._old.get(signum)
+        old = self._old.get(self.signal)
         if callable(old):
-            old(signum, frame)
+            old(self.signal, frame)
         elif old != signal.SIG_IGN:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+            signal.signal(self.signal, signal.SIG_DFL)
+            os.kill(os.getpid(), self.signal)
 
     def __exit__(self, *exc):
         for sig, handler in self._old.items():
@@ -155,10 +159,14 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
         store, run = CheckpointStore(workdir), None
         try:
             state, step, acc = _resume(store, exp.state, spe, workdir)
-            # The processes leave start-up together. Otherwise a signal could find one still starting (it aborts)
-            # and another past it (it steps on, then waits for the first at its first collective).
-            distributed.barrier("cnnjax.fit: start-up done")
-            stop.abortable = False  # from here on a signal stops the run after its next step, with a checkpoint
+            # The processes leave start-up together, and agree on how. From here a signal is only recorded; the
+            # collective tells each process whether any got one before or while they met: then all abort, with
+            # nothing written. Otherwise all go on, and a signal recorded in one, however late it left the
+            # collective, stops them all after the first step, with a checkpoint. (Flipped after the collective,
+            # a signal could abort one process that left it late while the others were already training.)
+            stop.abortable = False
+            if distributed.any_process(stop.signal is not None):
+                stop.abort()
             run = _open_run(config, workdir, data, exp, store, devices, step, progress, tensorboard)
             return _train(run, run.runner.put_state(state), step, acc, stop, stop_after_steps)
         finally:
