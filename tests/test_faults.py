@@ -283,11 +283,12 @@ def python_ctrl_c():
     signal.signal(signal.SIGINT, before)
 
 
-def _start_up_agreement(monkeypatch, signal_when: str) -> list:
+def _start_up_agreement(monkeypatch, signal_when: str | None = None, others: bool = False) -> list:
     """Replace the collective with which the processes leave start-up (``distributed.any_process``, its first
     call in ``fit``) by one that sends this process Ctrl-C ``before`` its flag is taken (the signal came while it
-    waited for the others) or ``after`` (the others had agreed to go on; this process left the collective late).
-    Returns the flags the collective was given at that first call."""
+    waited for the others) or ``after`` (the others had agreed to go on; this process left the collective late),
+    and, with ``others``, answers as if another process had got a signal. Returns the flags this process gave
+    at that first call."""
     from cnnjax.train import loop
 
     given, real = [], loop.distributed.any_process
@@ -302,7 +303,7 @@ def _start_up_agreement(monkeypatch, signal_when: str) -> list:
         given.append(flag)
         if signal_when == "after":
             signal.raise_signal(signal.SIGINT)
-        return real(flag)
+        return real(flag) or others
 
     monkeypatch.setattr(loop.distributed, "any_process", agree)
     return given
@@ -332,6 +333,28 @@ def test_a_signal_as_a_process_leaves_start_up_late_stops_after_the_first_step(t
     assert given == [False]
     assert out == {"interrupted": True, "epoch": 1, "step_in_epoch": 1}
     assert checkpoint.steps(str(workdir)) == [1]
+
+
+def test_a_signal_that_reached_only_another_process_aborts_this_one_as_sigterm(tmp_path, monkeypatch):
+    """A scheduler may signal one process of a run. The others learn of it at the start-up collective and abort
+    too, as SIGTERM would stop them (here a handler that records the signal), before anything is written."""
+    class Stopped(Exception):
+        pass
+
+    def stopped(signum, frame):
+        raise Stopped(signum)
+
+    before = signal.signal(signal.SIGTERM, stopped)
+    try:
+        given = _start_up_agreement(monkeypatch, others=True)
+        workdir = tmp_path / "w"
+        with pytest.raises(Stopped) as stop:
+            fit(stripes(num_epochs=1), str(workdir), progress=False)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert given == [False] and stop.value.args == (signal.SIGTERM,)
+    left = sorted(p.name for p in workdir.rglob("*")) if workdir.exists() else []
+    assert not checkpoint.steps(str(workdir)) and not {"config.json", "metrics.jsonl"} & set(left), left
 
 
 @pytest.mark.skipif(not os.path.isdir(FMNIST), reason="apt-get install dataset-fashion-mnist")

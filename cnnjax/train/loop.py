@@ -62,19 +62,19 @@ class StopFlag:
     def _set(self, signum, frame):
         self.signal = signum
         if self.abortable:
-            self.abort(frame)
+            self.abort(signum, frame)
 
-    def abort(self, frame=None) -> None:
-        """Stop start-up for ``self.signal``: ``on_abort``, then do what the signal did before the run. Under
+    def abort(self, signum: int, frame=None) -> None:
+        """Stop start-up for ``signum``: ``on_abort``, then do what that signal did before the run. Under
         experiments.* that is one line and exit 75; in Python, Ctrl-C raises KeyboardInterrupt and SIGTERM
-        ends the process. (Returns only if the signal was ignored before the run.)"""
+        ends the process. (Returns if that handler returns, e.g. the signal was ignored before the run.)"""
         self.on_abort()
-        old = self._old.get(self.signal)
+        old = self._old.get(signum)
         if callable(old):
-            old(self.signal, frame)
+            old(signum, frame)
         elif old != signal.SIG_IGN:
-            signal.signal(self.signal, signal.SIG_DFL)
-            os.kill(os.getpid(), self.signal)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
 
     def __exit__(self, *exc):
         for sig, handler in self._old.items():
@@ -159,14 +159,13 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
         store, run = CheckpointStore(workdir), None
         try:
             state, step, acc = _resume(store, exp.state, spe, workdir)
-            # The processes leave start-up together, and agree on how. From here a signal is only recorded; the
-            # collective tells each process whether any got one before or while they met: then all abort, with
-            # nothing written. Otherwise all go on, and a signal recorded in one, however late it left the
-            # collective, stops them all after the first step, with a checkpoint. (Flipped after the collective,
-            # a signal could abort one process that left it late while the others were already training.)
+            # The processes leave start-up together, through one collective that agrees on a signal. From here a
+            # signal is only recorded: one that any process got before or while they met aborts them all (a
+            # process that got none stops as SIGTERM would); a later one, even in a process still leaving the
+            # collective, stops them all after the first step, with a checkpoint.
             stop.abortable = False
             if distributed.any_process(stop.signal is not None):
-                stop.abort()
+                stop.abort(stop.signal or signal.SIGTERM)
             run = _open_run(config, workdir, data, exp, store, devices, step, progress, tensorboard)
             return _train(run, run.runner.put_state(state), step, acc, stop, stop_after_steps)
         finally:
