@@ -324,6 +324,7 @@ def test_second_run_in_a_busy_workdir_is_refused_in_one_line(tmp_path):
     ("--config.label_smoothing=5", "--config.label_smoothing must be in [0, 1)"),
     ("--config.num_devices=-1", "--config.num_devices must be >= 0"),
     ("--config.data.val_fraction=1.5", "--config.data.val_fraction must be in (0, 1)"),
+    ("--config.time_budget_s=-5", "--config.time_budget_s must be a finite number of seconds >= 0"),
 ])
 def test_bad_values_are_refused_before_anything_is_loaded_or_written(tmp_path, override, message):
     out = _cli("experiments.train", "--config", "experiments/configs/stripes_tiny.py", "--workdir",

@@ -96,6 +96,14 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path, mode):
     assert max_abs_diff(params(tmp_path / "one"), jax.tree_util.tree_map(np.zeros_like, params(tmp_path / "one"))) > 0
 
 
+def test_two_processes_agree_on_one_time_budget_plan(tmp_path):
+    out = train(2, 1, tmp_path / "w", "--config.parallelism=sharded", "--config.num_epochs=2",
+                "--config.time_budget_s=3600")
+    plan = [line for line in out.stdout.splitlines() if "time budget" in line]
+    assert len(plan) == 1 and "-> 2 of at most 2 epochs" in plan[0], out.stdout[-2000:]
+    assert [r["epoch"] for r in rows(tmp_path / "w")] == [1, 2]
+
+
 def test_sigterm_mid_epoch_then_relaunch_is_bit_identical(tmp_path):
     overrides = ("--config.parallelism=sharded", "--config.num_epochs=3", "--config.log_every=3")
     train(2, 2, tmp_path / "ref", *overrides)

@@ -32,6 +32,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for key in ("batch_size", "eval_batch_size", "num_epochs", "log_every"):
         if config.get(key, 1) < 1:
             raise ConfigError(key, f"must be >= 1, got {config[key]!r}")
+    budget = config.get("time_budget_s", 0.0)
+    if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget >= 0):
+        raise ConfigError("time_budget_s", f"must be a finite number of seconds >= 0 (0: off), got {budget!r}")
     if not (math.isfinite(config.learning_rate) and config.learning_rate > 0):
         raise ConfigError("learning_rate", f"must be a finite number > 0, got {config.learning_rate!r}")
     if not 0.0 <= config.label_smoothing < 1.0:

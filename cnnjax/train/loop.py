@@ -29,6 +29,7 @@ from cnnjax import distributed
 from cnnjax.checkpoint import CheckpointStore
 from cnnjax.data.stream import EpochOrder
 from cnnjax.errors import ConfigError, TrainingError
+from cnnjax.train import budget
 from cnnjax.train import feed as feeds
 from cnnjax.train.checks import check_config, check_workdir, write_config
 from cnnjax.train.experiment import DataSplits, Experiment, build, load_splits
@@ -138,10 +139,14 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
         stop_after_steps: int | None = None, tensorboard: bool = False) -> dict:
     """Train ``config`` in ``workdir`` (resuming from its latest checkpoint); return the last metrics row.
 
+    With ``config.time_budget_s`` > 0, ``num_epochs`` is the most it trains: it trains as many epochs as its
+    timed steps say fit in that many seconds from this call (:mod:`cnnjax.train.budget`).
+
     Every process of a multi-process run calls this with the same arguments. ``stop_after_steps``
     simulates an interruption (as SIGTERM would) after that many steps of this call: the state is
     checkpointed and ``{'interrupted': True, 'epoch', 'step_in_epoch'}`` is returned.
     """
+    started = time.perf_counter()
     check_config(config)
     devices = devices_for(config)
     if not workdir:
@@ -155,6 +160,10 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
             config.num_classes = data.num_classes
         spe = steps_per_epoch(config, data)
         check_workdir(config, workdir)
+        if config.get("time_budget_s", 0.0):  # num_epochs is the most that may be trained
+            plan = budget.plan_epochs(config, data, spe, devices, workdir, started)
+            _say(plan.message)
+            config.num_epochs = plan.epochs
         exp = build(config, data, spe)
         store, run = CheckpointStore(workdir), None
         try:

@@ -1,0 +1,155 @@
+"""A time budget for a run: as many epochs as fit, planned once from timed steps.
+
+With ``config.time_budget_s > 0``, ``fit`` treats ``num_epochs`` as the most it may train and, before the
+run starts, times its train step here: one call (compile + step), then ``PLAN_STEPS`` steady steps and
+two validation passes, on a scratch copy of the initial state (nothing is written; the run itself starts
+from the initial state again). The plan is the largest epoch count whose estimated wall time, counted
+from the start of ``fit``, fits the budget; the learning-rate schedule is then built for that many
+epochs, so a budgeted run ends its schedule as a run of that length would. A resumed run keeps the
+epoch count its first launch planned (``config.json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from cnnjax import checkpoint, distributed
+from cnnjax.checkpoint import CheckpointStore
+from cnnjax.data.stream import EpochOrder
+from cnnjax.errors import ConfigError
+from cnnjax.io import read_json
+from cnnjax.train import feed as feeds
+from cnnjax.train.experiment import DataSplits, build
+from cnnjax.train.runner import Runner
+
+PLAN_STEPS = 5  # steady steps timed after the first (compiling) call
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTimes:
+    """Seconds measured for one configuration: ``setup_s`` (build the experiment, place the data),
+    ``compile_s`` (the first call less one step), ``step_s`` (one steady train step), ``first_val_s`` (the
+    first validation pass, with its compilation), ``val_s`` (a later one), ``test_s`` (a test pass,
+    scaled from ``val_s`` by size) and ``save_s`` (one checkpoint written to a temporary directory; 0 in a
+    multi-process run, whose checkpoints are collective writes to the workdir)."""
+
+    setup_s: float
+    compile_s: float
+    step_s: float
+    first_val_s: float
+    val_s: float
+    test_s: float
+    save_s: float
+
+
+def evaluations(epochs: int, eval_every: int) -> int:
+    """How many validation passes a run of ``epochs`` makes: every ``eval_every``-th epoch and the last."""
+    every = max(1, eval_every)
+    return epochs // every + (epochs % every != 0)
+
+
+def estimate_s(epochs: int, elapsed_s: float, times: StepTimes, steps_per_epoch: int, eval_every: int) -> float:
+    """Estimated seconds from the start of ``fit`` to the end of a run of ``epochs``, planned ``elapsed_s``
+    after that start: setting up and compiling again, the steps, the validation passes, the final test
+    pass, one more test pass for the best checkpoint when there is more than one evaluation, and a
+    checkpoint after each evaluation. Plots are not in it."""
+    evals = evaluations(epochs, eval_every)
+    tests = 1 + (evals > 1)
+    return (elapsed_s + times.setup_s + times.compile_s + epochs * steps_per_epoch * times.step_s
+            + times.first_val_s + (evals - 1) * times.val_s + tests * times.test_s + evals * times.save_s)
+
+
+def epochs_within(budget_s: float, elapsed_s: float, times: StepTimes, steps_per_epoch: int, eval_every: int,
+                  max_epochs: int) -> int:
+    """The largest epoch count in ``0 .. max_epochs`` whose :func:`estimate_s` is at most ``budget_s``."""
+    fits = [e for e in range(1, max_epochs + 1)
+            if estimate_s(e, elapsed_s, times, steps_per_epoch, eval_every) <= budget_s]
+    return max(fits, default=0)
+
+
+def time_steps(config: ml_collections.ConfigDict, data: DataSplits, steps_per_epoch: int,
+               devices: list) -> StepTimes:
+    """Time ``config``'s train step and validation pass (see the module docstring); every process calls it
+    and gets the same figures (their means over processes)."""
+    t0 = time.perf_counter()
+    exp = build(config, data, steps_per_epoch)
+    runner = Runner(exp.spec, exp.model.apply, config.parallelism, devices)
+    order = EpochOrder(int(config.seed), len(data.train), int(config.batch_size))
+    count = max(1, min(PLAN_STEPS, steps_per_epoch - 1))  # steps 1..count: inside epoch 1 when it has 2+
+    if data.streamed:
+        feed = feeds.StreamFeed(runner, data.train, order, 0, 1 + count, int(config.data.get("workers", 2)))
+    else:
+        feed = feeds.ResidentFeed(runner, data.train, order)
+    try:
+        state = runner.put_state(exp.state)
+        t1 = time.perf_counter()
+        state, _ = feed.train(state, 0, 1)
+        jax.block_until_ready(state)
+        t2 = time.perf_counter()
+        state, _ = feed.train(state, 1, count)
+        jax.block_until_ready(state)
+        t3 = time.perf_counter()
+        marks = [time.perf_counter()]
+        for _ in range(2):  # the first pass compiles
+            feeds.evaluate(runner, state.params, state.batch_stats, data.val, config.eval_batch_size,
+                           streamed=data.streamed)
+            marks.append(time.perf_counter())
+        save_s = _time_save(runner.get_state(state)) if jax.process_count() == 1 else 0.0
+    finally:
+        feed.close()
+    step_s = (t3 - t2) / count
+    local = np.array([t1 - t0, max(0.0, t2 - t1 - step_s), step_s, marks[1] - marks[0], marks[2] - marks[1]])
+    setup_s, compile_s, step_s, first_val_s, val_s = distributed.sum_over_processes(local) / jax.process_count()
+    return StepTimes(float(setup_s), float(compile_s), float(step_s), float(first_val_s), float(val_s),
+                     float(val_s) * len(data.test) / max(1, len(data.val)), save_s)
+
+
+def _time_save(host_state) -> float:
+    """Seconds to write ``host_state`` as a checkpoint, into a temporary directory that is then removed."""
+    with tempfile.TemporaryDirectory(prefix="cnnjax-budget-") as tmp:
+        store = CheckpointStore(tmp)
+        try:
+            t0 = time.perf_counter()
+            store.save(1, host_state, {"epoch": 1, "step": 1, "partial": None},
+                       metrics={"val_loss": 0.0, "val_accuracy": 0.0})
+            return time.perf_counter() - t0
+        finally:
+            store.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    epochs: int
+    message: str
+
+
+def plan_epochs(config: ml_collections.ConfigDict, data: DataSplits, steps_per_epoch: int, devices: list,
+                workdir: str, started: float) -> Plan:
+    """The epoch count for ``config.time_budget_s`` seconds from ``started`` (``time.perf_counter()`` at the
+    start of ``fit``), at most ``config.num_epochs``; a workdir with checkpoints keeps the count in its
+    ``config.json``. Raises :class:`ConfigError` when not even one epoch fits."""
+    budget = float(config.time_budget_s)
+    saved = os.path.join(workdir, "config.json")
+    if checkpoint.steps(workdir) and os.path.exists(saved):
+        epochs = int(read_json(saved, "delete it to resume, or use a new `workdir`")["num_epochs"])
+        return Plan(epochs, f"time budget: resuming the {epochs} epochs planned at the first launch")
+    times = time_steps(config, data, steps_per_epoch, devices)
+    elapsed = time.perf_counter() - started
+    epochs = epochs_within(budget, elapsed, times, steps_per_epoch, config.eval_every, config.num_epochs)
+    one = estimate_s(1, elapsed, times, steps_per_epoch, config.eval_every)
+    if epochs == 0:
+        raise ConfigError("time_budget_s", f"({budget:g} s) leaves no time for one epoch here (about {one:.0f} s "
+                                           "with set-up and evaluation); raise it, or set 0 to train `num_epochs`")
+    total = estimate_s(epochs, elapsed, times, steps_per_epoch, config.eval_every)
+    return Plan(epochs, f"time budget {budget:.0f} s: {times.step_s:.3f} s/step x {steps_per_epoch} steps/epoch "
+                        f"(compile {times.compile_s:.1f} s, validation {times.first_val_s:.1f} s, checkpoint "
+                        f"{times.save_s:.2f} s, planned after {elapsed:.1f} s) -> {epochs} of at most "
+                        f"{config.num_epochs} epochs, about {total:.0f} s in all")
+

@@ -1,0 +1,98 @@
+"""The time budget (cnnjax/train/budget.py): the estimate, the plan, and fit under a budget."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from cnnjax import checkpoint
+from cnnjax.errors import ConfigError
+from cnnjax.train import budget
+from cnnjax.train.budget import StepTimes, epochs_within, estimate_s, evaluations
+from cnnjax.train.loop import fit
+from tests.test_experiments import _rows, stripes
+
+TIMES = StepTimes(setup_s=1.0, compile_s=2.0, step_s=0.5, first_val_s=3.0, val_s=1.0, test_s=2.0, save_s=0.25)
+
+
+@pytest.mark.parametrize("epochs,every,expected", [(1, 1, 1), (5, 1, 5), (5, 2, 3), (4, 2, 2), (3, 10, 1)])
+def test_evaluations_count_every_nth_epoch_and_the_last(epochs, every, expected):
+    assert evaluations(epochs, every) == expected
+
+
+def test_estimate_adds_up_what_a_run_does():
+    # 4 epochs of 10 steps, evaluated after epochs 2 and 4: set-up, compile, 40 steps, the first and one more
+    # validation pass, the final test and the best checkpoint's test, a checkpoint per evaluation.
+    assert estimate_s(4, 7.0, TIMES, 10, 2) == pytest.approx(7 + 1 + 2 + 40 * 0.5 + 3 + 1 + 2 * 2 + 2 * 0.25)
+    # One evaluation (at the last epoch): one validation pass, one test pass.
+    assert estimate_s(4, 7.0, TIMES, 10, 4) == pytest.approx(7 + 1 + 2 + 20 + 3 + 2 + 0.25)
+
+
+def test_epochs_within_is_the_largest_count_that_fits():
+    spe, every, elapsed = 10, 1, 5.0
+    for budget_s in (20.0, 40.0, 100.0):
+        e = epochs_within(budget_s, elapsed, TIMES, spe, every, max_epochs=50)
+        assert estimate_s(e, elapsed, TIMES, spe, every) <= budget_s < estimate_s(e + 1, elapsed, TIMES, spe, every)
+    assert epochs_within(1e6, elapsed, TIMES, spe, every, max_epochs=7) == 7  # num_epochs is the most
+    assert epochs_within(estimate_s(1, elapsed, TIMES, spe, every) - 0.01, elapsed, TIMES, spe, every, 7) == 0
+
+
+def _same_params(a, b) -> bool:
+    pa, _ = checkpoint.restore_variables(str(a), "latest")
+    pb, _ = checkpoint.restore_variables(str(b), "latest")
+    return all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(np.array_equal, pa, pb)))
+
+
+def _timed(step_s: float):
+    """A stand-in for the timing: every step takes ``step_s``, everything else nothing."""
+    return lambda *args: StepTimes(0.0, 0.0, step_s, 0.0, 0.0, 0.0, 0.0)
+
+
+def test_a_budgeted_run_equals_a_run_of_the_planned_epochs(tmp_path, monkeypatch, capsys):
+    # stripes has 9 steps per epoch: at 50 s a step, 1000 s hold 2 epochs (900 s) but not 3.
+    monkeypatch.setattr(budget, "time_steps", _timed(50.0))
+    cosine = {"schedule": "cosine", "optimizer": "sgd", "learning_rate": 0.1}  # its decay depends on the length
+    fit(stripes(num_epochs=6, time_budget_s=1000.0, **cosine), str(tmp_path / "budget"), progress=False)
+    assert "-> 2 of at most 6 epochs" in capsys.readouterr().out
+    fit(stripes(num_epochs=2, **cosine), str(tmp_path / "plain"), progress=False)
+    assert [r["epoch"] for r in _rows(tmp_path / "budget")] == [1, 2]
+    assert _same_params(tmp_path / "budget", tmp_path / "plain")  # the schedule was built for 2 epochs
+    with open(tmp_path / "budget" / "config.json") as f:
+        saved = json.load(f)
+    assert saved["num_epochs"] == 2 and saved["time_budget_s"] == 1000.0
+
+
+def test_a_resumed_budgeted_run_keeps_the_epochs_of_its_first_launch(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(budget, "time_steps", _timed(50.0))
+    out = fit(stripes(num_epochs=6, time_budget_s=1000.0), str(tmp_path / "w"), progress=False, stop_after_steps=12)
+    assert out["interrupted"]
+
+    def not_again(*args):
+        raise AssertionError("a resumed run must not plan again")
+
+    monkeypatch.setattr(budget, "time_steps", not_again)
+    capsys.readouterr()
+    fit(stripes(num_epochs=9, time_budget_s=10.0), str(tmp_path / "w"), progress=False)
+    assert "resuming the 2 epochs planned at the first launch" in capsys.readouterr().out
+    fit(stripes(num_epochs=2), str(tmp_path / "plain"), progress=False)
+    assert [r["epoch"] for r in _rows(tmp_path / "w")] == [1, 2]
+    assert _same_params(tmp_path / "w", tmp_path / "plain")
+
+
+def test_real_timing_leaves_the_run_as_it_would_be_without_a_budget(tmp_path, capsys):
+    fit(stripes(num_epochs=2, time_budget_s=3600.0), str(tmp_path / "budget"), progress=False)
+    plan = [line for line in capsys.readouterr().out.splitlines() if line.startswith("time budget")]
+    assert len(plan) == 1 and "-> 2 of at most 2 epochs" in plan[0], plan
+    fit(stripes(num_epochs=2), str(tmp_path / "plain"), progress=False)
+    assert _same_params(tmp_path / "budget", tmp_path / "plain")  # the scratch steps touched nothing
+    assert not [d for d in os.listdir(tmp_path) if d.startswith("cnnjax-budget-")]
+
+
+def test_a_budget_too_small_for_one_epoch_is_refused_and_leaves_no_workdir(tmp_path):
+    with pytest.raises(ConfigError, match=r"time_budget_s` \(0\.01 s\) leaves no time for one epoch"):
+        fit(stripes(time_budget_s=0.01), str(tmp_path / "w"), progress=False)
+    assert not (tmp_path / "w").exists()
