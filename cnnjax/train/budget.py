@@ -1,12 +1,12 @@
 """A time budget for a run: as many epochs as fit, planned once from timed steps.
 
 With ``config.time_budget_s > 0``, ``fit`` treats ``num_epochs`` as the most it may train and, before the
-run starts, times its train step here: one call (compile + step), then ``PLAN_STEPS`` steady steps and
-two validation passes, on a scratch copy of the initial state (nothing is written; the run itself starts
-from the initial state again). The plan is the largest epoch count whose estimated wall time, counted
-from the start of ``fit``, fits the budget; the learning-rate schedule is then built for that many
-epochs, so a budgeted run ends its schedule as a run of that length would. A resumed run keeps the
-epoch count its first launch planned (``config.json``).
+run starts, times its train step here: one call (compile + step), then ``PLAN_STEPS`` steady steps, and
+one batch of validation images twice (a whole pass is scaled from the second), on a scratch copy of the
+initial state (nothing is written; the run itself starts from the initial state again). The plan is the
+largest epoch count whose estimated wall time, counted from the start of ``fit``, fits the budget; the
+learning-rate schedule is then built for that many epochs, so a budgeted run ends its schedule as a run of
+that length would. A resumed run keeps the epoch count its first launch planned (``config.json``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 
 from cnnjax import checkpoint, distributed
 from cnnjax.checkpoint import CheckpointStore
-from cnnjax.data.stream import EpochOrder
+from cnnjax.data.stream import EpochOrder, subset
 from cnnjax.errors import ConfigError
 from cnnjax.io import read_json
 from cnnjax.train import feed as feeds
@@ -36,8 +36,8 @@ PLAN_STEPS = 5  # steady steps timed after the first (compiling) call
 class StepTimes:
     """Seconds measured for one configuration: ``setup_s`` (build the experiment, place the data),
     ``compile_s`` (the first call less one step), ``step_s`` (one steady train step), ``first_val_s`` (the
-    first validation pass, with its compilation), ``val_s`` (a later one), ``test_s`` (a test pass,
-    scaled from ``val_s`` by size) and ``save_s`` (one checkpoint written to a temporary directory; 0 in a
+    first validation pass, with its compilation), ``val_s`` (a later one, from a timed batch), ``test_s`` (a
+    test pass, scaled from ``val_s`` by size) and ``save_s`` (one checkpoint written to a temporary directory; 0 in a
     multi-process run, whose checkpoints are collective writes to the workdir)."""
 
     setup_s: float
@@ -96,16 +96,19 @@ def time_steps(config: ml_collections.ConfigDict, data: DataSplits, steps_per_ep
         state, _ = feed.train(state, 1, count)
         jax.block_until_ready(state)
         t3 = time.perf_counter()
+        sample = subset(data.val, np.arange(min(len(data.val), int(config.eval_batch_size))))
         marks = [time.perf_counter()]
-        for _ in range(2):  # the first pass compiles
-            feeds.evaluate(runner, state.params, state.batch_stats, data.val, config.eval_batch_size,
+        for _ in range(2):  # one batch of validation images, twice: the first call compiles
+            feeds.evaluate(runner, state.params, state.batch_stats, sample, config.eval_batch_size,
                            streamed=data.streamed)
             marks.append(time.perf_counter())
         save_s = _time_save(runner.get_state(state)) if jax.process_count() == 1 else 0.0
     finally:
         feed.close()
     step_s = (t3 - t2) / count
-    local = np.array([t1 - t0, max(0.0, t2 - t1 - step_s), step_s, marks[1] - marks[0], marks[2] - marks[1]])
+    batch_s = marks[2] - marks[1]
+    val_s = batch_s * len(data.val) / len(sample)
+    local = np.array([t1 - t0, max(0.0, t2 - t1 - step_s), step_s, marks[1] - marks[0] - batch_s + val_s, val_s])
     setup_s, compile_s, step_s, first_val_s, val_s = distributed.sum_over_processes(local) / jax.process_count()
     return StepTimes(float(setup_s), float(compile_s), float(step_s), float(first_val_s), float(val_s),
                      float(val_s) * len(data.test) / max(1, len(data.val)), save_s)
