@@ -4,10 +4,11 @@ Unpadded 28x28 greyscale images, the 54,000 / 6,000 train / validation split, ba
 after the last epoch, final weights (nothing is selected on test). ``time_budget_s = 1680``: the run times
 its step first and trains as many epochs (at most 40) as fit in 28 minutes from the start of training,
 with the learning-rate schedule built for that many (``cnnjax.train.budget``); the 2 minutes left cover the
-imports before, the plots after and the estimate's error (its step time was 4% long in one run and 4% short
-in another). How many fit depends on the machine: 18 epochs on the fastest 2-core AMD EPYC Zen 5 seen
-(95.10% test with a fixed 18), 13 on a slower one (94.97%), 8 on the Zen 4, 10 on the Xeon (README, "Fast
-CIFAR-10 recipe"). ``--config.time_budget_s=0 --config.num_epochs=N --config.eval_every=N`` trains a fixed N.
+imports before, the plots after and the estimate's error (its step time was 4% short in one run and 4-7% long
+in others). How many fit depends on the machine: 18 epochs on the fastest 2-core AMD EPYC Zen 5 seen
+(95.10% test with a fixed 18), 12 with this budget on a slower one (94.84% in 25 min 12 s; 13 epochs with
+29 minutes: 94.97%), 8 on the Zen 4, 10 on the Xeon (README, "Fast CIFAR-10 recipe").
+``--config.time_budget_s=0 --config.num_epochs=N --config.eval_every=N`` trains a fixed N.
 ``--config.data.dir=/usr/share/datasets/fashion-mnist`` reads Debian's IDX files instead of TFDS.
 """
 
