@@ -12,7 +12,6 @@ that length would. A resumed run keeps the epoch count its first launch planned 
 from __future__ import annotations
 
 import dataclasses
-import os
 import tempfile
 import time
 
@@ -20,11 +19,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from cnnjax import checkpoint, distributed
+from cnnjax import distributed
 from cnnjax.checkpoint import CheckpointStore
 from cnnjax.data.stream import EpochOrder, subset
 from cnnjax.errors import ConfigError
-from cnnjax.io import read_json
 from cnnjax.train import feed as feeds
 from cnnjax.train.experiment import DataSplits, build
 from cnnjax.train.runner import Runner
@@ -83,10 +81,8 @@ def time_steps(config: ml_collections.ConfigDict, data: DataSplits, steps_per_ep
     runner = Runner(exp.spec, exp.model.apply, config.parallelism, devices)
     order = EpochOrder(int(config.seed), len(data.train), int(config.batch_size))
     count = max(1, min(PLAN_STEPS, steps_per_epoch - 1))  # steps 1..count: inside epoch 1 when it has 2+
-    if data.streamed:
-        feed = feeds.StreamFeed(runner, data.train, order, 0, 1 + count, int(config.data.get("workers", 2)))
-    else:
-        feed = feeds.ResidentFeed(runner, data.train, order)
+    feed = feeds.open_feed(runner, data.train, order, 0, 1 + count, streamed=data.streamed,
+                           workers=int(config.data.get("workers", 2)))
     try:
         state = runner.put_state(exp.state)
         t1 = time.perf_counter()
@@ -134,14 +130,14 @@ class Plan:
 
 
 def plan_epochs(config: ml_collections.ConfigDict, data: DataSplits, steps_per_epoch: int, devices: list,
-                workdir: str, started: float) -> Plan:
+                saved: ml_collections.ConfigDict | None, started: float) -> Plan:
     """The epoch count for ``config.time_budget_s`` seconds from ``started`` (``time.perf_counter()`` at the
-    start of ``fit``), at most ``config.num_epochs``; a workdir with checkpoints keeps the count in its
-    ``config.json``. Raises :class:`ConfigError` when not even one epoch fits."""
+    start of ``fit``), at most ``config.num_epochs``. ``saved``: the config a workdir with checkpoints was
+    started with (:func:`cnnjax.train.checks.check_workdir`), whose count a resumed run keeps. Raises
+    :class:`ConfigError` when not even one epoch fits."""
     budget = float(config.time_budget_s)
-    saved = os.path.join(workdir, "config.json")
-    if checkpoint.steps(workdir) and os.path.exists(saved):
-        epochs = int(read_json(saved, "delete it to resume, or use a new `workdir`")["num_epochs"])
+    if saved is not None:
+        epochs = int(saved.num_epochs)
         return Plan(epochs, f"time budget: resuming the {epochs} epochs planned at the first launch")
     times = time_steps(config, data, steps_per_epoch, devices)
     elapsed = time.perf_counter() - started

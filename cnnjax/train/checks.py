@@ -84,18 +84,21 @@ def identity(config: ml_collections.ConfigDict) -> dict:
     return {k: _get(config, k) for k in IDENTITY_KEYS}
 
 
-def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Refuse a workdir whose checkpoints belong to an experiment with another identity. Writes nothing."""
+def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict | None:
+    """Refuse a workdir whose checkpoints belong to an experiment with another identity; return the config it
+    was started with (``config.json``) when it has checkpoints to resume from, else None. Writes nothing."""
     path = os.path.join(workdir, "config.json")
     if not (os.path.exists(path) and checkpoint.steps(workdir)):
-        return
-    old = identity(ml_collections.ConfigDict(read_json(path, "delete it to resume with this config (the checkpoint "
-                                                          "must still fit the model), or use a new `workdir`")))
+        return None
+    saved = ml_collections.ConfigDict(read_json(path, "delete it to resume with this config (the checkpoint must "
+                                                      "still fit the model), or use a new `workdir`"))
+    old = identity(saved)
     new = identity(config)
     if old != new:
         diff = {k: (old[k], new[k]) for k in IDENTITY_KEYS if old[k] != new[k]}
         raise TrainingError(f"workdir {workdir} holds checkpoints of another experiment (differs in {diff}); use a "
                             "new `workdir` or delete that one")
+    return saved
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -59,6 +59,15 @@ class StreamFeed:
         self._it = None
 
 
+def open_feed(runner: Runner, train, order: EpochOrder, start_step: int, total_steps: int, *, streamed: bool,
+              workers: int) -> ResidentFeed | StreamFeed:
+    """The feed of ``train`` for steps ``start_step .. total_steps - 1``: a :class:`StreamFeed` with ``workers``
+    decoding processes when ``streamed``, else a :class:`ResidentFeed`."""
+    if streamed:
+        return StreamFeed(runner, train, order, start_step, total_steps, workers)
+    return ResidentFeed(runner, train, order)
+
+
 def evaluate(runner: Runner, params, batch_stats, source, batch_size: int, *, streamed: bool = False,
              workers: int = 0) -> dict:
     """Eval-mode metrics of ``source`` (every process calls it; each evaluates its contiguous part on its

@@ -159,9 +159,9 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
         if config.num_classes == 0:  # take the number of classes from the data (image folders)
             config.num_classes = data.num_classes
         spe = steps_per_epoch(config, data)
-        check_workdir(config, workdir)
+        saved = check_workdir(config, workdir)
         if config.get("time_budget_s", 0.0):  # num_epochs is the most that may be trained
-            plan = budget.plan_epochs(config, data, spe, devices, workdir, started)
+            plan = budget.plan_epochs(config, data, spe, devices, saved, started)
             _say(plan.message)
             config.num_epochs = plan.epochs
         exp = build(config, data, spe)
@@ -190,11 +190,8 @@ def _open_run(config, workdir, data: DataSplits, exp, store, devices, step, prog
         write_config(config, workdir)
     runner = Runner(exp.spec, exp.model.apply, config.parallelism, devices)
     order = EpochOrder(int(config.seed), len(data.train), int(config.batch_size))
-    if data.streamed:
-        feed = feeds.StreamFeed(runner, data.train, order, step, order.steps_per_epoch * config.num_epochs,
-                                int(config.data.get("workers", 2)))
-    else:
-        feed = feeds.ResidentFeed(runner, data.train, order)
+    feed = feeds.open_feed(runner, data.train, order, step, order.steps_per_epoch * config.num_epochs,
+                           streamed=data.streamed, workers=int(config.data.get("workers", 2)))
     writer = MetricsWriter(workdir, step, enabled=primary, tensorboard=tensorboard)
     _say(f"{config.model.name} on {data.name}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} "
          f"test images ({'streamed' if data.streamed else 'resident'}), {config.parallelism} on {runner.n} "
