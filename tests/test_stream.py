@@ -106,6 +106,15 @@ def test_streaming_resume_is_bit_identical(folder, tmp_path):
     assert checkpoint.find(str(tmp_path / "a"), "best") == best["step"] == last["best_step"]
 
 
+def test_a_streamed_run_under_a_time_budget_equals_one_without(folder, tmp_path, capsys):
+    # The plan's timed steps read from their own stream (grain workers), which the run's own stream then repeats.
+    fit(folder_config(folder, **{"data.mode": "stream", "time_budget_s": 3600.0}), str(tmp_path / "budget"),
+        progress=False)
+    assert "-> 1 of at most 1 epochs" in capsys.readouterr().out
+    fit(folder_config(folder, **{"data.mode": "stream"}), str(tmp_path / "plain"), progress=False)
+    assert bit_identical(params(tmp_path / "budget"), params(tmp_path / "plain"))
+
+
 @needs_fmnist
 def test_streaming_with_two_processes_equals_one(folder, tmp_path):
     args = (f"--config.data.dir={folder}", "--config.data.name=folder", "--config.model.name=lenet5",
