@@ -28,7 +28,11 @@ from cnnjax.errors import UsageError
 
 Array = jax.Array
 Pads = tuple[tuple[int, int], tuple[int, int]]
-IMPLS = ("auto", "xla", "im2col", "shifted", "kept", "split")
+IMPLS = ("auto", "xla", "im2col", "shifted", "kept", "split", "onednn")
+# On the CPU in one process, 'auto' runs groups-1 float32 / bfloat16 convs through oneDNN when its kernels can be
+# built here (cnnjax.native.onednn), but for the greyscale and one-GEMM cases of choose_impl; the rules below are
+# what runs without them.
+USE_ONEDNN_ON_CPU = True
 # On the CPU, 'auto' runs the convs it leaves to XLA as 'kept' (groups = 1): cifar_resnet20's train step
 # 1.19x faster, paired (experiments.bench_ab, variant "+kept conv input"); the other bench models unchanged.
 KEEP_CONV_INPUT_ON_CPU = True
@@ -67,8 +71,11 @@ def output_size(size: int, kernel: int, stride: int, pads: tuple[int, int], dila
 
 def choose_impl(in_hw: tuple[int, int], kernel_hw: tuple[int, int], strides: tuple[int, int], pads: Pads,
                 dilation: tuple[int, int] = (1, 1), groups: int = 1, backend: str | None = None,
-                in_channels: int | None = None, out_channels: int | None = None) -> str:
-    """'shifted', 'im2col' or 'xla' for a conv of these static shapes on ``backend`` (default: jax's)."""
+                in_channels: int | None = None, out_channels: int | None = None, onednn: bool = False) -> str:
+    """'shifted', 'im2col', 'onednn', 'split' or 'xla' for a conv of these static shapes on ``backend``
+    (default: jax's). ``onednn``: whether oneDNN's kernels may be used (:func:`onednn_usable`); they take every
+    conv but the greyscale and the patches-as-one-GEMM cases (1x1 kernels, outputs of at most 2x2), which stay
+    as fast or faster as they are (``python -m experiments.bench_conv --only torch``)."""
     if (backend or jax.default_backend()) != "cpu" or groups != 1:
         return "xla"
     if in_channels is not None and in_channels <= SHIFTED_MAX_IN_CHANNELS and out_channels is not None and \
@@ -81,6 +88,8 @@ def choose_impl(in_hw: tuple[int, int], kernel_hw: tuple[int, int], strides: tup
         output_size(in_hw[1], kernel_hw[1], strides[1], pads[1], dilation[1])
     if kernel_hw == (1, 1) or out <= TINY_MAX_OUTPUT:
         return "im2col"
+    if onednn:
+        return "onednn"
     if max(strides) > 1 and out <= STRIDED_MAX_OUTPUT:
         narrow = in_channels is not None and in_channels <= SPLIT_MAX_IN_CHANNELS
         return "split" if narrow else "im2col"
@@ -211,6 +220,70 @@ def _split_conv_bwd(strides, pads, dilation, precision, residuals, g):
 split_conv.defvjp(_kept_input_conv_fwd, _split_conv_bwd)
 
 
+def _onednn(kind: int, a: Array, b: Array, out_shape: tuple[int, ...], strides: tuple[int, int], pads: Pads,
+            dilation: tuple[int, int]) -> Array:
+    """One call of the oneDNN handler (``cnnjax/native/onednn_conv.cc``): ``kind`` 0 forward ``(x, kernel)``,
+    1 input gradient ``(g, kernel)``, 2 kernel gradient ``(x, g)``; the result has shape ``out_shape``."""
+    import numpy as np
+
+    from cnnjax.native import onednn
+
+    ints = dict(kind=kind, sh=strides[0], sw=strides[1], pt=pads[0][0], pb=pads[0][1], pl=pads[1][0], pr=pads[1][1],
+                dh=dilation[0], dw=dilation[1])
+    call = jax.ffi.ffi_call(onednn.TARGET, jax.ShapeDtypeStruct(out_shape, a.dtype), vmap_method="sequential")
+    return call(a, b, **{k: np.int64(v) for k, v in ints.items()})
+
+
+def _conv_shape(x: Array, kernel: Array, strides: tuple[int, int], pads: Pads,
+                dilation: tuple[int, int]) -> tuple[int, int, int, int]:
+    kh, kw, _, o = kernel.shape
+    n, h, w, _ = x.shape
+    ho = output_size(h, kh, strides[0], pads[0], dilation[0])
+    wo = output_size(w, kw, strides[1], pads[1], dilation[1])
+    if ho <= 0 or wo <= 0:
+        raise UsageError(f"conv output would be empty: input {h}x{w}, kernel {kh}x{kw}, padding {pads}")
+    return n, ho, wo, o
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def onednn_conv(x: Array, kernel: Array, strides: tuple[int, int], pads: Pads,
+                dilation: tuple[int, int] = (1, 1)) -> Array:
+    """``[N, H, W, C] * [kH, kW, C, O] -> [N, H', W', O]`` by oneDNN on the CPU (groups 1; ``x`` and ``kernel``
+    both float32 or both bfloat16, accumulated in float32), forward and both gradients.
+
+    The same convolution as ``impl='xla'`` summed in another order (within 1e-5 relative in float32,
+    ``tests/test_conv.py``). Needs :func:`cnnjax.native.onednn.available`; reverse mode only (``jax.grad``),
+    like the other custom-gradient paths here."""
+    return _onednn(0, x, kernel, _conv_shape(x, kernel, strides, pads, dilation), strides, pads, dilation)
+
+
+def _onednn_conv_fwd(x, kernel, strides, pads, dilation):
+    return onednn_conv(x, kernel, strides, pads, dilation), (x, kernel)
+
+
+def _onednn_conv_bwd(strides, pads, dilation, residuals, g):
+    x, kernel = residuals
+    return (_onednn(1, g, kernel, x.shape, strides, pads, dilation),
+            _onednn(2, x, g, kernel.shape, strides, pads, dilation))
+
+
+onednn_conv.defvjp(_onednn_conv_fwd, _onednn_conv_bwd)
+
+
+def onednn_usable(x: Array, kernel: Array, groups: int = 1) -> bool:
+    """Whether 'auto' may run this conv through oneDNN: the CPU, one process (runs over several keep XLA's
+    convolutions), groups 1, float32 or bfloat16 operands of one dtype, and the kernels built
+    (:func:`cnnjax.native.onednn.available`). Under a batch-sharded ``jit`` over several host devices XLA's
+    partitioner cannot split the custom call and gathers the batch for it (the same numbers, unsplit work)."""
+    if not USE_ONEDNN_ON_CPU or groups != 1 or jax.default_backend() != "cpu" or jax.process_count() != 1:
+        return False
+    if x.dtype != kernel.dtype or x.dtype not in (jnp.float32, jnp.bfloat16):
+        return False
+    from cnnjax.native import onednn
+
+    return onednn.available()
+
+
 def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: str | Pads,
            dilation: tuple[int, int] = (1, 1), groups: int = 1, precision: Any = None,
            impl: str = "auto") -> Array:
@@ -218,8 +291,9 @@ def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: str | Pad
 
     ``impl``: 'xla' (``lax.conv_general_dilated``), 'im2col' (patches @ kernel, groups 1 only),
     'shifted' (sum of shifted views times kernel rows, groups 1 only), 'kept' (:func:`kept_input_conv`,
-    groups 1 only), 'split' (:func:`split_conv`, groups 1 only) or 'auto' (:func:`choose_impl`; on the CPU
-    in one process, its 'xla' convs run as 'kept'; over several processes its 'split' convs run as 'im2col').
+    groups 1 only), 'split' (:func:`split_conv`, groups 1 only), 'onednn' (:func:`onednn_conv`, groups 1, CPU)
+    or 'auto' (:func:`choose_impl`, with oneDNN where :func:`onednn_usable`; on the CPU in one process, its
+    'xla' convs run as 'kept'; over several processes its 'split' convs run as 'im2col').
     """
     if impl not in IMPLS:
         raise UsageError(f"conv impl must be one of {', '.join(IMPLS)}; got {impl!r}")
@@ -231,7 +305,7 @@ def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: str | Pad
         pads = padding
     if impl == "auto":
         impl = choose_impl(x.shape[1:3], (kh, kw), strides, pads, dilation, groups, in_channels=x.shape[-1],
-                           out_channels=kernel.shape[-1])
+                           out_channels=kernel.shape[-1], onednn=onednn_usable(x, kernel, groups))
         # Kept inputs were measured in one process; a run over several processes keeps XLA's own backward,
         # and the patches path for split convs.
         keep = KEEP_CONV_INPUT_ON_CPU and jax.default_backend() == "cpu" and jax.process_count() == 1
@@ -239,7 +313,7 @@ def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: str | Pad
             impl = "kept"
         elif impl == "split" and not keep:
             impl = "im2col"
-    if impl in ("im2col", "shifted", "kept", "split") and groups != 1:
+    if impl in ("im2col", "shifted", "kept", "split", "onednn") and groups != 1:
         raise UsageError(f"conv impl={impl!r} supports groups=1 only; use impl='xla' for grouped convs")
     if impl == "im2col":
         return im2col_conv(x, kernel, strides, pads, dilation, precision)
@@ -249,4 +323,14 @@ def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: str | Pad
         return kept_input_conv(x, kernel, strides, pads, dilation, precision)
     if impl == "split":
         return split_conv(x, kernel, strides, pads, dilation, precision)
+    if impl == "onednn":
+        from cnnjax.native import onednn
+
+        if not onednn.available():
+            raise UsageError(f"conv impl='onednn' needs cnnjax's oneDNN kernels: {onednn.INSTALL_HINT}, or use "
+                             "impl='auto'")
+        if x.dtype != kernel.dtype or x.dtype not in (jnp.float32, jnp.bfloat16):
+            raise UsageError(f"conv impl='onednn' takes float32 or bfloat16 operands of one dtype; got {x.dtype} "
+                             f"and {kernel.dtype}")
+        return onednn_conv(x, kernel, strides, pads, dilation)
     return _xla_conv(x, kernel, strides, pads, dilation, groups, precision)

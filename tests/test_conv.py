@@ -12,7 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from cnnjax import conv, layers
+from cnnjax.native import onednn
 from tests.parity import assert_parity, nchw, nhwc
+
+needs_onednn = pytest.mark.skipif(jax.default_backend() != "cpu" or not onednn.available(),
+                                  reason="oneDNN kernels not built here (python -m cnnjax.native.onednn says why)")
 
 rng = np.random.RandomState(0)
 
@@ -64,7 +68,8 @@ def test_shifted_sum_accumulates_bf16_in_float32():
     np.testing.assert_allclose(np.asarray(got, np.float32), exact, rtol=2 ** -8, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["xla", "im2col", "shifted", "kept", "split"])
+@pytest.mark.parametrize("impl", ["xla", "im2col", "shifted", "kept", "split",
+                                  pytest.param("onednn", marks=needs_onednn)])
 @pytest.mark.parametrize("hw,stride,padding,c_in", [((2, 2), 1, 1, 4), ((10, 9), 2, 1, 4), ((6, 6), 1, 0, 4),
                                                     ((12, 12), 1, 1, 1)])
 def test_every_path_matches_torch_including_input_gradient(impl, hw, stride, padding, c_in):
@@ -125,6 +130,7 @@ def test_auto_splits_narrow_strided_cpu_convs_in_one_process(monkeypatch):
     zero-trip while loop and takes no convolution for the input gradient; over several processes, or
     without kept inputs, it is patches."""
     x, w = jnp.ones((2, 32, 32, 16)), jnp.ones((3, 3, 16, 32))
+    monkeypatch.setattr(conv, "USE_ONEDNN_ON_CPU", False)  # the rules without oneDNN's kernels
 
     def grad_jaxpr():
         return str(jax.make_jaxpr(jax.grad(lambda x, w: conv.conv2d(x, w, (2, 2), "SAME").sum(), (0, 1)))(x, w))
@@ -150,6 +156,7 @@ def test_auto_keeps_the_input_of_xlas_cpu_convs(monkeypatch):
     """On the CPU, 'auto' sends the convs it leaves to XLA through kept_input_conv: its backward reads
     the input from a zero-trip while loop's output."""
     x, w = jnp.ones((2, 32, 32, 16)), jnp.ones((3, 3, 16, 16))
+    monkeypatch.setattr(conv, "USE_ONEDNN_ON_CPU", False)  # the rules without oneDNN's kernels
     grad_jaxpr = str(jax.make_jaxpr(jax.grad(lambda w: conv.conv2d(x, w, (1, 1), "SAME").sum()))(w))
     assert ("while" in grad_jaxpr) == (jax.default_backend() == "cpu")
     monkeypatch.setattr(conv, "KEEP_CONV_INPUT_ON_CPU", False)
@@ -210,10 +217,10 @@ def test_choose_impl_one_input_channel(in_channels, out_channels, k, backend, wa
 def test_grouped_convs_keep_xla_and_im2col_rejects_groups():
     assert conv.choose_impl((2, 2), (3, 3), (1, 1), ((1, 1), (1, 1)), groups=2, backend="cpu") == "xla"
     x, w = jnp.zeros((1, 4, 4, 4)), jnp.zeros((3, 3, 2, 4))
-    for impl in ("im2col", "shifted", "kept", "split"):
+    for impl in ("im2col", "shifted", "kept", "split", "onednn"):
         with pytest.raises(ValueError, match="groups=1 only; use impl='xla'"):
             conv.conv2d(x, w, (1, 1), ((1, 1), (1, 1)), groups=2, impl=impl)
-    with pytest.raises(ValueError, match="conv impl must be one of auto, xla, im2col, shifted, kept, split"):
+    with pytest.raises(ValueError, match="conv impl must be one of auto, xla, im2col, shifted, kept, split, onednn"):
         conv.conv2d(x, jnp.zeros((3, 3, 4, 4)), (1, 1), ((1, 1), (1, 1)), impl="fft")
 
 
@@ -225,3 +232,101 @@ def test_conv_module_impls_share_parameters_and_outputs():
         b = layers.Conv(8, 3, 2, 1, impl=impl)
         chex.assert_trees_all_equal_shapes(variables, b.init(jax.random.PRNGKey(0), x))
         chex.assert_trees_all_close(a.apply(variables, x), b.apply(variables, x), atol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("hw,c_in,c_out,k,s,pads,d", CASES + GREYSCALE_CASES)
+def test_onednn_matches_xla_values_and_gradients_jitted_or_not(hw, c_in, c_out, k, s, pads, d):
+    x = jnp.asarray(rng.randn(3, *hw, c_in).astype(np.float32))
+    w = jnp.asarray(rng.randn(*k, c_in, c_out).astype(np.float32))
+    path = lambda x, w: conv.conv2d(x, w, s, pads, d, impl="onednn")  # noqa: E731
+    loss = lambda f: lambda x, w: (jnp.sin(f(x, w)) * f(x, w)).sum()  # noqa: E731
+    want = xla(x, w, s, pads, d)
+    want_grads = jax.grad(loss(lambda x, w: xla(x, w, s, pads, d)), argnums=(0, 1))(x, w)
+    for f in (path, jax.jit(path)):
+        chex.assert_trees_all_close(f(x, w), want, atol=1e-4, rtol=1e-5)
+    for g in (jax.grad(loss(path), argnums=(0, 1)), jax.jit(jax.grad(loss(path), argnums=(0, 1)))):
+        chex.assert_trees_all_close(g(x, w), want_grads, atol=1e-3, rtol=1e-4)
+
+
+@needs_onednn
+def test_onednn_bf16_is_within_one_rounding_of_the_float32_conv():
+    x = jnp.asarray(rng.randn(4, 10, 10, 16).astype(np.float32)).astype(jnp.bfloat16)
+    w = jnp.asarray(rng.randn(3, 3, 16, 8).astype(np.float32)).astype(jnp.bfloat16)
+    g = jnp.asarray(rng.randn(4, 10, 10, 8).astype(np.float32)).astype(jnp.bfloat16)
+    pads = ((1, 1), (1, 1))
+    y, vjp = jax.vjp(lambda x, w: conv.conv2d(x, w, (1, 1), pads, impl="onednn"), x, w)
+    want, want_vjp = jax.vjp(lambda x, w: xla(x, w, (1, 1), pads, (1, 1)), x.astype(jnp.float32),
+                             w.astype(jnp.float32))
+    assert y.dtype == jnp.bfloat16
+    for got, exact in zip((y, *vjp(g)), (want, *want_vjp(g.astype(jnp.float32))), strict=True):
+        assert got.dtype == jnp.bfloat16
+        scale = float(jnp.max(jnp.abs(exact)))
+        np.testing.assert_allclose(np.asarray(got, np.float32), exact, atol=2 ** -7 * scale)
+
+
+@needs_onednn
+def test_onednn_under_vmap_equals_a_loop():
+    x = jnp.asarray(rng.randn(3, 2, 6, 6, 4).astype(np.float32))
+    w = jnp.asarray(rng.randn(3, 3, 4, 5).astype(np.float32))
+    f = lambda x: conv.conv2d(x, w, (1, 1), "SAME", impl="onednn")  # noqa: E731
+    chex.assert_trees_all_close(jax.vmap(f)(x), jnp.stack([xla(v, w, (1, 1), ((1, 1), (1, 1)), (1, 1)) for v in x]),
+                                atol=1e-4)
+
+
+@needs_onednn
+def test_auto_runs_onednn_in_one_cpu_process_only(monkeypatch):
+    """'auto' calls the oneDNN handler for a 3x3 conv on the CPU, and for its two gradients; not over several
+    processes, not with USE_ONEDNN_ON_CPU off, and never for 1x1 kernels or float16."""
+    x, w = jnp.ones((2, 16, 16, 8)), jnp.ones((3, 3, 8, 8))
+
+    def calls(x, w):
+        return str(jax.make_jaxpr(jax.grad(lambda x, w: conv.conv2d(x, w, (1, 1), "SAME").sum(), (0, 1)))(x, w)) \
+            .count(onednn.TARGET)
+
+    assert calls(x, w) == 3  # forward, input gradient, kernel gradient
+    assert calls(x, jnp.ones((1, 1, 8, 8))) == 0  # a 1x1 conv is one matmul
+    assert calls(x.astype(jnp.float16), w.astype(jnp.float16)) == 0
+    with monkeypatch.context() as m:
+        m.setattr(jax, "process_count", lambda: 2)
+        assert calls(x, w) == 0
+    monkeypatch.setattr(conv, "USE_ONEDNN_ON_CPU", False)
+    assert calls(x, w) == 0
+
+
+@pytest.mark.parametrize("in_hw,k,s,in_channels,want", [
+    ((32, 32), (3, 3), (1, 1), 16, "onednn"),
+    ((32, 32), (3, 3), (2, 2), 16, "onednn"),   # 'split' without oneDNN
+    ((16, 16), (3, 3), (2, 2), 32, "onednn"),   # 'im2col' without oneDNN
+    ((32, 32), (7, 7), (2, 2), 3, "onednn"),    # an RGB stem
+    ((2, 2), (3, 3), (1, 1), 256, "im2col"),    # 2x2 output: one GEMM of patches
+    ((8, 8), (1, 1), (2, 2), 64, "im2col"),     # 1x1 kernel: one GEMM
+    ((28, 28), (3, 3), (1, 1), 1, "shifted"),   # greyscale with 16 outputs: the shifted sum
+])
+def test_choose_impl_with_onednn(in_hw, k, s, in_channels, want):
+    pads = ((k[0] // 2,) * 2, (k[1] // 2,) * 2)
+    assert conv.choose_impl(in_hw, k, s, pads, backend="cpu", in_channels=in_channels, out_channels=16,
+                            onednn=True) == want
+    assert conv.choose_impl(in_hw, k, s, pads, backend="gpu", in_channels=in_channels, out_channels=16,
+                            onednn=True) == "xla"
+
+
+def test_onednn_refuses_mixed_dtypes_in_one_line():
+    x, w = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2), jnp.bfloat16)
+    with pytest.raises(ValueError, match="impl='onednn'"):
+        conv.conv2d(x, w, (1, 1), "SAME", impl="onednn")
+
+
+@needs_onednn
+@pytest.mark.skipif(jax.device_count() < 4, reason="needs XLA_FLAGS=--xla_force_host_platform_device_count=4")
+def test_onednn_under_a_batch_sharded_jit_equals_xla():
+    """XLA's partitioner cannot split the custom call, so it gathers the batch for it: the same numbers."""
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+    x = jax.device_put(jnp.asarray(rng.randn(8, 10, 10, 4).astype(np.float32)), NamedSharding(mesh, P("data")))
+    w = jax.device_put(jnp.asarray(rng.randn(3, 3, 4, 6).astype(np.float32)), NamedSharding(mesh, P()))
+    step = lambda impl: jax.jit(jax.value_and_grad(  # noqa: E731
+        lambda x, w: (jnp.tanh(conv.conv2d(x, w, (1, 1), "SAME", impl=impl)) ** 2).sum(), (0, 1)))
+    chex.assert_trees_all_close(step("onednn")(x, w), step("xla")(x, w), atol=1e-4, rtol=1e-5)

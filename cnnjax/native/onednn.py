@@ -1,0 +1,141 @@
+"""oneDNN convolutions for XLA:CPU through an FFI custom call (``onednn_conv.cc``), built on first use.
+
+jaxlib 0.10's XLA:CPU runs convolutions through Eigen (or YNNPACK) kernels; oneDNN's, which PyTorch uses on
+the CPU, are 1.5-5x faster on this project's shapes (``python -m experiments.bench_conv --only conv``). No
+library of the JAX ecosystem exposes them to JAX (this jaxlib is built without XLA's oneDNN convolutions), so
+this module compiles a small handler against the system's oneDNN (Debian ``libdnnl-dev``) and jaxlib's FFI
+headers with ``g++`` into ``cnnjax/native/_lib/`` (or ``$XDG_CACHE_HOME/cnnjax`` when the package is
+read-only), once per source and jaxlib version (about 4 s). ``python -m cnnjax.native.onednn`` builds it
+ahead of time and says whether it works. Without a compiler or oneDNN, :func:`available` is False and
+``cnnjax.conv`` keeps XLA's convolutions; ``CNNJAX_ONEDNN=0`` switches the kernels off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from cnnjax.errors import UsageError
+
+SOURCE = Path(__file__).with_name("onednn_conv.cc")
+TARGET = "cnnjax_onednn_conv"
+HANDLER = "CnnjaxOnednnConv"
+SWITCH = "CNNJAX_ONEDNN"
+HEADER = Path("/usr/include/dnnl.hpp")
+INSTALL_HINT = "install a C++ compiler and oneDNN (Debian: apt-get install g++ libdnnl-dev)"
+# oneDNN's threads (GNU OpenMP) sleep as soon as a convolution ends instead of spinning, so they leave the cores
+# to XLA's own threads between convolutions: cifar_resnet20's train step MEASURED. Read by libgomp when the
+# library loads, set only for that moment (PyTorch's own OpenMP runtime is left alone), and never over a user's
+# OMP_WAIT_POLICY.
+OMP_WAIT_POLICY = "PASSIVE"
+# Conv kinds of the handler's `kind` attribute.
+FORWARD, INPUT_GRAD, KERNEL_GRAD = 0, 1, 2
+
+
+def _library_name() -> str:
+    from importlib import metadata
+
+    digest = hashlib.sha256(SOURCE.read_bytes() + metadata.version("jaxlib").encode()).hexdigest()[:16]
+    return f"libcnnjax_onednn-{digest}.so"
+
+
+def _library_dirs() -> list[Path]:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cnnjax"
+    return [Path(__file__).with_name("_lib"), cache]
+
+
+def build(quiet: bool = True) -> Path:
+    """Compile the handler (if not built yet) and return the shared library's path.
+
+    Raises :class:`UsageError` in one line when no compiler or oneDNN header is found or compilation fails.
+    The library is written under a temporary name and renamed into place, so concurrent builds never see
+    a half-written file."""
+    name = _library_name()
+    for directory in _library_dirs():
+        if (directory / name).is_file():
+            return directory / name
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None or not HEADER.is_file():
+        raise UsageError(f"cannot build cnnjax's oneDNN convolutions: {INSTALL_HINT}")
+    import jax
+
+    errors = []
+    for directory in _library_dirs():
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=directory)
+        except OSError as e:
+            errors.append(f"{directory}: {e.strerror}")
+            continue
+        os.close(fd)
+        cmd = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}", str(SOURCE),
+               "-o", tmp, "-ldnnl"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            os.unlink(tmp)
+            last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise UsageError(f"building cnnjax's oneDNN convolutions failed ({last}); {INSTALL_HINT}")
+        os.replace(tmp, directory / name)
+        if not quiet:
+            print(f"built {directory / name}", file=sys.stderr)
+        return directory / name
+    raise UsageError(f"cannot write cnnjax's oneDNN library ({'; '.join(errors)}); set XDG_CACHE_HOME to a writable "
+                     "directory")
+
+
+@functools.cache
+def available() -> bool:
+    """True once the handler is built, loaded and registered with XLA for the CPU; False (and XLA's own
+    convolutions are used) when ``CNNJAX_ONEDNN=0`` or it cannot be built here."""
+    if os.environ.get(SWITCH, "1") == "0":
+        return False
+    try:
+        path = build()
+    except UsageError:
+        return False
+    import jax
+
+    saved = os.environ.get("OMP_WAIT_POLICY")
+    os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
+    try:
+        library = ctypes.cdll.LoadLibrary(str(path))
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_WAIT_POLICY")
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(library, HANDLER)), platform="cpu")
+    return True
+
+
+def main() -> int:
+    """``python -m cnnjax.native.onednn``: build the library now and check one convolution against XLA's."""
+    if os.environ.get(SWITCH, "1") == "0":
+        print(f"{SWITCH}=0: cnnjax uses XLA's convolutions", file=sys.stderr)
+        return 0
+    try:
+        path = build(quiet=False)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import jax
+    import numpy as np
+
+    from cnnjax import conv
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 9, 3))
+    kernel = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, 4))
+    ours = conv.conv2d(x, kernel, (1, 1), "SAME", impl="onednn")
+    xla = conv.conv2d(x, kernel, (1, 1), "SAME", impl="xla")
+    diff = float(np.max(np.abs(np.asarray(ours) - np.asarray(xla))))
+    print(f"oneDNN convolutions: {path} (max |diff| to XLA on a test conv: {diff:.1e})")
+    return 0 if diff < 1e-4 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

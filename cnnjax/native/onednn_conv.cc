@@ -1,0 +1,179 @@
+// oneDNN convolutions as an XLA FFI custom call for the CPU (built by cnnjax/native/build.py).
+//
+// One handler, three kinds (attribute `kind`), all NHWC activations and HWIO kernels, groups 1:
+//   0 forward:          (x [N,H,W,I], w [KH,KW,I,O])  -> y  [N,Ho,Wo,O]
+//   1 input gradient:   (g [N,Ho,Wo,O], w [KH,KW,I,O]) -> dx [N,H,W,I]
+//   2 kernel gradient:  (x [N,H,W,I], g [N,Ho,Wo,O])  -> dw [KH,KW,I,O]
+// Attributes: strides (sh, sw), paddings (pt, pb, pl, pr), dilations (dh, dw; 1 = none). float32 or
+// bfloat16, the same dtype for every operand. Kernels are reordered between HWIO and the blocked layout
+// oneDNN picks; primitives are cached per shape and kind, and the scratchpad is the caller's thread's.
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using tag = dnnl::memory::format_tag;
+
+namespace {
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+struct Conv {
+  dnnl::primitive conv;
+  memory::desc user_weights;    // HWIO as jax has it
+  memory::desc conv_weights;    // the layout the primitive wants
+  bool reorder_weights = false;
+  dnnl::primitive weights_reorder;  // HWIO -> blocked (kinds 0, 1) or blocked -> HWIO (kind 2)
+  memory::desc scratchpad;
+};
+
+struct Geometry {
+  memory::dims src, weights, dst, strides, dilations, pad_l, pad_r;
+};
+
+template <typename PD>
+void Finish(Conv& c, const PD& pd, const memory::desc& weights_md, bool weights_out) {
+  c.conv_weights = weights_md;
+  c.reorder_weights = !(weights_md == c.user_weights);
+  if (c.reorder_weights) {
+    dnnl::primitive_attr attr;
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    auto from = weights_out ? c.conv_weights : c.user_weights;
+    auto to = weights_out ? c.user_weights : c.conv_weights;
+    dnnl::reorder::primitive_desc rpd(Engine(), from, Engine(), to, attr);
+    c.weights_reorder = dnnl::reorder(rpd);
+  }
+}
+
+std::unique_ptr<Conv> Build(int kind, memory::data_type dt, const Geometry& g) {
+  auto c = std::make_unique<Conv>();
+  memory::desc src(g.src, dt, tag::nhwc), dst(g.dst, dt, tag::nhwc), any_w(g.weights, dt, tag::any);
+  c->user_weights = memory::desc(g.weights, dt, tag::hwio);
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  const auto alg = dnnl::algorithm::convolution_direct;
+  dnnl::convolution_forward::desc fwd(dnnl::prop_kind::forward_training, alg, src, any_w, dst, g.strides,
+                                      g.dilations, g.pad_l, g.pad_r);
+  dnnl::convolution_forward::primitive_desc fwd_pd(fwd, attr, Engine());
+  if (kind == 0) {
+    c->conv = dnnl::convolution_forward(fwd_pd);
+    c->scratchpad = fwd_pd.scratchpad_desc();
+    Finish(*c, fwd_pd, fwd_pd.weights_desc(), false);
+  } else if (kind == 1) {
+    dnnl::convolution_backward_data::desc bwd(alg, src, any_w, dst, g.strides, g.dilations, g.pad_l, g.pad_r);
+    dnnl::convolution_backward_data::primitive_desc pd(bwd, attr, Engine(), fwd_pd);
+    c->conv = dnnl::convolution_backward_data(pd);
+    c->scratchpad = pd.scratchpad_desc();
+    Finish(*c, pd, pd.weights_desc(), false);
+  } else {
+    dnnl::convolution_backward_weights::desc bwd(alg, src, any_w, dst, g.strides, g.dilations, g.pad_l,
+                                                 g.pad_r);
+    dnnl::convolution_backward_weights::primitive_desc pd(bwd, attr, Engine(), fwd_pd);
+    c->conv = dnnl::convolution_backward_weights(pd);
+    c->scratchpad = pd.scratchpad_desc();
+    Finish(*c, pd, pd.diff_weights_desc(), true);
+  }
+  return c;
+}
+
+const Conv& Cached(int kind, memory::data_type dt, const Geometry& g) {
+  static std::mutex mu;
+  static std::unordered_map<std::string, std::unique_ptr<Conv>> cache;
+  std::string key = std::to_string(kind) + ":" + std::to_string(static_cast<int>(dt));
+  for (const auto* dims : {&g.src, &g.weights, &g.dst, &g.strides, &g.dilations, &g.pad_l, &g.pad_r}) {
+    key += "|";
+    for (auto d : *dims) key += std::to_string(d) + ",";
+  }
+  std::lock_guard<std::mutex> lock(mu);
+  auto& slot = cache[key];
+  if (!slot) slot = Build(kind, dt, g);
+  return *slot;
+}
+
+// Per-thread buffers: the scratchpad and the blocked kernel (grown, never shrunk).
+void* ThreadBuffer(int which, size_t bytes) {
+  thread_local std::vector<char> buffers[2];
+  auto& b = buffers[which];
+  if (b.size() < bytes + 64) b.resize(bytes + 64);
+  auto p = reinterpret_cast<std::uintptr_t>(b.data());
+  return reinterpret_cast<void*>((p + 63) & ~std::uintptr_t(63));
+}
+
+ffi::Error Run(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out, int64_t kind,
+               int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t dh, int64_t dw) {
+  if (kind < 0 || kind > 2) return ffi::Error::InvalidArgument("onednn_conv: kind must be 0, 1 or 2");
+  auto type = a.element_type();
+  if (b.element_type() != type || out->element_type() != type)
+    return ffi::Error::InvalidArgument("onednn_conv: every operand must have one dtype");
+  memory::data_type dt;
+  if (type == ffi::DataType::F32) dt = memory::data_type::f32;
+  else if (type == ffi::DataType::BF16) dt = memory::data_type::bf16;
+  else return ffi::Error::InvalidArgument("onednn_conv: float32 or bfloat16 only");
+  // NHWC / HWIO buffers by role; oneDNN wants logical dims N,C,H,W and O,I,KH,KW.
+  ffi::AnyBuffer::Dimensions x_d = kind == 1 ? out->dimensions() : a.dimensions();
+  ffi::AnyBuffer::Dimensions w_d = kind == 2 ? out->dimensions() : b.dimensions();
+  ffi::AnyBuffer::Dimensions y_d = kind == 0 ? out->dimensions() : (kind == 1 ? a.dimensions() : b.dimensions());
+  if (x_d.size() != 4 || w_d.size() != 4 || y_d.size() != 4)
+    return ffi::Error::InvalidArgument("onednn_conv: operands must be rank 4 (NHWC, HWIO)");
+  Geometry g{{x_d[0], x_d[3], x_d[1], x_d[2]}, {w_d[3], w_d[2], w_d[0], w_d[1]}, {y_d[0], y_d[3], y_d[1], y_d[2]},
+             {sh, sw}, {dh - 1, dw - 1}, {pt, pl}, {pb, pr}};
+  try {
+    const Conv& c = Cached(static_cast<int>(kind), dt, g);
+    dnnl::stream stream(Engine());
+    void* x_p = kind == 1 ? out->untyped_data() : a.untyped_data();
+    void* w_p = kind == 2 ? out->untyped_data() : b.untyped_data();
+    void* y_p = kind == 0 ? out->untyped_data() : (kind == 1 ? a.untyped_data() : b.untyped_data());
+    memory x_m(memory::desc(g.src, dt, tag::nhwc), Engine(), x_p);
+    memory y_m(memory::desc(g.dst, dt, tag::nhwc), Engine(), y_p);
+    memory w_user(c.user_weights, Engine(), w_p);
+    memory w_conv = c.reorder_weights
+        ? memory(c.conv_weights, Engine(), ThreadBuffer(1, c.conv_weights.get_size())) : w_user;
+    memory pad(c.scratchpad, Engine(), ThreadBuffer(0, c.scratchpad.get_size()));
+    if (c.reorder_weights && kind != 2)
+      c.weights_reorder.execute(stream, {{DNNL_ARG_FROM, w_user}, {DNNL_ARG_TO, w_conv}});
+    if (kind == 0) {
+      c.conv.execute(stream, {{DNNL_ARG_SRC, x_m}, {DNNL_ARG_WEIGHTS, w_conv}, {DNNL_ARG_DST, y_m},
+                              {DNNL_ARG_SCRATCHPAD, pad}});
+    } else if (kind == 1) {
+      c.conv.execute(stream, {{DNNL_ARG_DIFF_DST, y_m}, {DNNL_ARG_WEIGHTS, w_conv}, {DNNL_ARG_DIFF_SRC, x_m},
+                              {DNNL_ARG_SCRATCHPAD, pad}});
+    } else {
+      c.conv.execute(stream, {{DNNL_ARG_SRC, x_m}, {DNNL_ARG_DIFF_DST, y_m}, {DNNL_ARG_DIFF_WEIGHTS, w_conv},
+                              {DNNL_ARG_SCRATCHPAD, pad}});
+      if (c.reorder_weights)
+        c.weights_reorder.execute(stream, {{DNNL_ARG_FROM, w_conv}, {DNNL_ARG_TO, w_user}});
+    }
+    stream.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("onednn_conv: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnjaxOnednnConv, Run,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("kind")
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pb")
+                                  .Attr<int64_t>("pl")
+                                  .Attr<int64_t>("pr")
+                                  .Attr<int64_t>("dh")
+                                  .Attr<int64_t>("dw"));

@@ -1,0 +1,67 @@
+"""cnnjax.native.onednn: the build is cached, atomic and explains itself when it cannot work; the switch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cnnjax.errors import UsageError
+from cnnjax.native import onednn
+
+
+def test_missing_compiler_or_header_is_one_line_naming_the_packages(monkeypatch, tmp_path):
+    monkeypatch.setattr(onednn, "_library_dirs", lambda: [tmp_path / "lib"])
+    monkeypatch.setattr(onednn.shutil, "which", lambda name: None)
+    with pytest.raises(UsageError, match=r"apt-get install g\+\+ libdnnl-dev") as e:
+        onednn.build()
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "lib").exists()  # nothing written
+    monkeypatch.undo()
+    monkeypatch.setattr(onednn, "_library_dirs", lambda: [tmp_path / "lib"])
+    monkeypatch.setattr(onednn, "HEADER", tmp_path / "no_dnnl.hpp")
+    with pytest.raises(UsageError, match="libdnnl-dev"):
+        onednn.build()
+
+
+def test_a_failed_compile_leaves_no_file_behind(monkeypatch, tmp_path):
+    if not onednn.HEADER.is_file():
+        pytest.skip("no oneDNN header here")
+    broken = tmp_path / "broken.cc"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(onednn, "SOURCE", broken)
+    monkeypatch.setattr(onednn, "_library_dirs", lambda: [tmp_path / "lib"])
+    with pytest.raises(UsageError, match="building cnnjax's oneDNN convolutions failed"):
+        onednn.build()
+    assert list((tmp_path / "lib").iterdir()) == []  # the temporary file is removed
+
+
+def test_build_is_cached_per_source_and_written_under_its_final_name_only(monkeypatch, tmp_path):
+    if not onednn.HEADER.is_file():
+        pytest.skip("no oneDNN header here")
+    monkeypatch.setattr(onednn, "_library_dirs", lambda: [tmp_path / "ro", tmp_path / "lib"])
+    (tmp_path / "ro").write_text("a file, so this directory cannot be made")
+    path = onednn.build()
+    assert path.parent == tmp_path / "lib" and path.name.startswith("libcnnjax_onednn-")
+    assert [p.name for p in (tmp_path / "lib").iterdir()] == [path.name]
+    mtime = path.stat().st_mtime_ns
+    assert onednn.build() == path and path.stat().st_mtime_ns == mtime  # not built again
+    other = tmp_path / "other.cc"
+    other.write_text(onednn.SOURCE.read_text() + "\n// changed\n")
+    monkeypatch.setattr(onednn, "SOURCE", other)
+    assert onednn.build() != path  # another source, another library
+
+
+def test_switch_off_keeps_xlas_convolutions():
+    code = ("from cnnjax.native import onednn; from cnnjax import conv; import jax.numpy as jnp; "
+            "x, w = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 4)); "
+            "print(onednn.available(), conv.onednn_usable(x, w))")
+    env = dict(os.environ, CNNJAX_ONEDNN="0", JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "False"]
+    main = subprocess.run([sys.executable, "-m", "cnnjax.native.onednn"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert main.returncode == 0 and "XLA's convolutions" in main.stderr
