@@ -255,3 +255,6 @@ def run(main) -> int:
 if __name__ == "__main__":  # python -m experiments.cli: the process settings the entry points run with
     for name in ("XLA_FLAGS", "GLIBC_TUNABLES"):
         print(f"{name}={os.environ.get(name, '')}")
+    from cnnjax.native import onednn
+
+    print(f"cpu_convolutions={onednn.describe()}")

@@ -31,9 +31,11 @@ SWITCH = "CNNJAX_ONEDNN"
 HEADER = Path("/usr/include/dnnl.hpp")
 INSTALL_HINT = "install a C++ compiler and oneDNN (Debian: apt-get install g++ libdnnl-dev)"
 # oneDNN's threads (GNU OpenMP) sleep as soon as a convolution ends instead of spinning, so they leave the cores
-# to XLA's own threads between convolutions: cifar_resnet20's train step MEASURED. Read by libgomp when the
-# library loads, set only for that moment (PyTorch's own OpenMP runtime is left alone), and never over a user's
-# OMP_WAIT_POLICY.
+# to XLA's own threads between convolutions. `experiments.bench_ab --a "+broadcast tiled max-pool backward" --b
+# "+oneDNN convolutions"` (2 cores, 5-7 rounds; B / A, median round): cifar_resnet20 0.99 with libgomp's default
+# spinning, 1.42 with OMP_WAIT_POLICY=ACTIVE and 1.40-1.46 PASSIVE; resnet18 0.90, 0.96 and 0.93-1.02 (noisy runs,
+# one process each). Read by libgomp when the library loads, so set only for that moment (PyTorch's own OpenMP
+# runtime is left alone), and never over a user's OMP_WAIT_POLICY.
 OMP_WAIT_POLICY = "PASSIVE"
 # Conv kinds of the handler's `kind` attribute.
 FORWARD, INPUT_GRAD, KERNEL_GRAD = 0, 1, 2
@@ -91,26 +93,38 @@ def build(quiet: bool = True) -> Path:
 
 
 @functools.cache
-def available() -> bool:
-    """True once the handler is built, loaded and registered with XLA for the CPU; False (and XLA's own
-    convolutions are used) when ``CNNJAX_ONEDNN=0`` or it cannot be built here."""
+def _load() -> tuple[bool, str]:
+    """``(available, what)``: the library's path once built, loaded and registered, else why not."""
     if os.environ.get(SWITCH, "1") == "0":
-        return False
+        return False, f"XLA ({SWITCH}=0)"
     try:
         path = build()
-    except UsageError:
-        return False
+    except UsageError as e:
+        return False, f"XLA ({e})"
     import jax
 
     saved = os.environ.get("OMP_WAIT_POLICY")
     os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
     try:
         library = ctypes.cdll.LoadLibrary(str(path))
+    except OSError as e:
+        return False, f"XLA (cannot load {path}: {e})"
     finally:
         if saved is None:
             os.environ.pop("OMP_WAIT_POLICY")
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(library, HANDLER)), platform="cpu")
-    return True
+    return True, f"oneDNN ({path})"
+
+
+def available() -> bool:
+    """True once the handler is built, loaded and registered with XLA for the CPU; False (and XLA's own
+    convolutions are used) when ``CNNJAX_ONEDNN=0`` or it cannot be built or loaded here."""
+    return _load()[0]
+
+
+def describe() -> str:
+    """Which CPU convolutions 'auto' uses, for logs: ``oneDNN (library path)`` or ``XLA (why not oneDNN)``."""
+    return _load()[1]
 
 
 def main() -> int:

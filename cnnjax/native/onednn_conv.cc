@@ -155,7 +155,7 @@ ffi::Error Run(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> o
         c.weights_reorder.execute(stream, {{DNNL_ARG_FROM, w_conv}, {DNNL_ARG_TO, w_user}});
     }
     stream.wait();
-  } catch (const dnnl::error& e) {
+  } catch (const std::exception& e) {  // dnnl::error, std::bad_alloc
     return ffi::Error::Internal(std::string("onednn_conv: ") + e.what());
   }
   return ffi::Error::Success();
