@@ -21,4 +21,5 @@ def get_config():
     c.num_epochs = 40
     c.eval_every = c.num_epochs
     c.time_budget_s = 1680.0
+    c.mixed_precision = True  # bfloat16 convolutions (oneDNN's, on CPUs with AVX-512 bf16): 1.7x the epochs of float32
     return c
