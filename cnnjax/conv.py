@@ -96,16 +96,23 @@ def choose_impl(in_hw: tuple[int, int], kernel_hw: tuple[int, int], strides: tup
     return "xla"
 
 
+def _output_hw(in_hw: tuple[int, int], kernel_hw: tuple[int, int], strides: tuple[int, int], pads: Pads,
+               dilation: tuple[int, int]) -> tuple[int, int]:
+    """``(H', W')`` of a conv; an empty output is a one-line error."""
+    ho, wo = (output_size(in_hw[i], kernel_hw[i], strides[i], pads[i], dilation[i]) for i in range(2))
+    if ho <= 0 or wo <= 0:
+        raise UsageError(f"conv output would be empty: input {in_hw[0]}x{in_hw[1]}, kernel "
+                         f"{kernel_hw[0]}x{kernel_hw[1]}, padding {pads}")
+    return ho, wo
+
+
 def _shifted_views(x: Array, kernel_hw: tuple[int, int], strides: tuple[int, int], pads: Pads,
                    dilation: tuple[int, int]) -> list[Array]:
     """The ``kH * kW`` views ``[N, H', W', C]`` of the padded input that kernel tap ``(i, j)`` sees, in
     row-major tap order."""
     kh, kw = kernel_hw
     n, h, w, c = x.shape
-    ho = output_size(h, kh, strides[0], pads[0], dilation[0])
-    wo = output_size(w, kw, strides[1], pads[1], dilation[1])
-    if ho <= 0 or wo <= 0:
-        raise UsageError(f"conv output would be empty: input {h}x{w}, kernel {kh}x{kw}, padding {pads}")
+    ho, wo = _output_hw((h, w), kernel_hw, strides, pads, dilation)
     xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
     views = []
     for i in range(kh):
@@ -242,13 +249,8 @@ def _onednn(kind: int, a: Array, b: Array, out_shape: tuple[int, ...], strides: 
 
 def _conv_shape(x: Array, kernel: Array, strides: tuple[int, int], pads: Pads,
                 dilation: tuple[int, int]) -> tuple[int, int, int, int]:
-    kh, kw, _, o = kernel.shape
-    n, h, w, _ = x.shape
-    ho = output_size(h, kh, strides[0], pads[0], dilation[0])
-    wo = output_size(w, kw, strides[1], pads[1], dilation[1])
-    if ho <= 0 or wo <= 0:
-        raise UsageError(f"conv output would be empty: input {h}x{w}, kernel {kh}x{kw}, padding {pads}")
-    return n, ho, wo, o
+    """``[N, H', W', O]`` of the conv of ``x`` ``[N, H, W, C]`` with ``kernel`` ``[kH, kW, C, O]``."""
+    return (x.shape[0], *_output_hw(x.shape[1:3], kernel.shape[:2], strides, pads, dilation), kernel.shape[-1])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -260,7 +262,9 @@ def onednn_conv(x: Array, kernel: Array, strides: tuple[int, int], pads: Pads,
     The same convolution as ``impl='xla'`` summed in another order (within 1e-5 relative in float32,
     ``tests/test_conv.py``). Needs :func:`cnnjax.native.onednn.available`; reverse mode only (``jax.grad``),
     like the other custom-gradient paths here."""
-    return _onednn(0, x, kernel, _conv_shape(x, kernel, strides, pads, dilation), strides, pads, dilation)
+    from cnnjax.native.onednn import FORWARD
+
+    return _onednn(FORWARD, x, kernel, _conv_shape(x, kernel, strides, pads, dilation), strides, pads, dilation)
 
 
 def _onednn_conv_fwd(x, kernel, strides, pads, dilation):
@@ -270,9 +274,11 @@ def _onednn_conv_fwd(x, kernel, strides, pads, dilation):
 def _onednn_conv_bwd(strides, pads, dilation, residuals, g):
     """Two calls, which XLA may run at once. (Both in one call, one after the other, was no faster: whole train
     steps 0.94-1.00x, paired, an ad hoc script, 2026-12-02.)"""
+    from cnnjax.native.onednn import INPUT_GRAD, KERNEL_GRAD
+
     x, kernel = residuals
-    return (_onednn(1, g, kernel, x.shape, strides, pads, dilation),
-            _onednn(2, x, g, kernel.shape, strides, pads, dilation))
+    return (_onednn(INPUT_GRAD, g, kernel, x.shape, strides, pads, dilation),
+            _onednn(KERNEL_GRAD, x, g, kernel.shape, strides, pads, dilation))
 
 
 onednn_conv.defvjp(_onednn_conv_fwd, _onednn_conv_bwd)
