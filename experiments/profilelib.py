@@ -45,7 +45,8 @@ def _in_conv(name_stack: str) -> bool:
 
 def op_kind(primitive: str, name_stack: str, out_shape: tuple, batch: int) -> str:
     """The kind of work of one jaxpr equation."""
-    conv = primitive == "conv_general_dilated" or (primitive == "dot_general" and _in_conv(name_stack))
+    # dot_general: the patches path; ffi_call: cnnjax's oneDNN convolutions (cnnjax.native.onednn)
+    conv = primitive == "conv_general_dilated" or (primitive in ("dot_general", "ffi_call") and _in_conv(name_stack))
     if conv:
         if "transpose(" not in name_stack:
             return "conv forward"
@@ -124,8 +125,9 @@ def profile_cnnjax(name: str, batch: int, reps: int) -> dict:
 
 # --- cnnjax: the fused step's XLA:CPU thunks --------------------------------------------------------
 
-FUSED_KINDS = ("convolutions (asynchronous: launch only)", "layout transposes / copies", "conv as dots / patches",
-               "BatchNorm", "pooling", "dense", "optimizer update", "input preparation", "loss", "other elementwise")
+FUSED_KINDS = ("convolutions (asynchronous: launch only)", "oneDNN convolutions", "layout transposes / copies",
+               "conv as dots / patches", "BatchNorm", "pooling", "dense", "optimizer update", "input preparation",
+               "loss", "other elementwise")
 
 
 def hlo_instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
@@ -144,6 +146,8 @@ def thunk_kind(name: str, opcode: str, op_name: str) -> str:
     """The kind of work of one thunk of the fused step (an HLO instruction of the entry computation)."""
     if opcode == "convolution":
         return FUSED_KINDS[0]
+    if opcode == "custom-call" and _in_conv(op_name):
+        return "oneDNN convolutions"
     if re.match(r"(transpose|copy|bitcast_copy)", name) or opcode in ("copy", "transpose"):
         return "layout transposes / copies"
     if _in_conv(op_name):

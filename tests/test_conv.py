@@ -330,3 +330,9 @@ def test_onednn_under_a_batch_sharded_jit_equals_xla():
     step = lambda impl: jax.jit(jax.value_and_grad(  # noqa: E731
         lambda x, w: (jnp.tanh(conv.conv2d(x, w, (1, 1), "SAME", impl=impl)) ** 2).sum(), (0, 1)))
     chex.assert_trees_all_close(step("onednn")(x, w), step("xla")(x, w), atol=1e-4, rtol=1e-5)
+
+
+@needs_onednn
+def test_onednn_refuses_an_empty_output_in_one_line():
+    with pytest.raises(ValueError, match="conv output would be empty: input 2x2, kernel 5x5"):
+        conv.conv2d(jnp.ones((1, 2, 2, 3)), jnp.ones((5, 5, 3, 4)), (1, 1), ((0, 0), (0, 0)), impl="onednn")

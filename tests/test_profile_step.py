@@ -42,6 +42,9 @@ def test_op_kind_rules():
     assert op_kind("conv_general_dilated", "transpose(jvp(Net))/conv1", (4, 8, 8, 1), 4) == "conv input-gradient"
     assert op_kind("conv_general_dilated", "transpose(jvp(Net))/conv1", (3, 3, 1, 4), 4) == "conv weight-gradient"
     assert op_kind("dot_general", "transpose(jvp(Net))/layer1_0/conv2", (9, 4), 4) == "conv weight-gradient"
+    assert op_kind("ffi_call", "transpose(jvp(Net))/conv2", (4, 8, 8, 4), 4) == "conv input-gradient"  # oneDNN
+    assert op_kind("ffi_call", "transpose(jvp(Net))/conv2", (3, 3, 4, 4), 4) == "conv weight-gradient"
+    assert op_kind("ffi_call", "jvp(Net)/conv2", (4, 8, 8, 4), 4) == "conv forward"
     assert op_kind("mul", "transpose(jvp(Net))/layer1_0/bn2", (4, 8, 8, 4), 4) == "BatchNorm"
     assert op_kind("transpose", "jvp(Net)", (4, 4), 4) == "layout transposes / copies"
     assert op_kind("add", "optimizer", (4,), 4) == "optimizer update"
@@ -60,18 +63,21 @@ ENTRY %main (p: f32[4,8,8,1]) -> f32[4] {
   %conv_general_dilated.3 = f32[4,8,8,4]{3,2,1,0} convolution(%p, %k), window={size=3x3}, metadata={op_name="CONV"}
   %transpose_copy_fusion.2 = f32[4,8,8,4]{3,2,1,0} fusion(%conv_general_dilated.3), kind=kLoop, calls=%fused_computation
   %ynn_fusion.1 = f32[36,4]{1,0} fusion(%a, %b), kind=kCustom, metadata={op_name="DOT"}
+  %ffi_call.7 = f32[3,3,4,4]{3,2,1,0} custom-call(%x, %g), custom_call_target="cnnjax_onednn_conv", metadata={op_name="FFI"}
   %multiply_add_fusion = f32[4]{0} fusion(%x), kind=kLoop, metadata={op_name="jit(run)/transpose(jvp(Net))/bn1/mul"}
   ROOT %add_fusion = f32[4]{0} fusion(%x), kind=kLoop, metadata={op_name="jit(run)/optimizer/add"}
 }
 """
     found = profilelib.hlo_instructions(hlo.replace("CONV", "jit(run)/jvp(Net)/conv1/conv_general_dilated").replace(
-        "DOT", "jit(run)/transpose(jvp(Net))/layer1_0/conv2/dot_general"))
+        "DOT", "jit(run)/transpose(jvp(Net))/layer1_0/conv2/dot_general").replace(
+        "FFI", "jit(run)/transpose(jvp(Net))/conv2/ffi_call"))
     assert "neg" not in found  # only the entry computation's instructions are thunks
     assert found["conv_general_dilated.3"] == ("convolution", "jit(run)/jvp(Net)/conv1/conv_general_dilated")
     kinds = {n: profilelib.thunk_kind(n, *v) for n, v in found.items()}
     assert kinds == {"conv_general_dilated.3": "convolutions (asynchronous: launch only)",
                      "transpose_copy_fusion.2": "layout transposes / copies",
-                     "ynn_fusion.1": "conv as dots / patches", "multiply_add_fusion": "BatchNorm",
+                     "ynn_fusion.1": "conv as dots / patches", "ffi_call.7": "oneDNN convolutions",
+                     "multiply_add_fusion": "BatchNorm",
                      "add_fusion": "optimizer update"}
 
 
