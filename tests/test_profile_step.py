@@ -63,7 +63,7 @@ ENTRY %main (p: f32[4,8,8,1]) -> f32[4] {
   %conv_general_dilated.3 = f32[4,8,8,4]{3,2,1,0} convolution(%p, %k), window={size=3x3}, metadata={op_name="CONV"}
   %transpose_copy_fusion.2 = f32[4,8,8,4]{3,2,1,0} fusion(%conv_general_dilated.3), kind=kLoop, calls=%fused_computation
   %ynn_fusion.1 = f32[36,4]{1,0} fusion(%a, %b), kind=kCustom, metadata={op_name="DOT"}
-  %ffi_call.7 = f32[3,3,4,4]{3,2,1,0} custom-call(%x, %g), custom_call_target="cnnjax_onednn_conv", metadata={op_name="FFI"}
+  %ffi_call.7 = f32[3,3,4,4]{3,2,1,0} custom-call(%x, %g), custom_call_target="T", metadata={op_name="FFI"}
   %multiply_add_fusion = f32[4]{0} fusion(%x), kind=kLoop, metadata={op_name="jit(run)/transpose(jvp(Net))/bn1/mul"}
   ROOT %add_fusion = f32[4]{0} fusion(%x), kind=kLoop, metadata={op_name="jit(run)/optimizer/add"}
 }
