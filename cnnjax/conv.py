@@ -1,4 +1,9 @@
-"""2-D convolution as a pure function, with explicit patches-times-matrix and shifted-sum paths for the CPU.
+"""2-D convolution as a pure function, with oneDNN, patches-times-matrix and shifted-sum paths for the CPU.
+
+On the CPU in one process, when cnnjax's oneDNN kernels can be built (:mod:`cnnjax.native.onednn`),
+``impl='auto'`` runs every groups-1 float32 / bfloat16 conv through oneDNN (:func:`onednn_conv`: forward and
+both gradients, as PyTorch's CPU convolutions are), but for the greyscale and one-GEMM cases below. The rest of
+this text is how the CPU convolutions run without oneDNN (``CNNJAX_ONEDNN=0``, or no compiler / oneDNN here).
 
 XLA:CPU (jaxlib 0.10) runs some convolution shapes through very slow paths: 3x3 convs whose
 output is 2x2 or smaller (ResNet-18's last stages at 32x32 input), the input gradient of strided
@@ -260,8 +265,9 @@ def onednn_conv(x: Array, kernel: Array, strides: tuple[int, int], pads: Pads,
     both float32 or both bfloat16, accumulated in float32), forward and both gradients.
 
     The same convolution as ``impl='xla'`` summed in another order (within 1e-5 relative in float32,
-    ``tests/test_conv.py``). Needs :func:`cnnjax.native.onednn.available`; reverse mode only (``jax.grad``),
-    like the other custom-gradient paths here."""
+    ``tests/test_conv.py``; float32 convs are computed in float32, so no ``precision`` applies). Needs
+    :func:`cnnjax.native.onednn.available`; reverse mode only (``jax.grad``), like the other custom-gradient
+    paths here."""
     from cnnjax.native.onednn import FORWARD
 
     return _onednn(FORWARD, x, kernel, _conv_shape(x, kernel, strides, pads, dilation), strides, pads, dilation)

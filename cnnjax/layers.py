@@ -106,7 +106,7 @@ class Conv(nn.Module):
     bias_init: Initializer | None = None
     dtype: Any | None = None
     precision: Any = None
-    impl: str = "auto"  # 'auto' | 'xla' | 'im2col' | 'shifted': see cnnjax.conv (same parameters either way)
+    impl: str = "auto"  # 'auto' | 'xla' | 'im2col' | 'shifted' | 'kept' | 'split' | 'onednn': see cnnjax.conv
     pad_features: int = 0
     in_features: int | None = None
 
