@@ -8,15 +8,15 @@ import re
 import signal
 import sys
 
+from experiments import startup
+from experiments.startup import EXIT_INTERRUPTED  # noqa: F401  (cli.EXIT_INTERRUPTED for the entry points)
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # XLA:CPU flag measured on jaxlib 0.10.2 (2 cores): ImprovedCNN train step 276 -> 487 img/s
 # (`python -m experiments.bench_cpu`, columns baseline -> +ynn flag). Set before jax is imported, only for
 # the jaxlib line it was measured on (an unknown XLA flag aborts the process), and never over a user's own.
 CPU_XLA_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
-# Exit status of a run stopped by SIGTERM / Ctrl-C / --stop_after_steps after saving its checkpoint
-# (EX_TEMPFAIL: not finished, run the same command again to resume). Errors exit 2, success 0.
-EXIT_INTERRUPTED = 75
 # Names in backticks in library messages that are command-line flags of their own, not config fields.
 TOP_LEVEL_FLAGS = ("workdir", "checkpoint", "data_dir", "split")
 
@@ -34,14 +34,6 @@ def _add_cpu_xla_flag() -> None:
 
 
 _add_cpu_xla_flag()
-
-
-def _interrupt_at_start(signum, frame):
-    """End the process at once, in a phase where nothing needs saving: one line on stderr and status 75.
-    ``os._exit``, not an exception: an exception raised by a signal handler can land inside a library
-    callback (and be swallowed) or tear down native threads (a segfault at exit)."""
-    os.write(2, f"interrupted by signal {signum} before anything was saved; run the same command again\n".encode())
-    os._exit(EXIT_INTERRUPTED)
 
 
 def _running_an_experiment() -> bool:
@@ -105,8 +97,7 @@ def _reexec_with_huge_pages() -> None:
 # and the interrupted status, not a traceback; a training run replaces these handlers with its own.
 if _running_an_experiment():
     _reexec_with_huge_pages()
-    signal.signal(signal.SIGTERM, _interrupt_at_start)
-    signal.signal(signal.SIGINT, _interrupt_at_start)
+    startup.install()
     if os.environ.pop(_UNBLOCK_AFTER_REEXEC, None):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # a signal that came during the restart lands now
 

@@ -51,3 +51,15 @@ def test_an_entry_point_restarts_itself_with_huge_pages_once_and_keeps_the_users
     assert cli.CPU_XLA_FLAG in got["XLA_FLAGS"] or "xla_cpu_experimental_ynn_fusion_type" in env.get("XLA_FLAGS", "")
     opted_out = _entry_point_settings({**env, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
     assert opted_out["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
+
+
+def test_the_package_installs_the_start_up_handler_before_the_entry_points_own_code():
+    """`python -m experiments.NAME` imports the package while argv[0] is still '-m': the one-line, status-75
+    handler is in place before NAME's module is read (a CI run once got Ctrl-C there, 0.3 s after start)."""
+    probe = ("import signal, sys; sys.argv[0] = {argv!r}; import experiments; "
+             "print(getattr(signal.getsignal(signal.SIGINT), '__name__', 'default'))")
+    for argv, want in (("-m", "interrupt_at_start"), ("script.py", "default_int_handler")):
+        done = subprocess.run([sys.executable, "-c", probe.format(argv=argv)], capture_output=True, text=True,
+                              timeout=60, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == want
