@@ -27,9 +27,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from cnnjax.errors import UsageError
+from cnnjax.native import onednn
 
 Array = jax.Array
 Pads = tuple[tuple[int, int], tuple[int, int]]
@@ -233,8 +235,6 @@ split_conv.defvjp(_kept_input_conv_fwd, _split_conv_bwd)
 
 
 def _onednn_attrs(strides: tuple[int, int], pads: Pads, dilation: tuple[int, int]) -> dict:
-    import numpy as np
-
     ints = dict(sh=strides[0], sw=strides[1], pt=pads[0][0], pb=pads[0][1], pl=pads[1][0], pr=pads[1][1],
                 dh=dilation[0], dw=dilation[1])
     return {k: np.int64(v) for k, v in ints.items()}
@@ -244,10 +244,6 @@ def _onednn(kind: int, a: Array, b: Array, out_shape: tuple[int, ...], strides: 
             dilation: tuple[int, int]) -> Array:
     """One call of the oneDNN handler (``cnnjax/native/onednn_conv.cc``): ``kind`` 0 forward ``(x, kernel)``,
     1 input gradient ``(g, kernel)``, 2 kernel gradient ``(x, g)``; the result has shape ``out_shape``."""
-    import numpy as np
-
-    from cnnjax.native import onednn
-
     call = jax.ffi.ffi_call(onednn.TARGET, jax.ShapeDtypeStruct(out_shape, a.dtype), vmap_method="sequential")
     return call(a, b, kind=np.int64(kind), **_onednn_attrs(strides, pads, dilation))
 
@@ -268,9 +264,7 @@ def onednn_conv(x: Array, kernel: Array, strides: tuple[int, int], pads: Pads,
     ``tests/test_conv.py``; float32 convs are computed in float32, so no ``precision`` applies). Needs
     :func:`cnnjax.native.onednn.available`; reverse mode only (``jax.grad``), like the other custom-gradient
     paths here."""
-    from cnnjax.native.onednn import FORWARD
-
-    return _onednn(FORWARD, x, kernel, _conv_shape(x, kernel, strides, pads, dilation), strides, pads, dilation)
+    return _onednn(onednn.FORWARD, x, kernel, _conv_shape(x, kernel, strides, pads, dilation), strides, pads, dilation)
 
 
 def _onednn_conv_fwd(x, kernel, strides, pads, dilation):
@@ -280,11 +274,9 @@ def _onednn_conv_fwd(x, kernel, strides, pads, dilation):
 def _onednn_conv_bwd(strides, pads, dilation, residuals, g):
     """Two calls, which XLA may run at once. (Both in one call, one after the other, was no faster: whole train
     steps 0.94-1.00x, paired, an ad hoc script, 2026-12-02.)"""
-    from cnnjax.native.onednn import INPUT_GRAD, KERNEL_GRAD
-
     x, kernel = residuals
-    return (_onednn(INPUT_GRAD, g, kernel, x.shape, strides, pads, dilation),
-            _onednn(KERNEL_GRAD, x, g, kernel.shape, strides, pads, dilation))
+    return (_onednn(onednn.INPUT_GRAD, g, kernel, x.shape, strides, pads, dilation),
+            _onednn(onednn.KERNEL_GRAD, x, g, kernel.shape, strides, pads, dilation))
 
 
 onednn_conv.defvjp(_onednn_conv_fwd, _onednn_conv_bwd)
@@ -299,8 +291,6 @@ def onednn_usable(x: Array, kernel: Array, groups: int = 1) -> bool:
         return False
     if x.dtype != kernel.dtype or x.dtype not in (jnp.float32, jnp.bfloat16):
         return False
-    from cnnjax.native import onednn
-
     return onednn.available()
 
 
@@ -344,8 +334,6 @@ def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: str | Pad
     if impl == "split":
         return split_conv(x, kernel, strides, pads, dilation, precision)
     if impl == "onednn":
-        from cnnjax.native import onednn
-
         if not onednn.available():
             raise UsageError(f"conv impl='onednn' needs cnnjax's oneDNN kernels: {onednn.INSTALL_HINT}, or use "
                              "impl='auto'")

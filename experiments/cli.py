@@ -8,7 +8,6 @@ import re
 import signal
 import sys
 
-from experiments import startup
 from experiments.startup import EXIT_INTERRUPTED  # noqa: F401  (cli.EXIT_INTERRUPTED for the entry points)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -94,10 +93,10 @@ def _reexec_with_huge_pages() -> None:
 
 
 # A command's SIGTERM / Ctrl-C (during start-up, or at any time for evaluate / predict / port) is one line
-# and the interrupted status, not a traceback; a training run replaces these handlers with its own.
+# and the interrupted status, not a traceback: experiments/__init__.py installed that handler when `python -m`
+# imported the package (experiments.startup); a training run replaces it with its own.
 if _running_an_experiment():
     _reexec_with_huge_pages()
-    startup.install()
     if os.environ.pop(_UNBLOCK_AFTER_REEXEC, None):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # a signal that came during the restart lands now
 

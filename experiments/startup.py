@@ -2,7 +2,7 @@
 
 ``experiments/__init__.py`` installs this as soon as ``python -m experiments.NAME`` imports the package, before
 NAME's own code is read and its imports (absl, ml_collections: a few hundred ms on a busy 2-core machine) run;
-``experiments.cli`` installs it again for every entry point (and around its huge-page restart).
+the huge-page restart of ``experiments.cli`` imports the package afresh, so the new image has it too.
 """
 
 from __future__ import annotations

@@ -110,20 +110,6 @@ void* ThreadBuffer(int which, size_t bytes) {
   return reinterpret_cast<void*>((p + 63) & ~std::uintptr_t(63));
 }
 
-ffi::Error DataType(ffi::DataType type, memory::data_type* dt) {
-  if (type == ffi::DataType::F32) *dt = memory::data_type::f32;
-  else if (type == ffi::DataType::BF16) *dt = memory::data_type::bf16;
-  else return ffi::Error::InvalidArgument("onednn_conv: float32 or bfloat16 only");
-  return ffi::Error::Success();
-}
-
-// NHWC / HWIO dims as oneDNN wants them (N,C,H,W and O,I,KH,KW), with the convolution's attributes.
-Geometry MakeGeometry(ffi::AnyBuffer::Dimensions x_d, ffi::AnyBuffer::Dimensions w_d, ffi::AnyBuffer::Dimensions y_d,
-                      int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t dh, int64_t dw) {
-  return Geometry{{x_d[0], x_d[3], x_d[1], x_d[2]}, {w_d[3], w_d[2], w_d[0], w_d[1]}, {y_d[0], y_d[3], y_d[1], y_d[2]},
-                  {sh, sw}, {dh - 1, dw - 1}, {pt, pl}, {pb, pr}};
-}
-
 // One convolution of `kind` on the activations x / y and the HWIO kernel w (each an input or the output).
 ffi::Error Execute(int kind, memory::data_type dt, const Geometry& g, void* x_p, void* w_p, void* y_p) {
   try {
@@ -159,21 +145,25 @@ ffi::Error Execute(int kind, memory::data_type dt, const Geometry& g, void* x_p,
 ffi::Error Run(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out, int64_t kind,
                int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t dh, int64_t dw) {
   if (kind < 0 || kind > 2) return ffi::Error::InvalidArgument("onednn_conv: kind must be 0, 1 or 2");
-  if (b.element_type() != a.element_type() || out->element_type() != a.element_type())
+  auto type = a.element_type();
+  if (b.element_type() != type || out->element_type() != type)
     return ffi::Error::InvalidArgument("onednn_conv: every operand must have one dtype");
   memory::data_type dt;
-  if (auto err = DataType(a.element_type(), &dt); err.failure()) return err;
-  // Buffers by role: x [N,H,W,I], w [KH,KW,I,O], y [N,Ho,Wo,O].
+  if (type == ffi::DataType::F32) dt = memory::data_type::f32;
+  else if (type == ffi::DataType::BF16) dt = memory::data_type::bf16;
+  else return ffi::Error::InvalidArgument("onednn_conv: float32 or bfloat16 only");
+  // Buffers by role: x [N,H,W,I], w [KH,KW,I,O], y [N,Ho,Wo,O]; oneDNN wants N,C,H,W and O,I,KH,KW.
   auto x_d = kind == 1 ? out->dimensions() : a.dimensions();
   auto w_d = kind == 2 ? out->dimensions() : b.dimensions();
   auto y_d = kind == 0 ? out->dimensions() : (kind == 1 ? a.dimensions() : b.dimensions());
   if (x_d.size() != 4 || w_d.size() != 4 || y_d.size() != 4)
     return ffi::Error::InvalidArgument("onednn_conv: operands must be rank 4 (NHWC, HWIO)");
+  Geometry g{{x_d[0], x_d[3], x_d[1], x_d[2]}, {w_d[3], w_d[2], w_d[0], w_d[1]}, {y_d[0], y_d[3], y_d[1], y_d[2]},
+             {sh, sw}, {dh - 1, dw - 1}, {pt, pl}, {pb, pr}};
   void* x_p = kind == 1 ? out->untyped_data() : a.untyped_data();
   void* w_p = kind == 2 ? out->untyped_data() : b.untyped_data();
   void* y_p = kind == 0 ? out->untyped_data() : (kind == 1 ? a.untyped_data() : b.untyped_data());
-  return Execute(static_cast<int>(kind), dt, MakeGeometry(x_d, w_d, y_d, sh, sw, pt, pb, pl, pr, dh, dw), x_p, w_p,
-                 y_p);
+  return Execute(static_cast<int>(kind), dt, g, x_p, w_p, y_p);
 }
 
 }  // namespace
