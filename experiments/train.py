@@ -1,5 +1,7 @@
 """Train an experiment: ``python -m experiments.train --config experiments/configs/NAME.py --workdir DIR
 [--config.key=value ...]``. Running it again on the same workdir resumes from the latest checkpoint.
+With ``config.ensemble_members = K > 1`` it trains K members in WORKDIR/member_k and scores their ensemble
+(:mod:`cnnjax.train.ensemble`).
 
 Exit status: 0 finished; 75 stopped by SIGTERM / Ctrl-C / --stop_after_steps with a checkpoint saved
 (run the same command again to resume); 2 a user error (one ``error:`` line); anything else a crash.
@@ -32,10 +34,14 @@ cli.define_distributed_flags()
 def main(argv):
     del argv
     cli.join_cluster()
+    from cnnjax.train.checks import check_config
+    from cnnjax.train.ensemble import fit_ensemble
     from cnnjax.train.loop import fit
 
-    result = fit(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress, tensorboard=FLAGS.tensorboard,
-                 stop_after_steps=FLAGS.stop_after_steps)
+    check_config(FLAGS.config)
+    train = fit_ensemble if FLAGS.config.get("ensemble_members", 1) > 1 else fit
+    result = train(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress, tensorboard=FLAGS.tensorboard,
+                   stop_after_steps=FLAGS.stop_after_steps)
     if result.get("interrupted"):
         raise SystemExit(cli.EXIT_INTERRUPTED)  # checkpoint saved, run not finished: schedulers must not see 0
 

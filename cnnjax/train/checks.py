@@ -35,6 +35,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     budget = config.get("time_budget_s", 0.0)
     if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget >= 0):
         raise ConfigError("time_budget_s", f"must be a finite number of seconds >= 0 (0: off), got {budget!r}")
+    members = config.get("ensemble_members", 1)
+    if not (isinstance(members, int) and members >= 1):
+        raise ConfigError("ensemble_members", f"must be a whole number >= 1 (1: one model), got {members!r}")
     if not (math.isfinite(config.learning_rate) and config.learning_rate > 0):
         raise ConfigError("learning_rate", f"must be a finite number > 0, got {config.learning_rate!r}")
     if not 0.0 <= config.label_smoothing < 1.0:

@@ -69,13 +69,14 @@ def open_feed(runner: Runner, train, order: EpochOrder, start_step: int, total_s
 
 
 def evaluate(runner: Runner, params, batch_stats, source, batch_size: int, *, streamed: bool = False,
-             workers: int = 0) -> dict:
+             workers: int = 0, ensemble: bool = False) -> dict:
     """Eval-mode metrics of ``source`` (every process calls it; each evaluates its contiguous part on its
     first device). ``streamed``: decode the part in batches on the host instead of holding it (by default
-    with reader threads in this process: an evaluation pass is too short to pay for starting workers)."""
+    with reader threads in this process: an evaluation pass is too short to pay for starting workers).
+    ``ensemble``: ``params`` / ``batch_stats`` are tuples of members' trees, scored by their mean logits."""
     if not streamed:
-        return runner.evaluate_variables(params, batch_stats, source.images, source.labels, batch_size)
+        return runner.evaluate_variables(params, batch_stats, source.images, source.labels, batch_size, ensemble)
     lo, hi = process_range(len(source))
     batch_size = eval_batch_size(hi - lo, batch_size)
     return runner.evaluate_batches(params, batch_stats, stream(EvalBatch(source, lo, hi, batch_size), 0,
-                                                               math.ceil((hi - lo) / batch_size), workers))
+                                                               math.ceil((hi - lo) / batch_size), workers), ensemble)

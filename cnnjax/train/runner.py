@@ -34,7 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from cnnjax import distributed
 from cnnjax.errors import UsageError
 from cnnjax.train.state import TrainState
-from cnnjax.train.steps import AXIS, StepSpec, eval_step, train_step
+from cnnjax.train.steps import AXIS, StepSpec, ensemble_eval_step, eval_step, train_step
 
 Array = jax.Array
 MODES = ("jit", "pmap", "sharded")
@@ -122,6 +122,9 @@ class Runner:
                         out_shardings=(self._replicated, self._replicated)) for gather in (True, False))
         # eval_fn(params, batch_stats, images, labels, mask) -> summed metrics (see eval_step).
         self.eval_fn = jax.jit(lambda params, stats, images, labels, mask: eval_step(
+            params, stats, apply_fn, images, labels, mask, spec))
+        # The same for an ensemble: params / stats are tuples of the members' trees (see ensemble_eval_step).
+        self.ensemble_eval_fn = jax.jit(lambda params, stats, images, labels, mask: ensemble_eval_step(
             params, stats, apply_fn, images, labels, mask, spec))
 
     # --- placement ---------------------------------------------------------------------------
@@ -227,17 +230,20 @@ class Runner:
         return self.evaluate_variables(state.params, state.batch_stats, images, labels, batch_size)
 
     def evaluate_variables(self, params, batch_stats, images: np.ndarray, labels: np.ndarray,
-                           batch_size: int) -> dict:
+                           batch_size: int, ensemble: bool = False) -> dict:
         """Eval-mode metrics of in-memory ``images`` / ``labels`` (see :meth:`evaluate_batches`); each
         process evaluates its :func:`process_range` of them. Every process must call it."""
         lo, hi = process_range(len(labels))
         return self.evaluate_batches(params, batch_stats,
-                                     _padded_batches(images[lo:hi], labels[lo:hi], batch_size, self.local_devices[0]))
+                                     _padded_batches(images[lo:hi], labels[lo:hi], batch_size, self.local_devices[0]),
+                                     ensemble)
 
-    def evaluate_batches(self, params, batch_stats, batches) -> dict:
+    def evaluate_batches(self, params, batch_stats, batches, ensemble: bool = False) -> dict:
         """Eval-mode metrics over this process's padded ``{'images', 'labels', 'mask'}`` batches, evaluated on
         its first device, totals summed over processes: loss, accuracy, per-class accuracy ``[K]``,
-        confusion ``[K, K]`` (numpy). Every process must call it."""
+        confusion ``[K, K]`` (numpy). ``ensemble``: ``params`` / ``batch_stats`` are tuples of several
+        members' trees, evaluated by their mean logits. Every process must call it."""
+        eval_fn = self.ensemble_eval_fn if ensemble else self.eval_fn
         params, stats = (jax.tree_util.tree_map(self.first_local, t) for t in (params, batch_stats))
         device = self.local_devices[0]
         total = {k: np.zeros((), np.float32) for k in _METRIC_KEYS} | {
@@ -245,7 +251,7 @@ class Runner:
         params, stats = jax.device_put((params, stats), device)
         acc = None
         for b in batches:
-            m = self.eval_fn(params, stats, *(jax.device_put(b[k], device) for k in ("images", "labels", "mask")))
+            m = eval_fn(params, stats, *(jax.device_put(b[k], device) for k in ("images", "labels", "mask")))
             acc = m if acc is None else jax.tree_util.tree_map(jnp.add, acc, m)
         if acc is not None:
             total = jax.tree_util.tree_map(np.asarray, jax.device_get(acc))

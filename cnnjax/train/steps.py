@@ -139,10 +139,29 @@ def eval_step(params: Any, batch_stats: Any, apply_fn, images: Array, labels: Ar
     matrix (rows true, columns predicted); ``mask`` ``[B]`` is 0 for padding examples."""
     x = prepare_batch(images, spec)
     logits = tta_logits(lambda v: apply_fn(model_variables(params, batch_stats), v, train=False), x, spec.tta)
-    losses = cross_entropy(logits, labels, spec.num_classes)
+    return eval_metrics(logits, labels, mask, spec.num_classes)
+
+
+def ensemble_eval_step(params: tuple, batch_stats: tuple, apply_fn, images: Array, labels: Array, mask: Array,
+                       spec: StepSpec) -> Metrics:
+    """:func:`eval_step` of an ensemble: ``params`` / ``batch_stats`` are tuples of the members' trees (one
+    model), and the ensemble's logits are the mean of the members' logits (each with ``spec.tta``)."""
+    if len(params) != len(batch_stats) or not params:
+        raise UsageError(f"an ensemble needs one batch_stats tree per member; got {len(params)} params and "
+                         f"{len(batch_stats)} batch_stats")
+    x = prepare_batch(images, spec)
+    logits = [tta_logits(lambda v, p=p, s=s: apply_fn(model_variables(p, s), v, train=False), x, spec.tta)
+              for p, s in zip(params, batch_stats, strict=True)]
+    return eval_metrics(sum(logits[1:], logits[0]) / len(logits), labels, mask, spec.num_classes)
+
+
+def eval_metrics(logits: Array, labels: Array, mask: Array, num_classes: int) -> Metrics:
+    """Summed loss / correct / count and the ``[K, K]`` confusion matrix of ``logits [B, K]``, padding
+    (``mask`` 0) left out."""
+    losses = cross_entropy(logits, labels, num_classes)
     pred = jnp.argmax(logits, -1)
     m = mask.astype(jnp.float32)
-    confusion = jnp.zeros((spec.num_classes, spec.num_classes), jnp.float32).at[labels, pred].add(m)
+    confusion = jnp.zeros((num_classes, num_classes), jnp.float32).at[labels, pred].add(m)
     return {"loss_sum": (losses * m).sum(), "correct": ((pred == labels) * m).sum(), "count": m.sum(),
             "confusion": confusion}
 
