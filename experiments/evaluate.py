@@ -1,6 +1,7 @@
 """Evaluate a checkpoint: ``python -m experiments.evaluate --workdir DIR [--checkpoint best|latest|STEP]
-[--split test|val]``. "best" is the checkpoint with the highest validation accuracy. Restores params
-and batch_stats only (no optimizer state), in any number of processes whatever number wrote the
+[--split test|val]``. "best" is the checkpoint with the highest validation accuracy. For an ensemble run
+(``config.ensemble_members > 1``: DIR/member_k) it evaluates the members' checkpoints by their mean logits.
+Restores params and batch_stats only (no optimizer state), in any number of processes whatever number wrote the
 checkpoint. Prints the accuracy recorded during training, per-class accuracy and a last line
 ``{split}_accuracy: 0.XXXX`` (process 0 only).
 """
@@ -32,17 +33,27 @@ def evaluate_workdir(workdir: str, which: str = "best", data_dir: str | None = N
     from cnnjax import checkpoint
     from cnnjax.io import read_json
     from cnnjax.train import feed
+    from cnnjax.train.ensemble import evaluate_ensemble, member_dirs
     from cnnjax.train.experiment import build_model, build_spec, load_splits
     from cnnjax.train.runner import Runner
 
-    path = os.path.join(workdir, "config.json")
+    members = member_dirs(workdir)
+    path = os.path.join(members[0] if members else workdir, "config.json")
     if not os.path.exists(path):
         raise MissingFileError(f"{path} not found: `workdir` must be a directory written by experiments.train")
     config = ml_collections.ConfigDict(read_json(path, "restore it from a copy of the run, or write it again"))
     if data_dir is not None:
         config.data.dir = data_dir
-    variables, meta = checkpoint.restore_variables(workdir, which)
     data = load_splits(config)
+    if members:  # an ensemble run: its members' checkpoints `which`, scored by their mean logits
+        ev = evaluate_ensemble(members, config, which, (split,), data)[split]
+        summary = os.path.join(workdir, "ensemble.json")
+        recorded = read_json(summary, "delete it").get(f"{split}_accuracy") if (
+            which == "latest" and os.path.exists(summary)) else None
+        ev["meta"] = {"step": [checkpoint.find(d, which) for d in members], "members": len(members)}
+        ev["class_names"], ev["recorded"] = data.class_names, recorded
+        return ev
+    variables, meta = checkpoint.restore_variables(workdir, which)
     config.parallelism = "jit" if jax.process_count() == 1 else "sharded"
     model, _ = build_model(config)  # no optimizer, no weight loading: the checkpoint has the weights
     runner = Runner(build_spec(config, data.name, steps_per_epoch=1), model.apply, config.parallelism)

@@ -21,13 +21,13 @@ from cnnjax import checkpoint, distributed
 from cnnjax.errors import ConfigError
 from cnnjax.io import write_json_atomic
 from cnnjax.train import feed
-from cnnjax.train.experiment import build_model, build_spec, load_splits
+from cnnjax.train.experiment import DataSplits, build_model, build_spec, load_splits
 from cnnjax.train.runner import Runner
 
-# Seconds kept back from the members' budget for the ensemble's evaluation (K members' forward passes over val
-# and test with their test-time augmentation, and one compilation): fast_cnn's two members take about 40 s on
-# Fashion-MNIST with tta 2 on 2 CPU cores, bf16.
-EVAL_RESERVE_S = 60.0
+# Seconds kept back from the members' budget for the ensemble's evaluation: loading the data, restoring the
+# members, one compilation and K members' forward passes over val and test with their test-time augmentation.
+# Two fast_cnn members (fashion_mnist_30min, bf16, tta 2) took 76.4 s on Fashion-MNIST on 2 CPU cores.
+EVAL_RESERVE_S = 90.0
 
 
 def member_dir(workdir: str, k: int) -> str:
@@ -73,7 +73,8 @@ def fit_ensemble(config: ml_collections.ConfigDict, workdir: str, **fit_kwargs) 
             return result
         members.append(result)
     dirs = [member_dir(workdir, k) for k in range(count)]
-    scores = evaluate_ensemble(dirs, config)
+    evals = evaluate_ensemble(dirs, config)
+    scores = {f"{split}_{k}": ev[k] for split, ev in evals.items() for k in ("loss", "accuracy")}
     summary = {"members": [{"workdir": d, "seed": int(config.seed) + k, "epochs": int(r.get("epoch", 0)),
                             "test_accuracy": r.get("final_test_accuracy", r.get("test_accuracy"))}
                            for k, (d, r) in enumerate(zip(dirs, members, strict=True))],
@@ -86,19 +87,25 @@ def fit_ensemble(config: ml_collections.ConfigDict, workdir: str, **fit_kwargs) 
     return summary
 
 
-def evaluate_ensemble(workdirs: list[str], config: ml_collections.ConfigDict, which: str = "latest") -> dict:
-    """Val and test loss / accuracy of the mean logits of the checkpoints ``which`` of ``workdirs`` (runs of
-    ``config``'s model and data). Every process must call it."""
+def member_dirs(workdir: str) -> list[str]:
+    """The member workdirs of an ensemble run in ``workdir`` (``member_0``, ``member_1``, ...; [] if none)."""
+    dirs = []
+    while os.path.exists(os.path.join(member_dir(workdir, len(dirs)), "config.json")):
+        dirs.append(member_dir(workdir, len(dirs)))
+    return dirs
+
+
+def evaluate_ensemble(workdirs: list[str], config: ml_collections.ConfigDict, which: str = "latest",
+                      splits: tuple[str, ...] = ("val", "test"), data: DataSplits | None = None) -> dict[str, dict]:
+    """``{split: metrics}`` (loss, accuracy, per-class accuracy, confusion) of the mean logits of the
+    checkpoints ``which`` of ``workdirs``, runs of ``config``'s model and data (``data``: already loaded).
+    Every process must call it."""
     restored = [checkpoint.restore_variables(d, which)[0] for d in workdirs]
-    data = load_splits(config)
+    data = load_splits(config) if data is None else data
     model, _ = build_model(config)
     parallelism = "jit" if jax.process_count() == 1 else "sharded"
     runner = Runner(build_spec(config, data.name, steps_per_epoch=1), model.apply, parallelism)
     params = tuple(v["params"] for v in restored)
     stats = tuple(v.get("batch_stats", {}) for v in restored)
-    scores = {}
-    for split in ("val", "test"):
-        ev = feed.evaluate(runner, params, stats, getattr(data, split), config.eval_batch_size,
-                           streamed=data.streamed, ensemble=True)
-        scores |= {f"{split}_loss": ev["loss"], f"{split}_accuracy": ev["accuracy"]}
-    return scores
+    return {split: feed.evaluate(runner, params, stats, getattr(data, split), config.eval_batch_size,
+                                 streamed=data.streamed, ensemble=True) for split in splits}
