@@ -108,6 +108,12 @@ def any_process(flag: bool) -> bool:
     return bool(np.asarray(multihost_utils.process_allgather(np.array([bool(flag)]))).any())
 
 
+def mean_over_processes(value: float) -> float:
+    """The mean of a per-process number over all processes (a collective; ``value`` itself for one
+    process), for decisions every process must take alike, such as a time budget's plan."""
+    return float(sum_over_processes(np.array([value], np.float64))[0]) / jax.process_count()
+
+
 def sum_over_processes(tree):
     """Element-wise sum of a numpy tree over all processes (a collective; identity for one process)."""
     if jax.process_count() == 1:

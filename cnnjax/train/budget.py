@@ -140,7 +140,7 @@ def plan_epochs(config: ml_collections.ConfigDict, data: DataSplits, steps_per_e
         epochs = int(saved.num_epochs)
         return Plan(epochs, f"time budget: resuming the {epochs} epochs planned at the first launch")
     times = time_steps(config, data, steps_per_epoch, devices)
-    elapsed = time.perf_counter() - started
+    elapsed = distributed.mean_over_processes(time.perf_counter() - started)  # every process plans alike
     epochs = epochs_within(budget, elapsed, times, steps_per_epoch, config.eval_every, config.num_epochs)
     one = estimate_s(1, elapsed, times, steps_per_epoch, config.eval_every)
     if epochs == 0:

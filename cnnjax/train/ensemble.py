@@ -64,7 +64,7 @@ def fit_ensemble(config: ml_collections.ConfigDict, workdir: str, **fit_kwargs) 
                                            f"{EVAL_RESERVE_S:g} s evaluation; raise it or lower `ensemble_members`")
     members = []
     for k in range(count):
-        share = member_budget_s(budget, time.perf_counter() - started, count - k)
+        share = member_budget_s(budget, distributed.mean_over_processes(time.perf_counter() - started), count - k)
         if distributed.is_primary():
             print(f"ensemble member {k + 1}/{count} (seed {int(config.seed) + k}) in {member_dir(workdir, k)}"
                   + (f", {share:.0f} s of the budget" if budget else ""), flush=True)
