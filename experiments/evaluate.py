@@ -27,15 +27,11 @@ cli.define_distributed_flags()
 def evaluate_workdir(workdir: str, which: str = "best", data_dir: str | None = None, split: str = "test") -> dict:
     """Restore ``which`` from ``workdir`` and evaluate ``split`` of the config's data; returns metrics, the
     checkpoint's meta and ``recorded`` (the accuracy training recorded for it on ``split``, or None)."""
-    import jax
     import ml_collections
 
-    from cnnjax import checkpoint
     from cnnjax.io import read_json
-    from cnnjax.train import feed
-    from cnnjax.train.ensemble import evaluate_ensemble, member_dirs
-    from cnnjax.train.experiment import build_model, build_spec, load_splits
-    from cnnjax.train.runner import Runner
+    from cnnjax.train.ensemble import evaluate_checkpoints, member_dirs
+    from cnnjax.train.experiment import load_splits
 
     members = member_dirs(workdir)
     path = os.path.join(members[0] if members else workdir, "config.json")
@@ -45,21 +41,17 @@ def evaluate_workdir(workdir: str, which: str = "best", data_dir: str | None = N
     if data_dir is not None:
         config.data.dir = data_dir
     data = load_splits(config)
+    evals, metas = evaluate_checkpoints(members or [workdir], config, which, (split,), data)
+    ev = evals[split]
     if members:  # an ensemble run: its members' checkpoints `which`, scored by their mean logits
-        ev = evaluate_ensemble(members, config, which, (split,), data)[split]
         summary = os.path.join(workdir, "ensemble.json")
         recorded = read_json(summary, "delete it").get(f"{split}_accuracy") if (
             which == "latest" and os.path.exists(summary)) else None
-        ev["meta"] = {"step": [checkpoint.find(d, which) for d in members], "members": len(members)}
-        ev["class_names"], ev["recorded"] = data.class_names, recorded
-        return ev
-    variables, meta = checkpoint.restore_variables(workdir, which)
-    config.parallelism = "jit" if jax.process_count() == 1 else "sharded"
-    model, _ = build_model(config)  # no optimizer, no weight loading: the checkpoint has the weights
-    runner = Runner(build_spec(config, data.name, steps_per_epoch=1), model.apply, config.parallelism)
-    ev = feed.evaluate(runner, variables["params"], variables.get("batch_stats", {}), getattr(data, split),
-                       config.eval_batch_size, streamed=data.streamed)
-    ev["meta"], ev["class_names"], ev["recorded"] = meta, data.class_names, recorded_accuracy(workdir, meta, split)
+        meta = {"step": [m.get("step") for m in metas], "members": len(members)}
+    else:
+        meta = metas[0]
+        recorded = recorded_accuracy(workdir, meta, split)
+    ev["meta"], ev["class_names"], ev["recorded"] = meta, data.class_names, recorded
     return ev
 
 

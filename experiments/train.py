@@ -34,11 +34,9 @@ cli.define_distributed_flags()
 def main(argv):
     del argv
     cli.join_cluster()
-    from cnnjax.train.checks import check_config
     from cnnjax.train.ensemble import fit_ensemble
     from cnnjax.train.loop import fit
 
-    check_config(FLAGS.config)
     train = fit_ensemble if FLAGS.config.get("ensemble_members", 1) > 1 else fit
     result = train(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress, tensorboard=FLAGS.tensorboard,
                    stop_after_steps=FLAGS.stop_after_steps)

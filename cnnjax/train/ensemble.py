@@ -21,6 +21,7 @@ from cnnjax import checkpoint, distributed
 from cnnjax.errors import ConfigError
 from cnnjax.io import write_json_atomic
 from cnnjax.train import feed
+from cnnjax.train.checks import check_config
 from cnnjax.train.experiment import DataSplits, build_model, build_spec, load_splits
 from cnnjax.train.runner import Runner
 
@@ -57,31 +58,31 @@ def fit_ensemble(config: ml_collections.ConfigDict, workdir: str, **fit_kwargs) 
     from cnnjax.train.loop import fit
 
     started = time.perf_counter()
+    check_config(config)
     count = int(config.ensemble_members)
     budget = float(config.get("time_budget_s", 0.0))
     if budget and member_budget_s(budget, 0.0, count) <= 0:
         raise ConfigError("time_budget_s", f"({budget:g} s) leaves nothing for {count} members after the ensemble's "
                                            f"{EVAL_RESERVE_S:g} s evaluation; raise it or lower `ensemble_members`")
+    dirs = [member_dir(workdir, k) for k in range(count)]
     members = []
-    for k in range(count):
+    for k, directory in enumerate(dirs):
         share = member_budget_s(budget, distributed.mean_over_processes(time.perf_counter() - started), count - k)
+        member = member_config(config, k, max(share, 1.0))
         if distributed.is_primary():
-            print(f"ensemble member {k + 1}/{count} (seed {int(config.seed) + k}) in {member_dir(workdir, k)}"
+            print(f"ensemble member {k + 1}/{count} (seed {member.seed}) in {directory}"
                   + (f", {share:.0f} s of the budget" if budget else ""), flush=True)
-        result = fit(member_config(config, k, max(share, 1.0)), member_dir(workdir, k), **fit_kwargs)
+        result = fit(member, directory, **fit_kwargs)
         if result.get("interrupted"):
             return result
-        members.append(result)
-    dirs = [member_dir(workdir, k) for k in range(count)]
-    evals = evaluate_ensemble(dirs, config)
+        members.append({"workdir": directory, "seed": member.seed, "epochs": int(result.get("epoch", 0)),
+                        "test_accuracy": result.get("final_test_accuracy", result.get("test_accuracy"))})
+    evals, _ = evaluate_checkpoints(dirs, config)
     scores = {f"{split}_{k}": ev[k] for split, ev in evals.items() for k in ("loss", "accuracy")}
-    summary = {"members": [{"workdir": d, "seed": int(config.seed) + k, "epochs": int(r.get("epoch", 0)),
-                            "test_accuracy": r.get("final_test_accuracy", r.get("test_accuracy"))}
-                           for k, (d, r) in enumerate(zip(dirs, members, strict=True))],
-               **scores, "wall_s": time.perf_counter() - started}
+    summary = {"members": members, **scores, "wall_s": time.perf_counter() - started}
     if distributed.is_primary():
         write_json_atomic(os.path.join(workdir, "ensemble.json"), summary)
-        each = ", ".join(f"{m['test_accuracy']:.4f}" for m in summary["members"])
+        each = ", ".join(f"{m['test_accuracy']:.4f}" for m in members)
         print(f"ensemble of {count}: val_acc {scores['val_accuracy']:.4f}, test_acc {scores['test_accuracy']:.4f} "
               f"(members' test_acc {each}); {os.path.join(workdir, 'ensemble.json')}", flush=True)
     return summary
@@ -95,17 +96,21 @@ def member_dirs(workdir: str) -> list[str]:
     return dirs
 
 
-def evaluate_ensemble(workdirs: list[str], config: ml_collections.ConfigDict, which: str = "latest",
-                      splits: tuple[str, ...] = ("val", "test"), data: DataSplits | None = None) -> dict[str, dict]:
-    """``{split: metrics}`` (loss, accuracy, per-class accuracy, confusion) of the mean logits of the
-    checkpoints ``which`` of ``workdirs``, runs of ``config``'s model and data (``data``: already loaded).
-    Every process must call it."""
-    restored = [checkpoint.restore_variables(d, which)[0] for d in workdirs]
+def evaluate_checkpoints(workdirs: list[str], config: ml_collections.ConfigDict, which: str = "latest",
+                         splits: tuple[str, ...] = ("val", "test"), data: DataSplits | None = None
+                         ) -> tuple[dict[str, dict], list[dict]]:
+    """``({split: metrics}, [checkpoint meta per workdir])``: the metrics (loss, accuracy, per-class accuracy,
+    confusion) of the checkpoint ``which`` of one workdir, or of the mean logits of several (an ensemble),
+    runs of ``config``'s model and data (``data``: already loaded). Every process must call it."""
+    restored = [checkpoint.restore_variables(d, which) for d in workdirs]
     data = load_splits(config) if data is None else data
-    model, _ = build_model(config)
+    model, _ = build_model(config)  # no optimizer, no weight loading: the checkpoints have the weights
     parallelism = "jit" if jax.process_count() == 1 else "sharded"
     runner = Runner(build_spec(config, data.name, steps_per_epoch=1), model.apply, parallelism)
-    params = tuple(v["params"] for v in restored)
-    stats = tuple(v.get("batch_stats", {}) for v in restored)
-    return {split: feed.evaluate(runner, params, stats, getattr(data, split), config.eval_batch_size,
-                                 streamed=data.streamed, ensemble=True) for split in splits}
+    params = tuple(v["params"] for v, _ in restored)
+    stats = tuple(v.get("batch_stats", {}) for v, _ in restored)
+    if len(restored) == 1:
+        params, stats = params[0], stats[0]
+    evals = {split: feed.evaluate(runner, params, stats, getattr(data, split), config.eval_batch_size,
+                                  streamed=data.streamed, ensemble=len(restored) > 1) for split in splits}
+    return evals, [meta for _, meta in restored]

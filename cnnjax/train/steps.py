@@ -137,9 +137,7 @@ def eval_step(params: Any, batch_stats: Any, apply_fn, images: Array, labels: Ar
               spec: StepSpec) -> Metrics:
     """Eval-mode metrics on a padded batch: summed loss / correct / count and a ``[K, K]`` confusion
     matrix (rows true, columns predicted); ``mask`` ``[B]`` is 0 for padding examples."""
-    x = prepare_batch(images, spec)
-    logits = tta_logits(lambda v: apply_fn(model_variables(params, batch_stats), v, train=False), x, spec.tta)
-    return eval_metrics(logits, labels, mask, spec.num_classes)
+    return ensemble_eval_step((params,), (batch_stats,), apply_fn, images, labels, mask, spec)
 
 
 def ensemble_eval_step(params: tuple, batch_stats: tuple, apply_fn, images: Array, labels: Array, mask: Array,
@@ -152,7 +150,8 @@ def ensemble_eval_step(params: tuple, batch_stats: tuple, apply_fn, images: Arra
     x = prepare_batch(images, spec)
     logits = [tta_logits(lambda v, p=p, s=s: apply_fn(model_variables(p, s), v, train=False), x, spec.tta)
               for p, s in zip(params, batch_stats, strict=True)]
-    return eval_metrics(sum(logits[1:], logits[0]) / len(logits), labels, mask, spec.num_classes)
+    mean = logits[0] if len(logits) == 1 else sum(logits[1:], logits[0]) / len(logits)
+    return eval_metrics(mean, labels, mask, spec.num_classes)
 
 
 def eval_metrics(logits: Array, labels: Array, mask: Array, num_classes: int) -> Metrics:
