@@ -38,3 +38,27 @@ def write_idx_dir(path, n_train=5, n_test=3, gz=True, seed=0):
     for base, a in arrays.items():
         write_idx(path / (base + (".gz" if gz else "")), a, 2051 if "images" in base else 2049)
     return {k: v.astype(np.uint8) for k, v in arrays.items()}
+
+
+def slow_clock(monkeypatch, step_s) -> None:
+    """Make the training loop's clock (``cnnjax.train.loop._clock``) also advance ``step_s(step)`` seconds for each
+    train step it runs, in either feed (resident or streamed): a machine of any speed, in no time."""
+    import time
+
+    from cnnjax.train import feed as feeds
+    from cnnjax.train import loop
+
+    offset = [0.0]
+
+    def timed(real):
+        def train(self, state, step, count, stop=None):
+            state, metrics = real(self, state, step, count, stop)
+            offset[0] += sum(step_s(s) for s in range(step, step + metrics["steps"]))
+            return state, metrics
+
+        return train
+
+    for cls in (feeds.ResidentFeed, feeds.StreamFeed):
+        monkeypatch.setattr(cls, "train", timed(cls.train))
+    monkeypatch.setattr(loop, "_clock", lambda: time.perf_counter() + offset[0])
+

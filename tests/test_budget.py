@@ -12,8 +12,9 @@ import pytest
 from cnnjax import checkpoint
 from cnnjax.errors import ConfigError
 from cnnjax.train import budget
-from cnnjax.train.budget import StepTimes, epochs_within, estimate_s, evaluations
+from cnnjax.train.budget import StepTimes, epochs_left_fit, epochs_within, estimate_s, evaluations
 from cnnjax.train.loop import fit
+from tests.helpers import slow_clock
 from tests.test_experiments import _rows, stripes
 
 TIMES = StepTimes(setup_s=1.0, compile_s=2.0, step_s=0.5, first_val_s=3.0, val_s=1.0, test_s=2.0, save_s=0.25)
@@ -39,6 +40,17 @@ def test_epochs_within_is_the_largest_count_that_fits():
         assert estimate_s(e, elapsed, TIMES, spe, every) <= budget_s < estimate_s(e + 1, elapsed, TIMES, spe, every)
     assert epochs_within(1e6, elapsed, TIMES, spe, every, max_epochs=7) == 7  # num_epochs is the most
     assert epochs_within(estimate_s(1, elapsed, TIMES, spe, every) - 0.01, elapsed, TIMES, spe, every, 7) == 0
+
+
+def test_epochs_left_fit_keeps_the_plan_while_it_fits_and_else_the_most_that_do():
+    # after epoch 3 of 10 (evaluated every 5th and the last), epochs of 10 s: 7 epochs, the evaluations after
+    # epochs 5 and 10 (the first compiles: 3 s; then 1 s, each with a 0.25 s checkpoint), 2 test passes of 2 s.
+    need_all = 7 * 10 + (3 + 0.25) + (1 + 0.25) + 2 * 2
+    assert epochs_left_fit(3, 10, 10.0, need_all, TIMES, 5) == 10
+    # 0.1 s short: fewer epochs, each count paying one recompilation (2 s); 8 epochs need 50 + 4.5 + 4 + 2 s
+    assert epochs_left_fit(3, 10, 10.0, need_all - 0.1, TIMES, 5) == 9
+    assert epochs_left_fit(3, 10, 10.0, 5 * 10 + 4.5 + 4 + 2, TIMES, 5) == 8
+    assert epochs_left_fit(3, 10, 10.0, 1.0, TIMES, 5) == 4  # nothing fits: one more epoch, to anneal into
 
 
 def _same_params(a, b) -> bool:
@@ -96,3 +108,53 @@ def test_a_budget_too_small_for_one_epoch_is_refused_and_leaves_no_workdir(tmp_p
     with pytest.raises(ConfigError, match=r"time_budget_s` \(0\.01 s\) leaves no time for one epoch"):
         fit(stripes(time_budget_s=0.01), str(tmp_path / "w"), progress=False)
     assert not (tmp_path / "w").exists()
+
+
+def test_a_run_that_slows_down_replans_to_fewer_epochs_and_compresses_its_schedule(tmp_path, monkeypatch, capsys):
+    # Planned at 50 s a step (9 steps an epoch): 3000 s hold 6 epochs. Epoch 1 runs at that speed, then every step
+    # takes 100 s: after epoch 2 (1350 s) the 4 epochs left need 3600 s; 1 more fits -> 3 epochs in all.
+    monkeypatch.setattr(budget, "time_steps", _timed(50.0))
+    slow_clock(monkeypatch, lambda s: 50.0 if s < 9 else 100.0)
+    cosine = {"schedule": "cosine", "optimizer": "sgd", "learning_rate": 0.1}
+    fit(stripes(num_epochs=6, time_budget_s=3000.0, **cosine), str(tmp_path / "budget"), progress=False)
+    out = capsys.readouterr().out
+    assert "-> 6 of at most 6 epochs" in out and "after epoch 2" in out and "-> 3 epochs in all" in out, out
+    assert [r["epoch"] for r in _rows(tmp_path / "budget")] == [1, 2, 3]
+    with open(tmp_path / "budget" / "config.json") as f:
+        saved = json.load(f)
+    assert saved["num_epochs"] == 3 and saved["budget_replans"] == [[18, 54, 27]]
+    # The recorded re-plan rebuilds the same run without a budget: the schedule was compressed, not cut.
+    monkeypatch.undo()
+    plain = stripes(num_epochs=3, budget_replans=((18, 54, 27),), **cosine)
+    fit(plain, str(tmp_path / "plain"), progress=False)
+    assert _same_params(tmp_path / "budget", tmp_path / "plain")
+    fit(stripes(num_epochs=3, **cosine), str(tmp_path / "cut"), progress=False)
+    assert not _same_params(tmp_path / "budget", tmp_path / "cut")
+
+
+def test_a_run_on_time_is_not_replanned(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(budget, "time_steps", _timed(50.0))
+    slow_clock(monkeypatch, lambda s: 50.0)
+    fit(stripes(num_epochs=6, time_budget_s=3000.0), str(tmp_path / "w"), progress=False)
+    assert "epochs in all" not in capsys.readouterr().out
+    assert [r["epoch"] for r in _rows(tmp_path / "w")] == list(range(1, 7))
+
+
+def test_a_replanned_run_resumes_on_its_compressed_schedule(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(budget, "time_steps", _timed(50.0))
+    slow_clock(monkeypatch, lambda s: 50.0 if s < 9 else 100.0)  # re-plans after epoch 2 to 3 epochs (above)
+    cfg = lambda: stripes(num_epochs=6, time_budget_s=3000.0)  # noqa: E731
+    out = fit(cfg(), str(tmp_path / "w"), progress=False, stop_after_steps=22)  # in epoch 3, after the re-plan
+    assert out["interrupted"] and out["epoch"] == 3
+
+    def not_again(*args):
+        raise AssertionError("a resumed run must not plan again")
+
+    monkeypatch.setattr(budget, "time_steps", not_again)
+    capsys.readouterr()
+    fit(cfg(), str(tmp_path / "w"), progress=False)
+    assert "resuming the 3 epochs planned" in capsys.readouterr().out
+    monkeypatch.undo()
+    fit(stripes(num_epochs=3, budget_replans=((18, 54, 27),)), str(tmp_path / "plain"), progress=False)
+    assert [r["epoch"] for r in _rows(tmp_path / "w")] == [1, 2, 3]
+    assert _same_params(tmp_path / "w", tmp_path / "plain")

@@ -12,10 +12,11 @@ import pytest
 
 from cnnjax import checkpoint
 from cnnjax.data.stream import ArraySource, EpochOrder, EvalBatch, StepBatch, stream
+from cnnjax.train import budget
 from cnnjax.train.experiment import load_splits
 from cnnjax.train.loop import fit
 from experiments.configs.base import base_config
-from tests.helpers import override
+from tests.helpers import override, slow_clock
 from tests.test_multiprocess import bit_identical, max_abs_diff, params, rows, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,6 +113,20 @@ def test_a_streamed_run_under_a_time_budget_equals_one_without(folder, tmp_path,
         progress=False)
     assert "-> 1 of at most 1 epochs" in capsys.readouterr().out
     fit(folder_config(folder, **{"data.mode": "stream"}), str(tmp_path / "plain"), progress=False)
+    assert bit_identical(params(tmp_path / "budget"), params(tmp_path / "plain"))
+
+
+def test_a_streamed_run_replanned_by_its_budget_equals_the_recorded_plan(folder, tmp_path, monkeypatch, capsys):
+    # 5 steps an epoch, planned at 10 s a step: all 4 epochs fit 1100 s. From step 5 on a step takes 100 s: after
+    # epoch 2 (550 s) the 2 epochs left need 1000 s of the 550 s left; one fits -> 3 epochs in all.
+    monkeypatch.setattr(budget, "time_steps", lambda *a: budget.StepTimes(0.0, 0.0, 10.0, 0.0, 0.0, 0.0, 0.0))
+    slow_clock(monkeypatch, lambda s: 10.0 if s < 5 else 100.0)
+    cfg = {"data.mode": "stream", "num_epochs": 4, "eval_every": 4}
+    fit(folder_config(folder, **cfg, time_budget_s=1100.0), str(tmp_path / "budget"), progress=False)
+    assert "-> 3 epochs in all" in capsys.readouterr().out
+    monkeypatch.undo()
+    cfg.update(num_epochs=3, budget_replans=((10, 20, 15),))
+    fit(folder_config(folder, **cfg), str(tmp_path / "plain"), progress=False)
     assert bit_identical(params(tmp_path / "budget"), params(tmp_path / "plain"))
 
 

@@ -1,4 +1,4 @@
-"""A time budget for a run: as many epochs as fit, planned once from timed steps.
+"""A time budget for a run: as many epochs as fit, planned from timed steps and re-planned as it goes.
 
 With ``config.time_budget_s > 0``, ``fit`` treats ``num_epochs`` as the most it may train and, before the
 run starts, times its train step here: one call (compile + step), then ``PLAN_STEPS`` steady steps, and
@@ -7,6 +7,15 @@ initial state (nothing is written; the run itself starts from the initial state 
 largest epoch count whose estimated wall time, counted from the start of ``fit``, fits the budget; the
 learning-rate schedule is then built for that many epochs, so a budgeted run ends its schedule as a run of
 that length would. A resumed run keeps the epoch count its first launch planned (``config.json``).
+
+The plan can only be as good as its timing, and a shared machine drifts: after every epoch the loop asks
+:func:`replan_epochs` whether the epochs left, at the speed of the epoch just trained, still end before the
+deadline, and if not it trains fewer. The schedule is then *compressed*, not cut: a re-plan at step ``at``
+from ``old`` to ``new`` total steps maps each later step ``s`` to ``at + (s - at) (old - at) / (new - at)``
+of the schedule as planned (:func:`cnnjax.train.timeline.warp_step`), so the learning rate (and the
+lookahead's decay) still anneals to its planned end value, at the new last step. The re-plans are kept in
+``config.budget_replans`` as ``(at, old, new)`` triples (``config.json``), which rebuild the same schedule on
+resume.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from cnnjax.errors import ConfigError
 from cnnjax.train import feed as feeds
 from cnnjax.train.experiment import DataSplits, build
 from cnnjax.train.runner import Runner
+from cnnjax.train.timeline import Replans, check_replans
 
 PLAN_STEPS = 5  # steady steps timed after the first (compiling) call
 
@@ -123,10 +133,35 @@ def _time_save(host_state) -> float:
             store.close()
 
 
+def epochs_left_fit(epoch: int, planned: int, epoch_s: float, left_s: float, times: StepTimes,
+                    eval_every: int) -> int:
+    """The epoch count (in all) to train after ``epoch`` of ``planned`` epochs, with ``left_s`` seconds to the
+    deadline and epochs of ``epoch_s`` seconds: ``planned`` while the rest of it still fits (its epochs, the
+    validation passes and checkpoints still due, the final test passes), else the most that fit with one
+    recompilation of the step for the new schedule, and ``epoch + 1`` when not even that does."""
+    every = max(1, eval_every)
+
+    def need(total: int) -> float:
+        evals = total // every - epoch // every + (total % every != 0)  # still due: every `every`-th, the last
+        first = times.first_val_s - times.val_s if epoch < every else 0.0  # none yet: the first one compiles
+        tests = 1 + (evaluations(total, every) > 1)
+        return (total - epoch) * epoch_s + first + evals * (times.val_s + times.save_s) + tests * times.test_s
+
+    if need(planned) <= left_s:
+        return planned
+    fits = [t for t in range(epoch + 1, planned) if need(t) + times.compile_s <= left_s]
+    return max(fits, default=epoch + 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
+    """The epochs to train; ``times`` the figures they were planned from (None on resume, which does not time
+    its steps again: such a run is not re-planned); ``replans`` those its earlier launches made."""
+
     epochs: int
     message: str
+    times: StepTimes | None = None
+    replans: Replans = ()
 
 
 def plan_epochs(config: ml_collections.ConfigDict, data: DataSplits, steps_per_epoch: int, devices: list,
@@ -138,7 +173,8 @@ def plan_epochs(config: ml_collections.ConfigDict, data: DataSplits, steps_per_e
     budget = float(config.time_budget_s)
     if saved is not None:
         epochs = int(saved.num_epochs)
-        return Plan(epochs, f"time budget: resuming the {epochs} epochs planned at the first launch")
+        return Plan(epochs, f"time budget: resuming the {epochs} epochs planned at the first launch",
+                    replans=check_replans(saved.get("budget_replans", ()), steps_per_epoch))
     times = time_steps(config, data, steps_per_epoch, devices)
     elapsed = distributed.mean_over_processes(time.perf_counter() - started)  # every process plans alike
     epochs = epochs_within(budget, elapsed, times, steps_per_epoch, config.eval_every, config.num_epochs)
@@ -150,5 +186,5 @@ def plan_epochs(config: ml_collections.ConfigDict, data: DataSplits, steps_per_e
     return Plan(epochs, f"time budget {budget:.0f} s: {times.step_s:.3f} s/step x {steps_per_epoch} steps/epoch "
                         f"(compile {times.compile_s:.1f} s, validation {times.first_val_s:.1f} s, checkpoint "
                         f"{times.save_s:.2f} s, planned after {elapsed:.1f} s) -> {epochs} of at most "
-                        f"{config.num_epochs} epochs, about {total:.0f} s in all")
+                        f"{config.num_epochs} epochs, about {total:.0f} s in all", times)
 

@@ -15,6 +15,7 @@ from cnnjax.errors import ConfigError, TrainingError
 from cnnjax.io import read_json, write_json_atomic
 from cnnjax.train.runner import MODES
 from cnnjax.train.steps import TTA_LEVELS
+from cnnjax.train.timeline import check_replans
 
 # Config fields that define an experiment's checkpoints: a workdir holding checkpoints made with
 # other values belongs to another experiment.
@@ -35,6 +36,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     budget = config.get("time_budget_s", 0.0)
     if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget >= 0):
         raise ConfigError("time_budget_s", f"must be a finite number of seconds >= 0 (0: off), got {budget!r}")
+    check_replans(config.get("budget_replans", ()))
     members = config.get("ensemble_members", 1)
     if not (isinstance(members, int) and members >= 1):
         raise ConfigError("ensemble_members", f"must be a whole number >= 1 (1: one model), got {members!r}")

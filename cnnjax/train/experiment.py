@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from cnnjax import checkpoint, models, transfer
 from cnnjax.data import MEAN_STD, Dataset, load
@@ -22,6 +23,7 @@ from cnnjax.errors import ConfigError
 from cnnjax.train.optim import make_optimizer
 from cnnjax.train.state import TrainState, create_train_state, model_variables
 from cnnjax.train.steps import AXIS, Lookahead, StepSpec, init_lookahead
+from cnnjax.train.timeline import check_replans
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,7 +263,8 @@ def build_spec(config: ml_collections.ConfigDict, dataset: str, steps_per_epoch:
         compute_dtype=jnp.bfloat16 if config.mixed_precision else jnp.float32,
         resize_to=int(config.data.get("resize_to", 0)),
         tta=int(config.get("tta", 0)),
-        lookahead=Lookahead(every, steps_per_epoch * config.num_epochs) if every else None,
+        lookahead=Lookahead(every, steps_per_epoch * config.num_epochs,
+                            replans=check_replans(config.get("budget_replans", ()))) if every else None,
     )
 
 
@@ -302,6 +305,15 @@ def _optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, frozen: 
     backbone_tx, _ = make_optimizer(backbone_cfg, steps_per_epoch, config.num_epochs)
     backbone_tx = transfer.after_steps(backbone_tx, int(t.head_first_epochs * steps_per_epoch))
     return transfer.transfer_optimizer(lambda p: transfer.param_labels(p, frozen), tx, backbone_tx), schedule
+
+
+def retime(config: ml_collections.ConfigDict, exp: Experiment, dataset: str,
+           steps_per_epoch: int) -> tuple[Experiment, optax.GradientTransformation]:
+    """``exp`` for ``config``'s new length (``num_epochs``, ``budget_replans``): its step spec and schedule, and
+    the optimizer for its train state (the same transformations, so the optimizer state carries over)."""
+    _, frozen = build_model(config)
+    tx, schedule = _optimizer(config, steps_per_epoch, frozen)
+    return exp._replace(spec=build_spec(config, dataset, steps_per_epoch), schedule=schedule), tx
 
 
 def input_shape(image_shape: tuple[int, int, int], spec: StepSpec) -> tuple[int, int, int]:

@@ -3,7 +3,8 @@
 ``for step in range(state.step, total_steps)`` in chunks of ``log_every`` steps; the epoch and the
 position inside it are derived from the step. Periodic actions: a progress update after every chunk,
 evaluation + checkpoint at the end of every ``eval_every``-th epoch and of the last, a checkpoint on a
-signal (SIGTERM / SIGINT, agreed on by all processes) or after ``stop_after_steps``.
+signal (SIGTERM / SIGINT, agreed on by all processes) or after ``stop_after_steps``; under a time budget,
+after every epoch, a re-plan to fewer epochs when the rest no longer fits (:mod:`cnnjax.train.budget`).
 
 Reproducible and resumable, in any number of processes and in either data mode: the global batch of
 each step comes from :class:`cnnjax.data.stream.EpochOrder` (every process draws the same
@@ -15,6 +16,7 @@ resumed (with the same or another number of processes / devices) feeds the same 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -32,10 +34,12 @@ from cnnjax.errors import ConfigError, TrainingError
 from cnnjax.train import budget
 from cnnjax.train import feed as feeds
 from cnnjax.train.checks import check_config, check_workdir, write_config
-from cnnjax.train.experiment import DataSplits, Experiment, build, load_splits
+from cnnjax.train.experiment import DataSplits, Experiment, build, load_splits, retime
 from cnnjax.train.lock import WorkdirLock
 from cnnjax.train.metrics import MetricsWriter
 from cnnjax.train.runner import Runner, select_devices
+
+_clock = time.perf_counter  # the loop's clock (the budget's deadline, epoch times); tests may replace it
 
 
 class StopFlag:
@@ -95,6 +99,8 @@ class Run:
     order: EpochOrder
     progress: bool
     feed: feeds.ResidentFeed | feeds.StreamFeed
+    deadline: float | None = None  # time budget: the _clock() it must end by (None: no re-planning)
+    times: budget.StepTimes | None = None  # what the budget's plan measured
 
     @property
     def steps_per_epoch(self) -> int:
@@ -146,7 +152,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     simulates an interruption (as SIGTERM would) after that many steps of this call: the state is
     checkpointed and ``{'interrupted': True, 'epoch', 'step_in_epoch'}`` is returned.
     """
-    started = time.perf_counter()
+    started = _clock()
     check_config(config)
     devices = devices_for(config)
     if not workdir:
@@ -160,10 +166,12 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
             config.num_classes = data.num_classes
         spe = steps_per_epoch(config, data)
         saved = check_workdir(config, workdir)
+        plan = None
         if config.get("time_budget_s", 0.0):  # num_epochs is the most that may be trained
             plan = budget.plan_epochs(config, data, spe, devices, saved, started)
             _say(plan.message)
             config.num_epochs = plan.epochs
+            config.budget_replans = plan.replans
         exp = build(config, data, spe)
         store, run = CheckpointStore(workdir), None
         try:
@@ -176,6 +184,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
             if distributed.any_process(stop.signal is not None):
                 stop.abort(stop.signal or signal.SIGTERM)
             run = _open_run(config, workdir, data, exp, store, devices, step, progress, tensorboard)
+            if plan is not None and plan.times is not None:
+                run = dataclasses.replace(run, deadline=started + float(config.time_budget_s), times=plan.times)
             return _train(run, run.runner.put_state(state), step, acc, stop, stop_after_steps)
         finally:
             if run is not None:
@@ -223,7 +233,7 @@ def _resume(store: CheckpointStore, initial, spe: int, workdir: str):
 def _train(run: Run, state, step: int, acc: dict, stop: StopFlag, stop_after_steps: int | None) -> dict:
     """The step loop: chunks of ``log_every`` steps, periodic evaluation / checkpoints, signals."""
     chunk, spe, start = max(1, int(run.config.log_every)), run.steps_per_epoch, step
-    bar, t0, seen, last_eval = None, time.perf_counter(), 0, None
+    bar, t0, seen, last_eval, trained_s = None, _clock(), 0, None, 0.0
     while step < run.total_steps:
         epoch, pos = step // spe + 1, step % spe
         if bar is None or pos == 0:
@@ -241,8 +251,12 @@ def _train(run: Run, state, step: int, acc: dict, stop: StopFlag, stop_after_ste
             stop_after_steps is not None and step - start >= stop_after_steps))
         if step % spe == 0:
             bar.close()
-            last_eval = _end_epoch(run, state, epoch, acc, time.perf_counter() - t0, seen, stop_now) or last_eval
-            acc, t0, seen = {}, time.perf_counter(), 0
+            seconds = _clock() - t0
+            last_eval = _end_epoch(run, state, epoch, acc, seconds, seen, stop_now) or last_eval
+            trained_s += seconds
+            if run.deadline is not None and not stop_now and step < run.total_steps:
+                run, state = _keep_deadline(run, state, epoch, trained_s, step // spe - start // spe, seconds)
+            acc, t0, seen = {}, _clock(), 0
         elif stop_now:
             bar.close()
             run.store.save(step, run.runner.get_state(state), {"epoch": epoch, "step": step, "partial": acc})
@@ -254,6 +268,35 @@ def _train(run: Run, state, step: int, acc: dict, stop: StopFlag, stop_after_ste
     return _finish(run, state, last_eval)
 
 
+def _keep_deadline(run: Run, state, epoch: int, trained_s: float, epochs: int, last_s: float):
+    """After ``epoch``: ``(run, state)`` unchanged while the epochs left still end before ``run.deadline``, else
+    re-planned to the most that do (:func:`cnnjax.train.budget.epochs_left_fit`), with the schedule compressed
+    into them, the step rebuilt for it and config.json rewritten. ``trained_s``: the seconds this call's
+    ``epochs`` epochs took (with the first step's compilation, as the plan timed it), ``last_s`` those of
+    ``epoch``; the epochs left are counted at the mean or at the last one's time, whichever is longer (a machine
+    that slowed down tends to stay slow). Every process calls it and decides alike (on means over processes)."""
+    config, spe, compile_s = run.config, run.steps_per_epoch, run.times.compile_s
+    mean_s = max(trained_s - compile_s, 0.0) / epochs
+    last_s = max(last_s - (compile_s if epochs == 1 else 0.0), 0.0)
+    epoch_s = distributed.mean_over_processes(max(mean_s, last_s))
+    left_s = distributed.mean_over_processes(run.deadline - _clock())
+    total = budget.epochs_left_fit(epoch, config.num_epochs, epoch_s, left_s, run.times, config.eval_every)
+    if total >= config.num_epochs:
+        return run, state
+    _say(f"time budget: {left_s:.0f} s left after epoch {epoch} ({epoch_s:.1f} s an epoch) do not hold the "
+         f"{config.num_epochs - epoch} planned epochs -> {total} epochs in all, the learning-rate schedule compressed "
+         "into them")
+    config = copy.deepcopy(config)
+    config.num_epochs = total
+    config.budget_replans = (*config.get("budget_replans", ()), (epoch * spe, run.total_steps, total * spe))
+    exp, tx = retime(config, run.exp, run.data.name, spe)
+    runner = Runner(exp.spec, exp.model.apply, config.parallelism, run.runner.devices)
+    run.feed.runner = runner
+    if distributed.is_primary():
+        write_config(config, run.store.workdir)
+    return dataclasses.replace(run, config=config, exp=exp, runner=runner), state.replace(tx=tx)
+
+
 def _bar(run: Run, epoch: int, pos: int):
     return tqdm(total=run.steps_per_epoch, initial=pos, desc=f"epoch {epoch}/{run.config.num_epochs}",
                 disable=not run.progress, leave=False, dynamic_ncols=True)
@@ -262,7 +305,7 @@ def _bar(run: Run, epoch: int, pos: int):
 def _update_bar(bar, n: int, acc: dict, seen: int, t0: float) -> None:
     bar.update(n)
     bar.set_postfix(loss=f"{acc['loss_sum'] / acc['count']:.4f}", acc=f"{acc['correct'] / acc['count']:.4f}",
-                    img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+                    img_s=f"{seen / (_clock() - t0):.0f}")
 
 
 def _check_finite(acc: dict, epoch: int, step: int) -> None:

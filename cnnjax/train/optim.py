@@ -8,13 +8,16 @@ import jax
 import optax
 
 from cnnjax.errors import UsageError
+from cnnjax.train import timeline
 
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw", "airbench")
 SCHEDULES = ("constant", "cosine", "onecycle", "triangular", "piecewise")
 
 
 def make_schedule(cfg: Any, steps_per_epoch: int, num_epochs: int) -> optax.Schedule:
-    """``cfg.schedule``: constant | cosine | onecycle | triangular | piecewise (with linear warm-up).
+    """``cfg.schedule``: constant | cosine | onecycle | triangular | piecewise (with linear warm-up), over
+    ``num_epochs``; a budgeted run's re-plans (``cfg.budget_replans``, see :mod:`cnnjax.train.timeline`) compress
+    the schedule as first planned into its new length.
 
     * cosine: ``warmup_epochs`` linear warm-up from 0, then cosine decay to 0.
     * onecycle: optax's one-cycle (cosine up for ``pct_start``, then down).
@@ -22,8 +25,14 @@ def make_schedule(cfg: Any, steps_per_epoch: int, num_epochs: int) -> optax.Sche
       at the end (factors default to 0; airbench94 uses 0.2, 0.23, 0.07).
     * piecewise: multiply by ``decay_factor`` at each epoch in ``boundaries_epochs``.
     """
+    replans = timeline.check_replans(cfg.get("budget_replans", ()))
+    schedule = _schedule(cfg, steps_per_epoch, timeline.planned_steps(steps_per_epoch * num_epochs, replans))
+    return (lambda count: schedule(timeline.warp_step(count, replans))) if replans else schedule
+
+
+def _schedule(cfg: Any, steps_per_epoch: int, total: int) -> optax.Schedule:
     lr = float(cfg.learning_rate)
-    total = max(1, steps_per_epoch * num_epochs)
+    total = max(1, total)
     warmup = int(cfg.get("warmup_epochs", 0) * steps_per_epoch)
     name = cfg.get("schedule", "constant")
     pct = float(cfg.get("pct_start", 0.25))

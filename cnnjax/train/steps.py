@@ -18,6 +18,7 @@ import optax
 from cnnjax.data.pipeline import AugmentConfig, augment, normalize
 from cnnjax.errors import UsageError
 from cnnjax.train.state import TrainState, model_variables
+from cnnjax.train.timeline import Replans, planned_steps, warp_step
 
 Array = jax.Array
 Metrics = dict[str, Array]
@@ -46,12 +47,14 @@ class Lookahead:
     """airbench's lookahead: every ``every`` steps the slow weights move toward the fast ones,
     ``slow += (1 - d) (fast - slow)`` with ``d = decay * (step / total_steps) ** power``, and the
     fast weights restart from them; at ``total_steps`` the fast weights become the slow ones.
-    Covers params and BatchNorm running statistics."""
+    Covers params and BatchNorm running statistics. A re-planned run (``replans``, see
+    :mod:`cnnjax.train.timeline`) takes ``step / total_steps`` from its first plan's timeline."""
 
     every: int
     total_steps: int
     decay: float = 0.95 ** 5
     power: float = 3.0
+    replans: Replans = ()
 
 
 def init_lookahead(state: TrainState) -> TrainState:
@@ -69,7 +72,7 @@ def lookahead_update(state: TrainState, la: Lookahead) -> TrainState:
     step = state.step
     last = step >= la.total_steps
     due = (step % la.every == 0) | last
-    frac = jnp.minimum(step / la.total_steps, 1.0)
+    frac = jnp.minimum(warp_step(step, la.replans) / planned_steps(la.total_steps, la.replans), 1.0)
     decay = jnp.where(last, 1.0, la.decay * frac ** la.power)
     fast = {"params": state.params, "batch_stats": state.batch_stats}
     moved = jax.tree_util.tree_map(lambda s, f: s + (1.0 - decay) * (f - s), state.slow, fast)

@@ -48,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 1000
     c.num_epochs = 10
     c.time_budget_s = 0.0     # > 0: train as many epochs (at most num_epochs) as fit in this many seconds
+    c.budget_replans = ()     # written by a budgeted run that re-plans to fewer epochs (cnnjax.train.timeline)
     c.ensemble_members = 1    # > 1: train this many members (seed, seed + 1, ...) and score their mean logits
     c.optimizer = "sgd"       # sgd | nesterov | adam | adamw | airbench
     c.learning_rate = 0.05
