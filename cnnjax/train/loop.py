@@ -283,9 +283,9 @@ def _keep_deadline(run: Run, state, epoch: int, trained_s: float, epochs: int, l
     total = budget.epochs_left_fit(epoch, config.num_epochs, epoch_s, left_s, run.times, config.eval_every)
     if total >= config.num_epochs:
         return run, state
-    _say(f"time budget: {left_s:.0f} s left after epoch {epoch} ({epoch_s:.1f} s an epoch) do not hold the "
-         f"{config.num_epochs - epoch} planned epochs -> {total} epochs in all, the learning-rate schedule compressed "
-         "into them")
+    _say(f"time budget: {left_s:.0f} s left after epoch {epoch} of {config.num_epochs} do not hold the "
+         f"{config.num_epochs - epoch} more at {epoch_s:.1f} s an epoch -> {total} epochs in all, the learning-rate "
+         "schedule compressed into them")
     config = copy.deepcopy(config)
     config.num_epochs = total
     config.budget_replans = (*config.get("budget_replans", ()), (epoch * spe, run.total_steps, total * spe))

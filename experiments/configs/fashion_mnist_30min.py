@@ -8,7 +8,9 @@ its step first and trains as many epochs (at most 40) as fit in 27 minutes from 
 with the learning-rate schedule built for that many (``cnnjax.train.budget``); the 3 minutes left cover the
 imports before, the plots after and the estimate's error. At 1680 s one run (2026-12-03, with cutout) planned
 27 epochs from a step 10% faster than its epochs turned out and took 30 min 23 s; the step time was 4% short
-in another run and 4-9% long in others. How many fit depends on the machine and the convolutions: before
+in another run and 4-9% long in others; since 2026-12-03 (session 29) the loop re-plans after any epoch whose
+pace would miss the deadline, compressing the schedule into fewer epochs (15% short: 28 planned, 22 trained,
+94.93% test in 24 min 9 s). How many fit depends on the machine and the convolutions: before
 oneDNN's, in float32, 18 epochs on the fastest 2-core AMD EPYC Zen 5 seen (95.10% test with a fixed 18), 12 on a
 slower one (94.84% in 25 min 12 s), 8 on the Zen 4, 10 on the Xeon (README, "Fast CIFAR-10 recipe").
 ``--config.time_budget_s=0 --config.num_epochs=N --config.eval_every=N`` trains a fixed N.
