@@ -50,6 +50,12 @@ def test_malformed_replans_are_refused_in_one_line(bad):
     assert "\n" not in str(err.value)
 
 
+def test_replans_that_end_elsewhere_than_the_run_are_refused():
+    assert check_replans(((40, 100, 70),), 10, total_steps=70) == ((40, 100, 70),)
+    with pytest.raises(ConfigError, match="ends its re-planned run at step 70 but this run has 80 steps; keep"):
+        check_replans(((40, 100, 70),), 10, total_steps=80)
+
+
 def test_replans_read_back_from_json_lists():
     assert check_replans([[40, 100, 70]], steps_per_epoch=10) == ((40, 100, 70),)
 

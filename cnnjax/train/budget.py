@@ -9,13 +9,13 @@ learning-rate schedule is then built for that many epochs, so a budgeted run end
 that length would. A resumed run keeps the epoch count its first launch planned (``config.json``).
 
 The plan can only be as good as its timing, and a shared machine drifts: after every epoch the loop asks
-:func:`replan_epochs` whether the epochs left, at the speed of the epoch just trained, still end before the
-deadline, and if not it trains fewer. The schedule is then *compressed*, not cut: a re-plan at step ``at``
-from ``old`` to ``new`` total steps maps each later step ``s`` to ``at + (s - at) (old - at) / (new - at)``
-of the schedule as planned (:func:`cnnjax.train.timeline.warp_step`), so the learning rate (and the
-lookahead's decay) still anneals to its planned end value, at the new last step. The re-plans are kept in
-``config.budget_replans`` as ``(at, old, new)`` triples (``config.json``), which rebuild the same schedule on
-resume.
+:func:`epochs_left_fit` whether the epochs left, at the pace of those trained (the mean, or the last epoch's
+if slower), still end before the deadline, and if not it trains fewer. The schedule is then *compressed*,
+not cut: a re-plan at step ``at`` from ``old`` to ``new`` total steps maps each later step ``s`` to ``at + (s
+- at) (old - at) / (new - at)`` of the schedule as planned (:func:`cnnjax.train.timeline.warp_step`), so the
+learning rate (and the lookahead's decay) still anneals to its planned end value, at the new last step. The
+re-plans are kept in ``config.budget_replans`` as ``(at, old, new)`` triples (``config.json``), which rebuild
+the same schedule on resume.
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ from cnnjax.train.experiment import DataSplits, Experiment, build, load_splits, 
 from cnnjax.train.lock import WorkdirLock
 from cnnjax.train.metrics import MetricsWriter
 from cnnjax.train.runner import Runner, select_devices
+from cnnjax.train.timeline import check_replans
 
 _clock = time.perf_counter  # the loop's clock (the budget's deadline, epoch times); tests may replace it
 
@@ -172,6 +173,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
             _say(plan.message)
             config.num_epochs = plan.epochs
             config.budget_replans = plan.replans
+        check_replans(config.get("budget_replans", ()), spe, spe * config.num_epochs)
         exp = build(config, data, spe)
         store, run = CheckpointStore(workdir), None
         try:

@@ -30,9 +30,10 @@ def planned_steps(total_steps: int, replans: Replans) -> int:
     return int(replans[0][1]) if replans else int(total_steps)
 
 
-def check_replans(replans, steps_per_epoch: int | None = None) -> Replans:
+def check_replans(replans, steps_per_epoch: int | None = None, total_steps: int | None = None) -> Replans:
     """``replans`` as a tuple of int triples, each ``0 <= at < new < old``, each ``old`` the ``new`` of the one
-    before (and whole epochs, given ``steps_per_epoch``); raises :class:`ConfigError` for anything else."""
+    before (and whole epochs, given ``steps_per_epoch``; the last ``new`` equal to ``total_steps``, given that);
+    raises :class:`ConfigError` for anything else."""
     try:
         out = tuple((int(at), int(old), int(new)) for at, old, new in (replans or ()))
     except (TypeError, ValueError):
@@ -41,6 +42,9 @@ def check_replans(replans, steps_per_epoch: int | None = None) -> Replans:
         b[1] == a[2] and b[0] >= a[0] for a, b in zip(out, out[1:], strict=False))
     if ok and steps_per_epoch:
         ok = all(v % steps_per_epoch == 0 for r in out for v in r)
+    if ok and out and total_steps is not None and out[-1][2] != total_steps:
+        raise ConfigError("budget_replans", f"ends its re-planned run at step {out[-1][2]} but this run has "
+                                            f"{total_steps} steps; keep `num_epochs` as config.json has it")
     if not ok:
         raise ConfigError("budget_replans", f"is written by a budgeted run's re-plans (`(at, old, new)` steps, "
                                             f"at < new < old, chained); leave it as the run wrote it, got {replans!r}")
