@@ -174,7 +174,7 @@ def plan_epochs(config: ml_collections.ConfigDict, data: DataSplits, steps_per_e
     if saved is not None:
         epochs = int(saved.num_epochs)
         return Plan(epochs, f"time budget: resuming the {epochs} epochs planned at the first launch",
-                    replans=check_replans(saved.get("budget_replans", ()), steps_per_epoch))
+                    replans=check_replans(saved.get("budget_replans", ())))  # fit checks them against the run
     times = time_steps(config, data, steps_per_epoch, devices)
     elapsed = distributed.mean_over_processes(time.perf_counter() - started)  # every process plans alike
     epochs = epochs_within(budget, elapsed, times, steps_per_epoch, config.eval_every, config.num_epochs)

@@ -38,14 +38,12 @@ def check_replans(replans, steps_per_epoch: int | None = None, total_steps: int 
         out = tuple((int(at), int(old), int(new)) for at, old, new in (replans or ()))
     except (TypeError, ValueError):
         out = None
-    ok = out is not None and all(0 <= at < new < old for at, old, new in out) and all(
+    chained = out is not None and all(0 <= at < new < old for at, old, new in out) and all(
         b[1] == a[2] and b[0] >= a[0] for a, b in zip(out, out[1:], strict=False))
-    if ok and steps_per_epoch:
-        ok = all(v % steps_per_epoch == 0 for r in out for v in r)
-    if ok and out and total_steps is not None and out[-1][2] != total_steps:
-        raise ConfigError("budget_replans", f"ends its re-planned run at step {out[-1][2]} but this run has "
-                                            f"{total_steps} steps; keep `num_epochs` as config.json has it")
-    if not ok:
+    if not chained or (steps_per_epoch and any(v % steps_per_epoch for r in out for v in r)):
         raise ConfigError("budget_replans", f"is written by a budgeted run's re-plans (`(at, old, new)` steps, "
                                             f"at < new < old, chained); leave it as the run wrote it, got {replans!r}")
+    if out and total_steps is not None and out[-1][2] != total_steps:
+        raise ConfigError("budget_replans", f"ends its re-planned run at step {out[-1][2]} but this run has "
+                                            f"{total_steps} steps; keep `num_epochs` as config.json has it")
     return out
