@@ -242,7 +242,7 @@ def _onednn_attrs(strides: tuple[int, int], pads: Pads, dilation: tuple[int, int
 
 def _onednn(kind: int, a: Array, b: Array, out_shape: tuple[int, ...], strides: tuple[int, int], pads: Pads,
             dilation: tuple[int, int]) -> Array:
-    """One call of the oneDNN handler (``cnnjax/native/onednn_conv.cc``): ``kind`` 0 forward ``(x, kernel)``,
+    """One call of the oneDNN handler (``cnnjax/native/onednn_kernels.cc``): ``kind`` 0 forward ``(x, kernel)``,
     1 input gradient ``(g, kernel)``, 2 kernel gradient ``(x, g)``; the result has shape ``out_shape``."""
     call = jax.ffi.ffi_call(onednn.TARGET, jax.ShapeDtypeStruct(out_shape, a.dtype), vmap_method="sequential")
     return call(a, b, kind=np.int64(kind), **_onednn_attrs(strides, pads, dilation))

@@ -25,15 +25,20 @@ from typing import Any, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 from cnnjax.conv import conv2d, output_size
 from cnnjax.errors import UsageError
+from cnnjax.native import onednn
 
 # Non-overlapping max-pools take the broadcast backward (_tiled_max_pool_bwd); the bench variants before
 # "+broadcast tiled max-pool backward" switch it off.
 TILED_POOL_BROADCAST_BACKWARD = True
+# Max-pools run through oneDNN's kernels where onednn_pool_usable; the bench variants before "+oneDNN max-pool"
+# switch it off.
+USE_ONEDNN_POOL_ON_CPU = True
 
 Array = jax.Array
 IntPair = Union[int, tuple[int, int]]
@@ -306,6 +311,8 @@ def max_pool(x: Array, window: IntPair, stride: IntPair | None = None, padding: 
     ho, wo = _pool_output_hw(x, (kh, kw), (sh, sw), (ph, pw))
     if ho <= 0 or wo <= 0:  # an empty output, as torch's shape rule gives
         return lax.reduce_window(x, -jnp.inf, lax.max, dims, strides, pads)
+    if onednn_pool_usable(x):
+        return onednn_max_pool(x, (kh, kw), (sh, sw), (ph, pw))
     if (sh, sw, ph, pw) == (kh, kw, 0, 0):
         # Non-overlapping windows: torch's floor mode drops the trailing rows / columns.
         return _tiled_max_pool(x[:, : ho * kh, : wo * kw, :], kh, kw)
@@ -315,7 +322,12 @@ def max_pool(x: Array, window: IntPair, stride: IntPair | None = None, padding: 
 def _pool_output_hw(x: Array, window: tuple[int, int], stride: tuple[int, int],
                     padding: tuple[int, int]) -> tuple[int, int]:
     """``(Ho, Wo)`` of a floor-mode pool of ``[N, H, W, C]`` with symmetric ``padding``."""
-    return tuple(output_size(x.shape[1 + a], window[a], stride[a], (padding[a], padding[a])) for a in (0, 1))
+    return _pool_output_hw_of(x.shape, window, stride, padding)
+
+
+def _pool_output_hw_of(shape: tuple[int, ...], window: tuple[int, int], stride: tuple[int, int],
+                       padding: tuple[int, int]) -> tuple[int, int]:
+    return tuple(output_size(shape[1 + a], window[a], stride[a], (padding[a], padding[a])) for a in (0, 1))
 
 
 def _tiled_max_pool(x: Array, kh: int, kw: int) -> Array:
@@ -406,6 +418,56 @@ def _tiled_max_pool_bwd(window, residuals, g):
 
 _window_max_pool.defvjp(_window_max_pool_fwd, _window_max_pool_bwd)
 
+
+
+def onednn_pool_usable(x: Array) -> bool:
+    """Whether :func:`max_pool` runs through oneDNN: the CPU, one process, float32 or bfloat16, and cnnjax's
+    oneDNN kernels built (:func:`cnnjax.native.onednn.available`), as for the convolutions."""
+    if not USE_ONEDNN_POOL_ON_CPU or jax.default_backend() != "cpu" or jax.process_count() != 1:
+        return False
+    return x.dtype in (jnp.float32, jnp.bfloat16) and onednn.available()
+
+
+def _onednn_pool_attrs(x_shape: tuple[int, ...], window: tuple[int, int], stride: tuple[int, int],
+                       padding: tuple[int, int]) -> tuple[tuple[int, int, int, int], dict]:
+    """The output shape ``[N, Ho, Wo, C]`` of the floor-mode pool of ``x_shape`` and the kernels' attributes. The
+    padding after the input is only what the last window needs (oneDNN, like torch, ignores the rows and
+    columns that floor mode leaves out)."""
+    out_hw = _pool_output_hw_of(x_shape, window, stride, padding)
+    after = [max(0, (out_hw[a] - 1) * stride[a] + window[a] - padding[a] - x_shape[1 + a]) for a in (0, 1)]
+    ints = dict(kh=window[0], kw=window[1], sh=stride[0], sw=stride[1], pt=padding[0], pb=after[0], pl=padding[1],
+                pr=after[1])
+    return (x_shape[0], *out_hw, x_shape[3]), {k: np.int64(v) for k, v in ints.items()}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def onednn_max_pool(x: Array, window: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]) -> Array:
+    """torch's max-pool of ``[N, H, W, C]`` (floor mode, ``padding`` rows / columns of ``-inf`` on both sides) by
+    oneDNN's kernels on the CPU (``cnnjax/native/onednn_kernels.cc``), forward and backward.
+
+    The forward keeps oneDNN's workspace (each window's maximum position, one byte an output) for the backward,
+    which sends each output's gradient to the first maximum of its window in row-major order, as torch and
+    :func:`_window_max_pool` do. Needs :func:`cnnjax.native.onednn.available`; reverse mode only."""
+    return _onednn_max_pool_fwd(x, window, stride, padding)[0]
+
+
+def _onednn_max_pool_fwd(x, window, stride, padding):
+    out, attrs = _onednn_pool_attrs(x.shape, window, stride, padding)
+    workspace = jnp.uint8 if window[0] * window[1] < 256 else jnp.int32  # oneDNN's rule for max-pool workspaces
+    call = jax.ffi.ffi_call(onednn.POOL_FORWARD_TARGET, (jax.ShapeDtypeStruct(out, x.dtype),
+                                                         jax.ShapeDtypeStruct(out, workspace)),
+                            vmap_method="sequential")
+    y, ws = call(x, **attrs)
+    return y, (ws, x.shape)
+
+
+def _onednn_max_pool_bwd(window, stride, padding, residuals, g):
+    ws, shape = residuals
+    call = jax.ffi.ffi_call(onednn.POOL_BACKWARD_TARGET, jax.ShapeDtypeStruct(shape, g.dtype), vmap_method="sequential")
+    return (call(g, ws, **_onednn_pool_attrs(shape, window, stride, padding)[1]),)
+
+
+onednn_max_pool.defvjp(_onednn_max_pool_fwd, _onednn_max_pool_bwd)
 
 def avg_pool(
     x: Array,

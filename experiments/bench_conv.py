@@ -7,8 +7,9 @@ one ``choose_impl`` picks on this backend. (The forward+tanh column shows whethe
 vectorises the conv once the next activation is fused into it.) For 2x2
 max-pool after ReLU (ties): forward+backward of ``reduce_window`` (XLA's select-and-scatter), the
 earlier reshape-based tiled pool, and cnnjax's strided-view pool with its earlier (stacked stride phases)
-and current (broadcast) backward; for ResNet's overlapping 3x3 / stride 2 /
-padding 1 stem pool: ``reduce_window`` against cnnjax's strided views. Random fp32 data; each number is
+and current (broadcast) backward, and oneDNN's pool (``layers.onednn_max_pool``, what cnnjax runs on the CPU
+when its oneDNN kernels are built); for ResNet's overlapping 3x3 / stride 2 / padding 1 stem pool:
+``reduce_window`` against the strided views and oneDNN's. Random fp32 data; each number is
 the fastest of ``--steps`` calls after a compile call (the mean of them before 2026-12-01).
 ``--only conv|pool`` runs one part. A second conv table times strided convs forward+backward as
 patches, as XLA's conv with its input kept, and as 'split' (:func:`cnnjax.conv.split_conv`).
@@ -22,6 +23,7 @@ PyTorch is its convolutions.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 
@@ -147,6 +149,36 @@ def strided_rows(steps: int) -> list[str]:
     return rows
 
 
+@contextlib.contextmanager
+def _pool_flags(broadcast: bool, onednn: bool):
+    """Within the block, ``layers.max_pool`` takes the broadcast tiled backward or not, and oneDNN's pool or not
+    (both flags are read when a function is traced, so the caches are cleared on the way in and out)."""
+    import jax
+
+    from cnnjax import layers
+
+    saved = layers.TILED_POOL_BROADCAST_BACKWARD, layers.USE_ONEDNN_POOL_ON_CPU
+    layers.TILED_POOL_BROADCAST_BACKWARD, layers.USE_ONEDNN_POOL_ON_CPU = broadcast, onednn
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        layers.TILED_POOL_BROADCAST_BACKWARD, layers.USE_ONEDNN_POOL_ON_CPU = saved
+        jax.clear_caches()
+
+
+def _onednn_pool_ms(loss, *args, steps: int) -> float:
+    """Fastest forward+backward ms of ``loss`` with oneDNN's max-pool, or NaN where it cannot run here."""
+    import jax
+
+    from cnnjax import layers
+
+    with _pool_flags(broadcast=True, onednn=True):
+        if not layers.onednn_pool_usable(args[0]):
+            return float("nan")
+        return fastest_ms(jax.jit(jax.grad(loss)), *args, steps=steps)
+
+
 def pool_rows(steps: int) -> list[str]:
     import jax
     import numpy as np
@@ -166,13 +198,10 @@ def pool_rows(steps: int) -> list[str]:
         cells = [fastest_ms(jax.jit(jax.grad(lambda v, w, f=f: (f(v) * w).sum())), x, weight, steps=steps)
                  for f in (window, lambda v, h2=h2, w2=w2: _reshape_max_pool(v[:, :h2, :w2], 2, 2))]
         for broadcast in (False, True):  # the strided views' backward: stacked stride phases, or broadcast
-            try:
-                layers.TILED_POOL_BROADCAST_BACKWARD = broadcast
-                jax.clear_caches()  # the flag is read when the backward is traced
+            with _pool_flags(broadcast=broadcast, onednn=False):
                 grad = jax.jit(jax.grad(lambda v, w: (layers.max_pool(v, 2) * w).sum()))
                 cells.append(fastest_ms(grad, x, weight, steps=steps))
-            finally:
-                layers.TILED_POOL_BROADCAST_BACKWARD = True
+        cells.append(_onednn_pool_ms(lambda v, w: (layers.max_pool(v, 2) * w).sum(), x, weight, steps=steps))
         rows.append(f"| {list(shape)} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
     return rows
 
@@ -192,8 +221,13 @@ def overlapping_pool_rows(steps: int) -> list[str]:
         x = jax.nn.relu(jax.numpy.asarray(rng.randn(*shape).astype(np.float32)))
         window = lambda v: lax.reduce_window(v, -jax.numpy.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1),  # noqa: E731
                                              ((0, 0), (1, 1), (1, 1), (0, 0)))
-        cells = [fastest_ms(jax.jit(jax.grad(lambda v, f=f: (f(v) ** 2).sum())), x, steps=steps)
-                 for f in (window, lambda v: layers.max_pool(v, 3, 2, 1))]
+        def pooled_loss(v):
+            return (layers.max_pool(v, 3, 2, 1) ** 2).sum()
+
+        cells = [fastest_ms(jax.jit(jax.grad(lambda v, f=window: (f(v) ** 2).sum())), x, steps=steps)]
+        with _pool_flags(broadcast=True, onednn=False):
+            cells.append(fastest_ms(jax.jit(jax.grad(pooled_loss)), x, steps=steps))
+        cells.append(_onednn_pool_ms(pooled_loss, x, steps=steps))
         rows.append(f"| {list(shape)} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
     return rows
 
@@ -225,12 +259,14 @@ def main(argv):
             print(row, flush=True)
     if FLAGS.only in ("all", "pool"):
         print("\n| 2x2 max-pool after ReLU, forward+backward of sum(pool * weight) | reduce_window | reshape (before) "
-              "| strided views, stacked phases (before) | strided views, broadcast backward (cnnjax) |")
-        print("|---|---|---|---|---|")
+              "| strided views, stacked phases (before) | strided views, broadcast backward (before) "
+              "| oneDNN (cnnjax) |")
+        print("|---|---|---|---|---|---|")
         for row in pool_rows(FLAGS.steps):
             print(row, flush=True)
-        print("\n| 3x3 / 2 / 1 max-pool after ReLU, forward+backward | reduce_window | strided views (cnnjax) |")
-        print("|---|---|---|")
+        print("\n| 3x3 / 2 / 1 max-pool after ReLU, forward+backward | reduce_window | strided views (before) "
+              "| oneDNN (cnnjax) |")
+        print("|---|---|---|---|")
         for row in overlapping_pool_rows(FLAGS.steps):
             print(row, flush=True)
 

@@ -29,7 +29,10 @@ the previous one:
     conv, ResNet-18's 7x7 / 2 stem at 32x32) run XLA's forward and weight gradient with the patches path's
     input gradient (``cnnjax.conv.split_conv``), instead of building their narrow patches;
 14. ``+broadcast tiled max-pool backward``: non-overlapping max-pools' backward as one select of the
-    gradient broadcast over each tile, instead of stacking stride phases (concatenations on XLA:CPU).
+    gradient broadcast over each tile, instead of stacking stride phases (concatenations on XLA:CPU);
+15. ``+oneDNN convolutions``: oneDNN's convolutions through cnnjax's XLA FFI handler
+    (``cnnjax.conv.onednn_conv``), where ``cnnjax.conv.choose_impl`` allows;
+16. ``+oneDNN max-pool``: every max-pool through oneDNN's pooling kernels (``cnnjax.layers.onednn_max_pool``).
 
 Rows are training throughput (images/s, batch 128, random uint8 data, SGD momentum 0.9) through
 the real ``Runner``, next to PyTorch eager on the same network (timed in this process, which runs with

@@ -45,8 +45,10 @@ def _in_conv(name_stack: str) -> bool:
 
 def op_kind(primitive: str, name_stack: str, out_shape: tuple, batch: int) -> str:
     """The kind of work of one jaxpr equation."""
-    # dot_general: the patches path; ffi_call: cnnjax's oneDNN convolutions (cnnjax.native.onednn)
-    conv = primitive == "conv_general_dilated" or (primitive in ("dot_general", "ffi_call") and _in_conv(name_stack))
+    # dot_general: the patches path; ffi_call: cnnjax's oneDNN convolutions (cnnjax.native.onednn); custom_vjp_call:
+    # the forward of a conv with a gradient of its own (oneDNN's, the kept input, the split and shifted paths)
+    conv = primitive == "conv_general_dilated" or (
+        primitive in ("dot_general", "ffi_call", "custom_vjp_call") and _in_conv(name_stack))
     if conv:
         if "transpose(" not in name_stack:
             return "conv forward"

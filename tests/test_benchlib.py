@@ -22,6 +22,16 @@ from experiments import benchlib
 GREY_CONV = ((28, 28), (3, 3), (1, 1), ((1, 1), (1, 1)))
 
 
+@pytest.fixture
+def library_restored(monkeypatch):
+    """Every library switch a bench variant may change (benchlib._undo_changes), put back after the test."""
+    for module, name in ((conv, "choose_impl"), (layers, "_tiled_max_pool"), (layers, "_overlapping_max_pool"),
+                         (layers, "_batch_norm_train"), (lenet, "CPU_CHANNEL_PAD"), (conv, "KEEP_CONV_INPUT_ON_CPU"),
+                         (layers, "TILED_POOL_BROADCAST_BACKWARD"), (conv, "USE_ONEDNN_ON_CPU"),
+                         (layers, "USE_ONEDNN_POOL_ON_CPU")):
+        monkeypatch.setattr(module, name, getattr(module, name))
+
+
 @pytest.mark.parametrize("variant,grey_impl,pool,closed_form_bn,lenet_pad,overlapping_views", [
     ("+im2col", "xla", "reduce_window", False, 0, False),
     ("+tiled max-pool", "xla", "reshape", False, 0, False),
@@ -32,15 +42,8 @@ GREY_CONV = ((28, 28), (3, 3), (1, 1), ((1, 1), (1, 1)))
     ("+8-channel LeNet", "shifted", "strided", True, 2, False),
     ("+overlapping strided-view max-pool", "shifted", "strided", True, 2, True),
 ])
-def test_cpu_variant_puts_back_what_it_does_not_have(monkeypatch, variant, grey_impl, pool, closed_form_bn,
+def test_cpu_variant_puts_back_what_it_does_not_have(library_restored, variant, grey_impl, pool, closed_form_bn,
                                                       lenet_pad, overlapping_views):
-    monkeypatch.setattr(conv, "choose_impl", conv.choose_impl)  # restored after the test
-    monkeypatch.setattr(layers, "_tiled_max_pool", layers._tiled_max_pool)
-    monkeypatch.setattr(layers, "_overlapping_max_pool", layers._overlapping_max_pool)
-    monkeypatch.setattr(layers, "_batch_norm_train", layers._batch_norm_train)
-    monkeypatch.setattr(lenet, "CPU_CHANNEL_PAD", lenet.CPU_CHANNEL_PAD)
-    monkeypatch.setattr(conv, "KEEP_CONV_INPUT_ON_CPU", conv.KEEP_CONV_INPUT_ON_CPU)
-    monkeypatch.setattr(layers, "TILED_POOL_BROADCAST_BACKWARD", layers.TILED_POOL_BROADCAST_BACKWARD)
     strided, overlapping = layers._tiled_max_pool, layers._overlapping_max_pool
     closed_form = layers._batch_norm_train
     benchlib._undo_changes(variant)
@@ -60,6 +63,7 @@ def test_cpu_variant_puts_back_what_it_does_not_have(monkeypatch, variant, grey_
     assert lenet.CPU_CHANNEL_PAD == lenet_pad
     assert (layers._overlapping_max_pool is overlapping) == overlapping_views
     assert layers.TILED_POOL_BROADCAST_BACKWARD is False
+    assert conv.USE_ONEDNN_ON_CPU is False and layers.USE_ONEDNN_POOL_ON_CPU is False
 
 
 @pytest.mark.parametrize("window", [2, 3])
@@ -72,13 +76,9 @@ def test_the_earlier_reshape_max_pool_gives_the_same_values_and_gradients(window
     np.testing.assert_array_equal(*grads)
 
 
-def test_the_earlier_overlapping_max_pool_gives_the_same_values_and_gradients(monkeypatch):
+def test_the_earlier_overlapping_max_pool_gives_the_same_values_and_gradients(library_restored):
     """The ``reduce_window`` pool that variants before ``+overlapping strided-view max-pool`` put back."""
     x = jax.nn.relu(jax.random.normal(jax.random.PRNGKey(0), (2, 16, 15, 3)))  # ties at 0
-    monkeypatch.setattr(layers, "_overlapping_max_pool", layers._overlapping_max_pool)
-    monkeypatch.setattr(conv, "KEEP_CONV_INPUT_ON_CPU", conv.KEEP_CONV_INPUT_ON_CPU)
-    monkeypatch.setattr(conv, "choose_impl", conv.choose_impl)
-    monkeypatch.setattr(layers, "TILED_POOL_BROADCAST_BACKWARD", layers.TILED_POOL_BROADCAST_BACKWARD)
     pools = [layers._overlapping_max_pool]
     benchlib._undo_changes("+8-channel LeNet")
     pools.append(layers._overlapping_max_pool)
@@ -89,11 +89,7 @@ def test_the_earlier_overlapping_max_pool_gives_the_same_values_and_gradients(mo
     np.testing.assert_array_equal(got[0][1], got[1][1])
 
 
-def test_with_variant_puts_the_library_back_on_exit(monkeypatch):
-    monkeypatch.setattr(conv, "choose_impl", conv.choose_impl)
-    monkeypatch.setattr(layers, "_tiled_max_pool", layers._tiled_max_pool)
-    monkeypatch.setattr(layers, "_overlapping_max_pool", layers._overlapping_max_pool)
-    monkeypatch.setattr(layers, "_batch_norm_train", layers._batch_norm_train)
+def test_with_variant_puts_the_library_back_on_exit(library_restored):
     before = (conv.choose_impl, layers._tiled_max_pool, layers._overlapping_max_pool, layers._batch_norm_train,
               lenet.CPU_CHANNEL_PAD)
     with benchlib.with_variant("+tiled max-pool"):
@@ -136,9 +132,17 @@ def test_broadcast_tiled_max_pool_backward_variant(variant, broadcast):
     assert layers.TILED_POOL_BROADCAST_BACKWARD is True
 
 
+@pytest.mark.parametrize("variant,convs,pools", [
+    ("+broadcast tiled max-pool backward", False, False), ("+oneDNN convolutions", True, False),
+    ("+oneDNN max-pool", True, True)])
+def test_onednn_variants(variant, convs, pools):
+    with benchlib.with_variant(variant):
+        assert (conv.USE_ONEDNN_ON_CPU, layers.USE_ONEDNN_POOL_ON_CPU) == (convs, pools)
+    assert conv.USE_ONEDNN_ON_CPU is True and layers.USE_ONEDNN_POOL_ON_CPU is True
+
+
 @pytest.mark.parametrize("variant,kept", [("+huge pages", False), ("+kept conv input", True)])
-def test_kept_conv_input_variant(monkeypatch, variant, kept):
-    monkeypatch.setattr(conv, "KEEP_CONV_INPUT_ON_CPU", conv.KEEP_CONV_INPUT_ON_CPU)
+def test_kept_conv_input_variant(library_restored, variant, kept):
     with benchlib.with_variant(variant):
         assert conv.KEEP_CONV_INPUT_ON_CPU is kept
     assert conv.KEEP_CONV_INPUT_ON_CPU is True

@@ -13,12 +13,15 @@ import torch
 import torch.nn.functional as F
 
 from cnnjax import layers
+from cnnjax.native import onednn
 from experiments import benchlib
 from tests import torch_models as ref
 from tests.parity import assert_parity, nchw, nhwc, variables_of
 
 TOL = 1e-5
 rng = np.random.RandomState(0)
+ONEDNN = jax.default_backend() == "cpu" and onednn.available()
+needs_onednn = pytest.mark.skipif(not ONEDNN, reason="oneDNN kernels not built here (python -m cnnjax.native.onednn)")
 
 
 def rand(*shape):
@@ -129,8 +132,19 @@ POOL_CASES = [
 ]
 
 
+@pytest.fixture(params=["views", "onednn"])
+def max_pool_path(request, monkeypatch):
+    """Each max-pool test runs on both CPU paths: the strided views (``_window_max_pool``) and oneDNN's."""
+    if request.param == "onednn" and not ONEDNN:
+        pytest.skip("oneDNN kernels not built here")
+    monkeypatch.setattr(layers, "USE_ONEDNN_POOL_ON_CPU", request.param == "onednn")
+    jax.clear_caches()  # the flag is read when a pool is traced
+    yield request.param
+    jax.clear_caches()
+
+
 @pytest.mark.parametrize("window,stride,padding,hw", POOL_CASES)
-def test_max_pool_matches_torch(window, stride, padding, hw):
+def test_max_pool_matches_torch(max_pool_path, window, stride, padding, hw):
     x = rand(2, *hw, 3)
     got = jax.jit(lambda v: layers.max_pool(v, window, stride, padding))(x)
     want = nhwc(F.max_pool2d(nchw(x), window, stride, padding))
@@ -148,9 +162,9 @@ MAX_POOL_GRADIENT_CASES = [
 
 
 @pytest.mark.parametrize("window,stride,padding,hw,ties", MAX_POOL_GRADIENT_CASES)
-def test_max_pool_gradient_matches_torch_with_ties_and_floor_mode(window, stride, padding, hw, ties):
-    """The strided-view pools send each window's gradient to its first maximum (torch's choice) and add
-    the shares of overlapping windows; floor mode drops trailing rows / columns."""
+def test_max_pool_gradient_matches_torch_with_ties_and_floor_mode(max_pool_path, window, stride, padding, hw, ties):
+    """Both paths send each window's gradient to its first maximum (torch's choice) and add the shares of
+    overlapping windows; floor mode drops trailing rows / columns."""
     x = rand(2, *hw, 3)
     if ties:  # quantised values and a block of zeros (as after ReLU) give many equal maxima
         x = np.round(x).clip(0, None)
@@ -172,6 +186,8 @@ def test_max_pool_gradient_matches_torch_with_ties_and_floor_mode(window, stride
 def test_tiled_max_pool_broadcast_backward_equals_the_stacked_phases(monkeypatch, window, hw):
     """Non-overlapping windows: the broadcast backward (no stack in its jaxpr) gives exactly the
     general backward's gradient, ties and trailing rows / columns included, jitted or not."""
+    monkeypatch.setattr(layers, "USE_ONEDNN_POOL_ON_CPU", False)  # the strided views
+    jax.clear_caches()
     x = np.round(rand(2, *hw, 4)).clip(0, None)  # ties, as after ReLU
     weight = jnp.asarray(rand(2, hw[0] // layers._pair(window, "")[0], hw[1] // layers._pair(window, "")[1], 4))
     grad = jax.grad(lambda v: (layers.max_pool(v, window) * weight).sum())
@@ -192,8 +208,10 @@ def test_tiled_max_pool_broadcast_backward_equals_the_stacked_phases(monkeypatch
 
 @pytest.mark.parametrize("window,stride,padding,hw", [(2, 2, 0, (10, 10)), (3, 2, 1, (10, 9)),
                                                      ((3, 2), (1, 3), (1, 0), (8, 11))])
-def test_strided_view_max_pool_equals_reduce_window_path(window, stride, padding, hw):
+def test_strided_view_max_pool_equals_reduce_window_path(monkeypatch, window, stride, padding, hw):
     """Values and gradients (ties included) equal XLA's ``reduce_window`` and its autodiff, jitted or not."""
+    monkeypatch.setattr(layers, "USE_ONEDNN_POOL_ON_CPU", False)
+    jax.clear_caches()
     x = jnp.asarray(np.round(rand(2, *hw, 4)))  # ties
     (kh, kw), (sh, sw), (ph, pw) = (layers._pair(v, "") for v in (window, stride, padding))
 
@@ -206,6 +224,68 @@ def test_strided_view_max_pool_equals_reduce_window_path(window, stride, padding
     want = jax.value_and_grad(window_loss)(x)
     chex.assert_trees_all_equal(jax.jit(views)(x), want)
     chex.assert_trees_all_equal(views(x), want)
+
+
+ONEDNN_POOL_CASES = [
+    # (window, stride, padding, hw): ResNet's stem pool at 32x32 input, tiles with floor-mode leftovers (fast_cnn's
+    # 15 -> 7), overlapping windows needing padding after the input, asymmetric windows and strides.
+    (3, 2, 1, (16, 16)), (2, 2, 0, (15, 15)), (3, 2, 1, (9, 11)), (3, 1, 1, (7, 7)), ((3, 2), (2, 1), (1, 0), (10, 9)),
+    (5, (2, 3), 2, (13, 12)),
+]
+
+
+@needs_onednn
+@pytest.mark.parametrize("window,stride,padding,hw", ONEDNN_POOL_CASES)
+def test_onednn_max_pool_equals_the_strided_views(window, stride, padding, hw):
+    """oneDNN's pool gives the strided views' values exactly and their gradient (ties included) exactly for
+    tiles and within float rounding where windows overlap; rows and columns floor mode drops get exactly zero,
+    jitted or not (the strided views match torch, above)."""
+    x = np.round(rand(4, *hw, 24) * 2).clip(0, None)  # ties, as after ReLU
+    (kh, kw), (sh, sw), (ph, pw) = (layers._pair(v, "") for v in (window, stride or window, padding))
+    weight = jnp.asarray(rand(*layers.max_pool(jnp.asarray(x), window, stride, padding).shape))
+
+    def loss(v, fn):
+        return (fn(v) * weight).sum()
+
+    views = jax.value_and_grad(loss)(jnp.asarray(x), lambda v: layers._window_max_pool(v, (kh, kw), (sh, sw), (ph, pw)))
+    pool = lambda v: layers.onednn_max_pool(v, (kh, kw), (sh, sw), (ph, pw))  # noqa: E731
+    for got in (jax.value_and_grad(loss)(jnp.asarray(x), pool),
+                jax.jit(jax.value_and_grad(lambda v: loss(v, pool)))(jnp.asarray(x))):
+        chex.assert_trees_all_close(got[0], views[0], rtol=1e-6)
+        tol = 0.0 if sh >= kh and sw >= kw else 1e-6
+        chex.assert_trees_all_close(got[1], views[1], atol=tol, rtol=0)
+        ho, wo = weight.shape[1:3]
+        reach_h, reach_w = (ho - 1) * sh + kh - ph, (wo - 1) * sw + kw - pw
+        assert float(jnp.abs(got[1][:, reach_h:]).sum() + jnp.abs(got[1][:, :, reach_w:]).sum()) == 0.0
+
+
+@needs_onednn
+def test_onednn_max_pool_in_bfloat16_vmap_and_where_it_runs(monkeypatch):
+    """bfloat16 values equal the views' exactly (a max rounds nothing), gradients within one bf16 rounding of
+    their float32 sums; under ``vmap`` it equals a loop; ``max_pool`` calls the kernels (one forward, one backward)
+    on the CPU in one process for float32 / bfloat16 only, not with the switch off."""
+    x = jnp.asarray(rand(2, 16, 16, 8))
+    pooled = lambda v: layers.onednn_max_pool(v, (3, 3), (2, 2), (1, 1))  # noqa: E731
+    views = lambda v: layers._window_max_pool(v, (3, 3), (2, 2), (1, 1))  # noqa: E731
+    xb = x.astype(jnp.bfloat16)
+    chex.assert_trees_all_equal(pooled(xb), views(xb))
+    gb = jax.grad(lambda v: (pooled(v).astype(jnp.float32) ** 2).sum())(xb)
+    g32 = jax.grad(lambda v: (views(v) ** 2).sum())(xb.astype(jnp.float32))
+    chex.assert_trees_all_close(gb.astype(jnp.float32), g32, rtol=2 ** -7, atol=1e-6)
+    batch = jnp.asarray(rand(3, 2, 9, 9, 4))
+    chex.assert_trees_all_equal(jax.vmap(pooled)(batch), jnp.stack([pooled(v) for v in batch]))
+
+    def calls(v):
+        text = str(jax.make_jaxpr(jax.grad(lambda v: layers.max_pool(v, 3, 2, 1).astype(jnp.float32).sum()))(v))
+        return (text.count(onednn.POOL_FORWARD_TARGET), text.count(onednn.POOL_BACKWARD_TARGET))
+
+    assert calls(x) == (1, 1) and calls(xb) == (1, 1)
+    assert calls(x.astype(jnp.float16)) == (0, 0)
+    with monkeypatch.context() as m:
+        m.setattr(jax, "process_count", lambda: 2)
+        assert calls(x) == (0, 0)
+    monkeypatch.setattr(layers, "USE_ONEDNN_POOL_ON_CPU", False)
+    assert calls(x) == (0, 0)
 
 
 @pytest.mark.parametrize("count_include_pad", [True, False])

@@ -45,6 +45,9 @@ def test_op_kind_rules():
     assert op_kind("ffi_call", "transpose(jvp(Net))/conv2", (4, 8, 8, 4), 4) == "conv input-gradient"  # oneDNN
     assert op_kind("ffi_call", "transpose(jvp(Net))/conv2", (3, 3, 4, 4), 4) == "conv weight-gradient"
     assert op_kind("ffi_call", "jvp(Net)/conv2", (4, 8, 8, 4), 4) == "conv forward"
+    assert op_kind("custom_vjp_call", "jvp(Net)/conv2", (4, 8, 8, 4), 4) == "conv forward"  # oneDNN's forward
+    assert op_kind("custom_vjp_call", "jvp(Net)/layer1_0/bn1", (4, 8, 8, 4), 4) == "BatchNorm"
+    assert op_kind("custom_vjp_call", "jvp(Net)/pool", (4, 4, 4, 4), 4) == "pooling"
     assert op_kind("mul", "transpose(jvp(Net))/layer1_0/bn2", (4, 8, 8, 4), 4) == "BatchNorm"
     assert op_kind("transpose", "jvp(Net)", (4, 4), 4) == "layout transposes / copies"
     assert op_kind("add", "optimizer", (4,), 4) == "optimizer update"

@@ -1,4 +1,4 @@
-"""oneDNN convolutions for XLA:CPU through an FFI custom call (``onednn_conv.cc``), built on first use.
+"""oneDNN convolutions and max-pools for XLA:CPU through FFI custom calls (``onednn_kernels.cc``), built on first use.
 
 jaxlib 0.10's XLA:CPU runs convolutions through Eigen (or YNNPACK) kernels; oneDNN's, which PyTorch uses on
 the CPU, take 1.2-2.5x less time forward+backward on the zoo's convs (cifar_resnet20's 189.5 against 81.9 ms per
@@ -25,9 +25,12 @@ from pathlib import Path
 
 from cnnjax.errors import UsageError
 
-SOURCE = Path(__file__).with_name("onednn_conv.cc")
+SOURCE = Path(__file__).with_name("onednn_kernels.cc")
 TARGET = "cnnjax_onednn_conv"
 HANDLER = "CnnjaxOnednnConv"
+# The max-pool's two calls: x -> (y, workspace) and (g, workspace) -> dx (cnnjax.layers.onednn_max_pool).
+POOL_FORWARD_TARGET, POOL_BACKWARD_TARGET = "cnnjax_onednn_max_pool_fwd", "cnnjax_onednn_max_pool_bwd"
+POOL_HANDLERS = {POOL_FORWARD_TARGET: "CnnjaxOnednnMaxPoolForward", POOL_BACKWARD_TARGET: "CnnjaxOnednnMaxPoolBackward"}
 SWITCH = "CNNJAX_ONEDNN"
 HEADER = Path("/usr/include/dnnl.hpp")
 INSTALL_HINT = "install a C++ compiler and oneDNN (Debian: apt-get install g++ libdnnl-dev)"
@@ -113,7 +116,8 @@ def _load() -> tuple[bool, str]:
     finally:
         if saved is None:
             os.environ.pop("OMP_WAIT_POLICY")
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(library, HANDLER)), platform="cpu")
+    for target, handler in {TARGET: HANDLER, **POOL_HANDLERS}.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, handler)), platform="cpu")
     return True, f"oneDNN ({path})"
 
 

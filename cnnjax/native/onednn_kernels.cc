@@ -1,12 +1,16 @@
-// oneDNN convolutions as an XLA FFI custom call for the CPU (built by cnnjax/native/build.py).
+// oneDNN convolutions and max-pools as XLA FFI custom calls for the CPU (built by cnnjax/native/onednn.py).
 //
-// One handler, three kinds (attribute `kind`), all NHWC activations and HWIO kernels, groups 1:
+// CnnjaxOnednnConv: three kinds (attribute `kind`), all NHWC activations and HWIO kernels, groups 1:
 //   0 forward:          (x [N,H,W,I], w [KH,KW,I,O])  -> y  [N,Ho,Wo,O]
 //   1 input gradient:   (g [N,Ho,Wo,O], w [KH,KW,I,O]) -> dx [N,H,W,I]
 //   2 kernel gradient:  (x [N,H,W,I], g [N,Ho,Wo,O])  -> dw [KH,KW,I,O]
 // Attributes: strides (sh, sw), paddings (pt, pb, pl, pr), dilations (dh, dw; 1 = none). float32 or
 // bfloat16, the same dtype for every operand. Kernels are reordered between HWIO and the blocked layout
 // oneDNN picks; primitives are cached per shape and kind, and the scratchpad is the caller's thread's.
+//
+// CnnjaxOnednnMaxPoolForward: x [N,H,W,C] -> (y [N,Ho,Wo,C], workspace: the window position of each maximum,
+// N*Ho*Wo*C bytes); CnnjaxOnednnMaxPoolBackward: (g [N,Ho,Wo,C], workspace) -> dx [N,H,W,C]. Attributes: window
+// (kh, kw), strides (sh, sw), paddings (pt, pb, pl, pr), padding counting as -inf; float32 or bfloat16.
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -166,6 +170,115 @@ ffi::Error Run(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> o
   return Execute(static_cast<int>(kind), dt, g, x_p, w_p, y_p);
 }
 
+// --- max-pool ---------------------------------------------------------------------------------------
+
+struct PoolGeometry {
+  memory::dims src, dst, kernel, strides, pad_l, pad_r;
+};
+
+struct Pool {
+  dnnl::primitive forward, backward;
+  memory::desc workspace;
+  memory::desc forward_scratchpad, backward_scratchpad;
+};
+
+const Pool& CachedPool(memory::data_type dt, const PoolGeometry& g) {
+  static std::mutex mu;
+  static std::unordered_map<std::string, std::unique_ptr<Pool>> cache;
+  std::string key = std::to_string(static_cast<int>(dt));
+  for (const auto* dims : {&g.src, &g.dst, &g.kernel, &g.strides, &g.pad_l, &g.pad_r}) {
+    key += "|";
+    for (auto d : *dims) key += std::to_string(d) + ",";
+  }
+  std::lock_guard<std::mutex> lock(mu);
+  auto& slot = cache[key];
+  if (!slot) {
+    auto p = std::make_unique<Pool>();
+    memory::desc src(g.src, dt, tag::nhwc), dst(g.dst, dt, tag::nhwc);
+    dnnl::primitive_attr attr;
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    dnnl::pooling_forward::desc fwd(dnnl::prop_kind::forward_training, dnnl::algorithm::pooling_max, src, dst,
+                                    g.strides, g.kernel, g.pad_l, g.pad_r);
+    dnnl::pooling_forward::primitive_desc fwd_pd(fwd, attr, Engine());
+    dnnl::pooling_backward::desc bwd(dnnl::algorithm::pooling_max, src, dst, g.strides, g.kernel, g.pad_l, g.pad_r);
+    dnnl::pooling_backward::primitive_desc bwd_pd(bwd, attr, Engine(), fwd_pd);
+    p->forward = dnnl::pooling_forward(fwd_pd);
+    p->backward = dnnl::pooling_backward(bwd_pd);
+    p->workspace = fwd_pd.workspace_desc();
+    p->forward_scratchpad = fwd_pd.scratchpad_desc();
+    p->backward_scratchpad = bwd_pd.scratchpad_desc();
+    slot = std::move(p);
+  }
+  return *slot;
+}
+
+// The pool's geometry from x [N,H,W,C] and y [N,Ho,Wo,C] (oneDNN wants N,C,H,W), with the dtype of both.
+ffi::Error PoolSetup(ffi::AnyBuffer::Dimensions x_d, ffi::AnyBuffer::Dimensions y_d, ffi::DataType x_type,
+                     ffi::DataType y_type, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
+                     int64_t pl, int64_t pr, PoolGeometry* g, memory::data_type* dt) {
+  if (x_type != y_type) return ffi::Error::InvalidArgument("onednn_max_pool: x and y must have one dtype");
+  if (x_type == ffi::DataType::F32) *dt = memory::data_type::f32;
+  else if (x_type == ffi::DataType::BF16) *dt = memory::data_type::bf16;
+  else return ffi::Error::InvalidArgument("onednn_max_pool: float32 or bfloat16 only");
+  if (x_d.size() != 4 || y_d.size() != 4) return ffi::Error::InvalidArgument("onednn_max_pool: operands must be NHWC");
+  *g = PoolGeometry{{x_d[0], x_d[3], x_d[1], x_d[2]}, {y_d[0], y_d[3], y_d[1], y_d[2]}, {kh, kw}, {sh, sw},
+                    {pt, pl}, {pb, pr}};
+  return ffi::Error::Success();
+}
+
+ffi::Error MaxPoolForward(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> ws,
+                          int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
+                          int64_t pr) {
+  PoolGeometry g;
+  memory::data_type dt;
+  auto status = PoolSetup(x.dimensions(), y->dimensions(), x.element_type(), y->element_type(), kh, kw, sh, sw,
+                          pt, pb, pl, pr, &g, &dt);
+  if (status.failure()) return status;
+  try {
+    const Pool& p = CachedPool(dt, g);
+    if (p.workspace.get_size() != ws->size_bytes())
+      return ffi::Error::InvalidArgument("onednn_max_pool: the workspace must have " +
+                                         std::to_string(p.workspace.get_size()) + " bytes");
+    dnnl::stream stream(Engine());
+    memory x_m(memory::desc(g.src, dt, tag::nhwc), Engine(), x.untyped_data());
+    memory y_m(memory::desc(g.dst, dt, tag::nhwc), Engine(), y->untyped_data());
+    memory ws_m(p.workspace, Engine(), ws->untyped_data());
+    memory pad(p.forward_scratchpad, Engine(), ThreadBuffer(0, p.forward_scratchpad.get_size()));
+    p.forward.execute(stream, {{DNNL_ARG_SRC, x_m}, {DNNL_ARG_DST, y_m}, {DNNL_ARG_WORKSPACE, ws_m},
+                               {DNNL_ARG_SCRATCHPAD, pad}});
+    stream.wait();
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("onednn_max_pool: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error MaxPoolBackward(ffi::AnyBuffer g_in, ffi::AnyBuffer ws, ffi::Result<ffi::AnyBuffer> dx, int64_t kh,
+                           int64_t kw, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+  PoolGeometry g;
+  memory::data_type dt;
+  auto status = PoolSetup(dx->dimensions(), g_in.dimensions(), dx->element_type(), g_in.element_type(), kh, kw, sh,
+                          sw, pt, pb, pl, pr, &g, &dt);
+  if (status.failure()) return status;
+  try {
+    const Pool& p = CachedPool(dt, g);
+    if (p.workspace.get_size() != ws.size_bytes())
+      return ffi::Error::InvalidArgument("onednn_max_pool: the workspace must have " +
+                                         std::to_string(p.workspace.get_size()) + " bytes");
+    dnnl::stream stream(Engine());
+    memory g_m(memory::desc(g.dst, dt, tag::nhwc), Engine(), g_in.untyped_data());
+    memory dx_m(memory::desc(g.src, dt, tag::nhwc), Engine(), dx->untyped_data());
+    memory ws_m(p.workspace, Engine(), ws.untyped_data());
+    memory pad(p.backward_scratchpad, Engine(), ThreadBuffer(0, p.backward_scratchpad.get_size()));
+    p.backward.execute(stream, {{DNNL_ARG_DIFF_DST, g_m}, {DNNL_ARG_WORKSPACE, ws_m}, {DNNL_ARG_DIFF_SRC, dx_m},
+                                {DNNL_ARG_SCRATCHPAD, pad}});
+    stream.wait();
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("onednn_max_pool: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnjaxOnednnConv, Run,
@@ -182,3 +295,31 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnjaxOnednnConv, Run,
                                   .Attr<int64_t>("pr")
                                   .Attr<int64_t>("dh")
                                   .Attr<int64_t>("dw"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnjaxOnednnMaxPoolForward, MaxPoolForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("kh")
+                                  .Attr<int64_t>("kw")
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pb")
+                                  .Attr<int64_t>("pl")
+                                  .Attr<int64_t>("pr"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnjaxOnednnMaxPoolBackward, MaxPoolBackward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("kh")
+                                  .Attr<int64_t>("kw")
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pb")
+                                  .Attr<int64_t>("pl")
+                                  .Attr<int64_t>("pr"));
