@@ -11,7 +11,8 @@ Array = jax.Array
 
 # XLA:CPU vectorises loops over 8-wide channel dims but not over LeNet's 6: conv1 -> tanh -> pool then
 # runs several times slower. Computed as 8 channels (2 exactly zero), LeNet-5's train step at batch 128
-# ran 1.21x and 1.31x faster in two paired runs (experiments.bench_ab, README "What each CPU change bought").
+# ran 1.21x and 1.31x faster in two paired runs (experiments.bench_ab; experiments/PERFORMANCE.md, "8-channel
+# LeNet").
 CPU_CHANNEL_PAD = 2
 
 

@@ -12,7 +12,8 @@ in another run and 4-9% long in others; since 2026-12-03 (session 29) the loop r
 pace would miss the deadline, compressing the schedule into fewer epochs (15% short: 28 planned, 22 trained,
 94.93% test in 24 min 9 s). How many fit depends on the machine and the convolutions: before
 oneDNN's, in float32, 18 epochs on the fastest 2-core AMD EPYC Zen 5 seen (95.10% test with a fixed 18), 12 on a
-slower one (94.84% in 25 min 12 s), 8 on the Zen 4, 10 on the Xeon (README, "Fast CIFAR-10 recipe").
+slower one (94.84% in 25 min 12 s), 8 on the Zen 4, 10 on the Xeon
+(experiments/PERFORMANCE.md, "Fast CIFAR-10 recipe"; the README's "95.5% on Fashion-MNIST" has every run).
 ``--config.time_budget_s=0 --config.num_epochs=N --config.eval_every=N`` trains a fixed N.
 ``--config.data.dir=/usr/share/datasets/fashion-mnist`` reads Debian's IDX files instead of TFDS.
 """
