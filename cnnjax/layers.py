@@ -452,6 +452,11 @@ def onednn_max_pool(x: Array, window: tuple[int, int], stride: tuple[int, int], 
 
 
 def _onednn_max_pool_fwd(x, window, stride, padding):
+    if not onednn.available():
+        raise UsageError(f"onednn_max_pool needs cnnjax's oneDNN kernels: {onednn.INSTALL_HINT}; or use max_pool, "
+                         "which takes them only where they run")
+    if x.dtype not in (jnp.float32, jnp.bfloat16):
+        raise UsageError(f"onednn_max_pool takes float32 or bfloat16; got {x.dtype} (max_pool takes any dtype)")
     out, attrs = _onednn_pool_attrs(x.shape, window, stride, padding)
     workspace = jnp.uint8 if window[0] * window[1] < 256 else jnp.int32  # oneDNN's rule for max-pool workspaces
     call = jax.ffi.ffi_call(onednn.POOL_FORWARD_TARGET, (jax.ShapeDtypeStruct(out, x.dtype),

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from cnnjax import layers
+from cnnjax.errors import UsageError
 from cnnjax.native import onednn
 from experiments import benchlib
 from tests import torch_models as ref
@@ -281,6 +282,8 @@ def test_onednn_max_pool_in_bfloat16_vmap_and_where_it_runs(monkeypatch):
 
     assert calls(x) == (1, 1) and calls(xb) == (1, 1)
     assert calls(x.astype(jnp.float16)) == (0, 0)
+    with pytest.raises(UsageError, match="^onednn_max_pool takes float32 or bfloat16; got float16"):
+        pooled(x.astype(jnp.float16))
     with monkeypatch.context() as m:
         m.setattr(jax, "process_count", lambda: 2)
         assert calls(x) == (0, 0)

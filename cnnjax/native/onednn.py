@@ -122,18 +122,21 @@ def _load() -> tuple[bool, str]:
 
 
 def available() -> bool:
-    """True once the handler is built, loaded and registered with XLA for the CPU; False (and XLA's own
-    convolutions are used) when ``CNNJAX_ONEDNN=0`` or it cannot be built or loaded here."""
+    """True once the handlers are built, loaded and registered with XLA for the CPU; False (and XLA's own
+    convolutions and cnnjax's strided-view pools are used) when ``CNNJAX_ONEDNN=0`` or they cannot be built or
+    loaded here."""
     return _load()[0]
 
 
 def describe() -> str:
-    """Which CPU convolutions 'auto' uses, for logs: ``oneDNN (library path)`` or ``XLA (why not oneDNN)``."""
+    """Which CPU convolutions and max-pools cnnjax uses, for logs: ``oneDNN (library path)`` or ``XLA (why not
+    oneDNN)``."""
     return _load()[1]
 
 
 def main() -> int:
-    """``python -m cnnjax.native.onednn``: build the library now and check one convolution against XLA's."""
+    """``python -m cnnjax.native.onednn``: build the library now and check one convolution against XLA's and one
+    max-pool against the strided views' (:func:`cnnjax.layers._window_max_pool`)."""
     if os.environ.get(SWITCH, "1") == "0":
         print(f"{SWITCH}=0: cnnjax uses XLA's convolutions", file=sys.stderr)
         return 0
@@ -145,15 +148,18 @@ def main() -> int:
     import jax
     import numpy as np
 
-    from cnnjax import conv
+    from cnnjax import conv, layers
 
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 9, 3))
     kernel = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, 4))
     ours = conv.conv2d(x, kernel, (1, 1), "SAME", impl="onednn")
     xla = conv.conv2d(x, kernel, (1, 1), "SAME", impl="xla")
     diff = float(np.max(np.abs(np.asarray(ours) - np.asarray(xla))))
-    print(f"oneDNN convolutions: {path} (max |diff| to XLA on a test conv: {diff:.1e})")
-    return 0 if diff < 1e-4 else 1
+    pool = layers.onednn_max_pool(x, (3, 3), (2, 2), (1, 1))
+    pool_diff = float(np.max(np.abs(np.asarray(pool) - np.asarray(layers._window_max_pool(x, (3, 3), (2, 2), (1, 1))))))
+    print(f"oneDNN convolutions and max-pools: {path} (max |diff| on a test conv to XLA's: {diff:.1e}; on a test "
+          f"max-pool to the strided views': {pool_diff:.1e})")
+    return 0 if diff < 1e-4 and pool_diff == 0.0 else 1
 
 
 if __name__ == "__main__":

@@ -226,6 +226,35 @@ ffi::Error PoolSetup(ffi::AnyBuffer::Dimensions x_d, ffi::AnyBuffer::Dimensions 
   return ffi::Error::Success();
 }
 
+// The forward (x -> y and the workspace) or the backward (g and the workspace -> dx) of the max-pool of geometry g;
+// `src` is x or dx, `dst` is y or g.
+ffi::Error ExecutePool(bool backward, memory::data_type dt, const PoolGeometry& g, void* src, void* dst, void* ws,
+                       size_t ws_bytes) {
+  try {
+    const Pool& p = CachedPool(dt, g);
+    if (p.workspace.get_size() != ws_bytes)
+      return ffi::Error::InvalidArgument("onednn_max_pool: the workspace must have " +
+                                         std::to_string(p.workspace.get_size()) + " bytes");
+    dnnl::stream stream(Engine());
+    memory src_m(memory::desc(g.src, dt, tag::nhwc), Engine(), src);
+    memory dst_m(memory::desc(g.dst, dt, tag::nhwc), Engine(), dst);
+    memory ws_m(p.workspace, Engine(), ws);
+    const memory::desc& scratchpad = backward ? p.backward_scratchpad : p.forward_scratchpad;
+    memory pad(scratchpad, Engine(), ThreadBuffer(0, scratchpad.get_size()));
+    if (backward) {
+      p.backward.execute(stream, {{DNNL_ARG_DIFF_DST, dst_m}, {DNNL_ARG_WORKSPACE, ws_m}, {DNNL_ARG_DIFF_SRC, src_m},
+                                  {DNNL_ARG_SCRATCHPAD, pad}});
+    } else {
+      p.forward.execute(stream, {{DNNL_ARG_SRC, src_m}, {DNNL_ARG_DST, dst_m}, {DNNL_ARG_WORKSPACE, ws_m},
+                                 {DNNL_ARG_SCRATCHPAD, pad}});
+    }
+    stream.wait();
+  } catch (const std::exception& e) {  // dnnl::error, std::bad_alloc
+    return ffi::Error::Internal(std::string("onednn_max_pool: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
 ffi::Error MaxPoolForward(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> ws,
                           int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
                           int64_t pr) {
@@ -234,23 +263,7 @@ ffi::Error MaxPoolForward(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y, ffi::
   auto status = PoolSetup(x.dimensions(), y->dimensions(), x.element_type(), y->element_type(), kh, kw, sh, sw,
                           pt, pb, pl, pr, &g, &dt);
   if (status.failure()) return status;
-  try {
-    const Pool& p = CachedPool(dt, g);
-    if (p.workspace.get_size() != ws->size_bytes())
-      return ffi::Error::InvalidArgument("onednn_max_pool: the workspace must have " +
-                                         std::to_string(p.workspace.get_size()) + " bytes");
-    dnnl::stream stream(Engine());
-    memory x_m(memory::desc(g.src, dt, tag::nhwc), Engine(), x.untyped_data());
-    memory y_m(memory::desc(g.dst, dt, tag::nhwc), Engine(), y->untyped_data());
-    memory ws_m(p.workspace, Engine(), ws->untyped_data());
-    memory pad(p.forward_scratchpad, Engine(), ThreadBuffer(0, p.forward_scratchpad.get_size()));
-    p.forward.execute(stream, {{DNNL_ARG_SRC, x_m}, {DNNL_ARG_DST, y_m}, {DNNL_ARG_WORKSPACE, ws_m},
-                               {DNNL_ARG_SCRATCHPAD, pad}});
-    stream.wait();
-  } catch (const std::exception& e) {
-    return ffi::Error::Internal(std::string("onednn_max_pool: ") + e.what());
-  }
-  return ffi::Error::Success();
+  return ExecutePool(false, dt, g, x.untyped_data(), y->untyped_data(), ws->untyped_data(), ws->size_bytes());
 }
 
 ffi::Error MaxPoolBackward(ffi::AnyBuffer g_in, ffi::AnyBuffer ws, ffi::Result<ffi::AnyBuffer> dx, int64_t kh,
@@ -260,23 +273,21 @@ ffi::Error MaxPoolBackward(ffi::AnyBuffer g_in, ffi::AnyBuffer ws, ffi::Result<f
   auto status = PoolSetup(dx->dimensions(), g_in.dimensions(), dx->element_type(), g_in.element_type(), kh, kw, sh,
                           sw, pt, pb, pl, pr, &g, &dt);
   if (status.failure()) return status;
-  try {
-    const Pool& p = CachedPool(dt, g);
-    if (p.workspace.get_size() != ws.size_bytes())
-      return ffi::Error::InvalidArgument("onednn_max_pool: the workspace must have " +
-                                         std::to_string(p.workspace.get_size()) + " bytes");
-    dnnl::stream stream(Engine());
-    memory g_m(memory::desc(g.dst, dt, tag::nhwc), Engine(), g_in.untyped_data());
-    memory dx_m(memory::desc(g.src, dt, tag::nhwc), Engine(), dx->untyped_data());
-    memory ws_m(p.workspace, Engine(), ws.untyped_data());
-    memory pad(p.backward_scratchpad, Engine(), ThreadBuffer(0, p.backward_scratchpad.get_size()));
-    p.backward.execute(stream, {{DNNL_ARG_DIFF_DST, g_m}, {DNNL_ARG_WORKSPACE, ws_m}, {DNNL_ARG_DIFF_SRC, dx_m},
-                                {DNNL_ARG_SCRATCHPAD, pad}});
-    stream.wait();
-  } catch (const std::exception& e) {
-    return ffi::Error::Internal(std::string("onednn_max_pool: ") + e.what());
-  }
-  return ffi::Error::Success();
+  return ExecutePool(true, dt, g, dx->untyped_data(), g_in.untyped_data(), ws.untyped_data(), ws.size_bytes());
+}
+
+// The max-pool handlers' attributes, in the order of their parameters.
+template <typename Binding>
+auto WithPoolAttrs(Binding binding) {
+  return std::move(binding)
+      .template Attr<int64_t>("kh")
+      .template Attr<int64_t>("kw")
+      .template Attr<int64_t>("sh")
+      .template Attr<int64_t>("sw")
+      .template Attr<int64_t>("pt")
+      .template Attr<int64_t>("pb")
+      .template Attr<int64_t>("pl")
+      .template Attr<int64_t>("pr");
 }
 
 }  // namespace
@@ -297,29 +308,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnjaxOnednnConv, Run,
                                   .Attr<int64_t>("dw"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnjaxOnednnMaxPoolForward, MaxPoolForward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("kh")
-                                  .Attr<int64_t>("kw")
-                                  .Attr<int64_t>("sh")
-                                  .Attr<int64_t>("sw")
-                                  .Attr<int64_t>("pt")
-                                  .Attr<int64_t>("pb")
-                                  .Attr<int64_t>("pl")
-                                  .Attr<int64_t>("pr"));
+                              WithPoolAttrs(ffi::Ffi::Bind()
+                                                .Arg<ffi::AnyBuffer>()
+                                                .Ret<ffi::AnyBuffer>()
+                                                .Ret<ffi::AnyBuffer>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnjaxOnednnMaxPoolBackward, MaxPoolBackward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("kh")
-                                  .Attr<int64_t>("kw")
-                                  .Attr<int64_t>("sh")
-                                  .Attr<int64_t>("sw")
-                                  .Attr<int64_t>("pt")
-                                  .Attr<int64_t>("pb")
-                                  .Attr<int64_t>("pl")
-                                  .Attr<int64_t>("pr"));
+                              WithPoolAttrs(ffi::Ffi::Bind()
+                                                .Arg<ffi::AnyBuffer>()
+                                                .Arg<ffi::AnyBuffer>()
+                                                .Ret<ffi::AnyBuffer>()));
