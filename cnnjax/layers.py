@@ -327,6 +327,7 @@ def _pool_output_hw(x: Array, window: tuple[int, int], stride: tuple[int, int],
 
 def _pool_output_hw_of(shape: tuple[int, ...], window: tuple[int, int], stride: tuple[int, int],
                        padding: tuple[int, int]) -> tuple[int, int]:
+    """:func:`_pool_output_hw` of an input of ``shape``."""
     return tuple(output_size(shape[1 + a], window[a], stride[a], (padding[a], padding[a])) for a in (0, 1))
 
 
@@ -419,7 +420,6 @@ def _tiled_max_pool_bwd(window, residuals, g):
 _window_max_pool.defvjp(_window_max_pool_fwd, _window_max_pool_bwd)
 
 
-
 def onednn_pool_usable(x: Array) -> bool:
     """Whether :func:`max_pool` runs through oneDNN: the CPU, one process, float32 or bfloat16, and cnnjax's
     oneDNN kernels built (:func:`cnnjax.native.onednn.available`), as for the convolutions."""
@@ -473,6 +473,7 @@ def _onednn_max_pool_bwd(window, stride, padding, residuals, g):
 
 
 onednn_max_pool.defvjp(_onednn_max_pool_fwd, _onednn_max_pool_bwd)
+
 
 def avg_pool(
     x: Array,
