@@ -308,7 +308,7 @@ def max_pool(x: Array, window: IntPair, stride: IntPair | None = None, padding: 
     """torch ``MaxPool2d`` on ``[N, H, W, C]``: padding counts as ``-inf``; stride defaults to window."""
     dims, strides, pads = _pool_geometry(x, window, stride, padding, "max_pool")
     (kh, kw), (sh, sw), (ph, pw) = dims[1:3], strides[1:3], (pads[1][0], pads[2][0])
-    ho, wo = _pool_output_hw(x, (kh, kw), (sh, sw), (ph, pw))
+    ho, wo = _pool_output_hw(x.shape, (kh, kw), (sh, sw), (ph, pw))
     if ho <= 0 or wo <= 0:  # an empty output, as torch's shape rule gives
         return lax.reduce_window(x, -jnp.inf, lax.max, dims, strides, pads)
     if onednn_pool_usable(x):
@@ -319,15 +319,9 @@ def max_pool(x: Array, window: IntPair, stride: IntPair | None = None, padding: 
     return _overlapping_max_pool(x, (kh, kw), (sh, sw), (ph, pw))
 
 
-def _pool_output_hw(x: Array, window: tuple[int, int], stride: tuple[int, int],
+def _pool_output_hw(shape: tuple[int, ...], window: tuple[int, int], stride: tuple[int, int],
                     padding: tuple[int, int]) -> tuple[int, int]:
-    """``(Ho, Wo)`` of a floor-mode pool of ``[N, H, W, C]`` with symmetric ``padding``."""
-    return _pool_output_hw_of(x.shape, window, stride, padding)
-
-
-def _pool_output_hw_of(shape: tuple[int, ...], window: tuple[int, int], stride: tuple[int, int],
-                       padding: tuple[int, int]) -> tuple[int, int]:
-    """:func:`_pool_output_hw` of an input of ``shape``."""
+    """``(Ho, Wo)`` of a floor-mode pool of an input of ``shape`` ``[N, H, W, C]`` with symmetric ``padding``."""
     return tuple(output_size(shape[1 + a], window[a], stride[a], (padding[a], padding[a])) for a in (0, 1))
 
 
@@ -366,7 +360,7 @@ def _window_max_pool(x: Array, window: tuple[int, int], stride: tuple[int, int],
 
 def _window_max_pool_fwd(x, window, stride, padding):
     ph, pw = padding
-    out_hw = _pool_output_hw(x, window, stride, padding)
+    out_hw = _pool_output_hw(x.shape, window, stride, padding)
     if ph or pw:
         x = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)), constant_values=-jnp.inf)
     views = _window_views(x, window, stride, out_hw)
@@ -433,7 +427,7 @@ def _onednn_pool_attrs(x_shape: tuple[int, ...], window: tuple[int, int], stride
     """The output shape ``[N, Ho, Wo, C]`` of the floor-mode pool of ``x_shape`` and the kernels' attributes. The
     padding after the input is only what the last window needs (oneDNN, like torch, ignores the rows and
     columns that floor mode leaves out)."""
-    out_hw = _pool_output_hw_of(x_shape, window, stride, padding)
+    out_hw = _pool_output_hw(x_shape, window, stride, padding)
     after = [max(0, (out_hw[a] - 1) * stride[a] + window[a] - padding[a] - x_shape[1 + a]) for a in (0, 1)]
     ints = dict(kh=window[0], kw=window[1], sh=stride[0], sw=stride[1], pt=padding[0], pb=after[0], pl=padding[1],
                 pr=after[1])

@@ -209,22 +209,26 @@ def variant_env(variant: str, environ: dict) -> dict:
     return env
 
 
-@contextlib.contextmanager
-def with_variant(variant: str):
-    """Within the block, the library code is that of ``variant`` (put back as it was on exit)."""
+def library_switches() -> list[tuple[Any, str]]:
+    """``(module, attribute)`` of every piece of library code :func:`_undo_changes` may swap."""
     from cnnjax import conv, layers
     from cnnjax.models import lenet
 
-    saved = (conv.choose_impl, layers._tiled_max_pool, layers._overlapping_max_pool, layers._batch_norm_train,
-             lenet.CPU_CHANNEL_PAD, conv.KEEP_CONV_INPUT_ON_CPU, layers.TILED_POOL_BROADCAST_BACKWARD,
-             conv.USE_ONEDNN_ON_CPU, layers.USE_ONEDNN_POOL_ON_CPU)
+    return [(conv, "choose_impl"), (layers, "_tiled_max_pool"), (layers, "_overlapping_max_pool"),
+            (layers, "_batch_norm_train"), (lenet, "CPU_CHANNEL_PAD"), (conv, "KEEP_CONV_INPUT_ON_CPU"),
+            (layers, "TILED_POOL_BROADCAST_BACKWARD"), (conv, "USE_ONEDNN_ON_CPU"), (layers, "USE_ONEDNN_POOL_ON_CPU")]
+
+
+@contextlib.contextmanager
+def with_variant(variant: str):
+    """Within the block, the library code is that of ``variant`` (put back as it was on exit)."""
+    saved = [(module, name, getattr(module, name)) for module, name in library_switches()]
     try:
         _undo_changes(variant)
         yield
     finally:
-        (conv.choose_impl, layers._tiled_max_pool, layers._overlapping_max_pool, layers._batch_norm_train,
-         lenet.CPU_CHANNEL_PAD, conv.KEEP_CONV_INPUT_ON_CPU, layers.TILED_POOL_BROADCAST_BACKWARD,
-         conv.USE_ONEDNN_ON_CPU, layers.USE_ONEDNN_POOL_ON_CPU) = saved
+        for module, name, value in saved:
+            setattr(module, name, value)
 
 
 def _undo_changes(variant: str) -> None:

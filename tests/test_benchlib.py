@@ -25,10 +25,7 @@ GREY_CONV = ((28, 28), (3, 3), (1, 1), ((1, 1), (1, 1)))
 @pytest.fixture
 def library_restored(monkeypatch):
     """Every library switch a bench variant may change (benchlib._undo_changes), put back after the test."""
-    for module, name in ((conv, "choose_impl"), (layers, "_tiled_max_pool"), (layers, "_overlapping_max_pool"),
-                         (layers, "_batch_norm_train"), (lenet, "CPU_CHANNEL_PAD"), (conv, "KEEP_CONV_INPUT_ON_CPU"),
-                         (layers, "TILED_POOL_BROADCAST_BACKWARD"), (conv, "USE_ONEDNN_ON_CPU"),
-                         (layers, "USE_ONEDNN_POOL_ON_CPU")):
+    for module, name in benchlib.library_switches():
         monkeypatch.setattr(module, name, getattr(module, name))
 
 

@@ -183,12 +183,11 @@ def test_max_pool_gradient_matches_torch_with_ties_and_floor_mode(max_pool_path,
     assert_parity("max_pool gradient (ties, floor mode)", vjp(jnp.asarray(weight))[0], nhwc(xt.grad), tol)
 
 
+@pytest.mark.parametrize("max_pool_path", ["views"], indirect=True)
 @pytest.mark.parametrize("window,hw", [(2, (8, 8)), (2, (31, 30)), (3, (7, 7)), ((2, 3), (7, 9))])
-def test_tiled_max_pool_broadcast_backward_equals_the_stacked_phases(monkeypatch, window, hw):
+def test_tiled_max_pool_broadcast_backward_equals_the_stacked_phases(monkeypatch, max_pool_path, window, hw):
     """Non-overlapping windows: the broadcast backward (no stack in its jaxpr) gives exactly the
     general backward's gradient, ties and trailing rows / columns included, jitted or not."""
-    monkeypatch.setattr(layers, "USE_ONEDNN_POOL_ON_CPU", False)  # the strided views
-    jax.clear_caches()
     x = np.round(rand(2, *hw, 4)).clip(0, None)  # ties, as after ReLU
     weight = jnp.asarray(rand(2, hw[0] // layers._pair(window, "")[0], hw[1] // layers._pair(window, "")[1], 4))
     grad = jax.grad(lambda v: (layers.max_pool(v, window) * weight).sum())
@@ -209,10 +208,9 @@ def test_tiled_max_pool_broadcast_backward_equals_the_stacked_phases(monkeypatch
 
 @pytest.mark.parametrize("window,stride,padding,hw", [(2, 2, 0, (10, 10)), (3, 2, 1, (10, 9)),
                                                      ((3, 2), (1, 3), (1, 0), (8, 11))])
-def test_strided_view_max_pool_equals_reduce_window_path(monkeypatch, window, stride, padding, hw):
+@pytest.mark.parametrize("max_pool_path", ["views"], indirect=True)
+def test_strided_view_max_pool_equals_reduce_window_path(max_pool_path, window, stride, padding, hw):
     """Values and gradients (ties included) equal XLA's ``reduce_window`` and its autodiff, jitted or not."""
-    monkeypatch.setattr(layers, "USE_ONEDNN_POOL_ON_CPU", False)
-    jax.clear_caches()
     x = jnp.asarray(np.round(rand(2, *hw, 4)))  # ties
     (kh, kw), (sh, sw), (ph, pw) = (layers._pair(v, "") for v in (window, stride, padding))
 

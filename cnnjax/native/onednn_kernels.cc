@@ -13,6 +13,7 @@
 // (kh, kw), strides (sh, sw), paddings (pt, pb, pl, pr), padding counting as -inf; float32 or bfloat16.
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -91,14 +92,20 @@ std::unique_ptr<Conv> Build(int kind, memory::data_type dt, const Geometry& g) {
   return c;
 }
 
+// A primitive cache's key: `prefix`, then every dimension list.
+std::string CacheKey(std::string prefix, std::initializer_list<const memory::dims*> dims_lists) {
+  for (const auto* dims : dims_lists) {
+    prefix += "|";
+    for (auto d : *dims) prefix += std::to_string(d) + ",";
+  }
+  return prefix;
+}
+
 const Conv& Cached(int kind, memory::data_type dt, const Geometry& g) {
   static std::mutex mu;
   static std::unordered_map<std::string, std::unique_ptr<Conv>> cache;
-  std::string key = std::to_string(kind) + ":" + std::to_string(static_cast<int>(dt));
-  for (const auto* dims : {&g.src, &g.weights, &g.dst, &g.strides, &g.dilations, &g.pad_l, &g.pad_r}) {
-    key += "|";
-    for (auto d : *dims) key += std::to_string(d) + ",";
-  }
+  std::string key = CacheKey(std::to_string(kind) + ":" + std::to_string(static_cast<int>(dt)),
+                             {&g.src, &g.weights, &g.dst, &g.strides, &g.dilations, &g.pad_l, &g.pad_r});
   std::lock_guard<std::mutex> lock(mu);
   auto& slot = cache[key];
   if (!slot) slot = Build(kind, dt, g);
@@ -185,11 +192,8 @@ struct Pool {
 const Pool& CachedPool(memory::data_type dt, const PoolGeometry& g) {
   static std::mutex mu;
   static std::unordered_map<std::string, std::unique_ptr<Pool>> cache;
-  std::string key = std::to_string(static_cast<int>(dt));
-  for (const auto* dims : {&g.src, &g.dst, &g.kernel, &g.strides, &g.pad_l, &g.pad_r}) {
-    key += "|";
-    for (auto d : *dims) key += std::to_string(d) + ",";
-  }
+  std::string key = CacheKey(std::to_string(static_cast<int>(dt)), {&g.src, &g.dst, &g.kernel, &g.strides, &g.pad_l,
+                                                                   &g.pad_r});
   std::lock_guard<std::mutex> lock(mu);
   auto& slot = cache[key];
   if (!slot) {
