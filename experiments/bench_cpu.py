@@ -32,11 +32,14 @@ the previous one:
     gradient broadcast over each tile, instead of stacking stride phases (concatenations on XLA:CPU);
 15. ``+oneDNN convolutions``: oneDNN's convolutions through cnnjax's XLA FFI handler
     (``cnnjax.conv.onednn_conv``), where ``cnnjax.conv.choose_impl`` allows;
-16. ``+oneDNN max-pool``: every max-pool through oneDNN's pooling kernels (``cnnjax.layers.onednn_max_pool``).
+16. ``+oneDNN max-pool``: every max-pool through oneDNN's pooling kernels (``cnnjax.layers.onednn_max_pool``);
+17. ``+tcmalloc``: the process runs with tcmalloc preloaded (Debian's libtcmalloc-minimal4), as the entry points
+    do (``experiments.cli``), so XLA's per-step buffers are reused instead of mapped and faulted in afresh by
+    glibc; every earlier variant runs on glibc's malloc.
 
 Rows are training throughput (images/s, batch 128, random uint8 data, SGD momentum 0.9) through
 the real ``Runner``, next to PyTorch eager on the same network (timed in this process, which runs with
-the entry points' settings, huge pages included). Earlier variants are recreated by swapping the library
+the entry points' settings, huge pages and tcmalloc included). Earlier variants are recreated by swapping the library
 function back inside that variant's process.
 """
 
@@ -66,7 +69,7 @@ flags.DEFINE_string("out", "", "write the results as JSON here")
 
 
 def _spawn(variant: str) -> dict:
-    env = variant_env(variant, os.environ)
+    env = variant_env(variant, os.environ, cli.find_tcmalloc())
     # Not through experiments.cli: importing it would add the flag to the baseline too.
     code = ("import json; from experiments.benchlib import run_cpu_variant; "
             f"print(json.dumps(run_cpu_variant({variant!r}, {list(FLAGS.models)!r}, {FLAGS.batch}, {FLAGS.steps})))")
@@ -85,6 +88,8 @@ def main(argv):
     bad = [v for v in FLAGS.variants if v not in VARIANTS]
     if bad or FLAGS.repeats < 1:
         raise UsageError(f"--variants must name some of {VARIANTS} and --repeats be >= 1; got {bad or FLAGS.repeats}")
+    for variant in FLAGS.variants:
+        variant_env(variant, os.environ, cli.find_tcmalloc())  # a variant this machine cannot run: one line, now
     runs: dict[str, list[dict]] = {}
     for _ in range(FLAGS.repeats):  # interleaved, so a slow spell of the machine hits every variant
         for variant in FLAGS.variants:

@@ -187,25 +187,37 @@ def bench_torch_model(name: str):
 CPU_VARIANTS = ("baseline", "+ynn flag", "+im2col", "+tiled max-pool", "+greyscale im2col", "+strided-view max-pool",
                 "+closed-form BatchNorm backward", "+shifted-sum greyscale conv", "+8-channel LeNet",
                 "+overlapping strided-view max-pool", "+huge pages", "+kept conv input", "+split strided conv",
-                "+broadcast tiled max-pool backward", "+oneDNN convolutions", "+oneDNN max-pool")
-# Variants that are a setting of the whole process (glibc's huge-page tunable, read at start-up), not library
-# code: only experiments.bench_cpu, which gives every variant its own process, can compare them.
-PROCESS_VARIANTS = ("+huge pages",)
+                "+broadcast tiled max-pool backward", "+oneDNN convolutions", "+oneDNN max-pool", "+tcmalloc")
+# Variants that are a setting of the whole process (glibc's huge-page tunable, the preloaded allocator: read at
+# start-up), not library code: only experiments.bench_cpu, which gives every variant its own process, can compare
+# them.
+PROCESS_VARIANTS = ("+huge pages", "+tcmalloc")
 
 
-def variant_env(variant: str, environ: dict) -> dict:
-    """``environ`` as ``variant``'s process needs it: the entry points' XLA flag from ``+ynn flag`` on, and
-    glibc's huge-page tunable on (``=1``) from ``+huge pages`` on, off (``=0``) before it."""
+def variant_env(variant: str, environ: dict, tcmalloc: str | None = None) -> dict:
+    """``environ`` as ``variant``'s process needs it: the entry points' XLA flag from ``+ynn flag`` on, glibc's
+    huge-page tunable on (``=1``) from ``+huge pages`` on, off (``=0``) before it, and ``tcmalloc`` (a library
+    path, ``experiments.cli.find_tcmalloc()``) preloaded from ``+tcmalloc`` on, glibc's malloc before it."""
     from experiments import cli
 
     env = dict(environ)
+    level = CPU_VARIANTS.index(variant)
     flags_ = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "ynn_fusion_type" not in f)
-    if CPU_VARIANTS.index(variant) >= 1:
+    if level >= 1:
         flags_ = f"{flags_} {cli.CPU_XLA_FLAG}".strip()
     env["XLA_FLAGS"] = flags_
     tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and not t.startswith(cli.HUGE_PAGES_TUNABLE)]
-    huge = CPU_VARIANTS.index(variant) >= CPU_VARIANTS.index(PROCESS_VARIANTS[0])
+    huge = level >= CPU_VARIANTS.index("+huge pages")
     env["GLIBC_TUNABLES"] = ":".join([*tunables, f"{cli.HUGE_PAGES_TUNABLE}={int(huge)}"])
+    preloads = [p for p in env.get("LD_PRELOAD", "").replace(" ", ":").split(":") if p and cli.TCMALLOC not in p]
+    if level >= CPU_VARIANTS.index("+tcmalloc"):
+        if tcmalloc is None:
+            raise UsageError(f"variant {variant!r} needs {cli.TCMALLOC}: install Debian's libtcmalloc-minimal4")
+        preloads.append(tcmalloc)
+        env.pop(cli.MALLOC_CHOICE, None)
+    else:
+        env[cli.MALLOC_CHOICE] = "glibc"
+    env["LD_PRELOAD"] = ":".join(preloads)
     return env
 
 

@@ -99,16 +99,28 @@ def test_with_variant_puts_the_library_back_on_exit(library_restored):
             lenet.CPU_CHANNEL_PAD) == before
 
 
-@pytest.mark.parametrize("variant,ynn_flag,huge", [("baseline", False, 0), ("+ynn flag", True, 0),
-                                                   ("+overlapping strided-view max-pool", True, 0),
-                                                   ("+huge pages", True, 1)])
-def test_bench_cpu_gives_each_variant_its_process_settings(variant, ynn_flag, huge):
+@pytest.mark.parametrize("variant,ynn_flag,huge,tcmalloc", [
+    ("baseline", False, 0, False), ("+ynn flag", True, 0, False),
+    ("+overlapping strided-view max-pool", True, 0, False), ("+huge pages", True, 1, False),
+    ("+oneDNN max-pool", True, 1, False), ("+tcmalloc", True, 1, True)])
+def test_bench_cpu_gives_each_variant_its_process_settings(variant, ynn_flag, huge, tcmalloc):
     from experiments import cli
 
-    environ = {"XLA_FLAGS": "--xla_dump_to=/tmp/x", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"}
-    env = benchlib.variant_env(variant, environ)
+    tcm = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+    environ = {"XLA_FLAGS": "--xla_dump_to=/tmp/x", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1",
+               "LD_PRELOAD": f"/opt/libfoo.so:{tcm}"}
+    env = benchlib.variant_env(variant, environ, tcm)
     assert env["XLA_FLAGS"].split() == ["--xla_dump_to=/tmp/x"] + ([cli.CPU_XLA_FLAG] if ynn_flag else [])
     assert env["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:glibc.malloc.hugetlb={huge}"
+    assert env["LD_PRELOAD"] == ("/opt/libfoo.so:" + tcm if tcmalloc else "/opt/libfoo.so")
+    assert env.get(cli.MALLOC_CHOICE) == (None if tcmalloc else "glibc")
+    # the settings the variant's process then runs with: an entry point would add nothing to them
+    assert cli.tcmalloc_preload(env, tcm) is None
+
+
+def test_the_tcmalloc_variant_without_tcmalloc_is_one_line():
+    with pytest.raises(UsageError, match="libtcmalloc-minimal4"):
+        benchlib.variant_env("+tcmalloc", {}, None)
 
 
 @pytest.mark.parametrize("variant,want", [("+huge pages", "im2col"), ("+kept conv input", "im2col"),

@@ -29,28 +29,90 @@ def test_huge_page_tunables(environ, glibc, thp, want):
     assert cli.huge_page_tunables(environ, glibc, thp) == want
 
 
+TCM = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+QUIET = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)}
+
+
+@pytest.mark.parametrize("environ,tcmalloc,want", [
+    ({}, TCM, {"LD_PRELOAD": TCM, **QUIET}),
+    ({"LD_PRELOAD": "/opt/libfoo.so"}, TCM, {"LD_PRELOAD": f"/opt/libfoo.so:{TCM}", **QUIET}),
+    ({"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": "10"}, TCM, {"LD_PRELOAD": TCM}),  # the user's threshold stays
+    ({}, None, None),  # not installed
+    ({"CNNJAX_MALLOC": "glibc"}, TCM, None),  # the user's choice
+    ({"LD_PRELOAD": TCM}, TCM, None),  # already re-executed
+    ({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}, TCM, None),  # an allocator of the user's
+])
+def test_tcmalloc_preload(environ, tcmalloc, want):
+    assert cli.tcmalloc_preload(environ, tcmalloc) == want
+
+
+def test_process_env_joins_huge_pages_and_tcmalloc(tmp_path):
+    assert cli.process_env({}, "glibc 2.36", THP_MADVISE, TCM) == {
+        "LD_PRELOAD": TCM, **QUIET, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    assert cli.process_env({}, "glibc 2.31", THP_MADVISE, TCM) == {"LD_PRELOAD": TCM, **QUIET}
+    settled = {"LD_PRELOAD": TCM, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    assert cli.process_env(settled, "glibc 2.36", THP_MADVISE, TCM) is None
+    assert cli.find_tcmalloc((str(tmp_path),)) is None
+    (tmp_path / cli.TCMALLOC).write_bytes(b"")
+    assert cli.find_tcmalloc(("/nonexistent", str(tmp_path))) == str(tmp_path / cli.TCMALLOC)
+
+
 def _entry_point_settings(env: dict) -> dict[str, str]:
     out = subprocess.run([sys.executable, "-m", "experiments.cli"], env=env, capture_output=True, text=True,
                          timeout=60, check=True).stdout
     return dict(line.split("=", 1) for line in out.splitlines())
 
 
-def _this_machine_wants_huge_pages() -> bool:
+def _this_machines_changes() -> dict:
+    try:
+        glibc = os.confstr("CS_GNU_LIBC_VERSION")
+    except (AttributeError, ValueError, OSError):
+        return {}
     try:
         with open(cli.THP_SETTING) as f:
             thp = f.read()
-        return cli.huge_page_tunables({}, os.confstr("CS_GNU_LIBC_VERSION"), thp) is not None
-    except (AttributeError, ValueError, OSError):
-        return False
+    except OSError:
+        thp = None
+    return cli.process_env({}, glibc, thp, cli.find_tcmalloc()) or {}
 
 
-def test_an_entry_point_restarts_itself_with_huge_pages_once_and_keeps_the_users_setting():
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+def test_an_entry_point_restarts_itself_with_its_settings_once_and_keeps_the_users():
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", cli.MALLOC_CHOICE)}
+    want = _this_machines_changes()
     got = _entry_point_settings(env)
-    assert got["GLIBC_TUNABLES"] == ("glibc.malloc.hugetlb=1" if _this_machine_wants_huge_pages() else "")
+    assert got["GLIBC_TUNABLES"] == want.get("GLIBC_TUNABLES", "")
+    assert got["LD_PRELOAD"] == want.get("LD_PRELOAD", "")
     assert cli.CPU_XLA_FLAG in got["XLA_FLAGS"] or "xla_cpu_experimental_ynn_fusion_type" in env.get("XLA_FLAGS", "")
-    opted_out = _entry_point_settings({**env, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
-    assert opted_out["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
+    opted_out = _entry_point_settings({**env, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0", cli.MALLOC_CHOICE: "glibc"})
+    assert (opted_out["GLIBC_TUNABLES"], opted_out["LD_PRELOAD"]) == ("glibc.malloc.hugetlb=0", "")
+
+
+_FAULTS_PROBE = """
+import resource, jax, jax.numpy as jnp
+f = jax.jit(lambda x: jnp.sort(x) + 1.0)  # a fresh 64 MB result per call
+x = jnp.arange(1 << 24, dtype=jnp.float32)[::-1]
+for _ in range(2):
+    f(x).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    f(x).block_until_ready()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(cli.find_tcmalloc() is None, reason="libtcmalloc-minimal4 is not installed")
+def test_tcmalloc_keeps_xlas_blocks_in_the_process():
+    """Preloaded tcmalloc gives XLA's per-call buffers back from the process: no page faults after warm-up;
+    glibc's malloc maps (and faults in) each call's 64 MB afresh."""
+    def faults(preload: str) -> int:
+        env = {**os.environ, "LD_PRELOAD": preload, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}
+        out = subprocess.run([sys.executable, "-c", _FAULTS_PROBE], env=env, capture_output=True, text=True,
+                             timeout=120, check=True).stdout
+        return int(out.split()[-1])
+
+    glibc, tcmalloc = faults(""), faults(cli.find_tcmalloc())
+    assert glibc > 5 * (64 << 20) // 4096 // 2, glibc  # at least half of the 5 x 64 MB in 4 KiB faults
+    assert tcmalloc < glibc // 20, (tcmalloc, glibc)
 
 
 def test_the_package_installs_the_start_up_handler_before_the_entry_points_own_code():
