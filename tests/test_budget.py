@@ -159,3 +159,37 @@ def test_a_replanned_run_resumes_on_its_compressed_schedule(tmp_path, monkeypatc
     fit(stripes(num_epochs=3, budget_replans=((18, 54, 27),)), str(tmp_path / "plain"), progress=False)
     assert [r["epoch"] for r in _rows(tmp_path / "w")] == [1, 2, 3]
     assert _same_params(tmp_path / "w", tmp_path / "plain")
+
+
+def test_the_plan_times_steady_steps_after_an_untimed_warm_up(tmp_path, monkeypatch):
+    """Steps right after the first call can be slow while an allocator grows its heap (tcmalloc): the plan
+    times the steps after PLAN_WARMUP_STEPS untimed ones, so slow early steps do not shrink it."""
+    import time
+
+    from cnnjax.train import feed as feeds
+    from cnnjax.train.experiment import load_splits
+
+    config = stripes(num_epochs=2, batch_size=16)
+    data = load_splits(config)
+    spe = len(data.train) // config.batch_size
+    assert spe >= 2 + budget.PLAN_WARMUP_STEPS + budget.PLAN_STEPS, "the check needs room for warm-up and timing"
+    calls, real_open = [], feeds.open_feed
+
+    def slow_start_feed(*args, **kwargs):
+        feed = real_open(*args, **kwargs)
+        real_train = feed.train
+
+        def train(state, step, count, stop=None):
+            calls.append((step, count))
+            if 1 <= step <= budget.PLAN_WARMUP_STEPS:
+                time.sleep(1.0 * count)  # warm-up steps 1 s slower each
+            return real_train(state, step, count, stop)
+
+        feed.train = train
+        return feed
+
+    monkeypatch.setattr(feeds, "open_feed", slow_start_feed)
+    times = budget.time_steps(config, data, spe, jax.devices()[:1])
+    warm = budget.PLAN_WARMUP_STEPS
+    assert calls == [(0, 1), (1, warm), (1 + warm, budget.PLAN_STEPS)]
+    assert times.step_s < 0.5, times  # the slow warm-up is not in the step time

@@ -1,7 +1,8 @@
 """A time budget for a run: as many epochs as fit, planned from timed steps and re-planned as it goes.
 
 With ``config.time_budget_s > 0``, ``fit`` treats ``num_epochs`` as the most it may train and, before the
-run starts, times its train step here: one call (compile + step), then ``PLAN_STEPS`` steady steps, and
+run starts, times its train step here: one call (compile + step), ``PLAN_WARMUP_STEPS`` untimed steps, then
+``PLAN_STEPS`` steady steps, and
 one batch of validation images twice (a whole pass is scaled from the second), on a scratch copy of the
 initial state (nothing is written; the run itself starts from the initial state again). The plan is the
 largest epoch count whose estimated wall time, counted from the start of ``fit``, fits the budget; the
@@ -37,7 +38,12 @@ from cnnjax.train.experiment import DataSplits, build
 from cnnjax.train.runner import Runner
 from cnnjax.train.timeline import Replans, check_replans
 
-PLAN_STEPS = 5  # steady steps timed after the first (compiling) call
+PLAN_STEPS = 5  # steady steps timed after the first (compiling) call and the warm-up
+# Untimed steps between the first call and the timed ones. With tcmalloc preloaded (experiments.cli) the first few
+# steps still fault in the memory its heap grows by: on the 2-core Xeon, fashion_mnist_30min's steps 3-4 took
+# 0.87-0.96 s and the later ones 0.77-0.79 s, and a plan from steps 2-6 (1.115 s/step) gave an ensemble member 12
+# epochs of 44 s in a budget of 765 s (2026-12-03).
+PLAN_WARMUP_STEPS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +96,10 @@ def time_steps(config: ml_collections.ConfigDict, data: DataSplits, steps_per_ep
     exp = build(config, data, steps_per_epoch)
     runner = Runner(exp.spec, exp.model.apply, config.parallelism, devices)
     order = EpochOrder(int(config.seed), len(data.train), int(config.batch_size))
-    count = max(1, min(PLAN_STEPS, steps_per_epoch - 1))  # steps 1..count: inside epoch 1 when it has 2+
-    feed = feeds.open_feed(runner, data.train, order, 0, 1 + count, streamed=data.streamed,
+    # the warm-up, then the timed steps: inside epoch 1 when it has enough steps
+    warm = max(0, min(PLAN_WARMUP_STEPS, steps_per_epoch - 2))
+    count = max(1, min(PLAN_STEPS, steps_per_epoch - 1 - warm))
+    feed = feeds.open_feed(runner, data.train, order, 0, 1 + warm + count, streamed=data.streamed,
                            workers=int(config.data.get("workers", 2)))
     try:
         state = runner.put_state(exp.state)
@@ -99,7 +107,11 @@ def time_steps(config: ml_collections.ConfigDict, data: DataSplits, steps_per_ep
         state, _ = feed.train(state, 0, 1)
         jax.block_until_ready(state)
         t2 = time.perf_counter()
-        state, _ = feed.train(state, 1, count)
+        if warm:
+            state, _ = feed.train(state, 1, warm)
+            jax.block_until_ready(state)
+        t_warm = time.perf_counter()
+        state, _ = feed.train(state, 1 + warm, count)
         jax.block_until_ready(state)
         t3 = time.perf_counter()
         sample = subset(data.val, np.arange(min(len(data.val), int(config.eval_batch_size))))
@@ -111,7 +123,7 @@ def time_steps(config: ml_collections.ConfigDict, data: DataSplits, steps_per_ep
         save_s = _time_save(runner.get_state(state)) if jax.process_count() == 1 else 0.0
     finally:
         feed.close()
-    step_s = (t3 - t2) / count
+    step_s = (t3 - t_warm) / count
     batch_s = marks[2] - marks[1]
     val_s = batch_s * len(data.val) / len(sample)
     local = np.array([t1 - t0, max(0.0, t2 - t1 - step_s), step_s, marks[1] - marks[0] - batch_s + val_s, val_s])
