@@ -97,9 +97,27 @@ def tcmalloc_preload(environ: dict, tcmalloc: str | None) -> dict[str, str] | No
     return {"LD_PRELOAD": f"{preload}:{tcmalloc}" if preload else tcmalloc, **quiet}
 
 
+def machine_facts() -> tuple[str | None, str | None]:
+    """``(glibc_version, thp_setting)`` of this machine, for :func:`process_env`: ``'glibc 2.36'`` (None without
+    glibc) and the kernel's ``always [madvise] never`` line (None without transparent huge pages)."""
+    try:
+        glibc_version = os.confstr("CS_GNU_LIBC_VERSION")
+    except (AttributeError, ValueError, OSError):  # not Linux / glibc
+        glibc_version = None
+    try:
+        with open(THP_SETTING) as f:
+            thp_setting = f.read()
+    except OSError:
+        thp_setting = None
+    return glibc_version, thp_setting
+
+
 def process_env(environ: dict, glibc_version: str | None, thp_setting: str | None,
                 tcmalloc: str | None) -> dict[str, str] | None:
-    """The variables an entry point re-executes itself with (huge pages, tcmalloc), or None to run as is."""
+    """The variables an entry point re-executes itself with (huge pages, tcmalloc), or None to run as is
+    (always without glibc)."""
+    if not glibc_version:
+        return None
     changes = tcmalloc_preload(environ, tcmalloc) or {}
     tunables = huge_page_tunables(environ, glibc_version, thp_setting)
     if tunables is not None:
@@ -108,16 +126,7 @@ def process_env(environ: dict, glibc_version: str | None, thp_setting: str | Non
 
 
 def _reexec_with_process_env() -> None:
-    try:
-        glibc_version = os.confstr("CS_GNU_LIBC_VERSION")
-    except (AttributeError, ValueError, OSError):  # not Linux / glibc
-        return
-    try:
-        with open(THP_SETTING) as f:
-            thp_setting = f.read()
-    except OSError:  # no transparent huge pages
-        thp_setting = None
-    changes = process_env(dict(os.environ), glibc_version, thp_setting, find_tcmalloc())
+    changes = process_env(dict(os.environ), *machine_facts(), find_tcmalloc())
     argv = getattr(sys, "orig_argv", None)
     if changes is None or not argv or not sys.executable:
         return

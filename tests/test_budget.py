@@ -161,7 +161,7 @@ def test_a_replanned_run_resumes_on_its_compressed_schedule(tmp_path, monkeypatc
     assert _same_params(tmp_path / "w", tmp_path / "plain")
 
 
-def test_the_plan_times_steady_steps_after_an_untimed_warm_up(tmp_path, monkeypatch):
+def test_the_plan_times_steady_steps_after_an_untimed_warm_up(monkeypatch):
     """Steps right after the first call can be slow while an allocator grows its heap (tcmalloc): the plan
     times the steps after PLAN_WARMUP_STEPS untimed ones, so slow early steps do not shrink it."""
     import time

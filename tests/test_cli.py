@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -52,6 +53,7 @@ def test_process_env_joins_huge_pages_and_tcmalloc(tmp_path):
     assert cli.process_env({}, "glibc 2.31", THP_MADVISE, TCM) == {"LD_PRELOAD": TCM, **QUIET}
     settled = {"LD_PRELOAD": TCM, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
     assert cli.process_env(settled, "glibc 2.36", THP_MADVISE, TCM) is None
+    assert cli.process_env({}, None, THP_MADVISE, TCM) is None  # not glibc
     assert cli.find_tcmalloc((str(tmp_path),)) is None
     (tmp_path / cli.TCMALLOC).write_bytes(b"")
     assert cli.find_tcmalloc(("/nonexistent", str(tmp_path))) == str(tmp_path / cli.TCMALLOC)
@@ -63,22 +65,9 @@ def _entry_point_settings(env: dict) -> dict[str, str]:
     return dict(line.split("=", 1) for line in out.splitlines())
 
 
-def _this_machines_changes() -> dict:
-    try:
-        glibc = os.confstr("CS_GNU_LIBC_VERSION")
-    except (AttributeError, ValueError, OSError):
-        return {}
-    try:
-        with open(cli.THP_SETTING) as f:
-            thp = f.read()
-    except OSError:
-        thp = None
-    return cli.process_env({}, glibc, thp, cli.find_tcmalloc()) or {}
-
-
 def test_an_entry_point_restarts_itself_with_its_settings_once_and_keeps_the_users():
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD", cli.MALLOC_CHOICE)}
-    want = _this_machines_changes()
+    want = cli.process_env({}, *cli.machine_facts(), cli.find_tcmalloc()) or {}
     got = _entry_point_settings(env)
     assert got["GLIBC_TUNABLES"] == want.get("GLIBC_TUNABLES", "")
     assert got["LD_PRELOAD"] == want.get("LD_PRELOAD", "")
@@ -121,7 +110,10 @@ def test_the_package_installs_the_start_up_handler_before_the_entry_points_own_c
     probe = ("import signal, sys; sys.argv[0] = {argv!r}; import experiments; "
              "print(getattr(signal.getsignal(signal.SIGINT), '__name__', 'default'))")
     for argv, want in (("-m", "interrupt_at_start"), ("script.py", "default_int_handler")):
+        # SIGINT at its default in the child, as in a terminal: a job started in the background (`cmd &` in a
+        # script) inherits it ignored, and Python then installs no handler of its own.
         done = subprocess.run([sys.executable, "-c", probe.format(argv=argv)], capture_output=True, text=True,
-                              timeout=60, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                              timeout=60, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip() == want
