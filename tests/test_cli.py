@@ -111,9 +111,13 @@ def test_the_package_installs_the_start_up_handler_before_the_entry_points_own_c
              "print(getattr(signal.getsignal(signal.SIGINT), '__name__', 'default'))")
     for argv, want in (("-m", "interrupt_at_start"), ("script.py", "default_int_handler")):
         # SIGINT at its default in the child, as in a terminal: a job started in the background (`cmd &` in a
-        # script) inherits it ignored, and Python then installs no handler of its own.
-        done = subprocess.run([sys.executable, "-c", probe.format(argv=argv)], capture_output=True, text=True,
-                              timeout=60, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        # script) inherits it ignored, and Python then installs no handler of its own. A handler here (not an
+        # ignore) is reset to the default by exec.
+        before = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            done = subprocess.run([sys.executable, "-c", probe.format(argv=argv)], capture_output=True, text=True,
+                                  timeout=60, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        finally:
+            signal.signal(signal.SIGINT, before)
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip() == want
