@@ -68,8 +68,7 @@ flags.DEFINE_integer("repeats", 1, "rounds over the variants, interleaved; each 
 flags.DEFINE_string("out", "", "write the results as JSON here")
 
 
-def _spawn(variant: str) -> dict:
-    env = variant_env(variant, os.environ, cli.find_tcmalloc())
+def _spawn(variant: str, env: dict) -> dict:
     # Not through experiments.cli: importing it would add the flag to the baseline too.
     code = ("import json; from experiments.benchlib import run_cpu_variant; "
             f"print(json.dumps(run_cpu_variant({variant!r}, {list(FLAGS.models)!r}, {FLAGS.batch}, {FLAGS.steps})))")
@@ -88,12 +87,13 @@ def main(argv):
     bad = [v for v in FLAGS.variants if v not in VARIANTS]
     if bad or FLAGS.repeats < 1:
         raise UsageError(f"--variants must name some of {VARIANTS} and --repeats be >= 1; got {bad or FLAGS.repeats}")
-    for variant in FLAGS.variants:
-        variant_env(variant, os.environ, cli.find_tcmalloc())  # a variant this machine cannot run: one line, now
+    tcmalloc = cli.find_tcmalloc()
+    # each variant's process environment, once: a variant this machine cannot run stops here, in one line
+    envs = {variant: variant_env(variant, os.environ, tcmalloc) for variant in FLAGS.variants}
     runs: dict[str, list[dict]] = {}
     for _ in range(FLAGS.repeats):  # interleaved, so a slow spell of the machine hits every variant
         for variant in FLAGS.variants:
-            runs.setdefault(variant, []).append(_spawn(variant))
+            runs.setdefault(variant, []).append(_spawn(variant, envs[variant]))
             print(f"# {variant}: " + ", ".join(f"{k} {v:.0f}" for k, v in runs[variant][-1].items()), flush=True)
         if FLAGS.torch:
             runs.setdefault("torch eager", []).append(
