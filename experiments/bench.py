@@ -5,7 +5,9 @@ markdown table (images/s, compile time separately, cnnjax / PyTorch ratio per ro
 Same network (the torch twins in tests/torch_models.py, equal parameter counts), same batch, SGD with
 momentum 0.9, cross-entropy, uint8 input normalised inside the step in both frameworks. cnnjax runs on
 JAX's default device and torch on the GPU when it sees one (``--torch_device``), so on a GPU machine
-both sides are on the GPU; ``bf16`` rows compute in bfloat16 on both sides (float32 parameters).
+both sides are on the GPU; ``bf16`` rows compute in bfloat16 on both sides (float32 parameters). PyTorch runs
+in a process of its own for each row, where cnnjax's oneDNN kernels have not run
+(``experiments.benchlib.in_fresh_process``).
 The last section times a full epoch through the on-device pipeline (permutation + crop/flip
 augmentation) against the same number of steps on one resident batch.
 """
@@ -22,7 +24,16 @@ from absl import flags
 
 from cnnjax.errors import UsageError
 from experiments import cli
-from experiments.benchlib import PRECISIONS, SHAPES, bench_model, bench_torch, torch_device, torch_device_name
+from experiments.benchlib import (
+    PRECISIONS,
+    SHAPES,
+    WARMUP_STEPS,
+    bench_model,
+    bench_torch,
+    in_fresh_process,
+    torch_device,
+    torch_device_name,
+)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("quick", False, "batch 128 only, 3 timed steps, resnet18@224 at batch 16")
@@ -30,6 +41,7 @@ flags.DEFINE_bool("pipeline", True, "add the on-device pipeline's epoch-overhead
 flags.DEFINE_bool("data_modes", True, "add stream-vs-resident epoch-time rows (experiments.bench_stream)")
 flags.DEFINE_string("out", "", "write the results as JSON here")
 flags.DEFINE_integer("steps", 10, "timed steps per row (after warm-up)")
+flags.DEFINE_integer("warmup", WARMUP_STEPS, "untimed train steps per row before the timed ones, on both sides")
 flags.DEFINE_bool("torch", True, "also time PyTorch (eager and torch.compile)")
 flags.DEFINE_bool("torch_compile", True, "with --torch, also time torch.compile (needs a C++ toolchain)")
 flags.DEFINE_list("models", ["lenet5", "improved_cnn", "cifar_resnet20", "resnet18", "resnet18@224", "fast_cnn"],
@@ -39,14 +51,15 @@ flags.DEFINE_string("torch_device", "auto", "auto (the GPU when torch sees one, 
 
 
 
-def bench_jax(name: str, shape, batch: int, steps: int, precision: str = "fp32") -> dict:
-    """cnnjax train (real Runner) and eval throughput for one row, on JAX's default device."""
+def bench_jax(name: str, shape, batch: int, steps: int, precision: str = "fp32", warmup: int = 1) -> dict:
+    """cnnjax train (real Runner, ``warmup`` untimed steps first) and eval throughput for one row, on JAX's
+    default device."""
     import jax
 
     from experiments.benchlib import bench_spec, time_jax_training
 
     model = bench_model(name)
-    out = time_jax_training(model, bench_spec(shape, precision), shape, batch, steps)
+    out = time_jax_training(model, bench_spec(shape, precision), shape, batch, steps, warmup=warmup)
     ev, state = out["runner"].eval_fn, out["state"]  # the state stays on the device (jit mode)
     args = (state.params, state.batch_stats, out["images"], out["labels"], jax.numpy.ones(batch))
     jax.block_until_ready(ev(*args))
@@ -112,12 +125,14 @@ def main(argv):
             b = 16 if (FLAGS.quick and name.endswith("@224")) else batch
             for precision in FLAGS.precisions:
                 row = {"model": name, "input": "x".join(map(str, SHAPES[name])), "batch": b, "precision": precision}
-                row["jax"] = bench_jax(name, SHAPES[name], b, steps, precision)
+                row["jax"] = bench_jax(name, SHAPES[name], b, steps, precision, FLAGS.warmup)
                 if FLAGS.torch:
-                    row["torch_eager"] = bench_torch(name, SHAPES[name], b, steps, False, device, precision)
+                    row["torch_eager"] = in_fresh_process(bench_torch, name, SHAPES[name], b, steps, False, device,
+                                                         precision, FLAGS.warmup)
                 if FLAGS.torch and FLAGS.torch_compile:
                     try:
-                        row["torch_compile"] = bench_torch(name, SHAPES[name], b, steps, True, device, precision)
+                        row["torch_compile"] = in_fresh_process(bench_torch, name, SHAPES[name], b, steps, True, device,
+                                                                 precision, FLAGS.warmup)
                     except Exception as err:  # torch.compile needs a C++ toolchain and may not support the host
                         row["torch_compile"] = {"error": str(err).splitlines()[0][:120]}
                 rows.append(row)

@@ -26,6 +26,7 @@ from experiments.benchlib import (
     CPU_VARIANTS,
     PROCESS_VARIANTS,
     SHAPES,
+    WARMUP_STEPS,
     bench_model,
     bench_spec,
     paired_ratios,
@@ -39,6 +40,7 @@ flags.DEFINE_string("b", [v for v in CPU_VARIANTS if v not in PROCESS_VARIANTS][
 flags.DEFINE_list("models", ["lenet5", "improved_cnn", "cifar_resnet20", "resnet18", "fast_cnn"], "bench rows")
 flags.DEFINE_integer("rounds", 9, "alternating rounds")
 flags.DEFINE_integer("steps", 5, "steps per side per round")
+flags.DEFINE_integer("warmup", WARMUP_STEPS, "untimed steps per side before the rounds")
 flags.DEFINE_integer("batch", 128, "batch size")
 flags.DEFINE_string("out", "", "write the results as JSON here")
 
@@ -89,7 +91,7 @@ def main(argv):
     for name in FLAGS.models:
         sides = [_compiled(name, FLAGS.a, FLAGS.batch), _compiled(name, FLAGS.b, FLAGS.batch)]
         for side in sides:
-            _images_per_s(side, 1)  # warm-up
+            _images_per_s(side, max(1, FLAGS.warmup))  # untimed
         a_runs, b_runs = [], []
         for r in range(FLAGS.rounds):
             order = (0, 1) if r % 2 == 0 else (1, 0)

@@ -48,7 +48,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 
 from absl import flags
@@ -56,12 +55,22 @@ from absl import flags
 from cnnjax.errors import UsageError
 from experiments import cli
 from experiments.benchlib import CPU_VARIANTS as VARIANTS
-from experiments.benchlib import SHAPES, bench_torch, summarise, variant_env, variants_markdown
+from experiments.benchlib import (
+    SHAPES,
+    WARMUP_STEPS,
+    bench_torch,
+    in_fresh_process,
+    run_cpu_variant,
+    summarise,
+    variant_env,
+    variants_markdown,
+)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["lenet5", "improved_cnn", "cifar_resnet20", "resnet18", "fast_cnn"], "rows")
 flags.DEFINE_integer("batch", 128, "batch size")
-flags.DEFINE_integer("steps", 5, "timed steps per row (after compile and one warm-up step)")
+flags.DEFINE_integer("steps", 5, "timed steps per row (after compile and --warmup untimed steps)")
+flags.DEFINE_integer("warmup", WARMUP_STEPS, "untimed steps per row before the timed ones, on both sides")
 flags.DEFINE_bool("torch", True, "also time PyTorch eager")
 flags.DEFINE_list("variants", list(VARIANTS), "variants to run (each in its own process)")
 flags.DEFINE_integer("repeats", 1, "rounds over the variants, interleaved; each cell is the median")
@@ -69,14 +78,13 @@ flags.DEFINE_string("out", "", "write the results as JSON here")
 
 
 def _spawn(variant: str, env: dict) -> dict:
-    # Not through experiments.cli: importing it would add the flag to the baseline too.
-    code = ("import json; from experiments.benchlib import run_cpu_variant; "
-            f"print(json.dumps(run_cpu_variant({variant!r}, {list(FLAGS.models)!r}, {FLAGS.batch}, {FLAGS.steps})))")
-    cmd = [sys.executable, "-c", code]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    if done.returncode:
-        raise RuntimeError(f"variant {variant!r} failed: {done.stderr.strip().splitlines()[-1:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    # In a process of its own, with the variant's environment (not through experiments.cli: importing it would
+    # add the flag to the baseline too).
+    try:
+        return in_fresh_process(run_cpu_variant, variant, list(FLAGS.models), FLAGS.batch, FLAGS.steps,
+                                FLAGS.warmup, env=env)
+    except RuntimeError as e:
+        raise RuntimeError(f"variant {variant!r}: {e}") from None
 
 
 def main(argv):
@@ -97,7 +105,8 @@ def main(argv):
             print(f"# {variant}: " + ", ".join(f"{k} {v:.0f}" for k, v in runs[variant][-1].items()), flush=True)
         if FLAGS.torch:
             runs.setdefault("torch eager", []).append(
-                {name: bench_torch(name, SHAPES[name], FLAGS.batch, FLAGS.steps, compiled=False)["train_img_s"]
+                {name: bench_torch(name, SHAPES[name], FLAGS.batch, FLAGS.steps, compiled=False,
+                                   warmup=FLAGS.warmup)["train_img_s"]
                  for name in FLAGS.models})
     results = summarise(runs, FLAGS.models, statistics.median)
     print(variants_markdown(results, FLAGS.models, FLAGS.batch, FLAGS.repeats))

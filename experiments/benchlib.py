@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from cnnjax.errors import UsageError
@@ -12,7 +17,7 @@ from cnnjax.errors import UsageError
 
 def time_jax_training(model: Any, spec: Any, data_shape: tuple[int, int, int], batch: int, steps: int,
                       model_input_shape: tuple[int, int, int] | None = None, scan: bool | None = None,
-                      chunk: int = 1) -> dict:
+                      chunk: int = 1, warmup: int = 1) -> dict:
     """Steady-state training throughput through the real ``Runner``.
 
     Random uint8 data ``[batch * chunk, *data_shape]`` is put on the device once; each
@@ -30,7 +35,8 @@ def time_jax_training(model: Any, spec: Any, data_shape: tuple[int, int, int], b
     state, metrics = runner.train(state, images, labels, idx)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - t
-    state, metrics = runner.train(state, images, labels, idx)  # warm-up
+    for _ in range(max(1, warmup // chunk)):  # untimed warm-up calls
+        state, metrics = runner.train(state, images, labels, idx)
     jax.block_until_ready(metrics)
     calls = max(1, steps // chunk)
     t = time.perf_counter()
@@ -123,22 +129,59 @@ def model_convs(name: str) -> list[dict]:
     return list(convs.values())
 
 
-def conv_vs_torch_rows(name: str, batch: int, steps: int) -> list[str]:
-    """Markdown rows for bench row ``name``: each of its convs, cnnjax and PyTorch eager, forward and
-    forward+backward ms at ``batch``, then their sums over one train step (times the calls per step)."""
-    import jax
-    import numpy as np
+def _torch_conv_twin(name: str, module: Any, c: int):
+    """PyTorch's ``Conv2d`` with ``module``'s geometry (``c`` input channels in cnnjax's layout), a conv of bench
+    row ``name``."""
     import torch
 
     from cnnjax.layers import canonical_padding
 
+    pads = canonical_padding(module.padding)
+    if isinstance(pads, str) or pads[0][0] != pads[0][1] or pads[1][0] != pads[1][1]:
+        raise ValueError(f"{name}: a conv with asymmetric padding {module.padding} has no torch Conv2d twin")
+    return torch.nn.Conv2d(module.in_features or c, module.features, module.kernel_size, module.stride,
+                           (pads[0][0], pads[1][0]), module.dilation, module.groups, module.use_bias)
+
+
+def torch_conv_ms(name: str, batch: int, steps: int) -> list[list[float]]:
+    """``[forward ms, forward+backward ms]`` of PyTorch eager's twin of each conv of bench row ``name``
+    (:func:`model_convs`' order) at ``batch``, NCHW, the fastest of ``steps`` calls each."""
+    import numpy as np
+    import torch
+
+    rng = np.random.RandomState(0)
+    out = []
+    for conv in model_convs(name):
+        (h, w, c), first = conv["input"], conv["first"]
+        twin = _torch_conv_twin(name, conv["module"], c)
+        xt = torch.from_numpy(rng.randn(batch, twin.in_channels, h, w).astype(np.float32)).requires_grad_(not first)
+        gt = torch.from_numpy(rng.randn(*twin(xt).shape).astype(np.float32))
+
+        def fwd_bwd(twin=twin, xt=xt, gt=gt):
+            twin.zero_grad(set_to_none=True)
+            xt.grad = None
+            twin(xt).backward(gt)
+
+        with torch.no_grad():
+            forward = fastest_ms(twin, xt, steps=steps)
+        out.append([forward, fastest_ms(fwd_bwd, steps=steps)])
+    return out
+
+
+def conv_vs_torch_rows(name: str, batch: int, steps: int) -> list[str]:
+    """Markdown rows for bench row ``name``: each of its convs, cnnjax and PyTorch eager, forward and
+    forward+backward ms at ``batch``, then their sums over one train step (times the calls per step).
+    PyTorch's are timed first, in a process of their own (:func:`in_fresh_process`)."""
+    import jax
+    import numpy as np
+
+    for conv in model_convs(name):
+        _torch_conv_twin(name, conv["module"], conv["input"][2])  # an untimeable conv stops before any timing
+    theirs_all = in_fresh_process(torch_conv_ms, name, batch, steps)
     rng = np.random.RandomState(0)
     rows, totals = [], np.zeros(4)
-    for conv in model_convs(name):
+    for conv, theirs in zip(model_convs(name), theirs_all, strict=True):
         module, (h, w, c), first = conv["module"], conv["input"], conv["first"]
-        pads = canonical_padding(module.padding)
-        if isinstance(pads, str) or pads[0][0] != pads[0][1] or pads[1][0] != pads[1][1]:
-            raise ValueError(f"{name}: a conv with asymmetric padding {module.padding} has no torch Conv2d twin")
         x = jax.numpy.asarray(rng.randn(batch, h, w, c).astype(np.float32))
         params = jax.jit(module.init)(jax.random.PRNGKey(0), x)
         y = jax.eval_shape(module.apply, params, x)
@@ -153,20 +196,6 @@ def conv_vs_torch_rows(name: str, batch: int, steps: int) -> list[str]:
 
         ours = [fastest_ms(jax.jit(module.apply), params, x, steps=steps),
                 fastest_ms(jax.jit(fwd_bwd), params, x, g, steps=steps)]
-        c_in = module.in_features or c
-        twin = torch.nn.Conv2d(c_in, module.features, module.kernel_size, module.stride, (pads[0][0], pads[1][0]),
-                               module.dilation, module.groups, module.use_bias)
-        xt = torch.from_numpy(rng.randn(batch, c_in, h, w).astype(np.float32)).requires_grad_(not first)
-        gt = torch.from_numpy(rng.randn(*twin(xt).shape).astype(np.float32))
-
-        def torch_fwd_bwd(twin=twin, xt=xt, gt=gt):
-            twin.zero_grad(set_to_none=True)
-            xt.grad = None
-            twin(xt).backward(gt)
-
-        with torch.no_grad():
-            theirs = [fastest_ms(twin, xt, steps=steps)]
-        theirs.append(fastest_ms(torch_fwd_bwd, steps=steps))
         cells = ours + theirs
         totals += conv["count"] * np.array(cells)
         rows.append(f"| [{batch},{h},{w},{c}] -> {module.features}, k{module.kernel_size} s{module.stride} "
@@ -175,6 +204,41 @@ def conv_vs_torch_rows(name: str, batch: int, steps: int) -> list[str]:
     rows.append("| **per train step** | | " + " | ".join(f"**{v:.1f}**" for v in totals)
                 + f" | **{totals[3] / totals[1]:.2f}** |")
     return rows
+
+
+# Untimed steps before the timed ones in the benchmarks (both sides): cnnjax's step with oneDNN's kernels reaches
+# its steady time only after about 8 steps (lenet5 on the Xeon: 10.6, 9.2, 8.9 ... 6.4 ms, then 5.5-6.3; PyTorch
+# eager's from its second step; experiments/PERFORMANCE.md, "Steady steps").
+WARMUP_STEPS = 10
+# Marks the child's result line in in_fresh_process's output.
+_RESULT_MARK = "cnnjax-result: "
+
+
+def in_fresh_process(function: Callable, *args: Any, env: dict | None = None) -> Any:
+    """``function(*args)`` run in a new Python process (``env``, default this one's environment) and its result,
+    both passed as JSON; a failure raises ``RuntimeError`` with the child's last line of stderr.
+
+    The benchmarks time PyTorch this way beside cnnjax: once cnnjax's oneDNN kernels have run (each of XLA's
+    threads that calls one becomes the master of a GNU OpenMP team of its own), the process's libgomp, which
+    PyTorch shares, manages more threads than there are cores and cuts every team's spin-wait to 100 spins,
+    PyTorch's too: its eager lenet5 step took 9.2 against 5.6 ms in the same process before (Xeon, 2 cores;
+    experiments/PERFORMANCE.md, "PyTorch timed beside cnnjax's kernels")."""
+    code = ("import importlib, json, sys; f = importlib.import_module(sys.argv[1])\n"
+            "for part in sys.argv[2].split('.'): f = getattr(f, part)\n"
+            "print('\\n" + _RESULT_MARK + "' + json.dumps(f(*json.loads(sys.argv[3]))))")
+    module = function.__module__
+    if module == "__main__":  # a script run with python -m: the child imports it by its module name
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        if spec is None:
+            raise UsageError(f"{function.__qualname__} must live in an importable module to run in its own process")
+        module = spec.name
+    cmd = [sys.executable, "-c", code, module, function.__qualname__, json.dumps(args)]
+    done = subprocess.run(cmd, env=os.environ if env is None else env, capture_output=True, text=True, check=False)
+    results = [line for line in done.stdout.splitlines() if line.startswith(_RESULT_MARK)]
+    if done.returncode or not results:
+        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise RuntimeError(f"{function.__qualname__} failed in its own process (exit {done.returncode}): {last}")
+    return json.loads(results[-1][len(_RESULT_MARK):])
 
 
 def bench_torch_model(name: str):
@@ -358,15 +422,17 @@ def variants_markdown(results: dict, names: list[str], batch: int, repeats: int 
     return "\n".join(lines)
 
 
-def run_cpu_variant(variant: str, names: list[str], batch: int, steps: int) -> dict:
-    """Train images/s of each row ``names`` with only the CPU changes up to ``variant``."""
+def run_cpu_variant(variant: str, names: list[str], batch: int, steps: int, warmup: int = 1) -> dict:
+    """Train images/s of each row ``names`` with only the CPU changes up to ``variant`` (``steps`` timed after
+    ``warmup`` untimed)."""
     if variant not in CPU_VARIANTS:
         raise UsageError(f"unknown variant {variant!r}; choose one of {CPU_VARIANTS}")
     _undo_changes(variant)
     out = {}
     for name in names:
         shape = SHAPES[name]
-        out[name] = time_jax_training(bench_model(name), bench_spec(shape), shape, batch, steps)["train_img_s"]
+        out[name] = time_jax_training(bench_model(name), bench_spec(shape), shape, batch, steps,
+                                      warmup=warmup)["train_img_s"]
     return out
 
 
@@ -474,9 +540,10 @@ def torch_steps(name: str, shape, batch: int, device: str = "cpu", precision: st
 
 
 def bench_torch(name: str, shape, batch: int, steps: int, compiled: bool, device: str = "cpu",
-                precision: str = "fp32") -> dict:
+                precision: str = "fp32", warmup: int = 1) -> dict:
     """PyTorch train and eval throughput of the torch twin of ``name`` (:func:`torch_steps`), eager or
-    ``torch.compile``-d; every timing waits for the device."""
+    ``torch.compile``-d, ``steps`` timed calls after a compile call and ``warmup`` untimed ones; every timing
+    waits for the device."""
     import torch
 
     twin = torch_steps(name, shape, batch, device, precision)
@@ -490,6 +557,8 @@ def bench_torch(name: str, shape, batch: int, steps: int, compiled: bool, device
         sync()
         if mode == "train":
             out["compile_s"] = time.perf_counter() - t
-        step()
+        for _ in range(max(1, warmup)):
+            step()
+        sync()
         out[f"{mode}_img_s"] = steps * batch / timeit(step, steps, twin["sync"])
     return out

@@ -23,7 +23,8 @@ This is where XLA's fusion decisions show, such as a transpose that recomputes t
 moves instead of reading them.
 PyTorch: the torch twin (tests/torch_models.py) in eager mode, ``torch.profiler`` self CPU time of
 each aten op, classified by op name; ops inside ``Optimizer.step`` count as the optimizer. PyTorch's
-CPU conv backward computes both gradients in one op, so its row is "conv input+weight gradient".
+CPU conv backward computes both gradients in one op, so its row is "conv input+weight gradient". It runs
+in a process of its own, where cnnjax's oneDNN kernels have not run (``experiments.benchlib.in_fresh_process``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from absl import flags
 
 from cnnjax.errors import UsageError
 from experiments import cli
-from experiments.benchlib import SHAPES
+from experiments.benchlib import SHAPES, in_fresh_process
 from experiments.profilelib import FUSED_KINDS, KINDS, profile_cnnjax, profile_fused, profile_torch
 
 FLAGS = flags.FLAGS
@@ -103,7 +104,7 @@ def main(argv):
             print(fused_table(name, results[name], FLAGS.top) + "\n", flush=True)
             continue
         ours = profile_cnnjax(name, FLAGS.batch, FLAGS.reps)
-        theirs = profile_torch(name, FLAGS.batch, FLAGS.reps) if FLAGS.torch else None
+        theirs = in_fresh_process(profile_torch, name, FLAGS.batch, FLAGS.reps) if FLAGS.torch else None
         results[name] = {"cnnjax": ours, "torch": theirs}
         print(table(name, ours, theirs) + "\n", flush=True)
     if FLAGS.out:

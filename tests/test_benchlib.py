@@ -273,3 +273,60 @@ def test_bench_gives_a_row_per_model_and_precision_with_both_sides_timed(tmp_pat
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: unknown bench row or "
                                                                                  "precision 'fp16'")
+
+
+# --- PyTorch in a process of its own -----------------------------------------------------------------------
+
+
+def test_in_fresh_process_runs_the_function_elsewhere_with_its_arguments_and_environment():
+    import math
+    import os
+
+    assert benchlib.in_fresh_process(math.hypot, 3, 4) == 5.0
+    assert benchlib.in_fresh_process(os.getpid) != os.getpid()
+    env = {**os.environ, "CNNJAX_PROBE": "from the parent"}
+    assert benchlib.in_fresh_process(os.getenv, "CNNJAX_PROBE", env=env) == "from the parent"
+    assert benchlib.in_fresh_process(os.getenv, "CNNJAX_PROBE") is None
+
+
+def test_in_fresh_process_reports_the_childs_error_in_one_line():
+    import math
+
+    with pytest.raises(RuntimeError, match=r"^sqrt failed in its own process \(exit 1\): ValueError: math domain"):
+        benchlib.in_fresh_process(math.sqrt, -1.0)
+
+
+# --- untimed warm-up steps, the same on both sides -----------------------------------------------------------
+
+
+class _CountingRunner:
+    """Stands in for a Runner: counts train calls and their sizes."""
+
+    def __init__(self):
+        self.calls = []
+
+    def train(self, state, images, labels, idx):
+        self.calls.append(idx.shape)
+        return state, jnp.zeros(())
+
+
+@pytest.mark.parametrize("warmup,chunk,want_calls", [(1, 1, 1 + 1 + 5), (10, 1, 1 + 10 + 5), (4, 2, 1 + 2 + 2)])
+def test_time_jax_training_times_only_the_steps_after_compile_and_warm_up(monkeypatch, warmup, chunk, want_calls):
+    runner = _CountingRunner()
+    monkeypatch.setattr(benchlib, "prepared_runner", lambda *a, **k: (runner, None, None, None))
+    out = benchlib.time_jax_training(None, None, (4, 4, 1), batch=3, steps=5, chunk=chunk, warmup=warmup)
+    assert len(runner.calls) == want_calls and set(runner.calls) == {(chunk, 3)}
+    assert out["train_img_s"] > 0
+
+
+def test_bench_torch_warms_each_mode_up_before_timing(monkeypatch):
+    torch = pytest.importorskip("torch")
+    calls = {"train": 0, "eval": 0}
+    model = torch.nn.Linear(1, 1)
+    twin = {"model": model, "sync": None,
+            "train_step": lambda: calls.__setitem__("train", calls["train"] + 1),
+            "eval_step": lambda: calls.__setitem__("eval", calls["eval"] + 1)}
+    monkeypatch.setattr(benchlib, "torch_steps", lambda *a, **k: twin)
+    out = benchlib.bench_torch("lenet5", (32, 32, 1), batch=2, steps=5, compiled=False, warmup=7)
+    assert calls == {"train": 1 + 7 + 5, "eval": 1 + 7 + 5}
+    assert out["train_img_s"] > 0 and out["eval_img_s"] > 0
