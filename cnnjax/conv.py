@@ -2,7 +2,8 @@
 
 On the CPU in one process, when cnnjax's oneDNN kernels can be built (:mod:`cnnjax.native.onednn`),
 ``impl='auto'`` runs every groups-1 float32 / bfloat16 conv through oneDNN (:func:`onednn_conv`: forward and
-both gradients, as PyTorch's CPU convolutions are), but for the greyscale and one-GEMM cases below. The rest of
+both gradients, as PyTorch's CPU convolutions are), but for the greyscale and one-GEMM cases below; greyscale convs
+keep the shifted-sum forward and take oneDNN's gradients (:func:`shifted_sum_onednn_conv`). The rest of
 this text is how the CPU convolutions run without oneDNN (``CNNJAX_ONEDNN=0``, or no compiler / oneDNN here).
 
 XLA:CPU (jaxlib 0.10) runs some convolution shapes through very slow paths: 3x3 convs whose
@@ -43,6 +44,10 @@ USE_ONEDNN_ON_CPU = True
 # On the CPU, 'auto' runs the convs it leaves to XLA as 'kept' (groups = 1): cifar_resnet20's train step
 # 1.19x faster, paired (experiments.bench_ab, variant "+kept conv input"); the other bench models unchanged.
 KEEP_CONV_INPUT_ON_CPU = True
+# On the CPU in one process, 'auto' computes the gradients of its shifted-sum (greyscale) convs with oneDNN when
+# its kernels are built (shifted_sum_onednn_conv): LeNet-5's 5x5 1 -> 8 weight gradient at batch 128 takes
+# 0.41 ms there against 1.39 ms in XLA (medians of 30, an ad hoc script, 2026-12-04).
+ONEDNN_SHIFTED_GRADIENTS_ON_CPU = True
 
 # Largest output (H' * W') for which a strided kxk conv uses patches on the CPU: patches win up to
 # 16x16 outputs, break even near 14x14 at batch 16 and lose at 28x28 (experiments.bench_conv).
@@ -180,6 +185,21 @@ def _xla_conv_bwd(strides, pads, dilation, precision, residuals, g):
 shifted_sum_conv.defvjp(_shifted_sum_conv_fwd, _xla_conv_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def shifted_sum_onednn_conv(x: Array, kernel: Array, strides: tuple[int, int], pads: Pads,
+                            dilation: tuple[int, int] = (1, 1), precision: Any = None) -> Array:
+    """:func:`shifted_sum_conv`'s forward with oneDNN's gradients (:func:`onednn_conv`'s); needs
+    :func:`cnnjax.native.onednn.available` and ``x``, ``kernel`` of one dtype, float32 or bfloat16."""
+    return shifted_sum_conv(x, kernel, strides, pads, dilation, precision)
+
+
+def _shifted_sum_onednn_conv_bwd(strides, pads, dilation, precision, residuals, g):
+    return _onednn_conv_bwd(strides, pads, dilation, residuals, g.astype(residuals[0].dtype))
+
+
+shifted_sum_onednn_conv.defvjp(_shifted_sum_conv_fwd, _shifted_sum_onednn_conv_bwd)
+
+
 def _kept(x: Array, kernel: Array) -> Array:
     """``x``, passed through a while loop that runs zero times. The trip count is read from the (replicated)
     ``kernel``, so XLA cannot remove the loop, and a sharded ``x`` needs no communication: the result is a
@@ -313,7 +333,8 @@ def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: str | Pad
         pads = tuple(tuple(p) for p in lax.padtype_to_pads(x.shape[1:3], window, strides, padding))
     else:
         pads = padding
-    if impl == "auto":
+    auto = impl == "auto"
+    if auto:
         impl = choose_impl(x.shape[1:3], (kh, kw), strides, pads, dilation, groups, in_channels=x.shape[-1],
                            out_channels=kernel.shape[-1], onednn=onednn_usable(x, kernel, groups))
         # Kept inputs were measured in one process; a run over several processes keeps XLA's own backward,
@@ -328,6 +349,8 @@ def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: str | Pad
     if impl == "im2col":
         return im2col_conv(x, kernel, strides, pads, dilation, precision)
     if impl == "shifted":
+        if auto and ONEDNN_SHIFTED_GRADIENTS_ON_CPU and onednn_usable(x, kernel, groups):
+            return shifted_sum_onednn_conv(x, kernel, strides, pads, dilation, precision)
         return shifted_sum_conv(x, kernel, strides, pads, dilation, precision)
     if impl == "kept":
         return kept_input_conv(x, kernel, strides, pads, dilation, precision)

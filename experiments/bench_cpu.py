@@ -35,7 +35,9 @@ the previous one:
 16. ``+oneDNN max-pool``: every max-pool through oneDNN's pooling kernels (``cnnjax.layers.onednn_max_pool``);
 17. ``+tcmalloc``: the process runs with tcmalloc preloaded (Debian's libtcmalloc-minimal4), as the entry points
     do (``experiments.cli``), so XLA's per-step buffers are reused instead of mapped and faulted in afresh by
-    glibc; every earlier variant runs on glibc's malloc.
+    glibc; every earlier variant runs on glibc's malloc;
+18. ``+oneDNN greyscale gradients``: the gradients of the shifted-sum (greyscale) first convs by oneDNN
+    (``cnnjax.conv.shifted_sum_onednn_conv``) instead of XLA's convolutions.
 
 Rows are training throughput (images/s, batch 128, random uint8 data, SGD momentum 0.9) through
 the real ``Runner``, next to PyTorch eager on the same network (timed in this process, which runs with

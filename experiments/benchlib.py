@@ -251,7 +251,8 @@ def bench_torch_model(name: str):
 CPU_VARIANTS = ("baseline", "+ynn flag", "+im2col", "+tiled max-pool", "+greyscale im2col", "+strided-view max-pool",
                 "+closed-form BatchNorm backward", "+shifted-sum greyscale conv", "+8-channel LeNet",
                 "+overlapping strided-view max-pool", "+huge pages", "+kept conv input", "+split strided conv",
-                "+broadcast tiled max-pool backward", "+oneDNN convolutions", "+oneDNN max-pool", "+tcmalloc")
+                "+broadcast tiled max-pool backward", "+oneDNN convolutions", "+oneDNN max-pool", "+tcmalloc",
+                "+oneDNN greyscale gradients")
 # Variants that are a setting of the whole process (glibc's huge-page tunable, the preloaded allocator: read at
 # start-up), not library code: only experiments.bench_cpu, which gives every variant its own process, can compare
 # them.
@@ -292,7 +293,8 @@ def library_switches() -> list[tuple[Any, str]]:
 
     return [(conv, "choose_impl"), (layers, "_tiled_max_pool"), (layers, "_overlapping_max_pool"),
             (layers, "_batch_norm_train"), (lenet, "CPU_CHANNEL_PAD"), (conv, "KEEP_CONV_INPUT_ON_CPU"),
-            (layers, "TILED_POOL_BROADCAST_BACKWARD"), (conv, "USE_ONEDNN_ON_CPU"), (layers, "USE_ONEDNN_POOL_ON_CPU")]
+            (layers, "TILED_POOL_BROADCAST_BACKWARD"), (conv, "USE_ONEDNN_ON_CPU"), (layers, "USE_ONEDNN_POOL_ON_CPU"),
+            (conv, "ONEDNN_SHIFTED_GRADIENTS_ON_CPU")]
 
 
 @contextlib.contextmanager
@@ -343,6 +345,8 @@ def _undo_changes(variant: str) -> None:
         conv.USE_ONEDNN_ON_CPU = False  # XLA's convolutions, by the rules of conv.choose_impl
     if level < 15:
         layers.USE_ONEDNN_POOL_ON_CPU = False  # max-pools as strided views (layers._window_max_pool)
+    if level < 17:
+        conv.ONEDNN_SHIFTED_GRADIENTS_ON_CPU = False  # shifted-sum (greyscale) convs with XLA's gradients
     if level < 9:
         layers._overlapping_max_pool = lambda x, window, stride, padding: lax.reduce_window(
             x, -jax.numpy.inf, lax.max, (1, *window, 1), (1, *stride, 1), ((0, 0), *((p, p) for p in padding), (0, 0)))

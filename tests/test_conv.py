@@ -336,3 +336,39 @@ def test_onednn_under_a_batch_sharded_jit_equals_xla():
 def test_onednn_refuses_an_empty_output_in_one_line():
     with pytest.raises(ValueError, match="conv output would be empty: input 2x2, kernel 5x5"):
         conv.conv2d(jnp.ones((1, 2, 2, 3)), jnp.ones((5, 5, 3, 4)), (1, 1), ((0, 0), (0, 0)), impl="onednn")
+
+
+@needs_onednn
+@pytest.mark.parametrize("hw,c_in,c_out,k,s,pads,d", GREYSCALE_CASES)
+def test_shifted_sum_with_onednn_gradients_matches_xla_jitted_or_not(hw, c_in, c_out, k, s, pads, d):
+    x = jnp.asarray(rng.randn(3, *hw, c_in).astype(np.float32))
+    w = jnp.asarray(rng.randn(*k, c_in, c_out).astype(np.float32))
+
+    def loss(f):
+        return lambda x, w: (f(x, w, s, pads, d) ** 2).sum()
+
+    want = jax.grad(loss(xla), argnums=(0, 1))(x, w)
+    for jit in (False, True):
+        grad = jax.grad(loss(conv.shifted_sum_onednn_conv), argnums=(0, 1))
+        chex.assert_trees_all_close((jax.jit(grad) if jit else grad)(x, w), want, atol=1e-3, rtol=1e-4)
+    chex.assert_trees_all_close(conv.shifted_sum_onednn_conv(x, w, s, pads, d), xla(x, w, s, pads, d),
+                                atol=1e-4, rtol=1e-5)
+
+
+@needs_onednn
+def test_auto_takes_onednn_gradients_for_greyscale_convs_in_one_cpu_process(monkeypatch):
+    """LeNet's 5x5 1 -> 8 conv: 'auto' keeps the shifted-sum forward (no oneDNN forward) and calls oneDNN for
+    its two gradients; with ONEDNN_SHIFTED_GRADIENTS_ON_CPU off or over several processes, XLA's gradients."""
+    x, w = jnp.ones((2, 32, 32, 1)), jnp.ones((5, 5, 1, 8))
+
+    def calls(f):
+        return str(jax.make_jaxpr(f)(x, w)).count(onednn.TARGET)
+
+    forward = lambda x, w: conv.conv2d(x, w, (1, 1), "VALID").sum()  # noqa: E731
+    assert calls(forward) == 0
+    assert calls(jax.grad(forward, (0, 1))) == 2
+    with monkeypatch.context() as m:
+        m.setattr(jax, "process_count", lambda: 2)
+        assert calls(jax.grad(forward, (0, 1))) == 0
+    monkeypatch.setattr(conv, "ONEDNN_SHIFTED_GRADIENTS_ON_CPU", False)
+    assert calls(jax.grad(forward, (0, 1))) == 0
