@@ -252,17 +252,19 @@ CPU_VARIANTS = ("baseline", "+ynn flag", "+im2col", "+tiled max-pool", "+greysca
                 "+closed-form BatchNorm backward", "+shifted-sum greyscale conv", "+8-channel LeNet",
                 "+overlapping strided-view max-pool", "+huge pages", "+kept conv input", "+split strided conv",
                 "+broadcast tiled max-pool backward", "+oneDNN convolutions", "+oneDNN max-pool", "+tcmalloc",
-                "+oneDNN greyscale gradients")
+                "+oneDNN greyscale gradients", "+oneDNN on XLA's threads")
 # Variants that are a setting of the whole process (glibc's huge-page tunable, the preloaded allocator: read at
 # start-up), not library code: only experiments.bench_cpu, which gives every variant its own process, can compare
 # them.
-PROCESS_VARIANTS = ("+huge pages", "+tcmalloc")
+PROCESS_VARIANTS = ("+huge pages", "+tcmalloc", "+oneDNN on XLA's threads")
 
 
 def variant_env(variant: str, environ: dict, tcmalloc: str | None = None) -> dict:
     """``environ`` as ``variant``'s process needs it: the entry points' XLA flag from ``+ynn flag`` on, glibc's
     huge-page tunable on (``=1``) from ``+huge pages`` on, off (``=0``) before it, and ``tcmalloc`` (a library
-    path, ``experiments.cli.find_tcmalloc()``) preloaded from ``+tcmalloc`` on, glibc's malloc before it."""
+    path, ``experiments.cli.find_tcmalloc()``) preloaded from ``+tcmalloc`` on, glibc's malloc before it, and
+    oneDNN's calls split over XLA's threads from ``+oneDNN on XLA's threads`` on, on oneDNN's OpenMP team before it."""
+    from cnnjax.native import onednn
     from experiments import cli
 
     env = dict(environ)
@@ -283,6 +285,10 @@ def variant_env(variant: str, environ: dict, tcmalloc: str | None = None) -> dic
     else:
         env[cli.MALLOC_CHOICE] = "glibc"
     env["LD_PRELOAD"] = ":".join(preloads)
+    if level >= CPU_VARIANTS.index("+oneDNN on XLA's threads"):
+        env.pop(onednn.THREADS_CHOICE, None)
+    else:
+        env[onednn.THREADS_CHOICE] = "omp"  # each oneDNN call whole, on oneDNN's OpenMP team
     return env
 
 

@@ -99,17 +99,20 @@ def test_with_variant_puts_the_library_back_on_exit(library_restored):
             lenet.CPU_CHANNEL_PAD) == before
 
 
-@pytest.mark.parametrize("variant,ynn_flag,huge,tcmalloc", [
-    ("baseline", False, 0, False), ("+ynn flag", True, 0, False),
-    ("+overlapping strided-view max-pool", True, 0, False), ("+huge pages", True, 1, False),
-    ("+oneDNN max-pool", True, 1, False), ("+tcmalloc", True, 1, True)])
-def test_bench_cpu_gives_each_variant_its_process_settings(variant, ynn_flag, huge, tcmalloc):
+@pytest.mark.parametrize("variant,ynn_flag,huge,tcmalloc,xla_threads", [
+    ("baseline", False, 0, False, False), ("+ynn flag", True, 0, False, False),
+    ("+overlapping strided-view max-pool", True, 0, False, False), ("+huge pages", True, 1, False, False),
+    ("+oneDNN max-pool", True, 1, False, False), ("+tcmalloc", True, 1, True, False),
+    ("+oneDNN greyscale gradients", True, 1, True, False), ("+oneDNN on XLA's threads", True, 1, True, True)])
+def test_bench_cpu_gives_each_variant_its_process_settings(variant, ynn_flag, huge, tcmalloc, xla_threads):
+    from cnnjax.native import onednn
     from experiments import cli
 
     tcm = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
     environ = {"XLA_FLAGS": "--xla_dump_to=/tmp/x", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1",
-               "LD_PRELOAD": f"/opt/libfoo.so:{tcm}"}
+               "LD_PRELOAD": f"/opt/libfoo.so:{tcm}", onednn.THREADS_CHOICE: "omp"}
     env = benchlib.variant_env(variant, environ, tcm)
+    assert env.get(onednn.THREADS_CHOICE) == (None if xla_threads else "omp")
     assert env["XLA_FLAGS"].split() == ["--xla_dump_to=/tmp/x"] + ([cli.CPU_XLA_FLAG] if ynn_flag else [])
     assert env["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:glibc.malloc.hugetlb={huge}"
     assert env["LD_PRELOAD"] == ("/opt/libfoo.so:" + tcm if tcmalloc else "/opt/libfoo.so")

@@ -372,3 +372,48 @@ def test_auto_takes_onednn_gradients_for_greyscale_convs_in_one_cpu_process(monk
         assert calls(jax.grad(forward, (0, 1))) == 0
     monkeypatch.setattr(conv, "ONEDNN_SHIFTED_GRADIENTS_ON_CPU", False)
     assert calls(jax.grad(forward, (0, 1))) == 0
+
+
+@needs_onednn
+@pytest.mark.parametrize("batch", [1, 3, 5, 9])
+def test_onednn_batch_slices_match_xla_for_any_batch(batch):
+    """Each call runs its batch in up to 4 slices (uneven ones included, kernel gradients summed over them): the
+    values and both gradients stay XLA's."""
+    x = jnp.asarray(rng.randn(batch, 9, 8, 6).astype(np.float32))
+    w = jnp.asarray(rng.randn(3, 3, 6, 5).astype(np.float32))
+
+    def loss(impl):
+        return lambda x, w: (conv.conv2d(x, w, (1, 1), "SAME", impl=impl) ** 2).sum()
+
+    chex.assert_trees_all_close(jax.jit(jax.grad(loss("onednn"), (0, 1)))(x, w),
+                                jax.grad(loss("xla"), (0, 1))(x, w), atol=1e-3, rtol=1e-4)
+
+
+ONEDNN_THREADS_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np
+from cnnjax import conv, layers
+x = jnp.asarray(np.random.RandomState(0).randn(6, 10, 10, 4).astype(np.float32))
+w = jnp.asarray(np.random.RandomState(1).randn(3, 3, 4, 8).astype(np.float32))
+loss = lambda x, w: layers.onednn_max_pool(conv.conv2d(x, w, (1, 1), "SAME", impl="onednn"), (2, 2), (2, 2),
+                                           (0, 0)).sum()
+np.save({out!r}, np.concatenate([g.ravel() for g in jax.jit(jax.grad(loss, (0, 1)))(x, w)]))
+"""
+
+
+@needs_onednn
+def test_onednn_threads_omp_gives_the_same_numbers(tmp_path):
+    """CNNJAX_ONEDNN_THREADS=omp (each call whole, on oneDNN's OpenMP team) and the default (batch slices on XLA's
+    threads) give the same gradients, each in a process of its own (the choice is read once per process)."""
+    import os
+    import subprocess
+    import sys
+
+    got = {}
+    for choice in ("omp", ""):
+        out = tmp_path / f"grads_{choice or 'xla'}.npy"
+        env = {**os.environ, onednn.THREADS_CHOICE: choice}
+        subprocess.run([sys.executable, "-c", ONEDNN_THREADS_SCRIPT.format(out=str(out))], env=env, check=True,
+                       timeout=120)
+        got[choice] = np.load(out)
+    assert got["omp"].size == 6 * 10 * 10 * 4 + 3 * 3 * 4 * 8
+    np.testing.assert_allclose(got[""], got["omp"], rtol=1e-5, atol=1e-5)

@@ -9,6 +9,12 @@ headers with ``g++`` into ``cnnjax/native/_lib/`` (or ``$XDG_CACHE_HOME/cnnjax``
 read-only), once per source and jaxlib version (about 4 s). ``python -m cnnjax.native.onednn`` builds it
 ahead of time and says whether it works. Without a compiler or oneDNN, :func:`available` is False and
 ``cnnjax.conv`` keeps XLA's convolutions; ``CNNJAX_ONEDNN=0`` switches the kernels off.
+
+Each call splits its batch into slices that run single-threaded on the calling XLA thread and one more of XLA's
+intra-op pool, instead of on oneDNN's OpenMP team (one team per XLA thread that called it, more threads than
+cores): cifar_resnet20's train step 1.16x, improved_cnn 1.08x (2 cores, 2026-12-04, ``python -m
+experiments.bench_cpu --variants="+oneDNN greyscale gradients,+oneDNN on XLA's threads"``).
+``CNNJAX_ONEDNN_THREADS=omp`` runs each call whole on the OpenMP team, as before.
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ HANDLER = "CnnjaxOnednnConv"
 POOL_FORWARD_TARGET, POOL_BACKWARD_TARGET = "cnnjax_onednn_max_pool_fwd", "cnnjax_onednn_max_pool_bwd"
 POOL_HANDLERS = {POOL_FORWARD_TARGET: "CnnjaxOnednnMaxPoolForward", POOL_BACKWARD_TARGET: "CnnjaxOnednnMaxPoolBackward"}
 SWITCH = "CNNJAX_ONEDNN"
+# "omp": each oneDNN call runs whole on oneDNN's OpenMP team, as before 2026-12-04; by default a call's batch slices
+# run single-threaded on XLA's intra-op threads (onednn_kernels.cc, ParallelSlices). Read once per process.
+THREADS_CHOICE = "CNNJAX_ONEDNN_THREADS"
 HEADER = Path("/usr/include/dnnl.hpp")
 INSTALL_HINT = "install a C++ compiler and oneDNN (Debian: apt-get install g++ libdnnl-dev)"
 # oneDNN's threads (GNU OpenMP) sleep as soon as a convolution ends instead of spinning, so they leave the cores
@@ -82,7 +91,7 @@ def build(quiet: bool = True) -> Path:
             continue
         os.close(fd)
         cmd = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}", str(SOURCE),
-               "-o", tmp, "-ldnnl"]
+               "-o", tmp, "-ldnnl", "-lgomp"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             os.unlink(tmp)

@@ -11,8 +11,19 @@
 // CnnjaxOnednnMaxPoolForward: x [N,H,W,C] -> (y [N,Ho,Wo,C], workspace: the window position of each maximum,
 // N*Ho*Wo*C bytes); CnnjaxOnednnMaxPoolBackward: (g [N,Ho,Wo,C], workspace) -> dx [N,H,W,C]. Attributes: window
 // (kh, kw), strides (sh, sw), paddings (pt, pb, pl, pr), padding counting as -inf; float32 or bfloat16.
+//
+// Threads: each call splits its batch into slices and runs them on the calling thread of XLA's intra-op pool and
+// on one task of that pool, oneDNN single-threaded on each (ParallelSlices). oneDNN's own OpenMP team is not used:
+// in XLA every pool thread that called oneDNN became the master of a team of its own, more threads than cores.
+// CNNJAX_ONEDNN_THREADS=omp runs each call whole on oneDNN's OpenMP team instead, as before. Kernel gradients
+// of the slices are summed in float32 in slice order, so results do not depend on which thread ran a slice.
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <initializer_list>
 #include <memory>
 #include <mutex>
@@ -22,6 +33,8 @@
 
 #include "dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
+
+extern "C" void omp_set_num_threads(int);  // libgomp's, which oneDNN's OpenMP build links
 
 namespace ffi = xla::ffi;
 using dnnl::memory;
@@ -33,6 +46,75 @@ dnnl::engine& Engine() {
   static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
   return engine;
 }
+
+// Whether calls are split over XLA's pool (default) or run whole on oneDNN's OpenMP team (CNNJAX_ONEDNN_THREADS=omp).
+bool SplitOverXlaPool() {
+  static const bool split = [] {
+    const char* v = std::getenv("CNNJAX_ONEDNN_THREADS");
+    return !(v != nullptr && std::string(v) == "omp");
+  }();
+  return split;
+}
+
+// Batch slices per call (CNNJAX_ONEDNN_SLICES, default 4; at most the batch).
+int64_t SliceCount(int64_t batch) {
+  if (!SplitOverXlaPool()) return 1;
+  static const int64_t slices = [] {
+    const char* v = std::getenv("CNNJAX_ONEDNN_SLICES");
+    int64_t n = v != nullptr ? std::atoll(v) : 4;
+    return n < 1 ? int64_t{4} : n;
+  }();
+  return std::min(slices, batch);
+}
+
+// oneDNN on this thread runs single-threaded (once per thread; OpenMP's thread count is a per-thread setting).
+void OneOmpThread() {
+  thread_local bool set = false;
+  if (!set && SplitOverXlaPool()) {
+    omp_set_num_threads(1);
+    set = true;
+  }
+}
+
+// body(i, participant) for every i in [0, n): on the caller (participant 0) and on one task of `pool` (participant
+// 1) when n > 1, each taking the next unclaimed i until none is left. Returns when all n have run. The caller never
+// waits for an i nobody has claimed, so a pool whose threads are all busy (or waiting in calls like this one) only
+// leaves the caller to run every i itself.
+void ParallelSlices(ffi::ThreadPool* pool, int64_t n, const std::function<void(int64_t, int)>& body) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    int64_t finished = 0;
+    std::mutex mu;
+    std::condition_variable all_done;
+  };
+  auto state = std::make_shared<State>();
+  auto run = [n](State& s, const std::function<void(int64_t, int)>& f, int participant) {
+    OneOmpThread();
+    for (int64_t i; (i = s.next.fetch_add(1)) < n;) {
+      f(i, participant);
+      std::lock_guard<std::mutex> lock(s.mu);
+      if (++s.finished == n) s.all_done.notify_all();
+    }
+  };
+  // The task may start after this call returned: it then claims nothing and never touches `body`.
+  if (pool != nullptr && n > 1) pool->Schedule([state, run, &body] { run(*state, body, 1); });
+  run(*state, body, 0);
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->all_done.wait(lock, [&] { return state->finished == n; });
+}
+
+// Rows [begin, end) of slice i of n over a batch of `batch`.
+std::pair<int64_t, int64_t> SliceRows(int64_t batch, int64_t i, int64_t n) { return {i * batch / n, (i + 1) * batch / n}; }
+
+// Collects the first error of a call's slices.
+struct FirstError {
+  std::mutex mu;
+  std::string message;
+  void Set(const std::string& m) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (message.empty()) message = m;
+  }
+};
 
 struct Conv {
   dnnl::primitive conv;
@@ -63,8 +145,10 @@ void Finish(Conv& c, const PD& pd, const memory::desc& weights_md, bool weights_
 
 std::unique_ptr<Conv> Build(int kind, memory::data_type dt, const Geometry& g) {
   auto c = std::make_unique<Conv>();
+  // Kernel gradients are written in float32 (summed over batch slices, then rounded to `dt` by the caller).
+  const auto w_dt = kind == 2 ? memory::data_type::f32 : dt;
   memory::desc src(g.src, dt, tag::nhwc), dst(g.dst, dt, tag::nhwc), any_w(g.weights, dt, tag::any);
-  c->user_weights = memory::desc(g.weights, dt, tag::hwio);
+  c->user_weights = memory::desc(g.weights, w_dt, tag::hwio);
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   const auto alg = dnnl::algorithm::convolution_direct;
@@ -82,7 +166,8 @@ std::unique_ptr<Conv> Build(int kind, memory::data_type dt, const Geometry& g) {
     c->scratchpad = pd.scratchpad_desc();
     Finish(*c, pd, pd.weights_desc(), false);
   } else {
-    dnnl::convolution_backward_weights::desc bwd(alg, src, any_w, dst, g.strides, g.dilations, g.pad_l,
+    memory::desc any_dw(g.weights, w_dt, tag::any);
+    dnnl::convolution_backward_weights::desc bwd(alg, src, any_dw, dst, g.strides, g.dilations, g.pad_l,
                                                  g.pad_r);
     dnnl::convolution_backward_weights::primitive_desc pd(bwd, attr, Engine(), fwd_pd);
     c->conv = dnnl::convolution_backward_weights(pd);
@@ -121,40 +206,91 @@ void* ThreadBuffer(int which, size_t bytes) {
   return reinterpret_cast<void*>((p + 63) & ~std::uintptr_t(63));
 }
 
-// One convolution of `kind` on the activations x / y and the HWIO kernel w (each an input or the output).
-ffi::Error Execute(int kind, memory::data_type dt, const Geometry& g, void* x_p, void* w_p, void* y_p) {
-  try {
-    const Conv& c = Cached(kind, dt, g);
-    dnnl::stream stream(Engine());
-    memory x_m(memory::desc(g.src, dt, tag::nhwc), Engine(), x_p);
-    memory y_m(memory::desc(g.dst, dt, tag::nhwc), Engine(), y_p);
-    memory w_user(c.user_weights, Engine(), w_p);
-    memory w_conv = c.reorder_weights
-        ? memory(c.conv_weights, Engine(), ThreadBuffer(1, c.conv_weights.get_size())) : w_user;
-    memory pad(c.scratchpad, Engine(), ThreadBuffer(0, c.scratchpad.get_size()));
-    if (c.reorder_weights && kind != 2)
-      c.weights_reorder.execute(stream, {{DNNL_ARG_FROM, w_user}, {DNNL_ARG_TO, w_conv}});
-    if (kind == 0) {
-      c.conv.execute(stream, {{DNNL_ARG_SRC, x_m}, {DNNL_ARG_WEIGHTS, w_conv}, {DNNL_ARG_DST, y_m},
-                              {DNNL_ARG_SCRATCHPAD, pad}});
-    } else if (kind == 1) {
-      c.conv.execute(stream, {{DNNL_ARG_DIFF_DST, y_m}, {DNNL_ARG_WEIGHTS, w_conv}, {DNNL_ARG_DIFF_SRC, x_m},
-                              {DNNL_ARG_SCRATCHPAD, pad}});
-    } else {
-      c.conv.execute(stream, {{DNNL_ARG_SRC, x_m}, {DNNL_ARG_DIFF_DST, y_m}, {DNNL_ARG_DIFF_WEIGHTS, w_conv},
-                              {DNNL_ARG_SCRATCHPAD, pad}});
-      if (c.reorder_weights)
-        c.weights_reorder.execute(stream, {{DNNL_ARG_FROM, w_conv}, {DNNL_ARG_TO, w_user}});
-    }
-    stream.wait();
-  } catch (const std::exception& e) {  // dnnl::error, std::bad_alloc
-    return ffi::Error::Internal(std::string("onednn_conv: ") + e.what());
+// One convolution of `kind` on the activations x / y and the HWIO kernel w (each an input or the output; a kernel
+// gradient is written in float32), on this thread. Throws dnnl::error or std::bad_alloc.
+void ConvSlice(int kind, memory::data_type dt, const Geometry& g, void* x_p, void* w_p, void* y_p) {
+  const Conv& c = Cached(kind, dt, g);
+  dnnl::stream stream(Engine());
+  memory x_m(memory::desc(g.src, dt, tag::nhwc), Engine(), x_p);
+  memory y_m(memory::desc(g.dst, dt, tag::nhwc), Engine(), y_p);
+  memory w_user(c.user_weights, Engine(), w_p);
+  memory w_conv = c.reorder_weights
+      ? memory(c.conv_weights, Engine(), ThreadBuffer(1, c.conv_weights.get_size())) : w_user;
+  memory pad(c.scratchpad, Engine(), ThreadBuffer(0, c.scratchpad.get_size()));
+  if (c.reorder_weights && kind != 2)
+    c.weights_reorder.execute(stream, {{DNNL_ARG_FROM, w_user}, {DNNL_ARG_TO, w_conv}});
+  if (kind == 0) {
+    c.conv.execute(stream, {{DNNL_ARG_SRC, x_m}, {DNNL_ARG_WEIGHTS, w_conv}, {DNNL_ARG_DST, y_m},
+                            {DNNL_ARG_SCRATCHPAD, pad}});
+  } else if (kind == 1) {
+    c.conv.execute(stream, {{DNNL_ARG_DIFF_DST, y_m}, {DNNL_ARG_WEIGHTS, w_conv}, {DNNL_ARG_DIFF_SRC, x_m},
+                            {DNNL_ARG_SCRATCHPAD, pad}});
+  } else {
+    c.conv.execute(stream, {{DNNL_ARG_SRC, x_m}, {DNNL_ARG_DIFF_DST, y_m}, {DNNL_ARG_DIFF_WEIGHTS, w_conv},
+                            {DNNL_ARG_SCRATCHPAD, pad}});
+    if (c.reorder_weights)
+      c.weights_reorder.execute(stream, {{DNNL_ARG_FROM, w_conv}, {DNNL_ARG_TO, w_user}});
   }
+  stream.wait();
+}
+
+// float32 -> bfloat16, rounding to nearest even (NaNs stay NaN).
+uint16_t ToBf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+int64_t Product(const memory::dims& d) {
+  int64_t p = 1;
+  for (auto v : d) p *= v;
+  return p;
+}
+
+// One convolution of `kind` over the whole batch, its batch slices spread by ParallelSlices.
+ffi::Error Execute(ffi::ThreadPool* pool, int kind, memory::data_type dt, const Geometry& g, void* x_p, void* w_p,
+                   void* y_p) {
+  const int64_t batch = g.src[0], n = SliceCount(batch);
+  const int64_t bytes = dt == memory::data_type::f32 ? 4 : 2;
+  const int64_t x_row = Product(g.src) / batch * bytes, y_row = Product(g.dst) / batch * bytes;
+  const int64_t w_count = Product(g.weights);
+  FirstError error;
+  try {
+    std::vector<float> partial(kind == 2 ? n * w_count : 0);  // each slice's float32 kernel gradient
+    ParallelSlices(pool, n, [&](int64_t i, int) {
+      auto rows = SliceRows(batch, i, n);
+      Geometry s = g;
+      s.src[0] = s.dst[0] = rows.second - rows.first;
+      void* w = kind == 2 ? static_cast<void*>(partial.data() + i * w_count) : w_p;
+      try {
+        ConvSlice(kind, dt, s, static_cast<char*>(x_p) + rows.first * x_row, w,
+                  static_cast<char*>(y_p) + rows.first * y_row);
+      } catch (const std::exception& e) {  // dnnl::error, std::bad_alloc
+        error.Set(e.what());
+      }
+    });
+    if (error.message.empty() && kind == 2) {
+      for (int64_t i = 1; i < n; ++i)
+        for (int64_t j = 0; j < w_count; ++j) partial[j] += partial[i * w_count + j];
+      if (dt == memory::data_type::f32) {
+        std::memcpy(w_p, partial.data(), w_count * 4);
+      } else {
+        auto* out = static_cast<uint16_t*>(w_p);
+        for (int64_t j = 0; j < w_count; ++j) out[j] = ToBf16(partial[j]);
+      }
+    }
+  } catch (const std::exception& e) {
+    error.Set(e.what());
+  }
+  if (!error.message.empty()) return ffi::Error::Internal("onednn_conv: " + error.message);
   return ffi::Error::Success();
 }
 
 ffi::Error Run(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out, int64_t kind,
-               int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t dh, int64_t dw) {
+               int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t dh, int64_t dw,
+               ffi::ThreadPool pool) {
   if (kind < 0 || kind > 2) return ffi::Error::InvalidArgument("onednn_conv: kind must be 0, 1 or 2");
   auto type = a.element_type();
   if (b.element_type() != type || out->element_type() != type)
@@ -174,7 +310,7 @@ ffi::Error Run(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> o
   void* x_p = kind == 1 ? out->untyped_data() : a.untyped_data();
   void* w_p = kind == 2 ? out->untyped_data() : b.untyped_data();
   void* y_p = kind == 0 ? out->untyped_data() : (kind == 1 ? a.untyped_data() : b.untyped_data());
-  return Execute(static_cast<int>(kind), dt, g, x_p, w_p, y_p);
+  return Execute(&pool, static_cast<int>(kind), dt, g, x_p, w_p, y_p);
 }
 
 // --- max-pool ---------------------------------------------------------------------------------------
@@ -230,54 +366,78 @@ ffi::Error PoolSetup(ffi::AnyBuffer::Dimensions x_d, ffi::AnyBuffer::Dimensions 
   return ffi::Error::Success();
 }
 
-// The forward (x -> y and the workspace) or the backward (g and the workspace -> dx) of the max-pool of geometry g;
-// `src` is x or dx, `dst` is y or g.
-ffi::Error ExecutePool(bool backward, memory::data_type dt, const PoolGeometry& g, void* src, void* dst, void* ws,
-                       size_t ws_bytes) {
-  try {
-    const Pool& p = CachedPool(dt, g);
-    if (p.workspace.get_size() != ws_bytes)
-      return ffi::Error::InvalidArgument("onednn_max_pool: the workspace must have " +
-                                         std::to_string(p.workspace.get_size()) + " bytes");
-    dnnl::stream stream(Engine());
-    memory src_m(memory::desc(g.src, dt, tag::nhwc), Engine(), src);
-    memory dst_m(memory::desc(g.dst, dt, tag::nhwc), Engine(), dst);
-    memory ws_m(p.workspace, Engine(), ws);
-    const memory::desc& scratchpad = backward ? p.backward_scratchpad : p.forward_scratchpad;
-    memory pad(scratchpad, Engine(), ThreadBuffer(0, scratchpad.get_size()));
-    if (backward) {
-      p.backward.execute(stream, {{DNNL_ARG_DIFF_DST, dst_m}, {DNNL_ARG_WORKSPACE, ws_m}, {DNNL_ARG_DIFF_SRC, src_m},
-                                  {DNNL_ARG_SCRATCHPAD, pad}});
-    } else {
-      p.forward.execute(stream, {{DNNL_ARG_SRC, src_m}, {DNNL_ARG_DST, dst_m}, {DNNL_ARG_WORKSPACE, ws_m},
-                                 {DNNL_ARG_SCRATCHPAD, pad}});
-    }
-    stream.wait();
-  } catch (const std::exception& e) {  // dnnl::error, std::bad_alloc
-    return ffi::Error::Internal(std::string("onednn_max_pool: ") + e.what());
+// The forward (x -> y and the workspace) or the backward (g and the workspace -> dx) of the max-pool of geometry g,
+// on this thread; `src` is x or dx, `dst` is y or g. Throws dnnl::error or std::bad_alloc.
+void PoolSlice(bool backward, memory::data_type dt, const PoolGeometry& g, void* src, void* dst, void* ws) {
+  const Pool& p = CachedPool(dt, g);
+  dnnl::stream stream(Engine());
+  memory src_m(memory::desc(g.src, dt, tag::nhwc), Engine(), src);
+  memory dst_m(memory::desc(g.dst, dt, tag::nhwc), Engine(), dst);
+  memory ws_m(p.workspace, Engine(), ws);
+  const memory::desc& scratchpad = backward ? p.backward_scratchpad : p.forward_scratchpad;
+  memory pad(scratchpad, Engine(), ThreadBuffer(0, scratchpad.get_size()));
+  if (backward) {
+    p.backward.execute(stream, {{DNNL_ARG_DIFF_DST, dst_m}, {DNNL_ARG_WORKSPACE, ws_m}, {DNNL_ARG_DIFF_SRC, src_m},
+                                {DNNL_ARG_SCRATCHPAD, pad}});
+  } else {
+    p.forward.execute(stream, {{DNNL_ARG_SRC, src_m}, {DNNL_ARG_DST, dst_m}, {DNNL_ARG_WORKSPACE, ws_m},
+                               {DNNL_ARG_SCRATCHPAD, pad}});
   }
+  stream.wait();
+}
+
+// The max-pool over the whole batch, its batch slices spread by ParallelSlices (the workspace, like y, has the
+// batch outermost: one byte per output element).
+ffi::Error ExecutePool(ffi::ThreadPool* pool, bool backward, memory::data_type dt, const PoolGeometry& g, void* src,
+                       void* dst, void* ws, size_t ws_bytes) {
+  const int64_t batch = g.src[0], n = SliceCount(batch);
+  const int64_t bytes = dt == memory::data_type::f32 ? 4 : 2;
+  const int64_t src_row = Product(g.src) / batch * bytes, dst_row = Product(g.dst) / batch * bytes;
+  FirstError error;
+  try {
+    const Pool& whole = CachedPool(dt, g);
+    if (whole.workspace.get_size() != ws_bytes || static_cast<int64_t>(ws_bytes) != Product(g.dst))
+      return ffi::Error::InvalidArgument("onednn_max_pool: the workspace must have " +
+                                         std::to_string(Product(g.dst)) + " bytes");
+    ParallelSlices(pool, n, [&](int64_t i, int) {
+      auto rows = SliceRows(batch, i, n);
+      PoolGeometry s = g;
+      s.src[0] = s.dst[0] = rows.second - rows.first;
+      try {
+        PoolSlice(backward, dt, s, static_cast<char*>(src) + rows.first * src_row,
+                  static_cast<char*>(dst) + rows.first * dst_row,
+                  static_cast<char*>(ws) + rows.first * (Product(g.dst) / batch));
+      } catch (const std::exception& e) {  // dnnl::error, std::bad_alloc
+        error.Set(e.what());
+      }
+    });
+  } catch (const std::exception& e) {
+    error.Set(e.what());
+  }
+  if (!error.message.empty()) return ffi::Error::Internal("onednn_max_pool: " + error.message);
   return ffi::Error::Success();
 }
 
 ffi::Error MaxPoolForward(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> ws,
                           int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
-                          int64_t pr) {
+                          int64_t pr, ffi::ThreadPool pool) {
   PoolGeometry g;
   memory::data_type dt;
   auto status = PoolSetup(x.dimensions(), y->dimensions(), x.element_type(), y->element_type(), kh, kw, sh, sw,
                           pt, pb, pl, pr, &g, &dt);
   if (status.failure()) return status;
-  return ExecutePool(false, dt, g, x.untyped_data(), y->untyped_data(), ws->untyped_data(), ws->size_bytes());
+  return ExecutePool(&pool, false, dt, g, x.untyped_data(), y->untyped_data(), ws->untyped_data(), ws->size_bytes());
 }
 
 ffi::Error MaxPoolBackward(ffi::AnyBuffer g_in, ffi::AnyBuffer ws, ffi::Result<ffi::AnyBuffer> dx, int64_t kh,
-                           int64_t kw, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+                           int64_t kw, int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
+                           ffi::ThreadPool pool) {
   PoolGeometry g;
   memory::data_type dt;
   auto status = PoolSetup(dx->dimensions(), g_in.dimensions(), dx->element_type(), g_in.element_type(), kh, kw, sh,
                           sw, pt, pb, pl, pr, &g, &dt);
   if (status.failure()) return status;
-  return ExecutePool(true, dt, g, dx->untyped_data(), g_in.untyped_data(), ws.untyped_data(), ws.size_bytes());
+  return ExecutePool(&pool, true, dt, g, dx->untyped_data(), g_in.untyped_data(), ws.untyped_data(), ws.size_bytes());
 }
 
 // The max-pool handlers' attributes, in the order of their parameters.
@@ -291,7 +451,8 @@ auto WithPoolAttrs(Binding binding) {
       .template Attr<int64_t>("pt")
       .template Attr<int64_t>("pb")
       .template Attr<int64_t>("pl")
-      .template Attr<int64_t>("pr");
+      .template Attr<int64_t>("pr")
+      .template Ctx<ffi::ThreadPool>();
 }
 
 }  // namespace
@@ -309,7 +470,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnjaxOnednnConv, Run,
                                   .Attr<int64_t>("pl")
                                   .Attr<int64_t>("pr")
                                   .Attr<int64_t>("dh")
-                                  .Attr<int64_t>("dw"));
+                                  .Attr<int64_t>("dw")
+                                  .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnjaxOnednnMaxPoolForward, MaxPoolForward,
                               WithPoolAttrs(ffi::Ffi::Bind()
