@@ -218,11 +218,10 @@ def in_fresh_process(function: Callable, *args: Any, env: dict | None = None) ->
     """``function(*args)`` run in a new Python process (``env``, default this one's environment) and its result,
     both passed as JSON; a failure raises ``RuntimeError`` with the child's last line of stderr.
 
-    The benchmarks time PyTorch this way beside cnnjax: once cnnjax's oneDNN kernels have run (each of XLA's
-    threads that calls one becomes the master of a GNU OpenMP team of its own), the process's libgomp, which
-    PyTorch shares, manages more threads than there are cores and cuts every team's spin-wait to 100 spins,
-    PyTorch's too: its eager lenet5 step took 9.2 against 5.6 ms in the same process before (Xeon, 2 cores;
-    experiments/PERFORMANCE.md, "PyTorch timed beside cnnjax's kernels")."""
+    The benchmarks time PyTorch this way beside cnnjax, so that nothing cnnjax set up in a process can touch
+    PyTorch's figures: until 2026-12-04 cnnjax's oneDNN library loaded the process's GNU OpenMP runtime, which
+    PyTorch shares, with ``OMP_WAIT_POLICY=PASSIVE``, and PyTorch's eager lenet5 step took 9.5 against 5.9 ms
+    beside it (Xeon, 2 cores; ``experiments.bench_torch_beside``, experiments/PERFORMANCE.md)."""
     code = ("import importlib, json, sys; f = importlib.import_module(sys.argv[1])\n"
             "for part in sys.argv[2].split('.'): f = getattr(f, part)\n"
             "print('\\n" + _RESULT_MARK + "' + json.dumps(f(*json.loads(sys.argv[3]))))")

@@ -47,8 +47,10 @@ INSTALL_HINT = "install a C++ compiler and oneDNN (Debian: apt-get install g++ l
 # to XLA's own threads between convolutions. `experiments.bench_ab --a "+broadcast tiled max-pool backward" --b
 # "+oneDNN convolutions"` (2 cores, 5-7 rounds; B / A, median round): cifar_resnet20 0.99 with libgomp's default
 # spinning, 1.42 with OMP_WAIT_POLICY=ACTIVE and 1.40-1.46 PASSIVE; resnet18 0.90, 0.96 and 0.93-1.02 (noisy runs,
-# one process each). Read by libgomp when the library loads, so set only for that moment (PyTorch's own OpenMP
-# runtime is left alone), and never over a user's OMP_WAIT_POLICY.
+# one process each). Read by libgomp when the library loads, so set only for that moment, never over a user's
+# OMP_WAIT_POLICY, and only with CNNJAX_ONEDNN_THREADS=omp: by default oneDNN runs no OpenMP team, and PyTorch, which
+# shares the process's libgomp, ran its eager steps 1.6x slower (lenet5) under the passive wait
+# (experiments.bench_torch_beside, 2026-12-04).
 OMP_WAIT_POLICY = "PASSIVE"
 # Conv kinds of the handler's `kind` attribute.
 FORWARD, INPUT_GRAD, KERNEL_GRAD = 0, 1, 2
@@ -117,14 +119,15 @@ def _load() -> tuple[bool, str]:
     import jax
 
     saved = os.environ.get("OMP_WAIT_POLICY")
-    os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
+    if os.environ.get(THREADS_CHOICE) == "omp":  # only oneDNN's own OpenMP teams want the passive wait
+        os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
     try:
         library = ctypes.cdll.LoadLibrary(str(path))
     except OSError as e:
         return False, f"XLA (cannot load {path}: {e})"
     finally:
         if saved is None:
-            os.environ.pop("OMP_WAIT_POLICY")
+            os.environ.pop("OMP_WAIT_POLICY", None)
     for target, handler in {TARGET: HANDLER, **POOL_HANDLERS}.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, handler)), platform="cpu")
     return True, f"oneDNN ({path})"
