@@ -194,7 +194,7 @@ def shifted_sum_onednn_conv(x: Array, kernel: Array, strides: tuple[int, int], p
 
 
 def _shifted_sum_onednn_conv_bwd(strides, pads, dilation, precision, residuals, g):
-    return _onednn_conv_bwd(strides, pads, dilation, residuals, g.astype(residuals[0].dtype))
+    return _onednn_conv_bwd(strides, pads, dilation, residuals, g)  # g has x's dtype, as the forward's output
 
 
 shifted_sum_onednn_conv.defvjp(_shifted_sum_conv_fwd, _shifted_sum_onednn_conv_bwd)

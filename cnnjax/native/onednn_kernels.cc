@@ -27,6 +27,7 @@
 #include <initializer_list>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -76,11 +77,10 @@ void OneOmpThread() {
   }
 }
 
-// body(i, participant) for every i in [0, n): on the caller (participant 0) and on one task of `pool` (participant
-// 1) when n > 1, each taking the next unclaimed i until none is left. Returns when all n have run. The caller never
-// waits for an i nobody has claimed, so a pool whose threads are all busy (or waiting in calls like this one) only
-// leaves the caller to run every i itself.
-void ParallelSlices(ffi::ThreadPool* pool, int64_t n, const std::function<void(int64_t, int)>& body) {
+// body(i) for every i in [0, n): on the caller and, when n > 1, on one task of `pool`, each taking the next
+// unclaimed i until none is left. Returns when all n have run. The caller never waits for an i nobody has claimed,
+// so a pool whose threads are all busy (or waiting in calls like this one) only leaves the caller to run every i.
+void ParallelSlices(ffi::ThreadPool* pool, int64_t n, const std::function<void(int64_t)>& body) {
   struct State {
     std::atomic<int64_t> next{0};
     int64_t finished = 0;
@@ -88,33 +88,56 @@ void ParallelSlices(ffi::ThreadPool* pool, int64_t n, const std::function<void(i
     std::condition_variable all_done;
   };
   auto state = std::make_shared<State>();
-  auto run = [n](State& s, const std::function<void(int64_t, int)>& f, int participant) {
+  auto run = [n](State& s, const std::function<void(int64_t)>& f) {
     OneOmpThread();
     for (int64_t i; (i = s.next.fetch_add(1)) < n;) {
-      f(i, participant);
+      f(i);
       std::lock_guard<std::mutex> lock(s.mu);
       if (++s.finished == n) s.all_done.notify_all();
     }
   };
   // The task may start after this call returned: it then claims nothing and never touches `body`.
-  if (pool != nullptr && n > 1) pool->Schedule([state, run, &body] { run(*state, body, 1); });
-  run(*state, body, 0);
+  if (pool != nullptr && n > 1) pool->Schedule([state, run, &body] { run(*state, body); });
+  run(*state, body);
   std::unique_lock<std::mutex> lock(state->mu);
   state->all_done.wait(lock, [&] { return state->finished == n; });
 }
 
-// Rows [begin, end) of slice i of n over a batch of `batch`.
-std::pair<int64_t, int64_t> SliceRows(int64_t batch, int64_t i, int64_t n) { return {i * batch / n, (i + 1) * batch / n}; }
-
-// Collects the first error of a call's slices.
-struct FirstError {
+// slice(i, first_row, rows) for each of the n batch slices of a batch of `batch` rows, spread by ParallelSlices.
+// Returns the first error a slice threw (dnnl::error, std::bad_alloc), or "" when none did.
+std::string ForEachBatchSlice(ffi::ThreadPool* pool, int64_t batch, int64_t n,
+                              const std::function<void(int64_t, int64_t, int64_t)>& slice) {
   std::mutex mu;
-  std::string message;
-  void Set(const std::string& m) {
+  std::string first_error;
+  auto fail = [&](const char* what) {
     std::lock_guard<std::mutex> lock(mu);
-    if (message.empty()) message = m;
+    if (first_error.empty()) first_error = what;
+  };
+  try {
+    ParallelSlices(pool, n, [&](int64_t i) {
+      const int64_t begin = i * batch / n, end = (i + 1) * batch / n;
+      try {
+        slice(i, begin, end - begin);
+      } catch (const std::exception& e) {
+        fail(e.what());
+      }
+    });
+  } catch (const std::exception& e) {
+    fail(e.what());
   }
-};
+  return first_error;
+}
+
+int64_t Product(const memory::dims& d) {
+  int64_t p = 1;
+  for (auto v : d) p *= v;
+  return p;
+}
+
+// Bytes of one batch row of an NCHW-dimensioned activation of dtype dt.
+int64_t RowBytes(const memory::dims& dims, memory::data_type dt) {
+  return Product(dims) / dims[0] * static_cast<int64_t>(memory::data_type_size(dt));
+}
 
 struct Conv {
   dnnl::primitive conv;
@@ -243,48 +266,34 @@ uint16_t ToBf16(float f) {
   return static_cast<uint16_t>(bits >> 16);
 }
 
-int64_t Product(const memory::dims& d) {
-  int64_t p = 1;
-  for (auto v : d) p *= v;
-  return p;
-}
-
 // One convolution of `kind` over the whole batch, its batch slices spread by ParallelSlices.
 ffi::Error Execute(ffi::ThreadPool* pool, int kind, memory::data_type dt, const Geometry& g, void* x_p, void* w_p,
                    void* y_p) {
-  const int64_t batch = g.src[0], n = SliceCount(batch);
-  const int64_t bytes = dt == memory::data_type::f32 ? 4 : 2;
-  const int64_t x_row = Product(g.src) / batch * bytes, y_row = Product(g.dst) / batch * bytes;
-  const int64_t w_count = Product(g.weights);
-  FirstError error;
+  const int64_t batch = g.src[0], n = SliceCount(batch), w_count = Product(g.weights);
+  const int64_t x_row = RowBytes(g.src, dt), y_row = RowBytes(g.dst, dt);
+  std::vector<float> partial;  // each slice's float32 kernel gradient
   try {
-    std::vector<float> partial(kind == 2 ? n * w_count : 0);  // each slice's float32 kernel gradient
-    ParallelSlices(pool, n, [&](int64_t i, int) {
-      auto rows = SliceRows(batch, i, n);
-      Geometry s = g;
-      s.src[0] = s.dst[0] = rows.second - rows.first;
-      void* w = kind == 2 ? static_cast<void*>(partial.data() + i * w_count) : w_p;
-      try {
-        ConvSlice(kind, dt, s, static_cast<char*>(x_p) + rows.first * x_row, w,
-                  static_cast<char*>(y_p) + rows.first * y_row);
-      } catch (const std::exception& e) {  // dnnl::error, std::bad_alloc
-        error.Set(e.what());
-      }
-    });
-    if (error.message.empty() && kind == 2) {
-      for (int64_t i = 1; i < n; ++i)
-        for (int64_t j = 0; j < w_count; ++j) partial[j] += partial[i * w_count + j];
-      if (dt == memory::data_type::f32) {
-        std::memcpy(w_p, partial.data(), w_count * 4);
-      } else {
-        auto* out = static_cast<uint16_t*>(w_p);
-        for (int64_t j = 0; j < w_count; ++j) out[j] = ToBf16(partial[j]);
-      }
-    }
-  } catch (const std::exception& e) {
-    error.Set(e.what());
+    partial.resize(kind == 2 ? n * w_count : 0);
+  } catch (const std::bad_alloc& e) {
+    return ffi::Error::Internal(std::string("onednn_conv: ") + e.what());
   }
-  if (!error.message.empty()) return ffi::Error::Internal("onednn_conv: " + error.message);
+  std::string error = ForEachBatchSlice(pool, batch, n, [&](int64_t i, int64_t begin, int64_t rows) {
+    Geometry s = g;
+    s.src[0] = s.dst[0] = rows;
+    void* w = kind == 2 ? static_cast<void*>(partial.data() + i * w_count) : w_p;
+    ConvSlice(kind, dt, s, static_cast<char*>(x_p) + begin * x_row, w, static_cast<char*>(y_p) + begin * y_row);
+  });
+  if (!error.empty()) return ffi::Error::Internal("onednn_conv: " + error);
+  if (kind == 2) {
+    for (int64_t i = 1; i < n; ++i)
+      for (int64_t j = 0; j < w_count; ++j) partial[j] += partial[i * w_count + j];
+    if (dt == memory::data_type::f32) {
+      std::memcpy(w_p, partial.data(), w_count * sizeof(float));
+    } else {
+      auto* out = static_cast<uint16_t*>(w_p);
+      for (int64_t j = 0; j < w_count; ++j) out[j] = ToBf16(partial[j]);
+    }
+  }
   return ffi::Error::Success();
 }
 
@@ -370,6 +379,8 @@ ffi::Error PoolSetup(ffi::AnyBuffer::Dimensions x_d, ffi::AnyBuffer::Dimensions 
 // on this thread; `src` is x or dx, `dst` is y or g. Throws dnnl::error or std::bad_alloc.
 void PoolSlice(bool backward, memory::data_type dt, const PoolGeometry& g, void* src, void* dst, void* ws) {
   const Pool& p = CachedPool(dt, g);
+  if (static_cast<int64_t>(p.workspace.get_size()) != Product(g.dst))  // what slicing the workspace assumes
+    throw std::runtime_error("oneDNN's pooling workspace is not one byte per output element");
   dnnl::stream stream(Engine());
   memory src_m(memory::desc(g.src, dt, tag::nhwc), Engine(), src);
   memory dst_m(memory::desc(g.dst, dt, tag::nhwc), Engine(), dst);
@@ -390,31 +401,18 @@ void PoolSlice(bool backward, memory::data_type dt, const PoolGeometry& g, void*
 // batch outermost: one byte per output element).
 ffi::Error ExecutePool(ffi::ThreadPool* pool, bool backward, memory::data_type dt, const PoolGeometry& g, void* src,
                        void* dst, void* ws, size_t ws_bytes) {
-  const int64_t batch = g.src[0], n = SliceCount(batch);
-  const int64_t bytes = dt == memory::data_type::f32 ? 4 : 2;
-  const int64_t src_row = Product(g.src) / batch * bytes, dst_row = Product(g.dst) / batch * bytes;
-  FirstError error;
-  try {
-    const Pool& whole = CachedPool(dt, g);
-    if (whole.workspace.get_size() != ws_bytes || static_cast<int64_t>(ws_bytes) != Product(g.dst))
-      return ffi::Error::InvalidArgument("onednn_max_pool: the workspace must have " +
-                                         std::to_string(Product(g.dst)) + " bytes");
-    ParallelSlices(pool, n, [&](int64_t i, int) {
-      auto rows = SliceRows(batch, i, n);
-      PoolGeometry s = g;
-      s.src[0] = s.dst[0] = rows.second - rows.first;
-      try {
-        PoolSlice(backward, dt, s, static_cast<char*>(src) + rows.first * src_row,
-                  static_cast<char*>(dst) + rows.first * dst_row,
-                  static_cast<char*>(ws) + rows.first * (Product(g.dst) / batch));
-      } catch (const std::exception& e) {  // dnnl::error, std::bad_alloc
-        error.Set(e.what());
-      }
-    });
-  } catch (const std::exception& e) {
-    error.Set(e.what());
-  }
-  if (!error.message.empty()) return ffi::Error::Internal("onednn_max_pool: " + error.message);
+  if (static_cast<int64_t>(ws_bytes) != Product(g.dst))
+    return ffi::Error::InvalidArgument("onednn_max_pool: the workspace must have " + std::to_string(Product(g.dst)) +
+                                       " bytes");
+  const int64_t batch = g.src[0], src_row = RowBytes(g.src, dt), dst_row = RowBytes(g.dst, dt);
+  const int64_t ws_row = Product(g.dst) / batch;
+  std::string error = ForEachBatchSlice(pool, batch, SliceCount(batch), [&](int64_t, int64_t begin, int64_t rows) {
+    PoolGeometry s = g;
+    s.src[0] = s.dst[0] = rows;
+    PoolSlice(backward, dt, s, static_cast<char*>(src) + begin * src_row, static_cast<char*>(dst) + begin * dst_row,
+              static_cast<char*>(ws) + begin * ws_row);
+  });
+  if (!error.empty()) return ffi::Error::Internal("onednn_max_pool: " + error);
   return ffi::Error::Success();
 }
 
