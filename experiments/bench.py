@@ -1,12 +1,14 @@
 """Side-by-side training / eval throughput: cnnjax (jit) vs PyTorch eager and torch.compile.
 
-``python -m experiments.bench [--quick] [--precisions fp32,bf16] [--torch_device auto] [--out FILE]`` prints a
-markdown table (images/s, compile time separately, cnnjax / PyTorch ratio per row) and writes JSON to FILE.
+``python -m experiments.bench [--quick] [--batches 128,512] [--precisions fp32,bf16] [--torch_device auto]
+[--out FILE]`` prints a markdown table (images/s, compile time separately, cnnjax / PyTorch ratio per row) and
+writes JSON to FILE, rewritten whole after every row (``"complete": false`` until the run ends).
 Same network (the torch twins in tests/torch_models.py, equal parameter counts), same batch, SGD with
 momentum 0.9, cross-entropy, uint8 input normalised inside the step in both frameworks. cnnjax runs on
 JAX's default device and torch on the GPU when it sees one (``--torch_device``), so on a GPU machine
-both sides are on the GPU; ``bf16`` rows compute in bfloat16 on both sides (float32 parameters). PyTorch runs
-in a process of its own for each row, where cnnjax's oneDNN kernels have not run
+both sides are on the GPU (torch with cuDNN's autotuning on, as XLA autotunes); ``bf16`` rows compute in
+bfloat16 on both sides (float32 parameters). PyTorch (eager, then the ``torch.compile``-d train step) runs in a
+process of its own for each row, where cnnjax's oneDNN kernels have not run
 (``experiments.benchlib.in_fresh_process``).
 The last section times a full epoch through the on-device pipeline (permutation + crop/flip
 augmentation) against the same number of steps on one resident batch.
@@ -23,13 +25,14 @@ import time
 from absl import flags
 
 from cnnjax.errors import UsageError
+from cnnjax.io import write_json_atomic
 from experiments import cli
 from experiments.benchlib import (
     PRECISIONS,
     SHAPES,
     WARMUP_STEPS,
     bench_model,
-    bench_torch,
+    bench_torch_sides,
     in_fresh_process,
     torch_device,
     torch_device_name,
@@ -37,13 +40,14 @@ from experiments.benchlib import (
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("quick", False, "batch 128 only, 3 timed steps, resnet18@224 at batch 16")
+flags.DEFINE_list("batches", ["128", "512"], "batch sizes of each row (without --quick)")
 flags.DEFINE_bool("pipeline", True, "add the on-device pipeline's epoch-overhead row (cifar_resnet20)")
 flags.DEFINE_bool("data_modes", True, "add stream-vs-resident epoch-time rows (experiments.bench_stream)")
 flags.DEFINE_string("out", "", "write the results as JSON here")
 flags.DEFINE_integer("steps", 10, "timed steps per row (after warm-up)")
 flags.DEFINE_integer("warmup", WARMUP_STEPS, "untimed train steps per row before the timed ones, on both sides")
 flags.DEFINE_bool("torch", True, "also time PyTorch (eager and torch.compile)")
-flags.DEFINE_bool("torch_compile", True, "with --torch, also time torch.compile (needs a C++ toolchain)")
+flags.DEFINE_bool("torch_compile", True, "with --torch, also time torch.compile's train step (needs a C++ toolchain)")
 flags.DEFINE_list("models", ["lenet5", "improved_cnn", "cifar_resnet20", "resnet18", "resnet18@224", "fast_cnn"],
                   "rows to run (NAME or NAME@SIZE)")
 flags.DEFINE_list("precisions", ["fp32"], "fp32 and / or bf16 (bfloat16 compute, float32 parameters) rows")
@@ -112,33 +116,15 @@ def main(argv):
     del argv
     import jax
 
-    batches = (128,) if FLAGS.quick else (128, 512)
+    if not FLAGS.quick and not all(b.isdigit() and int(b) > 0 for b in FLAGS.batches or ["none"]):
+        raise UsageError(f"--batches must list positive batch sizes, e.g. 128,512; got {','.join(FLAGS.batches)!r}")
+    batches = [128] if FLAGS.quick else [int(b) for b in FLAGS.batches]
     steps = 3 if FLAGS.quick else FLAGS.steps
     unknown = [n for n in FLAGS.models if n not in SHAPES] + [p for p in FLAGS.precisions if p not in PRECISIONS]
     if unknown:
         raise UsageError(f"unknown bench row or precision {unknown[0]!r}; rows: {', '.join(SHAPES)}; "
                          f"precisions: {', '.join(PRECISIONS)}")
     device = torch_device(FLAGS.torch_device) if FLAGS.torch else None
-    rows = []
-    for name in FLAGS.models:
-        for batch in batches:
-            b = 16 if (FLAGS.quick and name.endswith("@224")) else batch
-            for precision in FLAGS.precisions:
-                row = {"model": name, "input": "x".join(map(str, SHAPES[name])), "batch": b, "precision": precision}
-                row["jax"] = bench_jax(name, SHAPES[name], b, steps, precision, FLAGS.warmup)
-                if FLAGS.torch:
-                    row["torch_eager"] = in_fresh_process(bench_torch, name, SHAPES[name], b, steps, False, device,
-                                                         precision, FLAGS.warmup)
-                if FLAGS.torch and FLAGS.torch_compile:
-                    try:
-                        row["torch_compile"] = in_fresh_process(bench_torch, name, SHAPES[name], b, steps, True, device,
-                                                                 precision, FLAGS.warmup)
-                    except Exception as err:  # torch.compile needs a C++ toolchain and may not support the host
-                        row["torch_compile"] = {"error": str(err).splitlines()[0][:120]}
-                rows.append(row)
-                print_row(row, flush=True)
-    pipeline = bench_pipeline() if FLAGS.pipeline else None
-    data_modes = bench_data_modes() if FLAGS.data_modes else []
     torch_version, torch_on = "n/a", "n/a"
     if FLAGS.torch:
         import torch
@@ -147,14 +133,31 @@ def main(argv):
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} cores", "device": str(jax.devices()[0]), "jax": jax.__version__,
             "torch": torch_version, "torch_device": torch_on, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-            "quick": FLAGS.quick}
+            "quick": FLAGS.quick, "steps": steps, "warmup": FLAGS.warmup}
+    rows = []
+    # Precision-major order: a run stopped early (a device lease, say) has every model's float32 row first.
+    for precision in FLAGS.precisions:
+        for name in FLAGS.models:
+            for batch in batches:
+                b = 16 if (FLAGS.quick and name.endswith("@224")) else batch
+                row = {"model": name, "input": "x".join(map(str, SHAPES[name])), "batch": b, "precision": precision}
+                row["jax"] = bench_jax(name, SHAPES[name], b, steps, precision, FLAGS.warmup)
+                if FLAGS.torch:
+                    row.update(in_fresh_process(bench_torch_sides, name, SHAPES[name], b, steps,
+                                                FLAGS.torch_compile, device, precision, FLAGS.warmup))
+                rows.append(row)
+                print_row(row, flush=True)
+                if FLAGS.out:  # every finished row kept, whole-file writes only
+                    write_json_atomic(FLAGS.out, {"meta": meta, "rows": rows, "complete": False})
+    pipeline = bench_pipeline() if FLAGS.pipeline else None
+    data_modes = bench_data_modes() if FLAGS.data_modes else []
     table = markdown(rows, pipeline, meta) + "".join(
         f"\nStream vs resident ({r['model']} on an exported Fashion-MNIST folder): {r['stream_epoch_s']:.2f} vs "
         f"{r['resident_epoch_s']:.2f} s/epoch -> ratio {r['ratio']:.2f}" for r in data_modes)
     print(table)
     if FLAGS.out:
-        with open(FLAGS.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows, "pipeline": pipeline, "data_modes": data_modes}, f, indent=2)
+        write_json_atomic(FLAGS.out, {"meta": meta, "rows": rows, "pipeline": pipeline, "data_modes": data_modes,
+                                      "complete": True})
 
 
 def bench_data_modes() -> list[dict]:

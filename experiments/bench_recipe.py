@@ -30,6 +30,7 @@ import time
 from absl import flags
 
 from cnnjax.errors import UsageError
+from cnnjax.io import write_json_atomic
 from experiments import cli
 from experiments.benchlib import (
     PRECISIONS,
@@ -180,21 +181,21 @@ def main(argv):
             raise RuntimeError(f"writing the synthetic data failed: {made.stderr.strip().splitlines()[-1:]}")
         ours = run_cnnjax(tmp, os.path.join(tmp, "run"), overrides)
         data = sources.load("cifar10", tmp)
-    rows = [{"side": "cnnjax", "epoch_s": ours["epoch_s"]}]
-    sides = [("torch eager", False)] + ([("torch.compile", True)] if FLAGS.torch_compile else [])
-    for side, compiled in sides:
-        times = run_torch(data.train_images, data.train_labels, ours["config"], ours["steps_per_epoch"], device,
-                          compiled)
-        rows.append({"side": side, **times})
-        print(f"# {side}: epochs {', '.join(f'{s:.1f}' for s in rows[-1]['epoch_s'])} s", flush=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__, "torch": torch.__version__,
             "jax_device": str(jax.devices()[0]), "torch_device": torch_device_name(device),
             "precision": FLAGS.precision, "batch": ours["config"]["batch_size"],
             "steps_per_epoch": ours["steps_per_epoch"], "train_images": FLAGS.train}
+    rows = [{"side": "cnnjax", "epoch_s": ours["epoch_s"]}]
+    sides = [("torch eager", False)] + ([("torch.compile", True)] if FLAGS.torch_compile else [])
+    for side, compiled in [("cnnjax", None), *sides]:
+        if compiled is not None:
+            times = run_torch(data.train_images, data.train_labels, ours["config"], ours["steps_per_epoch"], device,
+                              compiled)
+            rows.append({"side": side, **times})
+        print(f"# {side}: epochs {', '.join(f'{s:.2f}' for s in rows[-1]['epoch_s'])} s", flush=True)
+        if FLAGS.out:  # every finished side kept, whole-file writes only
+            write_json_atomic(FLAGS.out, {"meta": meta, "rows": rows, "complete": len(rows) == 1 + len(sides)})
     print(markdown(rows, meta))
-    if FLAGS.out:
-        with open(FLAGS.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -522,6 +522,8 @@ def torch_steps(name: str, shape, batch: int, device: str = "cpu", precision: st
     if precision not in PRECISIONS:
         raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     torch.manual_seed(0)
+    # Fixed shapes: let cuDNN time its algorithms once, as XLA autotunes its convolutions on a GPU.
+    torch.backends.cudnn.benchmark = device == "cuda"
     layout = torch_layout(device)
     model = bench_torch_model(name).to(device, memory_format=layout)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -549,16 +551,18 @@ def torch_steps(name: str, shape, batch: int, device: str = "cpu", precision: st
 
 
 def bench_torch(name: str, shape, batch: int, steps: int, compiled: bool, device: str = "cpu",
-                precision: str = "fp32", warmup: int = 1) -> dict:
-    """PyTorch train and eval throughput of the torch twin of ``name`` (:func:`torch_steps`), eager or
-    ``torch.compile``-d, ``steps`` timed calls after a compile call and ``warmup`` untimed ones; every timing
-    waits for the device."""
+                precision: str = "fp32", warmup: int = 1, modes: tuple[str, ...] = ("train", "eval")) -> dict:
+    """PyTorch train and / or eval throughput (``modes``) of the torch twin of ``name`` (:func:`torch_steps`),
+    eager or ``torch.compile``-d, ``steps`` timed calls after a compile call and ``warmup`` untimed ones; every
+    timing waits for the device."""
     import torch
 
     twin = torch_steps(name, shape, batch, device, precision)
     sync = twin["sync"] or (lambda: None)
     out = {}
     for mode, fn in (("train", twin["train_step"]), ("eval", twin["eval_step"])):
+        if mode not in modes:
+            continue
         twin["model"].train(mode == "train")
         step = torch.compile(fn) if compiled else fn
         t = time.perf_counter()
@@ -570,4 +574,20 @@ def bench_torch(name: str, shape, batch: int, steps: int, compiled: bool, device
             step()
         sync()
         out[f"{mode}_img_s"] = steps * batch / timeit(step, steps, twin["sync"])
+    return out
+
+
+def bench_torch_sides(name: str, shape, batch: int, steps: int, compiled: bool, device: str = "cpu",
+                      precision: str = "fp32", warmup: int = 1) -> dict:
+    """``{'torch_eager': ..., 'torch_compile': ...}`` of one bench row, both timed in this one process (one
+    torch import and device start-up per row): eager train and eval, then, with ``compiled``, the
+    ``torch.compile``-d train step (the bench's tables show no compiled eval). A compile failure (no C++
+    toolchain, say) becomes ``{'error': its first line}`` instead of losing the eager figures."""
+    out = {"torch_eager": bench_torch(name, shape, batch, steps, False, device, precision, warmup)}
+    if compiled:
+        try:
+            out["torch_compile"] = bench_torch(name, shape, batch, steps, True, device, precision, warmup,
+                                               modes=("train",))
+        except Exception as err:  # reported in the row; the eager figures are kept
+            out["torch_compile"] = {"error": (str(err).splitlines() or [type(err).__name__])[0][:160]}
     return out

@@ -19,7 +19,8 @@ def test_bench_recipe_times_every_epoch_of_both_sides_with_the_same_steps(tmp_pa
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())
-    assert [r["side"] for r in result["rows"]] == ["cnnjax", "torch eager"]
+    assert [r["side"] for r in result["rows"]] == ["cnnjax", "torch eager"] and result["complete"]
+    assert "# cnnjax: epochs " in done.stdout and "# torch eager: epochs " in done.stdout
     assert all(len(r["epoch_s"]) == 2 and min(r["epoch_s"]) > 0 for r in result["rows"])
     meta = result["meta"]
     assert (meta["batch"], meta["steps_per_epoch"], meta["precision"]) == (64, 630 // 64, "fp32")  # 10% held out

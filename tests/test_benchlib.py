@@ -253,6 +253,35 @@ def test_torch_twin_steps_compute_in_the_precision_asked_and_keep_float32_parame
     assert twin["eval_step"]().dtype == getattr(torch, dtype) and twin["sync"] is None
 
 
+def test_bench_torch_sides_keeps_the_eager_figures_when_compile_fails_and_times_only_compiled_training(
+        monkeypatch):
+    calls = []
+
+    def fake_bench_torch(name, shape, batch, steps, compiled, device, precision, warmup, modes=("train", "eval")):
+        calls.append((compiled, modes))
+        if compiled:
+            raise RuntimeError("inductor needs a C++ compiler\nmore detail")
+        return {"train_img_s": 1.0, "eval_img_s": 2.0}
+
+    monkeypatch.setattr(benchlib, "bench_torch", fake_bench_torch)
+    out = benchlib.bench_torch_sides("lenet5", (32, 32, 1), 4, 5, True, "cpu", "fp32", 1)
+    assert out == {"torch_eager": {"train_img_s": 1.0, "eval_img_s": 2.0},
+                   "torch_compile": {"error": "inductor needs a C++ compiler"}}
+    assert calls == [(False, ("train", "eval")), (True, ("train",))]
+    assert set(benchlib.bench_torch_sides("lenet5", (32, 32, 1), 4, 5, False, "cpu", "fp32", 1)) == {"torch_eager"}
+
+
+def test_bench_torch_times_only_the_modes_asked(monkeypatch):
+    torch = pytest.importorskip("torch")
+    calls = {"train": 0, "eval": 0}
+    twin = {"model": torch.nn.Linear(1, 1), "sync": None,
+            "train_step": lambda: calls.__setitem__("train", calls["train"] + 1),
+            "eval_step": lambda: calls.__setitem__("eval", calls["eval"] + 1)}
+    monkeypatch.setattr(benchlib, "torch_steps", lambda *a, **k: twin)
+    out = benchlib.bench_torch("lenet5", (32, 32, 1), batch=2, steps=5, compiled=False, warmup=1, modes=("train",))
+    assert calls == {"train": 1 + 1 + 5, "eval": 0} and set(out) == {"train_img_s", "compile_s"}
+
+
 def test_bench_spec_precision_sets_the_compute_dtype():
     assert benchlib.bench_spec((32, 32, 3)).compute_dtype == jnp.float32
     assert benchlib.bench_spec((32, 32, 3), "bf16").compute_dtype == jnp.bfloat16
@@ -270,12 +299,16 @@ def test_bench_gives_a_row_per_model_and_precision_with_both_sides_timed(tmp_pat
     result = json.loads(out.read_text())
     assert [(r["model"], r["precision"]) for r in result["rows"]] == [("lenet5", "fp32"), ("lenet5", "bf16")]
     assert all(r[side]["train_img_s"] > 0 for r in result["rows"] for side in ("jax", "torch_eager"))
-    assert result["meta"]["torch_device"] == "cpu" and result["pipeline"] is None
+    assert result["meta"]["torch_device"] == "cpu" and result["pipeline"] is None and result["complete"]
     assert "| lenet5 | 32x32x1 | 128 | bf16 |" in done.stdout and "torch on cpu" in done.stdout
     bad = subprocess.run([sys.executable, "-m", "experiments.bench", "--precisions", "fp16", "--notorch"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: unknown bench row or "
                                                                                  "precision 'fp16'")
+    bad = subprocess.run([sys.executable, "-m", "experiments.bench", "--batches", "128,big", "--notorch"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == (
+        "error: --batches must list positive batch sizes, e.g. 128,512; got '128,big'")
 
 
 # --- PyTorch in a process of its own -----------------------------------------------------------------------
