@@ -143,8 +143,11 @@ def main(argv):
                 row = {"model": name, "input": "x".join(map(str, SHAPES[name])), "batch": b, "precision": precision}
                 row["jax"] = bench_jax(name, SHAPES[name], b, steps, precision, FLAGS.warmup)
                 if FLAGS.torch:
-                    row.update(in_fresh_process(bench_torch_sides, name, SHAPES[name], b, steps,
-                                                FLAGS.torch_compile, device, precision, FLAGS.warmup))
+                    try:
+                        row.update(in_fresh_process(bench_torch_sides, name, SHAPES[name], b, steps,
+                                                    FLAGS.torch_compile, device, precision, FLAGS.warmup))
+                    except RuntimeError as err:  # the twin failed: the row keeps cnnjax's figures and says why
+                        row["torch_eager"] = {"error": str(err)[:240]}
                 rows.append(row)
                 print_row(row, flush=True)
                 if FLAGS.out:  # every finished row kept, whole-file writes only
@@ -181,7 +184,7 @@ def _fmt(d: dict, key: str) -> str:
 
 def print_row(row: dict, flush: bool = False) -> None:
     j, t = row["jax"], row.get("torch_eager", {})
-    ratio = j["train_img_s"] / t["train_img_s"] if t else float("nan")
+    ratio = j["train_img_s"] / t["train_img_s"] if "train_img_s" in t else float("nan")
     print(f"# {row['model']} {row['input']} b{row['batch']} {row.get('precision', 'fp32')}: "
           f"cnnjax {j['train_img_s']:.0f} img/s, torch eager {_fmt(t, 'train_img_s')} img/s, ratio {ratio:.2f}",
           flush=flush)
@@ -195,7 +198,7 @@ def markdown(rows: list, pipeline: dict | None, meta: dict) -> str:
              "", head, "|" + "---|" * 11]
     for r in rows:
         j, te, tc = r["jax"], r.get("torch_eager", {}), r.get("torch_compile", {})
-        ratio = f"{j['train_img_s'] / te['train_img_s']:.2f}" if te else "n/a"
+        ratio = f"{j['train_img_s'] / te['train_img_s']:.2f}" if "train_img_s" in te else "n/a"
         lines.append(f"| {r['model']} | {r['input']} | {r['batch']} | {r.get('precision', 'fp32')} | "
                      f"{j['train_img_s']:.0f} | "
                      f"{_fmt(te, 'train_img_s')} | {_fmt(tc, 'train_img_s')} | {ratio} | {j['eval_img_s']:.0f} | "

@@ -3,17 +3,29 @@
 # network needed): the bench (cnnjax against PyTorch eager and the torch.compile-d train step, batch 128) and
 # the fast recipe's epoch times on CIFAR-shaped data against the same net in PyTorch, eager and compiled.
 #
-#   bash experiments/gpu_figures.sh OUTDIR fp32   # a one-step check, the bench's float32 rows, the recipe in fp32
-#   bash experiments/gpu_figures.sh OUTDIR bf16   # the bench's bfloat16 rows, the recipe in bf16
+#   bash experiments/gpu_figures.sh OUTDIR SECTION...
 #
-# BUDGET (seconds, default 540) bounds the whole part: each section runs under a timeout inside it, and the
-# bench and the recipe rewrite their JSON after every row / side, so a section cut short keeps what it
-# finished. Pure-Python packages the machine lacks (ml_collections) may travel as wheels in .whl/; they are
-# installed into /tmp/site first. PYTHON picks the interpreter (default python3).
+# A SECTION is NAME[=MODELS][:SECONDS]: NAME one of check (one cnnjax and one PyTorch step: a broken set-up ends
+# the run in seconds), bench_fp32, bench_bf16 (the bench's rows at that precision; MODELS a comma list, default
+# the bench's six), recipe_fp32, recipe_bf16; SECONDS caps it (default: what is left). For example
+#
+#   bash experiments/gpu_figures.sh OUT check:120 bench_fp32 recipe_fp32:150
+#
+# BUDGET (seconds, default 540) bounds the whole run: each section runs under a timeout inside it (a section
+# leaves each recipe after it its cap, or 150 s), and the bench and the recipe rewrite their JSON after
+# every row / side, so a section cut short keeps what it finished. Pure-Python packages the machine lacks
+# (ml_collections) may travel as wheels in .whl/; they are installed into /tmp/site first. PYTHON picks the
+# interpreter (default python3).
 set -u
-out=${1:?usage: bash experiments/gpu_figures.sh OUTDIR fp32|bf16}
-part=${2:?usage: bash experiments/gpu_figures.sh OUTDIR fp32|bf16}
-case "$part" in fp32|bf16) ;; *) echo "error: the part must be fp32 or bf16; got '$part'" >&2; exit 2 ;; esac
+out=${1:?usage: bash experiments/gpu_figures.sh OUTDIR SECTION...}
+shift
+[ $# -gt 0 ] || { echo "error: name at least one section, e.g. check bench_fp32 recipe_fp32" >&2; exit 2; }
+for spec in "$@"; do
+    case "${spec%%[=:]*}" in check|bench_fp32|bench_bf16|recipe_fp32|recipe_bf16) ;;
+        *) echo "error: unknown section '$spec'; sections: check, bench_fp32, bench_bf16, recipe_fp32, recipe_bf16" >&2
+           exit 2 ;;
+    esac
+done
 budget=${BUDGET:-540}
 py=${PYTHON:-python3}
 mkdir -p "$out" || exit 2
@@ -42,18 +54,30 @@ section() {  # NAME SECONDS COMMAND...: run COMMAND under a timeout, its output 
     return $rc
 }
 
-if [ "$part" = fp32 ]; then
-    { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-      "$py" -c "import jax, flax, optax, torch; print('jax', jax.__version__, jax.devices(), '| flax', flax.__version__,
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  "$py" -c "import jax, flax, optax, torch; print('jax', jax.__version__, jax.devices(), '| flax', flax.__version__,
 '| optax', optax.__version__, '| torch', torch.__version__, torch.cuda.get_device_name())"
-      nproc; } 2>&1 | tee "$out/env.txt"
-    # One cnnjax train step and one PyTorch step on the GPU first: a broken set-up ends the part in seconds.
-    section check 120 "$py" -m experiments.bench --quick --models lenet5 --steps 3 --warmup 1 --notorch_compile \
-        --nopipeline --nodata_modes || exit 3
-fi
-recipe_reserve=150
-section "bench_$part" $(($(left) - recipe_reserve)) "$py" -m experiments.bench --batches 128 --precisions "$part" \
-    --steps 50 --warmup 10 --nopipeline --nodata_modes --out "$out/bench_$part.json"
-section "recipe_$part" $(($(left) - 5)) "$py" -m experiments.bench_recipe --train 50000 --test 2000 --epochs 3 \
-    --precision "$part" --out "$out/recipe_$part.json"
-echo "# part $part done in $((SECONDS - start)) s" | tee -a "$out/summary.txt"
+  nproc; } 2>&1 | tee "$out/env.txt"
+i=0
+for spec in "$@"; do
+    i=$((i + 1))
+    name=${spec%%[=:]*} models= cap=
+    case "$spec" in *=*) models=${spec#*=}; models=${models%%:*} ;; esac
+    case "$spec" in *:*) cap=${spec##*:} ;; esac
+    later=0
+    for next in "${@:$((i + 1))}"; do  # keep each later recipe its cap, or 150 s
+        case "$next" in recipe_*:*) later=$((later + ${next##*:})) ;; recipe_*) later=$((later + 150)) ;; esac
+    done
+    seconds=$(($(left) - later))
+    if [ -n "$cap" ] && [ "$cap" -lt "$seconds" ]; then seconds=$cap; fi
+    case "$name" in
+        check) section check "$seconds" "$py" -m experiments.bench --quick --models lenet5 --steps 3 --warmup 1 \
+                   --notorch_compile --nopipeline --nodata_modes || exit 3 ;;
+        bench_*) section "$name" "$seconds" "$py" -m experiments.bench --batches 128 --precisions "${name#bench_}" \
+                     ${models:+--models "$models"} --steps 50 --warmup 10 --nopipeline --nodata_modes \
+                     --out "$out/$name.json" ;;
+        recipe_*) section "$name" "$seconds" "$py" -m experiments.bench_recipe --train 50000 --test 2000 --epochs 3 \
+                      --precision "${name#recipe_}" --out "$out/$name.json" ;;
+    esac
+done
+echo "# done in $((SECONDS - start)) s" | tee -a "$out/summary.txt"
