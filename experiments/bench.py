@@ -44,6 +44,8 @@ flags.DEFINE_list("batches", ["128", "512"], "batch sizes of each row (without -
 flags.DEFINE_bool("pipeline", True, "add the on-device pipeline's epoch-overhead row (cifar_resnet20)")
 flags.DEFINE_bool("data_modes", True, "add stream-vs-resident epoch-time rows (experiments.bench_stream)")
 flags.DEFINE_string("out", "", "write the results as JSON here")
+flags.DEFINE_list("render", [], "print the table of these saved --out files' rows (the first one's machine line) "
+                  "and time nothing")
 flags.DEFINE_integer("steps", 10, "timed steps per row (after warm-up)")
 flags.DEFINE_integer("warmup", WARMUP_STEPS, "untimed train steps per row before the timed ones, on both sides")
 flags.DEFINE_bool("torch", True, "also time PyTorch (eager and torch.compile)")
@@ -112,8 +114,28 @@ def bench_pipeline(batch: int = 128, n: int = 10_000) -> dict:
     return out
 
 
+def render(paths: list[str]) -> str:
+    """The markdown table of the rows saved in ``paths`` (``--out`` files, finished or cut short), in order, under
+    the first file's machine line."""
+    from cnnjax.io import read_json
+
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise UsageError(f"--render: {missing[0]} is not a file; pass files written by "
+                         "python -m experiments.bench --out")
+    saved = [read_json(p, "pass files written by python -m experiments.bench --out") for p in paths]
+    bad = [p for p, d in zip(paths, saved, strict=True) if not (isinstance(d, dict) and "rows" in d and "meta" in d)]
+    if bad:
+        raise UsageError(f"{bad[0]} is not a bench result (no 'meta' and 'rows'); pass files written by "
+                         "python -m experiments.bench --out")
+    return markdown([r for d in saved for r in d["rows"]], None, saved[0]["meta"])
+
+
 def main(argv):
     del argv
+    if FLAGS.render:
+        print(render(FLAGS.render))
+        return
     import jax
 
     if not FLAGS.quick and not all(b.isdigit() and int(b) > 0 for b in FLAGS.batches or ["none"]):

@@ -2,7 +2,7 @@
 against the same net and per-step work in PyTorch, eager and ``torch.compile``-d.
 
 ``python -m experiments.bench_recipe [--train 50000] [--epochs 2] [--precision fp32|bf16] [--torch_device auto]
-[--notorch_compile] [--out FILE] [-- --config.key=value ...]``
+[--notorch_compile] [--out FILE] [-- --config.key=value ...]``; ``--render FILE`` prints a saved run's table.
 
 CIFAR-10 cannot be downloaded here, so a learnable stand-in in the real format is written first
 (``experiments.make_synthetic_cifar``); its accuracies mean nothing, only the times do.
@@ -50,6 +50,7 @@ flags.DEFINE_string("torch_device", "auto", "auto (the GPU when torch sees one, 
 flags.DEFINE_bool("torch_compile", True, "also time the twin under torch.compile (needs a C++ toolchain)")
 flags.DEFINE_string("config", "experiments/configs/cifar10_fast.py", "the recipe's config file")
 flags.DEFINE_string("out", "", "write the results as JSON here")
+flags.DEFINE_string("render", "", "print the table of this saved --out file (finished or cut short) and time nothing")
 
 
 def run_cnnjax(data_root: str, workdir: str, overrides: list[str]) -> dict:
@@ -159,12 +160,28 @@ def markdown(rows: list[dict], meta: dict) -> str:
     ours = rows[0]["epoch_s"][-1]
     for r in rows:
         last = r["epoch_s"][-1]
-        lines.append(f"| {r['side']} | {r['epoch_s'][0]:.1f} | {last:.1f} | "
+        lines.append(f"| {r['side']} | {r['epoch_s'][0]:.2f} | {last:.2f} | "
                      f"{meta['steps_per_epoch'] * meta['batch'] / last:.0f} | {last / ours:.2f} |")
     return "\n".join(lines)
 
 
+def render(path: str) -> str:
+    """The markdown table of a saved ``--out`` file."""
+    from cnnjax.io import read_json
+
+    fix = "pass a file written by python -m experiments.bench_recipe --out"
+    if not os.path.isfile(path):
+        raise UsageError(f"--render: {path} is not a file; {fix}")
+    saved = read_json(path, fix)
+    if not (isinstance(saved, dict) and saved.get("rows") and "meta" in saved):
+        raise UsageError(f"{path} is not a bench_recipe result (no 'meta' and 'rows'); {fix}")
+    return markdown(saved["rows"], saved["meta"])
+
+
 def main(argv):
+    if FLAGS.render:
+        print(render(FLAGS.render))
+        return
     overrides = argv[1:]
     if FLAGS.epochs < 2 or FLAGS.train < 5 or FLAGS.test < 1:
         raise UsageError("--epochs must be >= 2 (the first includes compilation), --train >= 5 and --test >= 1")

@@ -25,6 +25,13 @@ def test_bench_recipe_times_every_epoch_of_both_sides_with_the_same_steps(tmp_pa
     meta = result["meta"]
     assert (meta["batch"], meta["steps_per_epoch"], meta["precision"]) == (64, 630 // 64, "fp32")  # 10% held out
     assert meta["torch_device"] == "cpu" and "| torch eager |" in done.stdout
+    shown = subprocess.run([sys.executable, "-m", "experiments.bench_recipe", "--render", str(out)],
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and shown.stdout.strip().startswith("Fast recipe on CIFAR-shaped data")
+    assert shown.stdout.strip() in done.stdout  # the same table the run printed
+    bad = subprocess.run([sys.executable, "-m", "experiments.bench_recipe", "--render", str(tmp_path / "none.json")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --render: ")
 
 
 def test_bench_recipe_refuses_a_single_epoch_in_one_line():

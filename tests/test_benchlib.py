@@ -311,6 +311,29 @@ def test_bench_gives_a_row_per_model_and_precision_with_both_sides_timed(tmp_pat
         "error: --batches must list positive batch sizes, e.g. 128,512; got '128,big'")
 
 
+def test_bench_render_prints_the_saved_rows_of_several_files_and_refuses_others(tmp_path):
+    from experiments import bench
+
+    meta = {"machine": "x86_64, 16 cores", "device": "cuda:0", "torch_device": "NVIDIA H200", "jax": "0.11.2",
+            "torch": "2.11.0", "date": "2026-12-04", "xla_flags": ""}
+    jax_side = {"train_img_s": 300.0, "eval_img_s": 900.0, "compile_s": 4.0}
+    rows = [{"model": m, "input": "32x32x3", "batch": 128, "precision": p, "jax": jax_side,
+             "torch_eager": {"train_img_s": 100.0, "eval_img_s": 400.0}, "torch_compile": {"train_img_s": 150.0}}
+            for m, p in (("fast_cnn", "fp32"), ("cifar_resnet20", "bf16"))]
+    first, second, other = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    first.write_text(json.dumps({"meta": meta, "rows": rows[:1], "complete": False}))
+    second.write_text(json.dumps({"meta": meta, "rows": rows[1:], "complete": True}))
+    other.write_text(json.dumps({"rows": []}))
+    table = bench.render([str(first), str(second)])
+    assert table.splitlines()[0].startswith("Machine: x86_64, 16 cores (cnnjax on cuda:0, torch on NVIDIA H200)")
+    assert "| fast_cnn | 32x32x3 | 128 | fp32 | 300 | 100 | 150 | 3.00 | 900 | 400 | 4.0 |" in table
+    assert table.splitlines()[-1].startswith("| cifar_resnet20 | 32x32x3 | 128 | bf16 | 300 |")
+    with pytest.raises(UsageError, match="c.json is not a bench result"):
+        bench.render([str(first), str(other)])
+    with pytest.raises(UsageError, match="--render: .*missing.json is not a file"):
+        bench.render([str(tmp_path / "missing.json")])
+
+
 # --- PyTorch in a process of its own -----------------------------------------------------------------------
 
 
