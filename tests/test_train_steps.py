@@ -264,3 +264,42 @@ def test_create_train_state_equals_flax_create_with_eager_optimizer_init(build, 
     fields = lambda s: (s.step, s.params, s.opt_state, s.batch_stats, s.rng)  # noqa: E731
     chex.assert_trees_all_equal(fields(got), fields(want))
     chex.assert_trees_all_equal_structs(got.opt_state, want.opt_state)
+
+
+# --- eval programs without YNN's reduce fusions on the CPU ---------------------------------------------------
+
+
+def test_eval_compiler_options_only_on_the_cpu_with_jax_0_10_and_never_over_a_users_own_ynn_setting():
+    from cnnjax.train.runner import CPU_EVAL_YNN_FUSION_TYPES, eval_compiler_options
+
+    want = {"xla_cpu_experimental_ynn_fusion_type": CPU_EVAL_YNN_FUSION_TYPES}
+    entry_flag = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+    assert eval_compiler_options("cpu", "0.10.2", "") == want
+    assert eval_compiler_options("cpu", "0.10.2", f"--xla_force_host_platform_device_count=2 {entry_flag}") == want
+    assert eval_compiler_options("gpu", "0.10.2", "") is None
+    assert eval_compiler_options("cpu", "0.11.2", "") is None  # option values read from 0.10 only
+    assert eval_compiler_options("cpu", "0.10.2", "--xla_cpu_experimental_ynn_fusion_type=") is None
+
+
+def test_runner_eval_gives_the_same_metrics_as_a_plain_jit_of_eval_step():
+    from cnnjax.train.steps import eval_step
+
+    model = models.create("lenet5")
+    spec = StepSpec(10, (0.5,), (0.25,))
+    runner = Runner(spec, model.apply)
+    state = create_train_state(model, optax_sgd(), (32, 32, 1), jax.random.PRNGKey(0))
+    rng = np.random.RandomState(0)
+    images = jnp.asarray(rng.randint(0, 256, (64, 32, 32, 1)).astype(np.uint8))
+    labels = jnp.asarray(rng.randint(0, 10, 64).astype(np.int32))
+    mask = jnp.ones(64).at[60:].set(0.0)
+    ours = runner.eval_fn(state.params, state.batch_stats, images, labels, mask)
+    plain = jax.jit(lambda p, s: eval_step(p, s, model.apply, images, labels, mask, spec))(
+        state.params, state.batch_stats)
+    chex.assert_trees_all_close(ours, plain, rtol=1e-5, atol=1e-4)
+    assert float(ours["count"]) == 60.0
+
+
+def optax_sgd():
+    import optax
+
+    return optax.sgd(0.01, momentum=0.9)

@@ -23,6 +23,7 @@ On the CPU a chunk of steps is a host loop of compiled steps (XLA:CPU runs convo
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +39,26 @@ from cnnjax.train.steps import AXIS, StepSpec, ensemble_eval_step, eval_step, tr
 
 Array = jax.Array
 MODES = ("jit", "pmap", "sharded")
+# XLA:CPU (jaxlib 0.10) hands reductions and the elementwise work that feeds them to its YNN library by default
+# (fusion type REDUCE). In a forward-only program that fuses LeNet-5's first convolution (a sum of shifted
+# views), its tanh and its average pool into one such fusion: eval took 7.7-8.0 ms a batch of 128 against
+# 2.2-2.3 without REDUCE, the other bench models' evals the same either way within noise (Xeon, 2 cores;
+# experiments/PERFORMANCE.md, "Eval programs without YNN's reduce fusions"). Training steps keep it: dropping it
+# there cost improved_cnn 25% and cifar_resnet20 10%. The value names the one type the entry points' XLA flag
+# leaves besides REDUCE (``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution``).
+CPU_EVAL_YNN_FUSION_TYPES = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+_YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+
+
+def eval_compiler_options(backend: str, jax_version: str, xla_flags: str) -> dict[str, str] | None:
+    """XLA options for the eval programs: :data:`CPU_EVAL_YNN_FUSION_TYPES` on the CPU with jax 0.10 (the
+    line these option values were read from; an unknown value stops the compile), unless ``xla_flags`` sets
+    its own YNN fusion types other than the entry points'; else None."""
+    own = [f for f in xla_flags.split() if _YNN_OPTION in f and f != "--xla_cpu_experimental_ynn_fusion_type="
+           "-individual_convolution"]
+    if backend != "cpu" or not jax_version.startswith("0.10.") or own:
+        return None
+    return {_YNN_OPTION: CPU_EVAL_YNN_FUSION_TYPES}
 _METRIC_KEYS = ("loss_sum", "correct", "count")
 
 
@@ -121,11 +142,12 @@ class Runner:
                 jax.jit(_chunk_fn(spec, self.scan, None, gather), donate_argnums=(0, 1),
                         out_shardings=(self._replicated, self._replicated)) for gather in (True, False))
         # eval_fn(params, batch_stats, images, labels, mask) -> summed metrics (see eval_step).
+        options = eval_compiler_options(jax.default_backend(), jax.__version__, os.environ.get("XLA_FLAGS", ""))
         self.eval_fn = jax.jit(lambda params, stats, images, labels, mask: eval_step(
-            params, stats, apply_fn, images, labels, mask, spec))
+            params, stats, apply_fn, images, labels, mask, spec), compiler_options=options)
         # The same for an ensemble: params / stats are tuples of the members' trees (see ensemble_eval_step).
         self.ensemble_eval_fn = jax.jit(lambda params, stats, images, labels, mask: ensemble_eval_step(
-            params, stats, apply_fn, images, labels, mask, spec))
+            params, stats, apply_fn, images, labels, mask, spec), compiler_options=options)
 
     # --- placement ---------------------------------------------------------------------------
     def first_local(self, x: Any) -> Any:
