@@ -312,8 +312,7 @@ def test_bench_gives_a_row_per_model_and_precision_with_both_sides_timed(tmp_pat
 
 
 def test_bench_render_prints_the_saved_rows_of_several_files_and_refuses_others(tmp_path):
-    from experiments import bench
-
+    # In a process of its own: experiments.bench defines absl flags that other entry points' modules define too.
     meta = {"machine": "x86_64, 16 cores", "device": "cuda:0", "torch_device": "NVIDIA H200", "jax": "0.11.2",
             "torch": "2.11.0", "date": "2026-12-04", "xla_flags": ""}
     jax_side = {"train_img_s": 300.0, "eval_img_s": 900.0, "compile_s": 4.0}
@@ -324,14 +323,19 @@ def test_bench_render_prints_the_saved_rows_of_several_files_and_refuses_others(
     first.write_text(json.dumps({"meta": meta, "rows": rows[:1], "complete": False}))
     second.write_text(json.dumps({"meta": meta, "rows": rows[1:], "complete": True}))
     other.write_text(json.dumps({"rows": []}))
-    table = bench.render([str(first), str(second)])
+
+    def render(*paths):
+        return subprocess.run([sys.executable, "-m", "experiments.bench", "--render", ",".join(map(str, paths))],
+                              capture_output=True, text=True, timeout=120)
+
+    table = render(first, second).stdout.strip()
     assert table.splitlines()[0].startswith("Machine: x86_64, 16 cores (cnnjax on cuda:0, torch on NVIDIA H200)")
     assert "| fast_cnn | 32x32x3 | 128 | fp32 | 300 | 100 | 150 | 3.00 | 900 | 400 | 4.0 |" in table
     assert table.splitlines()[-1].startswith("| cifar_resnet20 | 32x32x3 | 128 | bf16 | 300 |")
-    with pytest.raises(UsageError, match="c.json is not a bench result"):
-        bench.render([str(first), str(other)])
-    with pytest.raises(UsageError, match="--render: .*missing.json is not a file"):
-        bench.render([str(tmp_path / "missing.json")])
+    for paths, want in (((first, other), "c.json is not a bench result"),
+                        ((tmp_path / "missing.json",), "--render: ")):
+        bad = render(*paths)
+        assert bad.returncode == 2 and want in bad.stderr.strip().splitlines()[-1], bad.stderr[-500:]
 
 
 # --- PyTorch in a process of its own -----------------------------------------------------------------------
