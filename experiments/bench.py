@@ -34,6 +34,7 @@ from experiments.benchlib import (
     bench_model,
     bench_torch_sides,
     in_fresh_process,
+    read_saved_result,
     torch_device,
     torch_device_name,
 )
@@ -117,17 +118,7 @@ def bench_pipeline(batch: int = 128, n: int = 10_000) -> dict:
 def render(paths: list[str]) -> str:
     """The markdown table of the rows saved in ``paths`` (``--out`` files, finished or cut short), in order, under
     the first file's machine line."""
-    from cnnjax.io import read_json
-
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        raise UsageError(f"--render: {missing[0]} is not a file; pass files written by "
-                         "python -m experiments.bench --out")
-    saved = [read_json(p, "pass files written by python -m experiments.bench --out") for p in paths]
-    bad = [p for p, d in zip(paths, saved, strict=True) if not (isinstance(d, dict) and "rows" in d and "meta" in d)]
-    if bad:
-        raise UsageError(f"{bad[0]} is not a bench result (no 'meta' and 'rows'); pass files written by "
-                         "python -m experiments.bench --out")
+    saved = [read_saved_result(p, "experiments.bench") for p in paths]
     return markdown([r for d in saved for r in d["rows"]], None, saved[0]["meta"])
 
 
@@ -138,7 +129,7 @@ def main(argv):
         return
     import jax
 
-    if not FLAGS.quick and not all(b.isdigit() and int(b) > 0 for b in FLAGS.batches or ["none"]):
+    if not FLAGS.quick and not (FLAGS.batches and all(b.isdigit() and int(b) > 0 for b in FLAGS.batches)):
         raise UsageError(f"--batches must list positive batch sizes, e.g. 128,512; got {','.join(FLAGS.batches)!r}")
     batches = [128] if FLAGS.quick else [int(b) for b in FLAGS.batches]
     steps = 3 if FLAGS.quick else FLAGS.steps

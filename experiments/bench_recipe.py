@@ -35,6 +35,7 @@ from experiments import cli
 from experiments.benchlib import (
     PRECISIONS,
     bench_torch_model,
+    read_saved_result,
     torch_autocast,
     torch_device,
     torch_device_name,
@@ -167,14 +168,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 def render(path: str) -> str:
     """The markdown table of a saved ``--out`` file."""
-    from cnnjax.io import read_json
-
-    fix = "pass a file written by python -m experiments.bench_recipe --out"
-    if not os.path.isfile(path):
-        raise UsageError(f"--render: {path} is not a file; {fix}")
-    saved = read_json(path, fix)
-    if not (isinstance(saved, dict) and saved.get("rows") and "meta" in saved):
-        raise UsageError(f"{path} is not a bench_recipe result (no 'meta' and 'rows'); {fix}")
+    saved = read_saved_result(path, "experiments.bench_recipe")
     return markdown(saved["rows"], saved["meta"])
 
 
@@ -202,16 +196,20 @@ def main(argv):
             "jax_device": str(jax.devices()[0]), "torch_device": torch_device_name(device),
             "precision": FLAGS.precision, "batch": ours["config"]["batch_size"],
             "steps_per_epoch": ours["steps_per_epoch"], "train_images": FLAGS.train}
-    rows = [{"side": "cnnjax", "epoch_s": ours["epoch_s"]}]
     sides = [("torch eager", False)] + ([("torch.compile", True)] if FLAGS.torch_compile else [])
-    for side, compiled in [("cnnjax", None), *sides]:
-        if compiled is not None:
-            times = run_torch(data.train_images, data.train_labels, ours["config"], ours["steps_per_epoch"], device,
-                              compiled)
-            rows.append({"side": side, **times})
-        print(f"# {side}: epochs {', '.join(f'{s:.2f}' for s in rows[-1]['epoch_s'])} s", flush=True)
-        if FLAGS.out:  # every finished side kept, whole-file writes only
+    rows = []
+
+    def keep(row: dict) -> None:
+        """Print a finished side and rewrite ``--out`` whole with every side so far."""
+        rows.append(row)
+        print(f"# {row['side']}: epochs {', '.join(f'{s:.2f}' for s in row['epoch_s'])} s", flush=True)
+        if FLAGS.out:
             write_json_atomic(FLAGS.out, {"meta": meta, "rows": rows, "complete": len(rows) == 1 + len(sides)})
+
+    keep({"side": "cnnjax", "epoch_s": ours["epoch_s"]})
+    for side, compiled in sides:
+        keep({"side": side, **run_torch(data.train_images, data.train_labels, ours["config"],
+                                        ours["steps_per_epoch"], device, compiled)})
     print(markdown(rows, meta))
 
 

@@ -240,6 +240,20 @@ def in_fresh_process(function: Callable, *args: Any, env: dict | None = None) ->
     return json.loads(results[-1][len(_RESULT_MARK):])
 
 
+def read_saved_result(path: str, writer: str) -> dict:
+    """A result file written by ``python -m {writer} --out`` (finished or cut short): a dict with 'meta' and
+    'rows'; anything else is a one-line :class:`UsageError` naming the file."""
+    from cnnjax.io import read_json
+
+    fix = f"pass files written by python -m {writer} --out"
+    if not os.path.isfile(path):
+        raise UsageError(f"--render: {path} is not a file; {fix}")
+    saved = read_json(path, fix)
+    if not (isinstance(saved, dict) and saved.get("rows") is not None and "meta" in saved):
+        raise UsageError(f"{path} is not a {writer.rsplit('.', 1)[-1]} result (no 'meta' and 'rows'); {fix}")
+    return saved
+
+
 def bench_torch_model(name: str):
     """The torch twin of bench row ``name`` (10 classes)."""
     from tests import torch_models

@@ -8,14 +8,14 @@ import re
 import signal
 import sys
 
+from cnnjax import xla_cpu
 from experiments.startup import EXIT_INTERRUPTED  # noqa: F401  (cli.EXIT_INTERRUPTED for the entry points)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-# XLA:CPU flag measured on jaxlib 0.10.2 (2 cores): ImprovedCNN train step 276 -> 487 img/s
-# (`python -m experiments.bench_cpu`, columns baseline -> +ynn flag). Set before jax is imported, only for
-# the jaxlib line it was measured on (an unknown XLA flag aborts the process), and never over a user's own.
-CPU_XLA_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+# XLA:CPU flag set before jax is imported, only for the jax line it was measured on (an unknown XLA flag aborts
+# the process), and never over a user's own (cnnjax.xla_cpu).
+CPU_XLA_FLAG = xla_cpu.ENTRY_POINT_FLAG
 # Names in backticks in library messages that are command-line flags of their own, not config fields.
 TOP_LEVEL_FLAGS = ("workdir", "checkpoint", "data_dir", "split")
 
@@ -24,11 +24,11 @@ def _add_cpu_xla_flag() -> None:
     from importlib import metadata
 
     try:
-        major_minor = tuple(int(p) for p in metadata.version("jaxlib").split(".")[:2])
-    except (metadata.PackageNotFoundError, ValueError):
+        version = metadata.version("jaxlib")
+    except metadata.PackageNotFoundError:
         return
     flags = os.environ.get("XLA_FLAGS", "")
-    if major_minor == (0, 10) and "xla_cpu_experimental_ynn_fusion_type" not in flags:
+    if xla_cpu.on_measured_line(version) and xla_cpu.YNN_FUSION_OPTION not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} {CPU_XLA_FLAG}".strip()
 
 

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from cnnjax import models
@@ -270,9 +271,10 @@ def test_create_train_state_equals_flax_create_with_eager_optimizer_init(build, 
 
 
 def test_eval_compiler_options_only_on_the_cpu_with_jax_0_10_and_never_over_a_users_own_ynn_setting():
-    from cnnjax.train.runner import CPU_EVAL_YNN_FUSION_TYPES, eval_compiler_options
+    from cnnjax.train.runner import eval_compiler_options
+    from cnnjax.xla_cpu import EVAL_YNN_FUSION_TYPES
 
-    want = {"xla_cpu_experimental_ynn_fusion_type": CPU_EVAL_YNN_FUSION_TYPES}
+    want = {"xla_cpu_experimental_ynn_fusion_type": EVAL_YNN_FUSION_TYPES}
     entry_flag = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
     assert eval_compiler_options("cpu", "0.10.2", "") == want
     assert eval_compiler_options("cpu", "0.10.2", f"--xla_force_host_platform_device_count=2 {entry_flag}") == want
@@ -287,7 +289,7 @@ def test_runner_eval_gives_the_same_metrics_as_a_plain_jit_of_eval_step():
     model = models.create("lenet5")
     spec = StepSpec(10, (0.5,), (0.25,))
     runner = Runner(spec, model.apply)
-    state = create_train_state(model, optax_sgd(), (32, 32, 1), jax.random.PRNGKey(0))
+    state = create_train_state(model, optax.sgd(0.01, momentum=0.9), (32, 32, 1), jax.random.PRNGKey(0))
     rng = np.random.RandomState(0)
     images = jnp.asarray(rng.randint(0, 256, (64, 32, 32, 1)).astype(np.uint8))
     labels = jnp.asarray(rng.randint(0, 10, 64).astype(np.int32))
@@ -297,9 +299,3 @@ def test_runner_eval_gives_the_same_metrics_as_a_plain_jit_of_eval_step():
         state.params, state.batch_stats)
     chex.assert_trees_all_close(ours, plain, rtol=1e-5, atol=1e-4)
     assert float(ours["count"]) == 60.0
-
-
-def optax_sgd():
-    import optax
-
-    return optax.sgd(0.01, momentum=0.9)

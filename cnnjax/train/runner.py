@@ -32,33 +32,24 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cnnjax import distributed
+from cnnjax import distributed, xla_cpu
 from cnnjax.errors import UsageError
 from cnnjax.train.state import TrainState
 from cnnjax.train.steps import AXIS, StepSpec, ensemble_eval_step, eval_step, train_step
 
 Array = jax.Array
 MODES = ("jit", "pmap", "sharded")
-# XLA:CPU (jaxlib 0.10) hands reductions and the elementwise work that feeds them to its YNN library by default
-# (fusion type REDUCE). In a forward-only program that fuses LeNet-5's first convolution (a sum of shifted
-# views), its tanh and its average pool into one such fusion: eval took 7.7-8.0 ms a batch of 128 against
-# 2.2-2.3 without REDUCE, the other bench models' evals the same either way within noise (Xeon, 2 cores;
-# experiments/PERFORMANCE.md, "Eval programs without YNN's reduce fusions"). Training steps keep it: dropping it
-# there cost improved_cnn 25% and cifar_resnet20 10%. The value names the one type the entry points' XLA flag
-# leaves besides REDUCE (``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution``).
-CPU_EVAL_YNN_FUSION_TYPES = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
-_YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 
 
 def eval_compiler_options(backend: str, jax_version: str, xla_flags: str) -> dict[str, str] | None:
-    """XLA options for the eval programs: :data:`CPU_EVAL_YNN_FUSION_TYPES` on the CPU with jax 0.10 (the
-    line these option values were read from; an unknown value stops the compile), unless ``xla_flags`` sets
-    its own YNN fusion types other than the entry points'; else None."""
-    own = [f for f in xla_flags.split() if _YNN_OPTION in f and f != "--xla_cpu_experimental_ynn_fusion_type="
-           "-individual_convolution"]
-    if backend != "cpu" or not jax_version.startswith("0.10.") or own:
+    """XLA options for the eval programs: YNN fusions without REDUCE
+    (:data:`cnnjax.xla_cpu.EVAL_YNN_FUSION_TYPES`) on the CPU with jax 0.10, unless ``xla_flags`` sets its own
+    YNN fusion types; else None."""
+    if backend != "cpu" or not xla_cpu.on_measured_line(jax_version) or xla_cpu.sets_own_ynn_types(xla_flags):
         return None
-    return {_YNN_OPTION: CPU_EVAL_YNN_FUSION_TYPES}
+    return {xla_cpu.YNN_FUSION_OPTION: xla_cpu.EVAL_YNN_FUSION_TYPES}
+
+
 _METRIC_KEYS = ("loss_sum", "correct", "count")
 
 
