@@ -26,7 +26,7 @@ from absl import flags
 
 from cnnjax.errors import UsageError
 from cnnjax.io import write_json_atomic
-from experiments import cli
+from experiments import cli, startup
 from experiments.benchlib import (
     PRECISIONS,
     SHAPES,
@@ -165,6 +165,7 @@ def main(argv):
                 print_row(row, flush=True)
                 if FLAGS.out:  # every finished row kept, whole-file writes only
                     write_json_atomic(FLAGS.out, {"meta": meta, "rows": rows, "complete": False})
+                    startup.install_rows_saved(FLAGS.out)
     pipeline = bench_pipeline() if FLAGS.pipeline else None
     data_modes = bench_data_modes() if FLAGS.data_modes else []
     table = markdown(rows, pipeline, meta) + "".join(

@@ -31,7 +31,7 @@ from absl import flags
 
 from cnnjax.errors import UsageError
 from cnnjax.io import write_json_atomic
-from experiments import cli
+from experiments import cli, startup
 from experiments.benchlib import (
     PRECISIONS,
     bench_torch_model,
@@ -205,6 +205,7 @@ def main(argv):
         print(f"# {row['side']}: epochs {', '.join(f'{s:.2f}' for s in row['epoch_s'])} s", flush=True)
         if FLAGS.out:
             write_json_atomic(FLAGS.out, {"meta": meta, "rows": rows, "complete": len(rows) == 1 + len(sides)})
+            startup.install_rows_saved(FLAGS.out)
 
     keep({"side": "cnnjax", "epoch_s": ours["epoch_s"]})
     for side, compiled in sides:

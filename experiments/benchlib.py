@@ -222,7 +222,14 @@ def in_fresh_process(function: Callable, *args: Any, env: dict | None = None) ->
     PyTorch's figures: until 2026-12-04 cnnjax's oneDNN library loaded the process's GNU OpenMP runtime, which
     PyTorch shares, with ``OMP_WAIT_POLICY=PASSIVE``, and PyTorch's eager lenet5 step took 9.5 against 5.9 ms
     beside it (Xeon, 2 cores; ``experiments.bench_torch_beside``, experiments/PERFORMANCE.md)."""
-    code = ("import importlib, json, sys; f = importlib.import_module(sys.argv[1])\n"
+    code = ("import ctypes, importlib, json, os, sys\n"
+            # SIGTERM to the child when the parent ends (PR_SET_PDEATHSIG = 1): a benchmark stopped by a signal
+            # to its own process id, which ends it at once (experiments.startup), leaves no child timing PyTorch
+            # on the machine. Armed here rather than in a preexec_fn, which would fork a multithreaded JAX process.
+            "if sys.platform == 'linux':\n"
+            "    ctypes.CDLL(None).prctl(1, 15)\n"
+            "    if os.getppid() != int(sys.argv[4]): sys.exit(1)  # the parent ended before the line above\n"
+            "f = importlib.import_module(sys.argv[1])\n"
             "for part in sys.argv[2].split('.'): f = getattr(f, part)\n"
             "print('\\n" + _RESULT_MARK + "' + json.dumps(f(*json.loads(sys.argv[3]))))")
     module = function.__module__
@@ -231,7 +238,7 @@ def in_fresh_process(function: Callable, *args: Any, env: dict | None = None) ->
         if spec is None:
             raise UsageError(f"{function.__qualname__} must live in an importable module to run in its own process")
         module = spec.name
-    cmd = [sys.executable, "-c", code, module, function.__qualname__, json.dumps(args)]
+    cmd = [sys.executable, "-c", code, module, function.__qualname__, json.dumps(args), str(os.getpid())]
     done = subprocess.run(cmd, env=os.environ if env is None else env, capture_output=True, text=True, check=False)
     results = [line for line in done.stdout.splitlines() if line.startswith(_RESULT_MARK)]
     if done.returncode or not results:

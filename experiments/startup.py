@@ -9,21 +9,36 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 
 # Exit status of a run stopped by SIGTERM / Ctrl-C / --stop_after_steps after saving its checkpoint
 # (EX_TEMPFAIL: not finished, run the same command again to resume). Errors exit 2, success 0.
 EXIT_INTERRUPTED = 75
 
 
-def interrupt_at_start(signum, frame) -> None:
-    """End the process at once, in a phase where nothing needs saving: one line on stderr and status 75.
-    ``os._exit``, not an exception: an exception raised by a signal handler can land inside a library
+def stop_now(signum: int, state: str) -> None:
+    """End the process at once: ``interrupted by signal N {state}; run the same command again`` on stderr and
+    status 75. ``os._exit``, not an exception: an exception raised by a signal handler can land inside a library
     callback (and be swallowed) or tear down native threads (a segfault at exit)."""
-    os.write(2, f"interrupted by signal {signum} before anything was saved; run the same command again\n".encode())
+    os.write(2, f"interrupted by signal {signum} {state}; run the same command again\n".encode())
     os._exit(EXIT_INTERRUPTED)
 
 
-def install() -> None:
-    """SIGTERM and SIGINT end the process with one line and status 75 (:func:`interrupt_at_start`)."""
-    signal.signal(signal.SIGTERM, interrupt_at_start)
-    signal.signal(signal.SIGINT, interrupt_at_start)
+def interrupt_at_start(signum, frame) -> None:
+    """The handler for a phase where nothing needs saving."""
+    stop_now(signum, "before anything was saved")
+
+
+def install(handler: Callable = interrupt_at_start) -> None:
+    """SIGTERM and SIGINT end the process through ``handler`` (default :func:`interrupt_at_start`)."""
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def install_rows_saved(path: str) -> None:
+    """From here on a stop says that the rows finished so far are in ``path``, a result file rewritten whole
+    after each row (``"complete": false`` until the run ends): ``bench`` and ``bench_recipe`` with ``--out``."""
+    def interrupt_with_rows_saved(signum, frame) -> None:
+        stop_now(signum, f'with the rows finished so far in {path} ("complete": false)')
+
+    install(interrupt_with_rows_saved)

@@ -5,9 +5,12 @@ print; bench_ab's one-line refusal of a process variant."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import statistics
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -311,6 +314,26 @@ def test_bench_gives_a_row_per_model_and_precision_with_both_sides_timed(tmp_pat
         "error: --batches must list positive batch sizes, e.g. 128,512; got '128,big'")
 
 
+def test_bench_stopped_by_a_signal_says_where_the_rows_finished_so_far_are(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.bench", "--quick", "--models", "lenet5,fast_cnn",
+                             "--notorch", "--nopipeline", "--nodata_modes", "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 75, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == (f'interrupted by signal 15 with the rows finished so far in {out} '
+                                               '("complete": false); run the same command again')
+    saved = json.loads(out.read_text())
+    assert [r["model"] for r in saved["rows"]] == ["lenet5"] and saved["complete"] is False
+
+
 def test_bench_render_prints_the_saved_rows_of_several_files_and_refuses_others(tmp_path):
     # In a process of its own: experiments.bench defines absl flags that other entry points' modules define too.
     meta = {"machine": "x86_64, 16 cores", "device": "cuda:0", "torch_device": "NVIDIA H200", "jax": "0.11.2",
@@ -357,6 +380,42 @@ def test_in_fresh_process_reports_the_childs_error_in_one_line():
 
     with pytest.raises(RuntimeError, match=r"^sqrt failed in its own process \(exit 1\): ValueError: math domain"):
         benchlib.in_fresh_process(math.sqrt, -1.0)
+
+
+def test_in_fresh_process_child_ends_when_its_parent_is_killed():
+    """A parent stopped by a signal to its own id (not its process group) leaves no child running on."""
+    script = ("import time; from experiments.benchlib import in_fresh_process; "
+              "in_fresh_process(time.sleep, 120)")
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    child = None
+    try:
+        deadline = time.monotonic() + 60
+        while child is None and time.monotonic() < deadline:
+            with open(f"/proc/{parent.pid}/task/{parent.pid}/children") as f:
+                pids = f.read().split()
+            child = int(pids[0]) if pids else None
+            time.sleep(0.1)
+        assert child is not None, "the parent started no child"
+        time.sleep(1.0)  # the child past its first lines, which arm PR_SET_PDEATHSIG
+        parent.send_signal(signal.SIGTERM)
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while _running(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(child)
+    finally:
+        parent.kill()
+        if child is not None and _running(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 # --- untimed warm-up steps, the same on both sides -----------------------------------------------------------
