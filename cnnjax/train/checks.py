@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from typing import Any
@@ -86,7 +87,16 @@ def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
 
 
 def identity(config: ml_collections.ConfigDict) -> dict:
-    return {k: _get(config, k) for k in IDENTITY_KEYS}
+    """The :data:`IDENTITY_KEYS` values as ``config.json`` holds them (tuples as lists), ``model.kwargs`` without
+    entries equal to the model's own defaults: ``widths=(64, 256, 256)`` given or left out builds one model."""
+    found = json.loads(json.dumps({k: _get(config, k) for k in IDENTITY_KEYS}))
+    if found["model.name"] in models.available() and found["model.kwargs"]:
+        model = models.create(found["model.name"])
+        defaults = {k: getattr(model, k) for k in found["model.kwargs"] if hasattr(model, k)}
+        defaults = json.loads(json.dumps(defaults, default=repr))
+        found["model.kwargs"] = {k: v for k, v in found["model.kwargs"].items() if k not in defaults
+                                 or v != defaults[k]}
+    return found
 
 
 def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict | None:

@@ -13,6 +13,7 @@ from experiments.configs.base import cifar10_config
 
 def get_config():
     c = cifar10_config("fast_cnn")
+    c.model.kwargs.widths = (64, 256, 256)  # airbench95: --config.model.kwargs.widths="(128,384,384)"
     c.data.crop_padding = 2
     c.data.pad_mode = "reflect"
     c.data.flip_mode = "alternate"
