@@ -272,18 +272,20 @@ CPU_VARIANTS = ("baseline", "+ynn flag", "+im2col", "+tiled max-pool", "+greysca
                 "+closed-form BatchNorm backward", "+shifted-sum greyscale conv", "+8-channel LeNet",
                 "+overlapping strided-view max-pool", "+huge pages", "+kept conv input", "+split strided conv",
                 "+broadcast tiled max-pool backward", "+oneDNN convolutions", "+oneDNN max-pool", "+tcmalloc",
-                "+oneDNN greyscale gradients", "+oneDNN on XLA's threads")
+                "+oneDNN greyscale gradients", "+oneDNN on XLA's threads", "+BatchNorm backward without x_hat",
+                "+two oneDNN slices")
 # Variants that are a setting of the whole process (glibc's huge-page tunable, the preloaded allocator: read at
 # start-up), not library code: only experiments.bench_cpu, which gives every variant its own process, can compare
 # them.
-PROCESS_VARIANTS = ("+huge pages", "+tcmalloc", "+oneDNN on XLA's threads")
+PROCESS_VARIANTS = ("+huge pages", "+tcmalloc", "+oneDNN on XLA's threads", "+two oneDNN slices")
 
 
 def variant_env(variant: str, environ: dict, tcmalloc: str | None = None) -> dict:
     """``environ`` as ``variant``'s process needs it: the entry points' XLA flag from ``+ynn flag`` on, glibc's
     huge-page tunable on (``=1``) from ``+huge pages`` on, off (``=0``) before it, and ``tcmalloc`` (a library
     path, ``experiments.cli.find_tcmalloc()``) preloaded from ``+tcmalloc`` on, glibc's malloc before it, and
-    oneDNN's calls split over XLA's threads from ``+oneDNN on XLA's threads`` on, on oneDNN's OpenMP team before it."""
+    oneDNN's calls split over XLA's threads from ``+oneDNN on XLA's threads`` on, on oneDNN's OpenMP team before it,
+    and into two batch slices from ``+two oneDNN slices`` on, four before it."""
     from cnnjax.native import onednn
     from experiments import cli
 
@@ -309,6 +311,7 @@ def variant_env(variant: str, environ: dict, tcmalloc: str | None = None) -> dic
         env.pop(onednn.THREADS_CHOICE, None)
     else:
         env[onednn.THREADS_CHOICE] = "omp"  # each oneDNN call whole, on oneDNN's OpenMP team
+    env[onednn.SLICES_CHOICE] = "2" if level >= CPU_VARIANTS.index("+two oneDNN slices") else "4"
     return env
 
 
@@ -361,6 +364,8 @@ def _undo_changes(variant: str) -> None:
         layers._tiled_max_pool = _reshape_max_pool
     if level < 6:
         layers._batch_norm_train = autodiff_batch_norm_train
+    elif level < CPU_VARIANTS.index("+BatchNorm backward without x_hat"):
+        layers._batch_norm_train = xhat_batch_norm_train()
     if level < 8:
         lenet.CPU_CHANNEL_PAD = 0  # LeNet-5's 6-channel maps as they are
     if level < 11:
@@ -390,6 +395,43 @@ def autodiff_batch_norm_train(x, scale, bias, epsilon: float, axis_name: str | N
     var = jnp.mean(jnp.square(x - mean), axis=axes)
     var = var if axis_name is None else lax.pmean(var, axis_name)
     return (x - mean) * lax.rsqrt(var + epsilon) * scale + bias, mean, var
+
+
+def xhat_batch_norm_train():
+    """``layers._batch_norm_train`` as it was before ``+BatchNorm backward without x_hat``: its backward sums
+    ``g * x_hat`` from a written-out ``x_hat``. Built on call (jax is imported only in variant processes)."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    from jax.custom_derivatives import SymbolicZero
+
+    from cnnjax import layers
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+    def bn(x, scale, bias, epsilon, axis_name):
+        return layers._batch_norm_forward(x, scale, bias, epsilon, axis_name)[0]
+
+    def bwd(epsilon, axis_name, residuals, cotangents):
+        x, mean, inv_std, scale = residuals
+        g_y, g_mean, g_var = cotangents
+        g_y = jnp.zeros_like(x) if isinstance(g_y, SymbolicZero) else g_y
+        stats = {n: g for n, g in (("mean", g_mean), ("var", g_var)) if not isinstance(g, SymbolicZero)}
+        rows, g_rows = x.reshape(-1, x.shape[-1]), g_y.reshape(-1, x.shape[-1])
+        x_hat = (rows - mean) * inv_std
+        g_bias, g_scale = jnp.sum(g_rows, axis=0), jnp.sum(g_rows * x_hat, axis=0)
+        totals, count = layers._across_replicas(jnp.stack([g_bias, g_scale, *stats.values()]), rows.shape[0],
+                                                axis_name)
+        total = dict(zip(["bias", "scale", *stats], totals, strict=True))
+        g_x = (scale * inv_std) * (g_rows - total["bias"] / count - x_hat * (total["scale"] / count))
+        if "mean" in total:
+            g_x = g_x + total["mean"] / count
+        if "var" in total:
+            g_x = g_x + x_hat * (2.0 * total["var"] / (count * inv_std))
+        return g_x.reshape(x.shape), g_scale, g_bias
+
+    bn.defvjp(layers._batch_norm_train_fwd, bwd, symbolic_zeros=True)
+    return bn
 
 
 def _reshape_max_pool(x, kh: int, kw: int):

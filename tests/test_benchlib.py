@@ -4,6 +4,7 @@ print; bench_ab's one-line refusal of a process variant."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -58,7 +59,7 @@ def test_cpu_variant_puts_back_what_it_does_not_have(library_restored, variant, 
     in_place = layers._tiled_max_pool
     assert (in_place is strided) == (pool == "strided")
     assert (in_place is benchlib._reshape_max_pool) == (pool == "reshape")
-    assert (layers._batch_norm_train is closed_form) == closed_form_bn
+    assert layers._batch_norm_train is not closed_form  # the x_hat backward, or autodiff before it
     assert (layers._batch_norm_train is benchlib.autodiff_batch_norm_train) == (not closed_form_bn)
     assert lenet.CPU_CHANNEL_PAD == lenet_pad
     assert (layers._overlapping_max_pool is overlapping) == overlapping_views
@@ -89,6 +90,29 @@ def test_the_earlier_overlapping_max_pool_gives_the_same_values_and_gradients(li
     np.testing.assert_array_equal(got[0][1], got[1][1])
 
 
+@pytest.mark.parametrize("stats", [False, True])
+def test_the_earlier_x_hat_batch_norm_gives_the_same_values_and_gradients(library_restored, stats):
+    """What variants before ``+BatchNorm backward without x_hat`` put back computes what the library does."""
+    current = layers._batch_norm_train
+    benchlib._undo_changes("+two oneDNN slices")
+    assert layers._batch_norm_train is current  # from +BatchNorm backward without x_hat on, the library's own
+    benchlib._undo_changes("+oneDNN on XLA's threads")
+    assert layers._batch_norm_train is not current
+    x = jax.random.normal(jax.random.PRNGKey(0), (8, 4, 4, 6)) * 3 + 1
+    g = jax.random.normal(jax.random.PRNGKey(1), x.shape)
+
+    def loss(fn, x, scale, bias):
+        y, mean, var = fn(x, scale, bias, 1e-5, None)
+        return jnp.sum(y * g) + (jnp.sum(mean * jnp.arange(6.0)) + jnp.sum(var * var) if stats else 0.0)
+
+    args = (x, jnp.linspace(0.5, 2.0, 6), jnp.linspace(-1.0, 1.0, 6))
+    got = [jax.value_and_grad(functools.partial(loss, fn), argnums=(0, 1, 2))(*args)
+           for fn in (current, benchlib.xhat_batch_norm_train())]
+    np.testing.assert_allclose(got[0][0], got[1][0], rtol=1e-6)
+    for a, b in zip(got[0][1], got[1][1], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_with_variant_puts_the_library_back_on_exit(library_restored):
     before = (conv.choose_impl, layers._tiled_max_pool, layers._overlapping_max_pool, layers._batch_norm_train,
               lenet.CPU_CHANNEL_PAD)
@@ -106,7 +130,8 @@ def test_with_variant_puts_the_library_back_on_exit(library_restored):
     ("baseline", False, 0, False, False), ("+ynn flag", True, 0, False, False),
     ("+overlapping strided-view max-pool", True, 0, False, False), ("+huge pages", True, 1, False, False),
     ("+oneDNN max-pool", True, 1, False, False), ("+tcmalloc", True, 1, True, False),
-    ("+oneDNN greyscale gradients", True, 1, True, False), ("+oneDNN on XLA's threads", True, 1, True, True)])
+    ("+oneDNN greyscale gradients", True, 1, True, False), ("+oneDNN on XLA's threads", True, 1, True, True),
+    ("+BatchNorm backward without x_hat", True, 1, True, True), ("+two oneDNN slices", True, 1, True, True)])
 def test_bench_cpu_gives_each_variant_its_process_settings(variant, ynn_flag, huge, tcmalloc, xla_threads):
     from cnnjax.native import onednn
     from experiments import cli
@@ -116,6 +141,7 @@ def test_bench_cpu_gives_each_variant_its_process_settings(variant, ynn_flag, hu
                "LD_PRELOAD": f"/opt/libfoo.so:{tcm}", onednn.THREADS_CHOICE: "omp"}
     env = benchlib.variant_env(variant, environ, tcm)
     assert env.get(onednn.THREADS_CHOICE) == (None if xla_threads else "omp")
+    assert env[onednn.SLICES_CHOICE] == ("2" if variant == "+two oneDNN slices" else "4")
     assert env["XLA_FLAGS"].split() == ["--xla_dump_to=/tmp/x"] + ([cli.CPU_XLA_FLAG] if ynn_flag else [])
     assert env["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:glibc.malloc.hugetlb={huge}"
     assert env["LD_PRELOAD"] == ("/opt/libfoo.so:" + tcm if tcmalloc else "/opt/libfoo.so")

@@ -14,7 +14,9 @@ Each call splits its batch into slices that run single-threaded on the calling X
 intra-op pool, instead of on oneDNN's OpenMP team (one team per XLA thread that called it, more threads than
 cores): cifar_resnet20's train step 1.16x, improved_cnn 1.08x (2 cores, 2026-12-04, ``python -m
 experiments.bench_cpu --variants="+oneDNN greyscale gradients,+oneDNN on XLA's threads"``).
-``CNNJAX_ONEDNN_THREADS=omp`` runs each call whole on the OpenMP team, as before.
+``CNNJAX_ONEDNN_THREADS=omp`` runs each call whole on the OpenMP team, as before. Two slices a call (one for
+each of the two threads) since 2026-12-05, four before (``CNNJAX_ONEDNN_SLICES`` sets the count; bench variant
+``+two oneDNN slices``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ SWITCH = "CNNJAX_ONEDNN"
 # "omp": each oneDNN call runs whole on oneDNN's OpenMP team, as before 2026-12-04; by default a call's batch slices
 # run single-threaded on XLA's intra-op threads (onednn_kernels.cc, ParallelSlices). Read once per process.
 THREADS_CHOICE = "CNNJAX_ONEDNN_THREADS"
+# Batch slices per oneDNN call (a positive integer; default 2). Read once per process.
+SLICES_CHOICE = "CNNJAX_ONEDNN_SLICES"
 HEADER = Path("/usr/include/dnnl.hpp")
 INSTALL_HINT = "install a C++ compiler and oneDNN (Debian: apt-get install g++ libdnnl-dev)"
 # oneDNN's threads (GNU OpenMP) sleep as soon as a convolution ends instead of spinning, so they leave the cores

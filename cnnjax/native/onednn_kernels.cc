@@ -57,13 +57,14 @@ bool SplitOverXlaPool() {
   return split;
 }
 
-// Batch slices per call (CNNJAX_ONEDNN_SLICES, default 4; at most the batch).
+// Batch slices per call (CNNJAX_ONEDNN_SLICES, default 2: one for each of the two threads that run a call's
+// slices; 4 before 2026-12-05; at most the batch).
 int64_t SliceCount(int64_t batch) {
   if (!SplitOverXlaPool()) return 1;
   static const int64_t slices = [] {
     const char* v = std::getenv("CNNJAX_ONEDNN_SLICES");
-    int64_t n = v != nullptr ? std::atoll(v) : 4;
-    return n < 1 ? int64_t{4} : n;
+    int64_t n = v != nullptr ? std::atoll(v) : 2;
+    return n < 1 ? int64_t{2} : n;
   }();
   return std::min(slices, batch);
 }
