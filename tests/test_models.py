@@ -274,3 +274,34 @@ def test_fast_cnn_group_convs_start_as_partial_identity():
     np.testing.assert_array_equal(k[1, 1, :, :64], np.eye(64))
     assert np.abs(k[:, :, :, 64:]).max() > 0
     assert "scale" not in params["block1"]["norm1"] and "bias" in params["block1"]["norm1"]
+
+
+FAST_RESIDUAL_EXTRA = 9 * 64 * 64 + 2 * 9 * 256 * 256 + 64 + 2 * 256  # conv3 kernels + norm3 biases per group
+
+
+def test_fast_cnn_residual_groups_add_a_conv_per_group():
+    model = models.create("fast_cnn", residual=True)
+    params = abstract_variables(model, (28, 28, 1))["params"]
+    assert count(params) - count(abstract_variables(models.create("fast_cnn"), (28, 28, 1))["params"]) \
+        == FAST_RESIDUAL_EXTRA
+    assert sum(p.numel() for p in ref.build("fast_cnn", c_in=1, residual=True).parameters()) == count(params)
+    assert set(params["block3"]) == {"conv1", "norm1", "conv2", "norm2", "conv3", "norm3"}
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_fast_cnn_residual_groups_match_torch(train):
+    """airbench96's groups (``residual=True``) on unpadded 28x28 greyscale, eval and train mode."""
+    torch.manual_seed(0)
+    tm = ref.build("fast_cnn", c_in=1, residual=True)
+    ref.randomize_bn_stats(tm, torch.Generator().manual_seed(1))
+    model, variables = models.create("fast_cnn", residual=True), variables_of(tm)
+    x = np.random.RandomState(0).randn(4, 28, 28, 1).astype(np.float32)
+    tm.train(train)
+    with torch.no_grad():
+        want = tm(nchw(x)).numpy()
+    if not train:
+        assert_parity("fast_cnn residual eval logits", model.apply(variables, x, train=False), want, 1e-4)
+        return
+    got, updated = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    assert_parity("fast_cnn residual train logits", got, want, 1e-4)
+    assert_parity("fast_cnn residual running stats", updated["batch_stats"], variables_of(tm)["batch_stats"], 1e-5)

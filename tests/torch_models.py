@@ -276,25 +276,30 @@ class ScalelessBatchNorm(nn.Module):
 
 
 class FastGroup(nn.Module):
-    def __init__(self, c_in, c_out):
+    def __init__(self, c_in, c_out, residual: bool = False):
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
         self.norm1 = ScalelessBatchNorm(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
         self.norm2 = ScalelessBatchNorm(c_out)
+        self.residual = residual
+        if residual:  # airbench96's group
+            self.conv3 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+            self.norm3 = ScalelessBatchNorm(c_out)
 
     def forward(self, x):
         x = F.gelu(self.norm1(F.max_pool2d(self.conv1(x), 2)))
-        return F.gelu(self.norm2(self.conv2(x)))
+        y = F.gelu(self.norm2(self.conv2(x)))
+        return F.gelu(self.norm3(self.conv3(y)) + x) if self.residual else y
 
 
 class FastNet(nn.Module):
-    def __init__(self, num_classes: int = 10, widths=(64, 256, 256), c_in: int = 3):
+    def __init__(self, num_classes: int = 10, widths=(64, 256, 256), c_in: int = 3, residual: bool = False):
         super().__init__()
         self.whiten = nn.Conv2d(c_in, 8 * c_in, 2, padding=0, bias=True)
-        self.block1 = FastGroup(8 * c_in, widths[0])
-        self.block2 = FastGroup(widths[0], widths[1])
-        self.block3 = FastGroup(widths[1], widths[2])
+        self.block1 = FastGroup(8 * c_in, widths[0], residual)
+        self.block2 = FastGroup(widths[0], widths[1], residual)
+        self.block3 = FastGroup(widths[1], widths[2], residual)
         self.head = nn.Linear(widths[2], num_classes, bias=False)
 
     def forward(self, x):

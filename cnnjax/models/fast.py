@@ -3,6 +3,8 @@
 ``[N, 32, 32, C] -> [N, num_classes]``: a 2x2 patch-whitening conv (``2 * C * 4`` channels, no
 padding) + GELU, three groups ``conv3x3 -> max-pool 2 -> BN -> GELU -> conv3x3 -> BN -> GELU``
 of widths 64 / 256 / 256, a 3x3 max-pool, a bias-free linear head and a fixed 1/9 logit scale.
+``residual=True`` gives each group airbench96's third conv and a residual over its last two convs
+(``... -> GELU = x0 -> conv2 -> BN -> GELU -> conv3 -> BN -> + x0 -> GELU``).
 BatchNorm has no scale (bias only), eps 1e-12 and Flax momentum 0.6 (torch 0.4). Group convs
 start as partial identities (torch ``dirac_`` on the first ``C_in`` filters), as in airbench.
 :func:`whitening_kernel` computes the whitening filters from training images; training keeps
@@ -38,18 +40,23 @@ def gelu(x: Array) -> Array:
 
 
 class ConvGroup(nn.Module):
-    """``[N, H, W, C] -> [N, H/2, W/2, features]``: conv, pool, BN, GELU, conv, BN, GELU."""
+    """``[N, H, W, C] -> [N, H/2, W/2, features]``: conv, pool, BN, GELU, conv, BN, GELU; with
+    ``residual`` a third conv and BN, then the sum with the first GELU's output, then GELU."""
 
     features: int
     bn_momentum: float = 0.6
+    residual: bool = False
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         bn = lambda name: BatchNorm(momentum=self.bn_momentum, epsilon=1e-12, use_scale=False, name=name)  # noqa: E731
-        x = Conv(self.features, 3, padding=1, use_bias=False, kernel_init=partial_dirac_init, name="conv1")(x)
-        x = gelu(bn("norm1")(MaxPool(2, name="pool")(x), train))
-        x = Conv(self.features, 3, padding=1, use_bias=False, kernel_init=partial_dirac_init, name="conv2")(x)
-        return gelu(bn("norm2")(x, train))
+        conv = lambda name: Conv(self.features, 3, padding=1, use_bias=False,  # noqa: E731
+                                 kernel_init=partial_dirac_init, name=name)
+        x = gelu(bn("norm1")(MaxPool(2, name="pool")(conv("conv1")(x)), train))
+        y = gelu(bn("norm2")(conv("conv2")(x), train))
+        if not self.residual:
+            return y
+        return gelu(bn("norm3")(conv("conv3")(y), train) + x)
 
 
 class FastNet(nn.Module):
@@ -59,6 +66,7 @@ class FastNet(nn.Module):
     widths: Sequence[int] = (64, 256, 256)
     bn_momentum: float = 0.6
     logit_scale: float = 1.0 / 9.0
+    residual: bool = False  # airbench96's groups: three convs, a residual over the last two
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
@@ -66,7 +74,7 @@ class FastNet(nn.Module):
         x = gelu(Conv(whiten_width, 2, padding=0, use_bias=True, bias_init=nn.initializers.zeros,
                       name="whiten")(x))
         for i, width in enumerate(self.widths, start=1):
-            x = ConvGroup(width, self.bn_momentum, name=f"block{i}")(x, train)
+            x = ConvGroup(width, self.bn_momentum, self.residual, name=f"block{i}")(x, train)
         x = MaxPool(3, name="pool")(x)
         check_head_input("fast_cnn", x, (1, 1, self.widths[-1]),
                          "feed 32x32 images (pad 28x28 ones with data.pad_to=32)")
