@@ -85,9 +85,13 @@ def bench_spec(shape: tuple[int, int, int], precision: str = "fp32") -> Any:
 
 # Benchmark rows: NAME or NAME@SIZE -> input shape [H, W, C].
 SHAPES = {"lenet5": (32, 32, 1), "improved_cnn": (32, 32, 3), "cifar_resnet20": (32, 32, 3), "resnet18": (32, 32, 3),
-          "resnet18@224": (224, 224, 3), "fast_cnn": (32, 32, 3), "simple_cnn@28": (28, 28, 1)}
-# Rows whose model needs arguments: (cnnjax kwargs, torch twin kwargs).
-ROW_KWARGS = {"simple_cnn@28": ({"image_size": 28}, {"c_in": 1, "image_size": 28})}
+          "resnet18@224": (224, 224, 3), "fast_cnn": (32, 32, 3), "simple_cnn@28": (28, 28, 1),
+          "fast_cnn@28": (28, 28, 1), "fast_cnn@28+residual": (28, 28, 1)}
+# Rows whose model needs arguments: (cnnjax kwargs, torch twin kwargs). fast_cnn@28 is the net of the
+# Fashion-MNIST recipes (fashion_mnist_30min, unpadded greyscale); +residual airbench96's groups.
+ROW_KWARGS = {"simple_cnn@28": ({"image_size": 28}, {"c_in": 1, "image_size": 28}),
+              "fast_cnn@28": ({}, {"c_in": 1}),
+              "fast_cnn@28+residual": ({"residual": True}, {"c_in": 1, "residual": True})}
 
 
 def bench_model(name: str):

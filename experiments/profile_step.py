@@ -20,7 +20,9 @@ instruction and its module path; the largest thunks are listed with their path. 
 convolutions asynchronously, alongside the other thunks, so their rows hold the launch only and their
 work shows only where it leaves the wall time uncovered (the last row: wall minus the timed thunks).
 This is where XLA's fusion decisions show, such as a transpose that recomputes the activations it
-moves instead of reading them.
+moves instead of reading them. ``--precision bf16`` profiles the bfloat16 step of ``mixed_precision``
+(fused only): ``--fused --precision bf16 --batch 512 --models fast_cnn@28,fast_cnn@28+residual`` is the
+step of ``fashion_mnist_30min`` (without its optimizer) and of ``fashion_mnist_30min_residual``.
 PyTorch: the torch twin (tests/torch_models.py) in eager mode, ``torch.profiler`` self CPU time of
 each aten op, classified by op name; ops inside ``Optimizer.step`` count as the optimizer. PyTorch's
 CPU conv backward computes both gradients in one op, so its row is "conv input+weight gradient". It runs
@@ -49,6 +51,8 @@ flags.DEFINE_bool("fused", False, "profile the compiled step's XLA thunks (jax.p
 flags.DEFINE_integer("steps", 10, "--fused: traced steps")
 flags.DEFINE_integer("top", 10, "--fused: largest thunks listed")
 flags.DEFINE_string("out", "", "write the tables as JSON here")
+flags.DEFINE_enum("precision", "fp32", ["fp32", "bf16"], "--fused: the step's compute precision (bf16: "
+                  "mixed_precision, as fashion_mnist_30min)")
 
 
 def table(name: str, ours: dict, theirs: dict | None) -> str:
@@ -94,13 +98,15 @@ def fused_table(name: str, result: dict, top: int) -> str:
 
 def main(argv):
     del argv
+    if FLAGS.precision != "fp32" and not FLAGS.fused:
+        raise UsageError(f"--precision={FLAGS.precision} profiles the fused step only: add --fused")
     results = {}
     for name in FLAGS.models:
         if name not in SHAPES:
             raise UsageError(f"unknown bench row {name!r}; choose from {', '.join(SHAPES)}")
         if FLAGS.fused:
             with tempfile.TemporaryDirectory(prefix="profile_step_") as trace_dir:
-                results[name] = profile_fused(name, FLAGS.batch, FLAGS.steps, trace_dir)
+                results[name] = profile_fused(name, FLAGS.batch, FLAGS.steps, trace_dir, FLAGS.precision)
             print(fused_table(name, results[name], FLAGS.top) + "\n", flush=True)
             continue
         ours = profile_cnnjax(name, FLAGS.batch, FLAGS.reps)
@@ -109,8 +115,8 @@ def main(argv):
         print(table(name, ours, theirs) + "\n", flush=True)
     if FLAGS.out:
         with open(FLAGS.out, "w") as f:
-            json.dump({"command": " ".join(sys.argv), "batch": FLAGS.batch, "reps": FLAGS.reps, "models": results},
-                      f, indent=2)
+            json.dump({"command": " ".join(sys.argv), "batch": FLAGS.batch, "precision": FLAGS.precision,
+                       "reps": FLAGS.reps, "models": results}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -95,9 +95,9 @@ def time_jaxpr_ops(fn, args, batch: int, reps: int) -> dict:
     return dict(ms)
 
 
-def _step_inputs(name: str, batch: int) -> tuple:
-    """``(model, spec, state, images, labels)`` for bench row ``name``: the bench's step, an SGD momentum 0.9
-    state (seed 0) and a random uint8 batch ``[batch, H, W, C]`` with labels, on the device."""
+def _step_inputs(name: str, batch: int, precision: str = "fp32") -> tuple:
+    """``(model, spec, state, images, labels)`` for bench row ``name``: the bench's step in ``precision``, an SGD
+    momentum 0.9 state (seed 0) and a random uint8 batch ``[batch, H, W, C]`` with labels, on the device."""
     import jax
     import numpy as np
     import optax
@@ -106,7 +106,7 @@ def _step_inputs(name: str, batch: int) -> tuple:
     from experiments.benchlib import bench_spec
 
     shape = SHAPES[name]
-    model, spec = bench_model(name), bench_spec(shape)
+    model, spec = bench_model(name), bench_spec(shape, precision)
     state = create_train_state(model, optax.sgd(0.01, momentum=0.9), shape, jax.random.PRNGKey(0))
     rng = np.random.RandomState(0)
     images = jax.numpy.asarray(rng.randint(0, 256, (batch, *shape)).astype(np.uint8))
@@ -157,9 +157,10 @@ def thunk_kind(name: str, opcode: str, op_name: str) -> str:
     return _scope_kind(op_name) or ("pooling" if "reduce-window" in opcode else "other elementwise")
 
 
-def profile_fused(name: str, batch: int, steps: int, trace_dir: str) -> dict:
-    """ms per step of each XLA:CPU thunk of cnnjax's jitted train step for bench row ``name``, from a
-    ``jax.profiler`` trace of ``steps`` steps written under ``trace_dir``, with the step's wall ms.
+def profile_fused(name: str, batch: int, steps: int, trace_dir: str, precision: str = "fp32") -> dict:
+    """ms per step of each XLA:CPU thunk of cnnjax's jitted train step for bench row ``name`` in ``precision``
+    (fp32 | bf16), from a ``jax.profiler`` trace of ``steps`` steps written under ``trace_dir``, with the step's
+    wall ms.
 
     Thunks that run on the calling thread are timed in full; XLA:CPU's convolutions run asynchronously,
     so for them the trace holds the launch only; their work overlaps the other thunks and shows only where it
@@ -172,7 +173,7 @@ def profile_fused(name: str, batch: int, steps: int, trace_dir: str) -> dict:
 
     from cnnjax.train.steps import train_step
 
-    _, spec, state, images, labels = _step_inputs(name, batch)
+    _, spec, state, images, labels = _step_inputs(name, batch, precision)
     step = jax.jit(lambda s, x, y: train_step(s, x, y, spec)[0], donate_argnums=0)
     step = step.lower(state, images, labels).compile()
     instructions = hlo_instructions(step.as_text())

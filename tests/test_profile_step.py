@@ -93,3 +93,25 @@ def test_fused_profile_times_the_compiled_steps_thunks(tmp_path):
     convs = "oneDNN convolutions" if onednn.available() else "convolutions (asynchronous: launch only)"
     assert {convs, "layout transposes / copies", "dense"} <= kinds, kinds
     assert set(result["kinds"]) == set(result["ms"]) == set(result["op_names"])
+
+
+def test_fused_profile_of_the_bf16_recipe_row_sees_the_residual_groups(tmp_path):
+    result = profilelib.profile_fused("fast_cnn@28+residual", batch=4, steps=1, trace_dir=str(tmp_path),
+                                      precision="bf16")
+    paths = " ".join(result["op_names"].values())
+    assert "block3/conv3" in paths and "block3/norm3" in paths
+    assert "BatchNorm" in set(result["kinds"].values())
+
+
+def test_bf16_profile_needs_the_fused_step():
+    import pytest
+
+    from cnnjax.errors import UsageError
+    from experiments import profile_step
+
+    profile_step.FLAGS(["profile_step", "--precision=bf16"])
+    try:
+        with pytest.raises(UsageError, match="add --fused"):
+            profile_step.main([])
+    finally:
+        profile_step.FLAGS.unparse_flags()
