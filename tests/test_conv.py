@@ -265,6 +265,35 @@ def test_onednn_bf16_is_within_one_rounding_of_the_float32_conv():
         np.testing.assert_allclose(np.asarray(got, np.float32), exact, atol=2 ** -7 * scale)
 
 
+# bfloat16 kernel gradients of stride-1 convs run as a forward convolution (outputs up to 4x4) or as one matrix
+# product of the input patches (up to 8x8) instead of oneDNN's backward-weights primitive (cnnjax/native).
+BF16_WGRAD_CASES = [
+    # (batch, hw, c_in, c_out, kernel, pads): output hw
+    (6, (3, 3), 32, 16, (3, 3), ((1, 1), (1, 1))),  # 3x3: a forward conv (fast_cnn's block3)
+    (5, (4, 2), 8, 24, (3, 3), ((0, 2), (1, 1))),  # 4x2, asymmetric padding: forward
+    (4, (6, 6), 16, 8, (3, 3), ((1, 1), (1, 1))),  # 6x6: patches @ gradient (block2)
+    (3, (9, 7), 4, 6, (3, 2), ((0, 1), (1, 0))),  # 7x6, a 3x2 kernel: patches
+    (2, (8, 8), 8, 8, (1, 1), ((0, 0), (0, 0))),  # 1x1 kernel: patches
+    (3, (12, 12), 8, 8, (3, 3), ((1, 1), (1, 1))),  # 12x12: oneDNN's backward weights
+]
+
+
+@needs_onednn
+@pytest.mark.parametrize("batch,hw,c_in,c_out,k,pads", BF16_WGRAD_CASES, ids=str)
+def test_onednn_bf16_kernel_gradient_paths_match_the_float32_conv(batch, hw, c_in, c_out, k, pads):
+    r = np.random.RandomState(1)
+    x = jnp.asarray(r.randn(batch, *hw, c_in).astype(np.float32)).astype(jnp.bfloat16)
+    w = jnp.asarray(r.randn(*k, c_in, c_out).astype(np.float32)).astype(jnp.bfloat16)
+    y, vjp = jax.vjp(lambda w: conv.conv2d(x, w, (1, 1), pads, impl="onednn"), w)
+    g = jnp.asarray(r.randn(*y.shape).astype(np.float32)).astype(jnp.bfloat16)
+    _, want_vjp = jax.vjp(lambda w: xla(x.astype(jnp.float32), w, (1, 1), pads, (1, 1)), w.astype(jnp.float32))
+    want = want_vjp(g.astype(jnp.float32))[0]
+    for got in (vjp(g)[0], jax.jit(lambda g: vjp(g)[0])(g)):
+        assert got.dtype == jnp.bfloat16 and got.shape == w.shape
+        scale = float(jnp.max(jnp.abs(want)))
+        np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=2 ** -7 * scale)
+
+
 @needs_onednn
 def test_onednn_under_vmap_equals_a_loop():
     x = jnp.asarray(rng.randn(3, 2, 6, 6, 4).astype(np.float32))

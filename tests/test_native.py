@@ -65,3 +65,9 @@ def test_switch_off_keeps_xlas_convolutions():
     main = subprocess.run([sys.executable, "-m", "cnnjax.native.onednn"], env=env, capture_output=True, text=True,
                           timeout=120)
     assert main.returncode == 0 and "XLA's convolutions" in main.stderr
+
+
+def test_an_unknown_kernel_gradient_mode_is_one_line_naming_the_modes(monkeypatch):
+    monkeypatch.setenv(onednn.WGRAD_CHOICE, "fast")
+    with pytest.raises(UsageError, match=r"CNNJAX_ONEDNN_WGRAD='fast' is not a mode: set it to one of auto, native"):
+        onednn._load.__wrapped__()

@@ -17,6 +17,15 @@ experiments.bench_cpu --variants="+oneDNN greyscale gradients,+oneDNN on XLA's t
 ``CNNJAX_ONEDNN_THREADS=omp`` runs each call whole on the OpenMP team, as before. Two slices a call (one for
 each of the two threads) since 2026-12-05, four before (``CNNJAX_ONEDNN_SLICES`` sets the count; bench variant
 ``+two oneDNN slices``).
+
+bfloat16 kernel gradients of stride-1 convolutions with outputs up to 8x8 do not use oneDNN 2.6's
+backward-weights primitive, whose AMX kernel (the older jit one) took 3-5x its forward's time on fast_cnn's
+256-channel convolutions on 6x6 and 3x3 maps: outputs up to 4x4 run as one forward convolution with the batch as
+the channels, up to 8x8 as one matrix product of the input patches (``onednn_kernels.cc``, ``WgradMode``).
+``[512, 3, 3, 256] -> 256``: 12.7 against 60.4 ms; ``[512, 6, 6, 256] -> 256``: 55.2 against 92.5 ms; the
+bfloat16 step of ``fashion_mnist_30min`` (fast_cnn@28, batch 512) 15-20% shorter (2-core Xeon with AMX, 2026-12-06).
+``CNNJAX_ONEDNN_WGRAD``: ``auto`` (default), ``native`` (always the primitive), ``forward`` or ``matmul`` (that
+path for every such convolution).
 """
 
 from __future__ import annotations
@@ -45,6 +54,9 @@ SWITCH = "CNNJAX_ONEDNN"
 THREADS_CHOICE = "CNNJAX_ONEDNN_THREADS"
 # Batch slices per oneDNN call (a positive integer; default 2). Read once per process.
 SLICES_CHOICE = "CNNJAX_ONEDNN_SLICES"
+# How bfloat16 stride-1 kernel gradients run (module doc). Read once per process.
+WGRAD_CHOICE = "CNNJAX_ONEDNN_WGRAD"
+WGRAD_MODES = ("auto", "native", "forward", "matmul")
 HEADER = Path("/usr/include/dnnl.hpp")
 INSTALL_HINT = "install a C++ compiler and oneDNN (Debian: apt-get install g++ libdnnl-dev)"
 # oneDNN's threads (GNU OpenMP) sleep as soon as a convolution ends instead of spinning, so they leave the cores
@@ -116,6 +128,10 @@ def _load() -> tuple[bool, str]:
     """``(available, what)``: the library's path once built, loaded and registered, else why not."""
     if os.environ.get(SWITCH, "1") == "0":
         return False, f"XLA ({SWITCH}=0)"
+    mode = os.environ.get(WGRAD_CHOICE, "auto")
+    if mode not in WGRAD_MODES:
+        raise UsageError(f"{WGRAD_CHOICE}={mode!r} is not a mode: set it to one of {', '.join(WGRAD_MODES)} "
+                         "or unset it")
     try:
         path = build()
     except UsageError as e:

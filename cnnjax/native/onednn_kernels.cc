@@ -221,9 +221,10 @@ const Conv& Cached(int kind, memory::data_type dt, const Geometry& g) {
   return *slot;
 }
 
-// Per-thread buffers: the scratchpad and the blocked kernel (grown, never shrunk).
+// Per-thread buffers (grown, never shrunk): 0 the scratchpad, 1 the blocked kernel, 2-4 the source, kernel and
+// output of a kernel gradient run as a forward convolution (WgradSlice).
 void* ThreadBuffer(int which, size_t bytes) {
-  thread_local std::vector<char> buffers[2];
+  thread_local std::vector<char> buffers[5];
   auto& b = buffers[which];
   if (b.size() < bytes + 64) b.resize(bytes + 64);
   auto p = reinterpret_cast<std::uintptr_t>(b.data());
@@ -258,6 +259,162 @@ void ConvSlice(int kind, memory::data_type dt, const Geometry& g, void* x_p, voi
   stream.wait();
 }
 
+// --- kernel gradients as forward convolutions --------------------------------------------------------------
+//
+// With the batch as the channels, a stride-1 convolution's kernel gradient
+//   dw[kh, kw, i, o] = sum over n, ho, wo of x[n, ho + kh - pt, wo + kw - pl, i] * g[n, ho, wo, o]
+// is a forward convolution of x read as [I, N, H, W] (batch I, channels N) with g read as an [O, N, Ho, Wo] kernel,
+// whose [I, O, KH, KW] output is dw written as HWIO. x is copied into a zeroed buffer with the original's padding
+// around it, so the forward convolution itself is unpadded (oneDNN's brgemm forward with a kernel as large as the
+// map and padding was 4x slower). oneDNN 2.6 runs bfloat16 forwards on AMX with its brgemm kernels but kernel
+// gradients with its older jit kernel, 3-5x the forward's time for fast_cnn's 256-channel convolutions on 6x6 and
+// 3x3 maps. The forward wins only where the map, so the forward's kernel, is small: [512, 3, 3, 256] -> 256 in two
+// slices took 11 ms against 61-70 (on 6x6 maps 103-131 ms against 93-94, a 6x6 kernel over 3x3 outputs; on 13x13
+// maps 4-7x slower). Used for bfloat16 stride-1 undilated convolutions whose outputs are at most 4x4 (WgradMode).
+
+// How a kernel gradient runs: 0 oneDNN's backward-weights primitive, 1 a forward convolution (WgradSlice), 2 a
+// matrix product (WgradMatmulSlice). CNNJAX_ONEDNN_WGRAD: native (always 0), forward, matmul, auto (default).
+int WgradMode(memory::data_type dt, const Geometry& g) {
+  static const std::string choice = [] {
+    const char* v = std::getenv("CNNJAX_ONEDNN_WGRAD");
+    return std::string(v != nullptr ? v : "auto");
+  }();
+  if (choice == "native" || dt != memory::data_type::bf16) return 0;
+  for (auto s : g.strides) if (s != 1) return 0;
+  for (auto d : g.dilations) if (d != 0) return 0;
+  if (choice == "matmul") return 2;
+  if (choice == "forward") return 1;
+  const auto hw = std::max(g.dst[2], g.dst[3]);
+  return hw <= 4 ? 1 : (hw <= 8 ? 2 : 0);
+}
+
+struct WgradConv {
+  dnnl::primitive conv, src_reorder, wei_reorder, dst_reorder;
+  memory::desc src_user, wei_user, dst_user, src_conv, src_inner, wei_conv, dst_conv, scratchpad;
+};
+
+std::unique_ptr<WgradConv> BuildWgrad(memory::data_type dt, const Geometry& g) {
+  const auto n = g.src[0], i = g.src[1], h = g.src[2], w = g.src[3];
+  const auto o = g.dst[1], ho = g.dst[2], wo = g.dst[3], kh = g.weights[2], kw = g.weights[3];
+  const auto f32 = memory::data_type::f32;
+  auto c = std::make_unique<WgradConv>();
+  // NHWC x and g and the HWIO output, read through strides in the roles above.
+  c->src_user = memory::desc({i, n, h, w}, dt, memory::dims{1, h * w * i, w * i, i});
+  c->wei_user = memory::desc({o, n, ho, wo}, dt, memory::dims{1, ho * wo * o, wo * o, o});
+  c->dst_user = memory::desc({i, o, kh, kw}, f32, memory::dims{o, 1, kw * i * o, i * o});
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  const auto hp = h + g.pad_l[0] + g.pad_r[0], wp = w + g.pad_l[1] + g.pad_r[1];
+  dnnl::convolution_forward::desc fwd(
+      dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
+      memory::desc({i, n, hp, wp}, dt, tag::any), memory::desc({o, n, ho, wo}, dt, tag::any),
+      memory::desc({i, o, kh, kw}, f32, tag::any), {1, 1}, {0, 0}, {0, 0}, {0, 0});
+  dnnl::convolution_forward::primitive_desc pd(fwd, attr, Engine());
+  c->conv = dnnl::convolution_forward(pd);
+  c->scratchpad = pd.scratchpad_desc();
+  c->src_conv = pd.src_desc();
+  c->src_inner = c->src_conv.submemory_desc({i, n, h, w}, {0, 0, g.pad_l[0], g.pad_l[1]});
+  c->wei_conv = pd.weights_desc();
+  c->dst_conv = pd.dst_desc();
+  auto reorder = [](const memory::desc& from, const memory::desc& to) {
+    return dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), from, Engine(), to));
+  };
+  c->src_reorder = reorder(c->src_user, c->src_inner);
+  c->wei_reorder = reorder(c->wei_user, c->wei_conv);
+  c->dst_reorder = reorder(c->dst_conv, c->dst_user);
+  return c;
+}
+
+const WgradConv& CachedWgrad(memory::data_type dt, const Geometry& g) {
+  static std::mutex mu;
+  static std::unordered_map<std::string, std::unique_ptr<WgradConv>> cache;
+  std::string key = CacheKey("w:" + std::to_string(static_cast<int>(dt)),
+                             {&g.src, &g.weights, &g.dst, &g.pad_l, &g.pad_r});
+  std::lock_guard<std::mutex> lock(mu);
+  auto& slot = cache[key];
+  if (!slot) slot = BuildWgrad(dt, g);
+  return *slot;
+}
+
+// The float32 HWIO kernel gradient of one batch slice (x, g NHWC) into w_out, as a forward convolution.
+void WgradSlice(memory::data_type dt, const Geometry& g, void* x_p, void* y_p, void* w_out) {
+  const WgradConv& c = CachedWgrad(dt, g);
+  dnnl::stream stream(Engine());
+  memory src_user(c.src_user, Engine(), x_p), wei_user(c.wei_user, Engine(), y_p);
+  memory dst_user(c.dst_user, Engine(), w_out);
+  void* src_p = ThreadBuffer(2, c.src_conv.get_size());
+  std::memset(src_p, 0, c.src_conv.get_size());  // the padding
+  memory src(c.src_conv, Engine(), src_p), src_inner(c.src_inner, Engine(), src_p);
+  memory wei(c.wei_conv, Engine(), ThreadBuffer(3, c.wei_conv.get_size()));
+  memory dst(c.dst_conv, Engine(), ThreadBuffer(4, c.dst_conv.get_size()));
+  memory pad(c.scratchpad, Engine(), ThreadBuffer(0, c.scratchpad.get_size()));
+  c.src_reorder.execute(stream, {{DNNL_ARG_FROM, src_user}, {DNNL_ARG_TO, src_inner}});
+  c.wei_reorder.execute(stream, {{DNNL_ARG_FROM, wei_user}, {DNNL_ARG_TO, wei}});
+  c.conv.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst},
+                          {DNNL_ARG_SCRATCHPAD, pad}});
+  c.dst_reorder.execute(stream, {{DNNL_ARG_FROM, dst}, {DNNL_ARG_TO, dst_user}});
+  stream.wait();
+}
+
+// --- kernel gradients as one matrix product -----------------------------------------------------------------
+//
+// The same kernel gradient as dw[(kh, kw, i), o] = P^T g, where P [N Ho Wo, KH KW I] holds each output position's
+// input patch (im2col, zeros where the window leaves the map) and g is read as [N Ho Wo, O]: oneDNN's matmul, whose
+// [KH KW I, O] float32 output is HWIO as it stands. CNNJAX_ONEDNN_WGRAD=matmul selects it (see WgradMode).
+
+struct WgradMatmul {
+  dnnl::primitive matmul;
+  memory::desc patches_t, grad, out, scratchpad;
+};
+
+const WgradMatmul& CachedWgradMatmul(memory::data_type dt, const Geometry& g) {
+  static std::mutex mu;
+  static std::unordered_map<std::string, std::unique_ptr<WgradMatmul>> cache;
+  std::string key = CacheKey("m:" + std::to_string(static_cast<int>(dt)),
+                             {&g.src, &g.weights, &g.dst, &g.pad_l, &g.pad_r});
+  std::lock_guard<std::mutex> lock(mu);
+  auto& slot = cache[key];
+  if (!slot) {
+    const auto m = g.dst[0] * g.dst[2] * g.dst[3], k = g.weights[1] * g.weights[2] * g.weights[3], o = g.dst[1];
+    auto c = std::make_unique<WgradMatmul>();
+    c->patches_t = memory::desc({k, m}, dt, memory::dims{1, k});  // P^T, a transposed view of P [m, k]
+    c->grad = memory::desc({m, o}, dt, memory::dims{o, 1});
+    c->out = memory::desc({k, o}, memory::data_type::f32, memory::dims{o, 1});
+    dnnl::primitive_attr attr;
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(c->patches_t, c->grad, c->out), attr, Engine());
+    c->matmul = dnnl::matmul(pd);
+    c->scratchpad = pd.scratchpad_desc();
+    slot = std::move(c);
+  }
+  return *slot;
+}
+
+void WgradMatmulSlice(memory::data_type dt, const Geometry& g, void* x_p, void* y_p, void* w_out) {
+  const WgradMatmul& c = CachedWgradMatmul(dt, g);
+  const auto n = g.src[0], ci = g.src[1], h = g.src[2], w = g.src[3];
+  const auto ho = g.dst[2], wo = g.dst[3], kh = g.weights[2], kw = g.weights[3];
+  const size_t es = memory::data_type_size(dt), row = ci * es;
+  auto* patches = static_cast<char*>(ThreadBuffer(2, n * ho * wo * kh * kw * row));
+  const auto* x = static_cast<const char*>(x_p);
+  char* p = patches;
+  for (int64_t b = 0; b < n; ++b)
+    for (int64_t oy = 0; oy < ho; ++oy)
+      for (int64_t ox = 0; ox < wo; ++ox)
+        for (int64_t ky = 0; ky < kh; ++ky)
+          for (int64_t kx = 0; kx < kw; ++kx, p += row) {
+            const int64_t iy = oy + ky - g.pad_l[0], ix = ox + kx - g.pad_l[1];
+            if (iy < 0 || iy >= h || ix < 0 || ix >= w) std::memset(p, 0, row);
+            else std::memcpy(p, x + ((b * h + iy) * w + ix) * row, row);
+          }
+  dnnl::stream stream(Engine());
+  memory a(c.patches_t, Engine(), patches), bm(c.grad, Engine(), y_p), out(c.out, Engine(), w_out);
+  memory pad(c.scratchpad, Engine(), ThreadBuffer(0, c.scratchpad.get_size()));
+  c.matmul.execute(stream, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, out},
+                            {DNNL_ARG_SCRATCHPAD, pad}});
+  stream.wait();
+}
+
 // float32 -> bfloat16, rounding to nearest even (NaNs stay NaN).
 uint16_t ToBf16(float f) {
   uint32_t bits;
@@ -282,7 +439,12 @@ ffi::Error Execute(ffi::ThreadPool* pool, int kind, memory::data_type dt, const 
     Geometry s = g;
     s.src[0] = s.dst[0] = rows;
     void* w = kind == 2 ? static_cast<void*>(partial.data() + i * w_count) : w_p;
-    ConvSlice(kind, dt, s, static_cast<char*>(x_p) + begin * x_row, w, static_cast<char*>(y_p) + begin * y_row);
+    void* x = static_cast<char*>(x_p) + begin * x_row;
+    void* y = static_cast<char*>(y_p) + begin * y_row;
+    const int mode = kind == 2 ? WgradMode(dt, s) : 0;
+    if (mode == 1) WgradSlice(dt, s, x, y, w);
+    else if (mode == 2) WgradMatmulSlice(dt, s, x, y, w);
+    else ConvSlice(kind, dt, s, x, w, y);
   });
   if (!error.empty()) return ffi::Error::Internal("onednn_conv: " + error);
   if (kind == 2) {
