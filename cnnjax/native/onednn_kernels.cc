@@ -210,15 +210,23 @@ std::string CacheKey(std::string prefix, std::initializer_list<const memory::dim
   return prefix;
 }
 
-const Conv& Cached(int kind, memory::data_type dt, const Geometry& g) {
+// What build() makes for `key`, made once per process and kept: one cache per call site (each passes its own
+// lambda type), guarded by its own mutex.
+template <typename Build>
+const auto& CachedBy(const std::string& key, Build build) {
+  using T = typename decltype(build())::element_type;
   static std::mutex mu;
-  static std::unordered_map<std::string, std::unique_ptr<Conv>> cache;
-  std::string key = CacheKey(std::to_string(kind) + ":" + std::to_string(static_cast<int>(dt)),
-                             {&g.src, &g.weights, &g.dst, &g.strides, &g.dilations, &g.pad_l, &g.pad_r});
+  static std::unordered_map<std::string, std::unique_ptr<T>> cache;
   std::lock_guard<std::mutex> lock(mu);
   auto& slot = cache[key];
-  if (!slot) slot = Build(kind, dt, g);
+  if (!slot) slot = build();
   return *slot;
+}
+
+const Conv& Cached(int kind, memory::data_type dt, const Geometry& g) {
+  return CachedBy(CacheKey(std::to_string(kind) + ":" + std::to_string(static_cast<int>(dt)),
+                           {&g.src, &g.weights, &g.dst, &g.strides, &g.dilations, &g.pad_l, &g.pad_r}),
+                  [&] { return Build(kind, dt, g); });
 }
 
 // Per-thread buffers (grown, never shrunk): 0 the scratchpad, 1 the blocked kernel, 2-4 the source, kernel and
@@ -326,14 +334,9 @@ std::unique_ptr<WgradConv> BuildWgrad(memory::data_type dt, const Geometry& g) {
 }
 
 const WgradConv& CachedWgrad(memory::data_type dt, const Geometry& g) {
-  static std::mutex mu;
-  static std::unordered_map<std::string, std::unique_ptr<WgradConv>> cache;
-  std::string key = CacheKey("w:" + std::to_string(static_cast<int>(dt)),
-                             {&g.src, &g.weights, &g.dst, &g.pad_l, &g.pad_r});
-  std::lock_guard<std::mutex> lock(mu);
-  auto& slot = cache[key];
-  if (!slot) slot = BuildWgrad(dt, g);
-  return *slot;
+  return CachedBy(CacheKey("w:" + std::to_string(static_cast<int>(dt)),
+                           {&g.src, &g.weights, &g.dst, &g.pad_l, &g.pad_r}),
+                  [&] { return BuildWgrad(dt, g); });
 }
 
 // The float32 HWIO kernel gradient of one batch slice (x, g NHWC) into w_out, as a forward convolution.
@@ -367,27 +370,24 @@ struct WgradMatmul {
   memory::desc patches_t, grad, out, scratchpad;
 };
 
+std::unique_ptr<WgradMatmul> BuildWgradMatmul(memory::data_type dt, const Geometry& g) {
+  const auto m = g.dst[0] * g.dst[2] * g.dst[3], k = g.weights[1] * g.weights[2] * g.weights[3], o = g.dst[1];
+  auto c = std::make_unique<WgradMatmul>();
+  c->patches_t = memory::desc({k, m}, dt, memory::dims{1, k});  // P^T, a transposed view of P [m, k]
+  c->grad = memory::desc({m, o}, dt, memory::dims{o, 1});
+  c->out = memory::desc({k, o}, memory::data_type::f32, memory::dims{o, 1});
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(c->patches_t, c->grad, c->out), attr, Engine());
+  c->matmul = dnnl::matmul(pd);
+  c->scratchpad = pd.scratchpad_desc();
+  return c;
+}
+
 const WgradMatmul& CachedWgradMatmul(memory::data_type dt, const Geometry& g) {
-  static std::mutex mu;
-  static std::unordered_map<std::string, std::unique_ptr<WgradMatmul>> cache;
-  std::string key = CacheKey("m:" + std::to_string(static_cast<int>(dt)),
-                             {&g.src, &g.weights, &g.dst, &g.pad_l, &g.pad_r});
-  std::lock_guard<std::mutex> lock(mu);
-  auto& slot = cache[key];
-  if (!slot) {
-    const auto m = g.dst[0] * g.dst[2] * g.dst[3], k = g.weights[1] * g.weights[2] * g.weights[3], o = g.dst[1];
-    auto c = std::make_unique<WgradMatmul>();
-    c->patches_t = memory::desc({k, m}, dt, memory::dims{1, k});  // P^T, a transposed view of P [m, k]
-    c->grad = memory::desc({m, o}, dt, memory::dims{o, 1});
-    c->out = memory::desc({k, o}, memory::data_type::f32, memory::dims{o, 1});
-    dnnl::primitive_attr attr;
-    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-    dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(c->patches_t, c->grad, c->out), attr, Engine());
-    c->matmul = dnnl::matmul(pd);
-    c->scratchpad = pd.scratchpad_desc();
-    slot = std::move(c);
-  }
-  return *slot;
+  return CachedBy(CacheKey("m:" + std::to_string(static_cast<int>(dt)),
+                           {&g.src, &g.weights, &g.dst, &g.pad_l, &g.pad_r}),
+                  [&] { return BuildWgradMatmul(dt, g); });
 }
 
 void WgradMatmulSlice(memory::data_type dt, const Geometry& g, void* x_p, void* y_p, void* w_out) {
@@ -498,13 +498,7 @@ struct Pool {
 };
 
 const Pool& CachedPool(memory::data_type dt, const PoolGeometry& g) {
-  static std::mutex mu;
-  static std::unordered_map<std::string, std::unique_ptr<Pool>> cache;
-  std::string key = CacheKey(std::to_string(static_cast<int>(dt)), {&g.src, &g.dst, &g.kernel, &g.strides, &g.pad_l,
-                                                                   &g.pad_r});
-  std::lock_guard<std::mutex> lock(mu);
-  auto& slot = cache[key];
-  if (!slot) {
+  auto build = [&] {
     auto p = std::make_unique<Pool>();
     memory::desc src(g.src, dt, tag::nhwc), dst(g.dst, dt, tag::nhwc);
     dnnl::primitive_attr attr;
@@ -519,9 +513,10 @@ const Pool& CachedPool(memory::data_type dt, const PoolGeometry& g) {
     p->workspace = fwd_pd.workspace_desc();
     p->forward_scratchpad = fwd_pd.scratchpad_desc();
     p->backward_scratchpad = bwd_pd.scratchpad_desc();
-    slot = std::move(p);
-  }
-  return *slot;
+    return p;
+  };
+  return CachedBy(CacheKey(std::to_string(static_cast<int>(dt)), {&g.src, &g.dst, &g.kernel, &g.strides, &g.pad_l,
+                                                                   &g.pad_r}), build);
 }
 
 // The pool's geometry from x [N,H,W,C] and y [N,Ho,Wo,C] (oneDNN wants N,C,H,W), with the dtype of both.
