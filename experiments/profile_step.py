@@ -22,7 +22,8 @@ work shows only where it leaves the wall time uncovered (the last row: wall minu
 This is where XLA's fusion decisions show, such as a transpose that recomputes the activations it
 moves instead of reading them. ``--precision bf16`` profiles the bfloat16 step of ``mixed_precision``
 (fused only): ``--fused --precision bf16 --batch 512 --models fast_cnn@28,fast_cnn@28+residual`` is the
-step of ``fashion_mnist_30min`` (without its optimizer) and of ``fashion_mnist_30min_residual``.
+net and precision of ``fashion_mnist_30min`` and ``fashion_mnist_30min_residual`` (with the bench's SGD momentum, not
+their optimizer, and random data).
 PyTorch: the torch twin (tests/torch_models.py) in eager mode, ``torch.profiler`` self CPU time of
 each aten op, classified by op name; ops inside ``Optimizer.step`` count as the optimizer. PyTorch's
 CPU conv backward computes both gradients in one op, so its row is "conv input+weight gradient". It runs
@@ -39,7 +40,7 @@ from absl import flags
 
 from cnnjax.errors import UsageError
 from experiments import cli
-from experiments.benchlib import SHAPES, in_fresh_process
+from experiments.benchlib import PRECISIONS, SHAPES, in_fresh_process
 from experiments.profilelib import FUSED_KINDS, KINDS, profile_cnnjax, profile_fused, profile_torch
 
 FLAGS = flags.FLAGS
@@ -51,7 +52,7 @@ flags.DEFINE_bool("fused", False, "profile the compiled step's XLA thunks (jax.p
 flags.DEFINE_integer("steps", 10, "--fused: traced steps")
 flags.DEFINE_integer("top", 10, "--fused: largest thunks listed")
 flags.DEFINE_string("out", "", "write the tables as JSON here")
-flags.DEFINE_enum("precision", "fp32", ["fp32", "bf16"], "--fused: the step's compute precision (bf16: "
+flags.DEFINE_enum("precision", "fp32", list(PRECISIONS), "--fused: the step's compute precision (bf16: "
                   "mixed_precision, as fashion_mnist_30min)")
 
 

@@ -280,20 +280,23 @@ void ConvSlice(int kind, memory::data_type dt, const Geometry& g, void* x_p, voi
 // slices took 11 ms against 61-70 (on 6x6 maps 103-131 ms against 93-94, a 6x6 kernel over 3x3 outputs; on 13x13
 // maps 4-7x slower). Used for bfloat16 stride-1 undilated convolutions whose outputs are at most 4x4 (WgradMode).
 
-// How a kernel gradient runs: 0 oneDNN's backward-weights primitive, 1 a forward convolution (WgradSlice), 2 a
-// matrix product (WgradMatmulSlice). CNNJAX_ONEDNN_WGRAD: native (always 0), forward, matmul, auto (default).
-int WgradMode(memory::data_type dt, const Geometry& g) {
+// How a kernel gradient runs: oneDNN's backward-weights primitive (ConvSlice), a forward convolution (WgradSlice) or
+// a matrix product (WgradMatmulSlice). CNNJAX_ONEDNN_WGRAD: native (always the primitive), forward, matmul, auto
+// (default: by output size, as below; cnnjax/native/onednn.py checks the value).
+enum class Wgrad { kNative, kForward, kMatmul };
+
+Wgrad WgradMode(memory::data_type dt, const Geometry& g) {
   static const std::string choice = [] {
     const char* v = std::getenv("CNNJAX_ONEDNN_WGRAD");
     return std::string(v != nullptr ? v : "auto");
   }();
-  if (choice == "native" || dt != memory::data_type::bf16) return 0;
-  for (auto s : g.strides) if (s != 1) return 0;
-  for (auto d : g.dilations) if (d != 0) return 0;
-  if (choice == "matmul") return 2;
-  if (choice == "forward") return 1;
+  if (choice == "native" || dt != memory::data_type::bf16) return Wgrad::kNative;
+  for (auto s : g.strides) if (s != 1) return Wgrad::kNative;
+  for (auto d : g.dilations) if (d != 0) return Wgrad::kNative;
+  if (choice == "matmul") return Wgrad::kMatmul;
+  if (choice == "forward") return Wgrad::kForward;
   const auto hw = std::max(g.dst[2], g.dst[3]);
-  return hw <= 4 ? 1 : (hw <= 8 ? 2 : 0);
+  return hw <= 4 ? Wgrad::kForward : (hw <= 8 ? Wgrad::kMatmul : Wgrad::kNative);
 }
 
 struct WgradConv {
@@ -333,10 +336,13 @@ std::unique_ptr<WgradConv> BuildWgrad(memory::data_type dt, const Geometry& g) {
   return c;
 }
 
+// A kernel-gradient path's cache key: the path's prefix, the dtype and the (stride-1, undilated) geometry.
+std::string WgradKey(const char* prefix, memory::data_type dt, const Geometry& g) {
+  return CacheKey(prefix + std::to_string(static_cast<int>(dt)), {&g.src, &g.weights, &g.dst, &g.pad_l, &g.pad_r});
+}
+
 const WgradConv& CachedWgrad(memory::data_type dt, const Geometry& g) {
-  return CachedBy(CacheKey("w:" + std::to_string(static_cast<int>(dt)),
-                           {&g.src, &g.weights, &g.dst, &g.pad_l, &g.pad_r}),
-                  [&] { return BuildWgrad(dt, g); });
+  return CachedBy(WgradKey("w:", dt, g), [&] { return BuildWgrad(dt, g); });
 }
 
 // The float32 HWIO kernel gradient of one batch slice (x, g NHWC) into w_out, as a forward convolution.
@@ -385,9 +391,7 @@ std::unique_ptr<WgradMatmul> BuildWgradMatmul(memory::data_type dt, const Geomet
 }
 
 const WgradMatmul& CachedWgradMatmul(memory::data_type dt, const Geometry& g) {
-  return CachedBy(CacheKey("m:" + std::to_string(static_cast<int>(dt)),
-                           {&g.src, &g.weights, &g.dst, &g.pad_l, &g.pad_r}),
-                  [&] { return BuildWgradMatmul(dt, g); });
+  return CachedBy(WgradKey("m:", dt, g), [&] { return BuildWgradMatmul(dt, g); });
 }
 
 void WgradMatmulSlice(memory::data_type dt, const Geometry& g, void* x_p, void* y_p, void* w_out) {
@@ -441,9 +445,9 @@ ffi::Error Execute(ffi::ThreadPool* pool, int kind, memory::data_type dt, const 
     void* w = kind == 2 ? static_cast<void*>(partial.data() + i * w_count) : w_p;
     void* x = static_cast<char*>(x_p) + begin * x_row;
     void* y = static_cast<char*>(y_p) + begin * y_row;
-    const int mode = kind == 2 ? WgradMode(dt, s) : 0;
-    if (mode == 1) WgradSlice(dt, s, x, y, w);
-    else if (mode == 2) WgradMatmulSlice(dt, s, x, y, w);
+    const Wgrad mode = kind == 2 ? WgradMode(dt, s) : Wgrad::kNative;
+    if (mode == Wgrad::kForward) WgradSlice(dt, s, x, y, w);
+    else if (mode == Wgrad::kMatmul) WgradMatmulSlice(dt, s, x, y, w);
     else ConvSlice(kind, dt, s, x, w, y);
   });
   if (!error.empty()) return ffi::Error::Internal("onednn_conv: " + error);
