@@ -304,14 +304,13 @@ onednn_conv.defvjp(_onednn_conv_fwd, _onednn_conv_bwd)
 
 def onednn_usable(x: Array, kernel: Array, groups: int = 1) -> bool:
     """Whether 'auto' may run this conv through oneDNN: the CPU, one process (runs over several keep XLA's
-    convolutions), groups 1, float32 or bfloat16 operands of one dtype, and the kernels built
-    (:func:`cnnjax.native.onednn.available`). Under a batch-sharded ``jit`` over several host devices XLA's
-    partitioner cannot split the custom call and gathers the batch for it (the same numbers, unsplit work)."""
+    convolutions), groups 1, float32 or bfloat16 operands of one dtype, and the kernels built for that dtype
+    (:func:`cnnjax.native.onednn.runs`: bfloat16 needs AVX-512). Under a batch-sharded ``jit`` over several host
+    devices XLA's partitioner cannot split the custom call and gathers the batch for it (the same numbers, unsplit
+    work)."""
     if not USE_ONEDNN_ON_CPU or groups != 1 or jax.default_backend() != "cpu" or jax.process_count() != 1:
         return False
-    if x.dtype != kernel.dtype or x.dtype not in (jnp.float32, jnp.bfloat16):
-        return False
-    return onednn.available()
+    return x.dtype == kernel.dtype and onednn.runs(x.dtype)
 
 
 def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: str | Pads,
@@ -363,5 +362,7 @@ def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: str | Pad
         if x.dtype != kernel.dtype or x.dtype not in (jnp.float32, jnp.bfloat16):
             raise UsageError(f"conv impl='onednn' takes float32 or bfloat16 operands of one dtype; got {x.dtype} "
                              f"and {kernel.dtype}")
+        if x.dtype == jnp.bfloat16:
+            onednn.require_bf16("conv impl='onednn'")
         return onednn_conv(x, kernel, strides, pads, dilation)
     return _xla_conv(x, kernel, strides, pads, dilation, groups, precision)

@@ -426,10 +426,10 @@ _window_max_pool.defvjp(_window_max_pool_fwd, _window_max_pool_bwd)
 
 def onednn_pool_usable(x: Array) -> bool:
     """Whether :func:`max_pool` runs through oneDNN: the CPU, one process, float32 or bfloat16, and cnnjax's
-    oneDNN kernels built (:func:`cnnjax.native.onednn.available`), as for the convolutions."""
+    oneDNN kernels built for that dtype (:func:`cnnjax.native.onednn.runs`), as for the convolutions."""
     if not USE_ONEDNN_POOL_ON_CPU or jax.default_backend() != "cpu" or jax.process_count() != 1:
         return False
-    return x.dtype in (jnp.float32, jnp.bfloat16) and onednn.available()
+    return onednn.runs(x.dtype)
 
 
 def _onednn_pool_attrs(x_shape: tuple[int, ...], window: tuple[int, int], stride: tuple[int, int],
@@ -461,6 +461,8 @@ def _onednn_max_pool_fwd(x, window, stride, padding):
                          "which takes them only where they run")
     if x.dtype not in (jnp.float32, jnp.bfloat16):
         raise UsageError(f"onednn_max_pool takes float32 or bfloat16; got {x.dtype} (max_pool takes any dtype)")
+    if x.dtype == jnp.bfloat16:
+        onednn.require_bf16("onednn_max_pool")
     out, attrs = _onednn_pool_attrs(x.shape, window, stride, padding)
     workspace = jnp.uint8 if window[0] * window[1] < 256 else jnp.int32  # oneDNN's rule for max-pool workspaces
     call = jax.ffi.ffi_call(onednn.POOL_FORWARD_TARGET, (jax.ShapeDtypeStruct(out, x.dtype),

@@ -12,11 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from cnnjax import conv, layers
+from cnnjax.errors import UsageError
 from cnnjax.native import onednn
 from tests.parity import assert_parity, nchw, nhwc
 
 needs_onednn = pytest.mark.skipif(jax.default_backend() != "cpu" or not onednn.available(),
                                   reason="oneDNN kernels not built here (python -m cnnjax.native.onednn says why)")
+needs_onednn_bf16 = pytest.mark.skipif(jax.default_backend() != "cpu" or not onednn.bf16_available(),
+                                       reason="no oneDNN bfloat16 kernels on this CPU (they need AVX-512)")
 
 rng = np.random.RandomState(0)
 
@@ -249,7 +252,7 @@ def test_onednn_matches_xla_values_and_gradients_jitted_or_not(hw, c_in, c_out, 
         chex.assert_trees_all_close(g(x, w), want_grads, atol=1e-3, rtol=1e-4)
 
 
-@needs_onednn
+@needs_onednn_bf16
 def test_onednn_bf16_is_within_one_rounding_of_the_float32_conv():
     x = jnp.asarray(rng.randn(4, 10, 10, 16).astype(np.float32)).astype(jnp.bfloat16)
     w = jnp.asarray(rng.randn(3, 3, 16, 8).astype(np.float32)).astype(jnp.bfloat16)
@@ -278,7 +281,7 @@ BF16_WGRAD_CASES = [
 ]
 
 
-@needs_onednn
+@needs_onednn_bf16
 @pytest.mark.parametrize("batch,hw,c_in,c_out,k,pads", BF16_WGRAD_CASES, ids=str)
 def test_onednn_bf16_kernel_gradient_paths_match_the_float32_conv(batch, hw, c_in, c_out, k, pads):
     r = np.random.RandomState(1)
@@ -343,6 +346,19 @@ def test_choose_impl_with_onednn(in_hw, k, s, in_channels, want):
 def test_onednn_refuses_mixed_dtypes_in_one_line():
     x, w = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2), jnp.bfloat16)
     with pytest.raises(ValueError, match="impl='onednn'"):
+        conv.conv2d(x, w, (1, 1), "SAME", impl="onednn")
+
+
+@needs_onednn
+def test_bfloat16_convs_stay_xla_where_onednn_has_no_bf16(monkeypatch):
+    """On a CPU without AVX-512 (oneDNN builds no bfloat16 primitives there) 'auto' keeps XLA's bf16 convs, float32
+    still runs through oneDNN, and an explicit impl='onednn' in bf16 says why in one line."""
+    monkeypatch.setattr(onednn, "_load", lambda: (True, "oneDNN (float32 only)", False))
+    x, w = jnp.ones((2, 10, 10, 8), jnp.bfloat16), jnp.ones((3, 3, 8, 8), jnp.bfloat16)
+    calls = lambda x, w: str(jax.make_jaxpr(lambda x, w: conv.conv2d(x, w, (1, 1), "SAME"))(x, w)).count(  # noqa: E731
+        onednn.TARGET)
+    assert calls(x, w) == 0 and calls(x.astype(jnp.float32), w.astype(jnp.float32)) == 1
+    with pytest.raises(UsageError, match=r"^conv impl='onednn' cannot run bfloat16 here: .*need AVX-512.*use float32"):
         conv.conv2d(x, w, (1, 1), "SAME", impl="onednn")
 
 

@@ -23,6 +23,8 @@ TOL = 1e-5
 rng = np.random.RandomState(0)
 ONEDNN = jax.default_backend() == "cpu" and onednn.available()
 needs_onednn = pytest.mark.skipif(not ONEDNN, reason="oneDNN kernels not built here (python -m cnnjax.native.onednn)")
+needs_onednn_bf16 = pytest.mark.skipif(not (ONEDNN and onednn.bf16_available()),
+                                       reason="no oneDNN bfloat16 kernels on this CPU (they need AVX-512)")
 
 
 def rand(*shape):
@@ -261,7 +263,7 @@ def test_onednn_max_pool_equals_the_strided_views(window, stride, padding, hw):
         assert float(jnp.abs(got[1][:, reach_h:]).sum() + jnp.abs(got[1][:, :, reach_w:]).sum()) == 0.0
 
 
-@needs_onednn
+@needs_onednn_bf16
 def test_onednn_max_pool_in_bfloat16_vmap_and_where_it_runs(monkeypatch):
     """bfloat16 values equal the views' exactly (a max rounds nothing), gradients within one bf16 rounding of
     their float32 sums; under ``vmap`` it equals a loop; ``max_pool`` calls the kernels (one forward, one backward)
@@ -290,6 +292,19 @@ def test_onednn_max_pool_in_bfloat16_vmap_and_where_it_runs(monkeypatch):
         assert calls(x) == (0, 0)
     monkeypatch.setattr(layers, "USE_ONEDNN_POOL_ON_CPU", False)
     assert calls(x) == (0, 0)
+
+
+@needs_onednn
+def test_bfloat16_max_pools_stay_views_where_onednn_has_no_bf16(monkeypatch):
+    """Without oneDNN's bfloat16 primitives (no AVX-512) max_pool keeps the strided views for bf16 and oneDNN for
+    float32; onednn_max_pool in bf16 says why in one line."""
+    monkeypatch.setattr(onednn, "_load", lambda: (True, "oneDNN (float32 only)", False))
+    x = jnp.asarray(rand(2, 9, 9, 4))
+    calls = lambda v: str(jax.make_jaxpr(lambda v: layers.max_pool(v, 3, 2, 1))(v)).count(  # noqa: E731
+        onednn.POOL_FORWARD_TARGET)
+    assert calls(x) == 1 and calls(x.astype(jnp.bfloat16)) == 0
+    with pytest.raises(UsageError, match=r"^onednn_max_pool cannot run bfloat16 here: .*AVX-512"):
+        layers.onednn_max_pool(x.astype(jnp.bfloat16), (3, 3), (2, 2), (1, 1))
 
 
 @pytest.mark.parametrize("count_include_pad", [True, False])

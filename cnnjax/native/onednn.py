@@ -58,6 +58,7 @@ SLICES_CHOICE = "CNNJAX_ONEDNN_SLICES"
 WGRAD_CHOICE = "CNNJAX_ONEDNN_WGRAD"
 WGRAD_MODES = ("auto", "native", "forward", "matmul")
 HEADER = Path("/usr/include/dnnl.hpp")
+BF16_MISSING = "this CPU's oneDNN has no bfloat16 primitives (they need AVX-512)"
 INSTALL_HINT = "install a C++ compiler and oneDNN (Debian: apt-get install g++ libdnnl-dev)"
 # oneDNN's threads (GNU OpenMP) sleep as soon as a convolution ends instead of spinning, so they leave the cores
 # to XLA's own threads between convolutions. `experiments.bench_ab --a "+broadcast tiled max-pool backward" --b
@@ -124,10 +125,11 @@ def build(quiet: bool = True) -> Path:
 
 
 @functools.cache
-def _load() -> tuple[bool, str]:
-    """``(available, what)``: the library's path once built, loaded and registered, else why not."""
+def _load() -> tuple[bool, str, bool]:
+    """``(available, what, bfloat16)``: the library's path once built, loaded and registered, else why not; and
+    whether its bfloat16 primitives can be built on this CPU."""
     if os.environ.get(SWITCH, "1") == "0":
-        return False, f"XLA ({SWITCH}=0)"
+        return False, f"XLA ({SWITCH}=0)", False
     mode = os.environ.get(WGRAD_CHOICE, "auto")
     if mode not in WGRAD_MODES:
         raise UsageError(f"{WGRAD_CHOICE}={mode!r} is not a mode: set it to one of {', '.join(WGRAD_MODES)} "
@@ -135,7 +137,7 @@ def _load() -> tuple[bool, str]:
     try:
         path = build()
     except UsageError as e:
-        return False, f"XLA ({e})"
+        return False, f"XLA ({e})", False
     import jax
 
     saved = os.environ.get("OMP_WAIT_POLICY")
@@ -144,13 +146,14 @@ def _load() -> tuple[bool, str]:
     try:
         library = ctypes.cdll.LoadLibrary(str(path))
     except OSError as e:
-        return False, f"XLA (cannot load {path}: {e})"
+        return False, f"XLA (cannot load {path}: {e})", False
     finally:
         if saved is None:
             os.environ.pop("OMP_WAIT_POLICY", None)
     for target, handler in {TARGET: HANDLER, **POOL_HANDLERS}.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, handler)), platform="cpu")
-    return True, f"oneDNN ({path})"
+    bf16 = bool(library.CnnjaxOnednnBf16())
+    return True, f"oneDNN ({path}{'' if bf16 else '; float32 only: ' + BF16_MISSING})", bf16
 
 
 def available() -> bool:
@@ -158,6 +161,27 @@ def available() -> bool:
     convolutions and cnnjax's strided-view pools are used) when ``CNNJAX_ONEDNN=0`` or they cannot be built or
     loaded here."""
     return _load()[0]
+
+
+def bf16_available() -> bool:
+    """True when :func:`available` and this CPU's oneDNN builds bfloat16 convolutions and max-pools (oneDNN 2.6 needs
+    AVX-512 for them); without, bfloat16 convolutions and pools stay XLA's."""
+    return _load()[2]
+
+
+def runs(dtype) -> bool:
+    """Whether cnnjax's oneDNN kernels run ``dtype`` here: float32 once :func:`available`, bfloat16 once
+    :func:`bf16_available`."""
+    name = getattr(dtype, "name", str(dtype))
+    return bf16_available() if name == "bfloat16" else name == "float32" and available()
+
+
+def require_bf16(what: str) -> None:
+    """Raise a one-line :class:`UsageError` when ``what`` (an explicit oneDNN op) is asked for bfloat16 here and
+    :func:`bf16_available` is False."""
+    if not bf16_available():
+        raise UsageError(f"{what} cannot run bfloat16 here: {BF16_MISSING}; use float32 operands, or the 'auto' "
+                         "path, which keeps XLA's for bfloat16 on this CPU")
 
 
 def describe() -> str:

@@ -615,7 +615,28 @@ auto WithPoolAttrs(Binding binding) {
       .template Ctx<ffi::ThreadPool>();
 }
 
+// Whether this CPU's oneDNN builds bfloat16 primitives: a 3x3 convolution (forward, input and kernel gradient, and
+// the kernel gradient's forward and matmul paths), a 2x2 max-pool (both ways). oneDNN 2.6 has none without AVX-512
+// (an AVX2-only AMD EPYC Zen 3 says "could not create a primitive descriptor iterator").
+bool Bf16Primitives() {
+  const auto bf16 = memory::data_type::bf16;
+  const Geometry g{{2, 16, 4, 4}, {16, 16, 3, 3}, {2, 16, 4, 4}, {1, 1}, {0, 0}, {1, 1}, {1, 1}};
+  const PoolGeometry pool{{2, 16, 4, 4}, {2, 16, 2, 2}, {2, 2}, {2, 2}, {0, 0}, {0, 0}};
+  try {
+    for (int kind = 0; kind < 3; ++kind) Build(kind, bf16, g);
+    BuildWgrad(bf16, g);
+    BuildWgradMatmul(bf16, g);
+    CachedPool(bf16, pool);
+  } catch (const dnnl::error&) {
+    return false;
+  }
+  return true;
+}
+
 }  // namespace
+
+// 1 when bfloat16 convolutions and max-pools can run here (Bf16Primitives), else 0; read by onednn.py via ctypes.
+extern "C" int CnnjaxOnednnBf16() { return Bf16Primitives() ? 1 : 0; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnjaxOnednnConv, Run,
                               ffi::Ffi::Bind()
