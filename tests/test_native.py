@@ -71,3 +71,23 @@ def test_an_unknown_kernel_gradient_mode_is_one_line_naming_the_modes(monkeypatc
     monkeypatch.setenv(onednn.WGRAD_CHOICE, "fast")
     with pytest.raises(UsageError, match=r"CNNJAX_ONEDNN_WGRAD='fast' is not a mode: set it to one of auto, native"):
         onednn._load.__wrapped__()
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+
+
+def test_bfloat16_kernels_exactly_where_the_cpu_has_avx512():
+    """oneDNN 2.6 builds bfloat16 convolutions and pools on AVX-512 (avx512_core: f, bw, vl, dq) and nowhere else;
+    ``describe()`` says so where it cannot. An AVX2-only AMD EPYC Zen 3 is the 'cannot' case."""
+    flags = _cpu_flags()
+    if not flags or not onednn.available():
+        pytest.skip("needs x86 /proc/cpuinfo and cnnjax's oneDNN library")
+    avx512_core = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
+    assert onednn.bf16_available() == avx512_core
+    assert ("float32 only" in onednn.describe()) == (not avx512_core)
+    assert onednn.runs("float32") and onednn.runs("bfloat16") == avx512_core and not onednn.runs("float16")
