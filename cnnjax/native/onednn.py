@@ -26,6 +26,13 @@ the channels, up to 8x8 as one matrix product of the input patches (``onednn_ker
 bfloat16 step of ``fashion_mnist_30min`` (fast_cnn@28, batch 512) 15-20% shorter (2-core Xeon with AMX, 2026-12-06).
 ``CNNJAX_ONEDNN_WGRAD``: ``auto`` (default), ``native`` (always the primitive), ``forward`` or ``matmul`` (that
 path for every such convolution).
+
+oneDNN 2.6 builds bfloat16 primitives only on AVX-512 CPUs (:func:`bf16_available` asks the library once, by
+building them on a small geometry): on an AVX2-only CPU (an AMD EPYC Zen 3, 2026-12-06) they fail with "could not
+create a primitive descriptor iterator", so there ``auto`` keeps XLA's bfloat16 convolutions and pools and runs
+oneDNN's in float32 only. On that machine XLA's bfloat16 step of ``fast_cnn@28+residual`` (batch 512) was the
+fastest of the three: 2.58 s, against 2.77 s for oneDNN's float32 and 2.94 s for XLA's float32 (``python -m
+experiments.profile_step --fused --precision bf16|fp32 --batch 512 --models fast_cnn@28+residual --steps 5``).
 """
 
 from __future__ import annotations
