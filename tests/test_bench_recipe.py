@@ -10,6 +10,7 @@ import sys
 import pytest
 
 
+@pytest.mark.slow  # about 60 s on a 2-core CPU: two whole recipe runs
 def test_bench_recipe_times_every_epoch_of_both_sides_with_the_same_steps(tmp_path):
     pytest.importorskip("torch")
     out = tmp_path / "recipe.json"

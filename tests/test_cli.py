@@ -89,6 +89,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+@pytest.mark.slow  # about 45 s on a 2-core CPU: two processes each allocating 5 x 64 MB under XLA
 @pytest.mark.skipif(cli.find_tcmalloc() is None, reason="libtcmalloc-minimal4 is not installed")
 def test_tcmalloc_keeps_xlas_blocks_in_the_process():
     """Preloaded tcmalloc gives XLA's per-call buffers back from the process: few page faults after warm-up;
