@@ -362,7 +362,6 @@ def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: str | Pad
         if x.dtype != kernel.dtype or x.dtype not in (jnp.float32, jnp.bfloat16):
             raise UsageError(f"conv impl='onednn' takes float32 or bfloat16 operands of one dtype; got {x.dtype} "
                              f"and {kernel.dtype}")
-        if x.dtype == jnp.bfloat16:
-            onednn.require_bf16("conv impl='onednn'")
+        onednn.require_dtype(x.dtype, "conv impl='onednn'")
         return onednn_conv(x, kernel, strides, pads, dilation)
     return _xla_conv(x, kernel, strides, pads, dilation, groups, precision)

@@ -461,8 +461,7 @@ def _onednn_max_pool_fwd(x, window, stride, padding):
                          "which takes them only where they run")
     if x.dtype not in (jnp.float32, jnp.bfloat16):
         raise UsageError(f"onednn_max_pool takes float32 or bfloat16; got {x.dtype} (max_pool takes any dtype)")
-    if x.dtype == jnp.bfloat16:
-        onednn.require_bf16("onednn_max_pool")
+    onednn.require_dtype(x.dtype, "onednn_max_pool")
     out, attrs = _onednn_pool_attrs(x.shape, window, stride, padding)
     workspace = jnp.uint8 if window[0] * window[1] < 256 else jnp.int32  # oneDNN's rule for max-pool workspaces
     call = jax.ffi.ffi_call(onednn.POOL_FORWARD_TARGET, (jax.ShapeDtypeStruct(out, x.dtype),

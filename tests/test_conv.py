@@ -14,12 +14,8 @@ import torch.nn.functional as F
 from cnnjax import conv, layers
 from cnnjax.errors import UsageError
 from cnnjax.native import onednn
+from tests.onednn_marks import needs_onednn, needs_onednn_bf16, pretend_no_bf16
 from tests.parity import assert_parity, nchw, nhwc
-
-needs_onednn = pytest.mark.skipif(jax.default_backend() != "cpu" or not onednn.available(),
-                                  reason="oneDNN kernels not built here (python -m cnnjax.native.onednn says why)")
-needs_onednn_bf16 = pytest.mark.skipif(jax.default_backend() != "cpu" or not onednn.bf16_available(),
-                                       reason="no oneDNN bfloat16 kernels on this CPU (they need AVX-512)")
 
 rng = np.random.RandomState(0)
 
@@ -353,7 +349,7 @@ def test_onednn_refuses_mixed_dtypes_in_one_line():
 def test_bfloat16_convs_stay_xla_where_onednn_has_no_bf16(monkeypatch):
     """On a CPU without AVX-512 (oneDNN builds no bfloat16 primitives there) 'auto' keeps XLA's bf16 convs, float32
     still runs through oneDNN, and an explicit impl='onednn' in bf16 says why in one line."""
-    monkeypatch.setattr(onednn, "_load", lambda: (True, "oneDNN (float32 only)", False))
+    pretend_no_bf16(monkeypatch)
     x, w = jnp.ones((2, 10, 10, 8), jnp.bfloat16), jnp.ones((3, 3, 8, 8), jnp.bfloat16)
     calls = lambda x, w: str(jax.make_jaxpr(lambda x, w: conv.conv2d(x, w, (1, 1), "SAME"))(x, w)).count(  # noqa: E731
         onednn.TARGET)

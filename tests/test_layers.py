@@ -17,14 +17,11 @@ from cnnjax.errors import UsageError
 from cnnjax.native import onednn
 from experiments import benchlib
 from tests import torch_models as ref
+from tests.onednn_marks import ONEDNN, needs_onednn, needs_onednn_bf16, pretend_no_bf16
 from tests.parity import assert_parity, nchw, nhwc, variables_of
 
 TOL = 1e-5
 rng = np.random.RandomState(0)
-ONEDNN = jax.default_backend() == "cpu" and onednn.available()
-needs_onednn = pytest.mark.skipif(not ONEDNN, reason="oneDNN kernels not built here (python -m cnnjax.native.onednn)")
-needs_onednn_bf16 = pytest.mark.skipif(not (ONEDNN and onednn.bf16_available()),
-                                       reason="no oneDNN bfloat16 kernels on this CPU (they need AVX-512)")
 
 
 def rand(*shape):
@@ -300,7 +297,7 @@ def test_onednn_max_pool_in_bfloat16_vmap_and_where_it_runs(monkeypatch):
 def test_bfloat16_max_pools_stay_views_where_onednn_has_no_bf16(monkeypatch):
     """Without oneDNN's bfloat16 primitives (no AVX-512) max_pool keeps the strided views for bf16 and oneDNN for
     float32; onednn_max_pool in bf16 says why in one line."""
-    monkeypatch.setattr(onednn, "_load", lambda: (True, "oneDNN (float32 only)", False))
+    pretend_no_bf16(monkeypatch)
     x = jnp.asarray(rand(2, 9, 9, 4))
     calls = lambda v: str(jax.make_jaxpr(lambda v: layers.max_pool(v, 3, 2, 1))(v)).count(  # noqa: E731
         onednn.POOL_FORWARD_TARGET)

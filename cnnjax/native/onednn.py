@@ -46,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 from cnnjax.errors import UsageError
 
@@ -131,12 +132,20 @@ def build(quiet: bool = True) -> Path:
                      "directory")
 
 
+class Library(NamedTuple):
+    """What :func:`_load` found: whether the kernels run (float32), the library's path or why not, and whether its
+    bfloat16 primitives build on this CPU."""
+
+    available: bool
+    what: str
+    bf16: bool
+
+
 @functools.cache
-def _load() -> tuple[bool, str, bool]:
-    """``(available, what, bfloat16)``: the library's path once built, loaded and registered, else why not; and
-    whether its bfloat16 primitives can be built on this CPU."""
+def _load() -> Library:
+    """The library once built, loaded and registered (see :class:`Library`)."""
     if os.environ.get(SWITCH, "1") == "0":
-        return False, f"XLA ({SWITCH}=0)", False
+        return Library(False, f"XLA ({SWITCH}=0)", False)
     mode = os.environ.get(WGRAD_CHOICE, "auto")
     if mode not in WGRAD_MODES:
         raise UsageError(f"{WGRAD_CHOICE}={mode!r} is not a mode: set it to one of {', '.join(WGRAD_MODES)} "
@@ -144,7 +153,7 @@ def _load() -> tuple[bool, str, bool]:
     try:
         path = build()
     except UsageError as e:
-        return False, f"XLA ({e})", False
+        return Library(False, f"XLA ({e})", False)
     import jax
 
     saved = os.environ.get("OMP_WAIT_POLICY")
@@ -153,40 +162,45 @@ def _load() -> tuple[bool, str, bool]:
     try:
         library = ctypes.cdll.LoadLibrary(str(path))
     except OSError as e:
-        return False, f"XLA (cannot load {path}: {e})", False
+        return Library(False, f"XLA (cannot load {path}: {e})", False)
     finally:
         if saved is None:
             os.environ.pop("OMP_WAIT_POLICY", None)
     for target, handler in {TARGET: HANDLER, **POOL_HANDLERS}.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, handler)), platform="cpu")
     bf16 = bool(library.CnnjaxOnednnBf16())
-    return True, f"oneDNN ({path}{'' if bf16 else '; float32 only: ' + BF16_MISSING})", bf16
+    return Library(True, f"oneDNN ({path}{'' if bf16 else '; float32 only: ' + BF16_MISSING})", bf16)
 
 
 def available() -> bool:
     """True once the handlers are built, loaded and registered with XLA for the CPU; False (and XLA's own
     convolutions and cnnjax's strided-view pools are used) when ``CNNJAX_ONEDNN=0`` or they cannot be built or
     loaded here."""
-    return _load()[0]
+    return _load().available
 
 
 def bf16_available() -> bool:
     """True when :func:`available` and this CPU's oneDNN builds bfloat16 convolutions and max-pools (oneDNN 2.6 needs
     AVX-512 for them); without, bfloat16 convolutions and pools stay XLA's."""
-    return _load()[2]
+    return _load().bf16
+
+
+def _dtype_name(dtype) -> str:
+    """``'float32'`` for a numpy / jax dtype or its name."""
+    return getattr(dtype, "name", str(dtype))
 
 
 def runs(dtype) -> bool:
     """Whether cnnjax's oneDNN kernels run ``dtype`` here: float32 once :func:`available`, bfloat16 once
     :func:`bf16_available`."""
-    name = getattr(dtype, "name", str(dtype))
+    name = _dtype_name(dtype)
     return bf16_available() if name == "bfloat16" else name == "float32" and available()
 
 
-def require_bf16(what: str) -> None:
-    """Raise a one-line :class:`UsageError` when ``what`` (an explicit oneDNN op) is asked for bfloat16 here and
-    :func:`bf16_available` is False."""
-    if not bf16_available():
+def require_dtype(dtype, what: str) -> None:
+    """Raise a one-line :class:`UsageError` when ``what`` (an explicit oneDNN op) is asked for ``dtype`` bfloat16
+    here and :func:`bf16_available` is False; float32 passes."""
+    if _dtype_name(dtype) == "bfloat16" and not bf16_available():
         raise UsageError(f"{what} cannot run bfloat16 here: {BF16_MISSING}; use float32 operands, or the 'auto' "
                          "path, which keeps XLA's for bfloat16 on this CPU")
 
@@ -194,7 +208,7 @@ def require_bf16(what: str) -> None:
 def describe() -> str:
     """Which CPU convolutions and max-pools cnnjax uses, for logs: ``oneDNN (library path)`` or ``XLA (why not
     oneDNN)``."""
-    return _load()[1]
+    return _load().what
 
 
 def main() -> int:

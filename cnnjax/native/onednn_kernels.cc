@@ -501,26 +501,27 @@ struct Pool {
   memory::desc forward_scratchpad, backward_scratchpad;
 };
 
+std::unique_ptr<Pool> BuildPool(memory::data_type dt, const PoolGeometry& g) {
+  auto p = std::make_unique<Pool>();
+  memory::desc src(g.src, dt, tag::nhwc), dst(g.dst, dt, tag::nhwc);
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  dnnl::pooling_forward::desc fwd(dnnl::prop_kind::forward_training, dnnl::algorithm::pooling_max, src, dst,
+                                  g.strides, g.kernel, g.pad_l, g.pad_r);
+  dnnl::pooling_forward::primitive_desc fwd_pd(fwd, attr, Engine());
+  dnnl::pooling_backward::desc bwd(dnnl::algorithm::pooling_max, src, dst, g.strides, g.kernel, g.pad_l, g.pad_r);
+  dnnl::pooling_backward::primitive_desc bwd_pd(bwd, attr, Engine(), fwd_pd);
+  p->forward = dnnl::pooling_forward(fwd_pd);
+  p->backward = dnnl::pooling_backward(bwd_pd);
+  p->workspace = fwd_pd.workspace_desc();
+  p->forward_scratchpad = fwd_pd.scratchpad_desc();
+  p->backward_scratchpad = bwd_pd.scratchpad_desc();
+  return p;
+}
+
 const Pool& CachedPool(memory::data_type dt, const PoolGeometry& g) {
-  auto build = [&] {
-    auto p = std::make_unique<Pool>();
-    memory::desc src(g.src, dt, tag::nhwc), dst(g.dst, dt, tag::nhwc);
-    dnnl::primitive_attr attr;
-    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-    dnnl::pooling_forward::desc fwd(dnnl::prop_kind::forward_training, dnnl::algorithm::pooling_max, src, dst,
-                                    g.strides, g.kernel, g.pad_l, g.pad_r);
-    dnnl::pooling_forward::primitive_desc fwd_pd(fwd, attr, Engine());
-    dnnl::pooling_backward::desc bwd(dnnl::algorithm::pooling_max, src, dst, g.strides, g.kernel, g.pad_l, g.pad_r);
-    dnnl::pooling_backward::primitive_desc bwd_pd(bwd, attr, Engine(), fwd_pd);
-    p->forward = dnnl::pooling_forward(fwd_pd);
-    p->backward = dnnl::pooling_backward(bwd_pd);
-    p->workspace = fwd_pd.workspace_desc();
-    p->forward_scratchpad = fwd_pd.scratchpad_desc();
-    p->backward_scratchpad = bwd_pd.scratchpad_desc();
-    return p;
-  };
   return CachedBy(CacheKey(std::to_string(static_cast<int>(dt)), {&g.src, &g.dst, &g.kernel, &g.strides, &g.pad_l,
-                                                                   &g.pad_r}), build);
+                                                                   &g.pad_r}), [&] { return BuildPool(dt, g); });
 }
 
 // The pool's geometry from x [N,H,W,C] and y [N,Ho,Wo,C] (oneDNN wants N,C,H,W), with the dtype of both.
@@ -626,7 +627,7 @@ bool Bf16Primitives() {
     for (int kind = 0; kind < 3; ++kind) Build(kind, bf16, g);
     BuildWgrad(bf16, g);
     BuildWgradMatmul(bf16, g);
-    CachedPool(bf16, pool);
+    BuildPool(bf16, pool);
   } catch (const dnnl::error&) {
     return false;
   }
