@@ -460,8 +460,9 @@ def test_batch_norm_backward_equals_autodiff_including_statistics_cotangents(axi
 @pytest.mark.parametrize("offset", [0.0, 30.0])
 def test_batch_norm_backward_is_float32_accurate_with_a_mean_far_from_zero(offset):
     """The backward sums g * x and g (not g * x_hat), then subtracts mean * sum(g), which loses digits as the mean
-    moves away from zero: against the float64 closed form the scale gradient is within 5e-5 of its largest value
-    for activations whose mean is about 100 standard deviations from zero (1.5e-5 measured; 4e-4 at 3500)."""
+    moves away from zero: against the float64 closed form both gradients are within 3.1e-4 of their largest value
+    for activations whose mean is about 100 standard deviations from zero, 1e-5 at mean zero (the worst of 300
+    random draws: 1.7e-4 and 2.9e-6; the draw is whatever the module's generator gives next)."""
     x = rand(16, 5, 5, 4) + offset
     g, scale = rand(*x.shape) * 2 - 1, np.linspace(0.5, 2.0, 4)
     got = jax.grad(lambda x, s: jnp.sum(layers._batch_norm_train(x, s, jnp.zeros(4), 1e-5, None)[0] * g),
@@ -470,7 +471,7 @@ def test_batch_norm_backward_is_float32_accurate_with_a_mean_far_from_zero(offse
     x_hat = (rows - rows.mean(0)) / np.sqrt(rows.var(0) + 1e-5)
     g_scale = (g_rows * x_hat).sum(0)
     g_x = scale / np.sqrt(rows.var(0) + 1e-5) * (g_rows - g_rows.mean(0) - x_hat * g_scale / len(rows))
-    tol = 2e-6 + 1.5e-6 * offset
+    tol = 1e-5 + 1e-5 * offset
     np.testing.assert_allclose(got[0], g_x.reshape(x.shape), atol=tol * np.abs(g_x).max())
     np.testing.assert_allclose(got[1], g_scale, atol=tol * np.abs(g_scale).max())
     assert np.abs(g_scale).max() > 0.5  # not degenerate

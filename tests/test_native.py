@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from cnnjax.errors import UsageError
 from cnnjax.native import onednn
+from tests.onednn_marks import needs_onednn
+
+BUFFER_BOUNDS = Path(__file__).with_name("native") / "buffer_bounds.cc"
 
 
 def test_missing_compiler_or_header_is_one_line_naming_the_packages(monkeypatch, tmp_path):
@@ -91,3 +97,23 @@ def test_bfloat16_kernels_exactly_where_the_cpu_has_avx512():
     assert onednn.bf16_available() == avx512_core
     assert ("float32 only" in onednn.describe()) == (not avx512_core)
     assert onednn.runs("float32") and onednn.runs("bfloat16") == avx512_core and not onednn.runs("float16")
+
+
+@needs_onednn
+def test_the_kernels_touch_nothing_outside_their_buffers(tmp_path):
+    """oneDNN 2.6 wrote past the scratchpad of strided 1x1 kernel gradients (up to 21 KB past 3 KB), which corrupted
+    the heap: aborts and segfaults in later tests. The handler over a sweep of convolution and max-pool geometries,
+    every buffer ending at an unmapped page (tests/native/buffer_bounds.cc)."""
+    import jax
+
+    harness = tmp_path / "buffer_bounds"
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    subprocess.run([compiler, "-O1", "-std=c++17", "-w", f"-I{jax.ffi.include_dir()}", f"-I{onednn.SOURCE.parent}",
+                    str(BUFFER_BOUNDS), "-o", str(harness), "-ldnnl", "-lgomp"], check=True, capture_output=True,
+                   timeout=300)
+    done = subprocess.run([str(harness)], capture_output=True, text=True, timeout=300)
+    assert "self-check: a write one byte past a buffer gave 1 report(s)" in done.stdout, done.stdout[-2000:]
+    assert done.returncode == 0, done.stdout[-3000:]
+    convs, pools = map(int, re.search(r"checked (\d+) convolution and (\d+) max-pool", done.stdout).groups())
+    assert convs > 3000 and pools > 100
+    assert done.stdout.rstrip().endswith("no access outside any buffer")

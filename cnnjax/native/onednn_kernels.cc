@@ -230,7 +230,13 @@ const Conv& Cached(int kind, memory::data_type dt, const Geometry& g) {
 }
 
 // Per-thread buffers (grown, never shrunk): 0 the scratchpad, 1 the blocked kernel, 2-4 the source, kernel and
-// output of a kernel gradient run as a forward convolution (WgradSlice).
+// output of a kernel gradient run as a forward convolution (WgradSlice); 2 also the input patches of
+// WgradMatmulSlice and the gathered input of StridedPointwiseWgradSlice.
+#ifdef CNNJAX_ONEDNN_TEST_BUFFERS
+// tests/native/buffer_bounds.cc builds this file with buffers of its own that end at an unmapped page.
+void* TestThreadBuffer(int which, size_t bytes);
+void* ThreadBuffer(int which, size_t bytes) { return TestThreadBuffer(which, bytes); }
+#else
 void* ThreadBuffer(int which, size_t bytes) {
   thread_local std::vector<char> buffers[5];
   auto& b = buffers[which];
@@ -238,6 +244,7 @@ void* ThreadBuffer(int which, size_t bytes) {
   auto p = reinterpret_cast<std::uintptr_t>(b.data());
   return reinterpret_cast<void*>((p + 63) & ~std::uintptr_t(63));
 }
+#endif
 
 // One convolution of `kind` on the activations x / y and the HWIO kernel w (each an input or the output; a kernel
 // gradient is written in float32), on this thread. Throws dnnl::error or std::bad_alloc.
@@ -419,6 +426,36 @@ void WgradMatmulSlice(memory::data_type dt, const Geometry& g, void* x_p, void* 
   stream.wait();
 }
 
+// --- kernel gradients of strided 1x1 convolutions ------------------------------------------------------------
+//
+// oneDNN 2.6's kernel gradient of a strided 1x1 convolution (its "reduce to unit stride" path, which compacts the
+// input it reads into the scratchpad) writes past the scratchpad it asks for when the input channels are not a
+// multiple of the vector width: 80 bytes past 448 for [8, 8, 5] -> 7 at stride 2, 21 KB past 3 KB for [56, 56, 1]
+// (AVX2; tests/native/buffer_bounds.cc finds them). That overwrote the heap: aborts and segfaults far from the
+// cause. Such kernel gradients run here as the stride-1, unpadded 1x1 kernel gradient of the input positions the
+// kernel reads, gathered first (zeros where it reads padding): the same sums, on oneDNN's unit-stride path.
+
+bool StridedPointwise(const Geometry& g) {
+  return g.weights[2] == 1 && g.weights[3] == 1 && (g.strides[0] != 1 || g.strides[1] != 1);
+}
+
+void StridedPointwiseWgradSlice(memory::data_type dt, const Geometry& g, void* x_p, void* y_p, void* w_out) {
+  const auto n = g.src[0], c = g.src[1], h = g.src[2], w = g.src[3], ho = g.dst[2], wo = g.dst[3];
+  const size_t row = c * memory::data_type_size(dt);
+  auto* gathered = static_cast<char*>(ThreadBuffer(2, n * ho * wo * row));
+  const auto* x = static_cast<const char*>(x_p);
+  char* p = gathered;
+  for (int64_t b = 0; b < n; ++b)
+    for (int64_t oy = 0; oy < ho; ++oy)
+      for (int64_t ox = 0; ox < wo; ++ox, p += row) {
+        const int64_t iy = oy * g.strides[0] - g.pad_l[0], ix = ox * g.strides[1] - g.pad_l[1];
+        if (iy < 0 || iy >= h || ix < 0 || ix >= w) std::memset(p, 0, row);
+        else std::memcpy(p, x + ((b * h + iy) * w + ix) * row, row);
+      }
+  const Geometry unit{{n, c, ho, wo}, g.weights, g.dst, {1, 1}, {0, 0}, {0, 0}, {0, 0}};
+  ConvSlice(2, dt, unit, gathered, w_out, y_p);
+}
+
 // float32 -> bfloat16, rounding to nearest even (NaNs stay NaN).
 uint16_t ToBf16(float f) {
   uint32_t bits;
@@ -446,7 +483,8 @@ ffi::Error Execute(ffi::ThreadPool* pool, int kind, memory::data_type dt, const 
     void* x = static_cast<char*>(x_p) + begin * x_row;
     void* y = static_cast<char*>(y_p) + begin * y_row;
     const Wgrad mode = kind == 2 ? WgradMode(dt, s) : Wgrad::kNative;
-    if (mode == Wgrad::kForward) WgradSlice(dt, s, x, y, w);
+    if (kind == 2 && StridedPointwise(s)) StridedPointwiseWgradSlice(dt, s, x, y, w);
+    else if (mode == Wgrad::kForward) WgradSlice(dt, s, x, y, w);
     else if (mode == Wgrad::kMatmul) WgradMatmulSlice(dt, s, x, y, w);
     else ConvSlice(kind, dt, s, x, w, y);
   });
