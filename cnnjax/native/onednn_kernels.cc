@@ -429,8 +429,8 @@ void WgradMatmulSlice(memory::data_type dt, const Geometry& g, void* x_p, void* 
 // --- kernel gradients of strided 1x1 convolutions ------------------------------------------------------------
 //
 // oneDNN 2.6's kernel gradient of a strided 1x1 convolution (its "reduce to unit stride" path, which compacts the
-// input it reads into the scratchpad) writes past the scratchpad it asks for when the input channels are not a
-// multiple of the vector width: 80 bytes past 448 for [8, 8, 5] -> 7 at stride 2, 21 KB past 3 KB for [56, 56, 1]
+// input it reads into the scratchpad) writes past the scratchpad it asks for when the input has few channels (1 to 5
+// of the 1 to 19 tried at stride 2): 80 bytes past 448 for [8, 8, 5] -> 7 at stride 2, 21 KB past 3 KB for [56, 56, 1]
 // (AVX2; tests/native/buffer_bounds.cc finds them). That overwrote the heap: aborts and segfaults far from the
 // cause. Such kernel gradients run here as the stride-1, unpadded 1x1 kernel gradient of the input positions the
 // kernel reads, gathered first (zeros where it reads padding): the same sums, on oneDNN's unit-stride path.

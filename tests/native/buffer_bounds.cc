@@ -175,14 +175,17 @@ int main() {
   for (auto dt : dtypes) {
     for (int64_t hw : {1, 2, 7, 8, 11})
       for (int64_t ci : {1, 2, 3, 5, 8, 16})
-        for (int64_t k : {1, 3, 5})
+        for (int64_t k : {1, 2, 3, 5})
           for (int64_t s : {1, 2, 3})
             for (auto pads : {std::pair<int64_t, int64_t>{0, 0}, {1, 1}, {0, 1}})
               for (int64_t d : {1, 2})
                 RunConv(dt, 3, hw, hw, ci, ci == 16 ? 24 : ci + 3, k, s, pads.first, pads.second, d, &conv);
-    // Shapes of the zoo: LeNet's and SimpleCNN's greyscale convs, a ResNet stem and its projection shortcuts.
+    // Shapes of the zoo: LeNet's and SimpleCNN's greyscale convs, fast_cnn's whitening and widest convs, a ResNet
+    // stem and its projection shortcuts.
     RunConv(dt, 3, 32, 32, 1, 6, 5, 1, 0, 0, 1, &conv);
     RunConv(dt, 3, 28, 28, 1, 16, 3, 1, 1, 1, 1, &conv);
+    RunConv(dt, 3, 32, 32, 3, 24, 2, 1, 0, 0, 1, &conv);
+    RunConv(dt, 3, 15, 15, 64, 256, 3, 1, 1, 1, 1, &conv);
     RunConv(dt, 2, 64, 64, 3, 64, 7, 2, 3, 3, 1, &conv);
     RunConv(dt, 2, 56, 56, 64, 128, 1, 2, 0, 0, 1, &conv);
     RunConv(dt, 2, 28, 28, 128, 256, 1, 2, 0, 0, 1, &conv);
