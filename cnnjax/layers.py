@@ -39,6 +39,12 @@ TILED_POOL_BROADCAST_BACKWARD = True
 # Max-pools run through oneDNN's kernels where onednn_pool_usable; the bench variants before "+oneDNN max-pool"
 # switch it off.
 USE_ONEDNN_POOL_ON_CPU = True
+# ... and only where oneDNN has its AVX-512 kernels (the CPUs where it builds bfloat16 ones, onednn.bf16_available):
+# on the AVX2-only AMD EPYC Zen 3 its jit:avx2 NHWC max-pool is slower than the strided views, simple_cnn@28's step
+# 0.71x and fast_cnn's 0.92x (`python -m experiments.bench_ab --a "+oneDNN convolutions" --b "+oneDNN max-pool"
+# --models simple_cnn@28,lenet5,fast_cnn --rounds 5 --steps 20`, medians of 5, 2026-12-07), where on the AVX-512
+# Xeon it made simple_cnn@28 1.18-1.22x. The bench variants before "+oneDNN max-pool with AVX-512 only" switch it off.
+ONEDNN_POOL_NEEDS_AVX512 = True
 
 Array = jax.Array
 IntPair = Union[int, tuple[int, int]]
@@ -427,8 +433,11 @@ _window_max_pool.defvjp(_window_max_pool_fwd, _window_max_pool_bwd)
 
 def onednn_pool_usable(x: Array) -> bool:
     """Whether :func:`max_pool` runs through oneDNN: the CPU, one process, float32 or bfloat16, and cnnjax's
-    oneDNN kernels built for that dtype (:func:`cnnjax.native.onednn.runs`), as for the convolutions."""
+    oneDNN kernels built for that dtype (:func:`cnnjax.native.onednn.runs`), as for the convolutions, on a CPU with
+    AVX-512 (``ONEDNN_POOL_NEEDS_AVX512``)."""
     if not USE_ONEDNN_POOL_ON_CPU or jax.default_backend() != "cpu" or jax.process_count() != 1:
+        return False
+    if ONEDNN_POOL_NEEDS_AVX512 and not onednn.bf16_available():
         return False
     return onednn.runs(x.dtype)
 

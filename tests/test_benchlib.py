@@ -173,13 +173,16 @@ def test_broadcast_tiled_max_pool_backward_variant(variant, broadcast):
     assert layers.TILED_POOL_BROADCAST_BACKWARD is True
 
 
-@pytest.mark.parametrize("variant,convs,pools", [
-    ("+broadcast tiled max-pool backward", False, False), ("+oneDNN convolutions", True, False),
-    ("+oneDNN max-pool", True, True)])
-def test_onednn_variants(variant, convs, pools):
+@pytest.mark.parametrize("variant,convs,pools,pools_need_avx512", [
+    ("+broadcast tiled max-pool backward", False, False, False), ("+oneDNN convolutions", True, False, False),
+    ("+oneDNN max-pool", True, True, False), ("+two oneDNN slices", True, True, False),
+    ("+oneDNN max-pool with AVX-512 only", True, True, True)])
+def test_onednn_variants(variant, convs, pools, pools_need_avx512):
     with benchlib.with_variant(variant):
-        assert (conv.USE_ONEDNN_ON_CPU, layers.USE_ONEDNN_POOL_ON_CPU) == (convs, pools)
+        assert (conv.USE_ONEDNN_ON_CPU, layers.USE_ONEDNN_POOL_ON_CPU, layers.ONEDNN_POOL_NEEDS_AVX512) == (
+            convs, pools, pools_need_avx512)
     assert conv.USE_ONEDNN_ON_CPU is True and layers.USE_ONEDNN_POOL_ON_CPU is True
+    assert layers.ONEDNN_POOL_NEEDS_AVX512 is True
 
 
 @pytest.mark.parametrize("variant,kept", [("+huge pages", False), ("+kept conv input", True)])

@@ -138,6 +138,7 @@ def max_pool_path(request, monkeypatch):
     if request.param == "onednn" and not ONEDNN:
         pytest.skip("oneDNN kernels not built here")
     monkeypatch.setattr(layers, "USE_ONEDNN_POOL_ON_CPU", request.param == "onednn")
+    monkeypatch.setattr(layers, "ONEDNN_POOL_NEEDS_AVX512", False)  # oneDNN's path on AVX2 CPUs too
     jax.clear_caches()  # the flag is read when a pool is traced
     yield request.param
     jax.clear_caches()
@@ -295,12 +296,15 @@ def test_onednn_max_pool_in_bfloat16_vmap_and_where_it_runs(monkeypatch):
 
 @needs_onednn
 def test_bfloat16_max_pools_stay_views_where_onednn_has_no_bf16(monkeypatch):
-    """Without oneDNN's bfloat16 primitives (no AVX-512) max_pool keeps the strided views for bf16 and oneDNN for
-    float32; onednn_max_pool in bf16 says why in one line."""
+    """Without AVX-512 (no oneDNN bfloat16 primitives) max_pool keeps the strided views, which beat oneDNN's AVX2
+    pool there; with that rule off, still the views for bf16 but oneDNN for float32; onednn_max_pool in bf16 says
+    why in one line."""
     pretend_no_bf16(monkeypatch)
     x = jnp.asarray(rand(2, 9, 9, 4))
     calls = lambda v: str(jax.make_jaxpr(lambda v: layers.max_pool(v, 3, 2, 1))(v)).count(  # noqa: E731
         onednn.POOL_FORWARD_TARGET)
+    assert calls(x) == 0 and calls(x.astype(jnp.bfloat16)) == 0
+    monkeypatch.setattr(layers, "ONEDNN_POOL_NEEDS_AVX512", False)
     assert calls(x) == 1 and calls(x.astype(jnp.bfloat16)) == 0
     with pytest.raises(UsageError, match=r"^onednn_max_pool cannot run bfloat16 here: .*AVX-512"):
         layers.onednn_max_pool(x.astype(jnp.bfloat16), (3, 3), (2, 2), (1, 1))
