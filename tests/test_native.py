@@ -104,13 +104,10 @@ def test_the_kernels_touch_nothing_outside_their_buffers(tmp_path):
     """oneDNN 2.6 wrote past the scratchpad of strided 1x1 kernel gradients (up to 21 KB past 3 KB), which corrupted
     the heap: aborts and segfaults in later tests. The handler over a sweep of convolution and max-pool geometries,
     every buffer ending at an unmapped page (tests/native/buffer_bounds.cc)."""
-    import jax
-
     harness = tmp_path / "buffer_bounds"
     compiler = shutil.which(os.environ.get("CXX", "g++"))
-    subprocess.run([compiler, "-O1", "-std=c++17", "-w", f"-I{jax.ffi.include_dir()}", f"-I{onednn.SOURCE.parent}",
-                    str(BUFFER_BOUNDS), "-o", str(harness), "-ldnnl", "-lgomp"], check=True, capture_output=True,
-                   timeout=300)
+    subprocess.run(onednn.compile_command(compiler, BUFFER_BOUNDS, harness, "-O1", f"-I{onednn.SOURCE.parent}"),
+                   check=True, capture_output=True, timeout=300)
     done = subprocess.run([str(harness)], capture_output=True, text=True, timeout=300)
     assert "self-check: a write one byte past a buffer gave 1 report(s)" in done.stdout, done.stdout[-2000:]
     assert done.returncode == 0, done.stdout[-3000:]

@@ -93,6 +93,15 @@ def _library_dirs() -> list[Path]:
     return [Path(__file__).with_name("_lib"), cache]
 
 
+def compile_command(compiler: str, source: Path, output: str | Path, *flags: str) -> list[str]:
+    """The command that compiles ``source`` (this handler, or a test built around it) against jaxlib's FFI headers
+    and oneDNN into ``output``; ``flags`` go before the source (optimisation, ``-shared``, include directories)."""
+    import jax
+
+    return [compiler, "-std=c++17", "-w", f"-I{jax.ffi.include_dir()}", *flags, str(source), "-o", str(output),
+            "-ldnnl", "-lgomp"]
+
+
 def build(quiet: bool = True) -> Path:
     """Compile the handler (if not built yet) and return the shared library's path.
 
@@ -106,8 +115,6 @@ def build(quiet: bool = True) -> Path:
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None or not HEADER.is_file():
         raise UsageError(f"cannot build cnnjax's oneDNN convolutions: {INSTALL_HINT}")
-    import jax
-
     errors = []
     for directory in _library_dirs():
         try:
@@ -117,9 +124,8 @@ def build(quiet: bool = True) -> Path:
             errors.append(f"{directory}: {e.strerror}")
             continue
         os.close(fd)
-        cmd = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}", str(SOURCE),
-               "-o", tmp, "-ldnnl", "-lgomp"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(compile_command(compiler, SOURCE, tmp, "-O2", "-shared", "-fPIC"), capture_output=True,
+                              text=True)
         if done.returncode != 0:
             os.unlink(tmp)
             last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]

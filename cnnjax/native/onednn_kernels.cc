@@ -287,16 +287,31 @@ void ConvSlice(int kind, memory::data_type dt, const Geometry& g, void* x_p, voi
 // slices took 11 ms against 61-70 (on 6x6 maps 103-131 ms against 93-94, a 6x6 kernel over 3x3 outputs; on 13x13
 // maps 4-7x slower). Used for bfloat16 stride-1 undilated convolutions whose outputs are at most 4x4 (WgradMode).
 
-// How a kernel gradient runs: oneDNN's backward-weights primitive (ConvSlice), a forward convolution (WgradSlice) or
-// a matrix product (WgradMatmulSlice). CNNJAX_ONEDNN_WGRAD: native (always the primitive), forward, matmul, auto
-// (default: by output size, as below; cnnjax/native/onednn.py checks the value).
-enum class Wgrad { kNative, kForward, kMatmul };
+// --- kernel gradients of strided 1x1 convolutions ------------------------------------------------------------
+//
+// oneDNN 2.6's kernel gradient of a strided 1x1 convolution (its "reduce to unit stride" path, which compacts the
+// input it reads into the scratchpad) writes past the scratchpad it asks for when the input has few channels (1 to 5
+// of the 1 to 19 tried at stride 2): 80 bytes past 448 for [8, 8, 5] -> 7 at stride 2, 21 KB past 3 KB for [56, 56, 1]
+// (AVX2; tests/native/buffer_bounds.cc finds them). That overwrote the heap: aborts and segfaults far from the
+// cause. Such kernel gradients run here as the stride-1, unpadded 1x1 kernel gradient of the input positions the
+// kernel reads, gathered first (zeros where it reads padding): the same sums, on oneDNN's unit-stride path.
+
+bool StridedPointwise(const Geometry& g) {
+  return g.weights[2] == 1 && g.weights[3] == 1 && (g.strides[0] != 1 || g.strides[1] != 1);
+}
+
+// How a kernel gradient runs: oneDNN's backward-weights primitive (ConvSlice), a forward convolution (WgradSlice),
+// a matrix product (WgradMatmulSlice), or for strided 1x1 convolutions, whatever the choice, the unit-stride
+// primitive on the gathered input (StridedPointwiseWgradSlice). CNNJAX_ONEDNN_WGRAD: native (always the primitive),
+// forward, matmul, auto (default: by output size, as below; cnnjax/native/onednn.py checks the value).
+enum class Wgrad { kNative, kForward, kMatmul, kStridedPointwise };
 
 Wgrad WgradMode(memory::data_type dt, const Geometry& g) {
   static const std::string choice = [] {
     const char* v = std::getenv("CNNJAX_ONEDNN_WGRAD");
     return std::string(v != nullptr ? v : "auto");
   }();
+  if (StridedPointwise(g)) return Wgrad::kStridedPointwise;
   if (choice == "native" || dt != memory::data_type::bf16) return Wgrad::kNative;
   for (auto s : g.strides) if (s != 1) return Wgrad::kNative;
   for (auto d : g.dilations) if (d != 0) return Wgrad::kNative;
@@ -378,6 +393,24 @@ void WgradSlice(memory::data_type dt, const Geometry& g, void* x_p, void* y_p, v
 // input patch (im2col, zeros where the window leaves the map) and g is read as [N Ho Wo, O]: oneDNN's matmul, whose
 // [KH KW I, O] float32 output is HWIO as it stands. CNNJAX_ONEDNN_WGRAD=matmul selects it (see WgradMode).
 
+// The input rows [C] that each output position's kernel taps read, as P [N Ho Wo, KH KW C] (im2col; zeros where a
+// tap reads padding), for an undilated geometry g (NCHW dims) of rows of `row` bytes.
+void GatherPatches(const Geometry& g, size_t row, const void* x_p, void* out) {
+  const auto n = g.src[0], h = g.src[2], w = g.src[3], ho = g.dst[2], wo = g.dst[3];
+  const auto kh = g.weights[2], kw = g.weights[3];
+  const auto* x = static_cast<const char*>(x_p);
+  auto* p = static_cast<char*>(out);
+  for (int64_t b = 0; b < n; ++b)
+    for (int64_t oy = 0; oy < ho; ++oy)
+      for (int64_t ox = 0; ox < wo; ++ox)
+        for (int64_t ky = 0; ky < kh; ++ky)
+          for (int64_t kx = 0; kx < kw; ++kx, p += row) {
+            const int64_t iy = oy * g.strides[0] + ky - g.pad_l[0], ix = ox * g.strides[1] + kx - g.pad_l[1];
+            if (iy < 0 || iy >= h || ix < 0 || ix >= w) std::memset(p, 0, row);
+            else std::memcpy(p, x + ((b * h + iy) * w + ix) * row, row);
+          }
+}
+
 struct WgradMatmul {
   dnnl::primitive matmul;
   memory::desc patches_t, grad, out, scratchpad;
@@ -403,21 +436,9 @@ const WgradMatmul& CachedWgradMatmul(memory::data_type dt, const Geometry& g) {
 
 void WgradMatmulSlice(memory::data_type dt, const Geometry& g, void* x_p, void* y_p, void* w_out) {
   const WgradMatmul& c = CachedWgradMatmul(dt, g);
-  const auto n = g.src[0], ci = g.src[1], h = g.src[2], w = g.src[3];
-  const auto ho = g.dst[2], wo = g.dst[3], kh = g.weights[2], kw = g.weights[3];
-  const size_t es = memory::data_type_size(dt), row = ci * es;
-  auto* patches = static_cast<char*>(ThreadBuffer(2, n * ho * wo * kh * kw * row));
-  const auto* x = static_cast<const char*>(x_p);
-  char* p = patches;
-  for (int64_t b = 0; b < n; ++b)
-    for (int64_t oy = 0; oy < ho; ++oy)
-      for (int64_t ox = 0; ox < wo; ++ox)
-        for (int64_t ky = 0; ky < kh; ++ky)
-          for (int64_t kx = 0; kx < kw; ++kx, p += row) {
-            const int64_t iy = oy + ky - g.pad_l[0], ix = ox + kx - g.pad_l[1];
-            if (iy < 0 || iy >= h || ix < 0 || ix >= w) std::memset(p, 0, row);
-            else std::memcpy(p, x + ((b * h + iy) * w + ix) * row, row);
-          }
+  const size_t row = g.src[1] * memory::data_type_size(dt);
+  void* patches = ThreadBuffer(2, g.dst[0] * g.dst[2] * g.dst[3] * g.weights[2] * g.weights[3] * row);
+  GatherPatches(g, row, x_p, patches);
   dnnl::stream stream(Engine());
   memory a(c.patches_t, Engine(), patches), bm(c.grad, Engine(), y_p), out(c.out, Engine(), w_out);
   memory pad(c.scratchpad, Engine(), ThreadBuffer(0, c.scratchpad.get_size()));
@@ -426,33 +447,12 @@ void WgradMatmulSlice(memory::data_type dt, const Geometry& g, void* x_p, void* 
   stream.wait();
 }
 
-// --- kernel gradients of strided 1x1 convolutions ------------------------------------------------------------
-//
-// oneDNN 2.6's kernel gradient of a strided 1x1 convolution (its "reduce to unit stride" path, which compacts the
-// input it reads into the scratchpad) writes past the scratchpad it asks for when the input has few channels (1 to 5
-// of the 1 to 19 tried at stride 2): 80 bytes past 448 for [8, 8, 5] -> 7 at stride 2, 21 KB past 3 KB for [56, 56, 1]
-// (AVX2; tests/native/buffer_bounds.cc finds them). That overwrote the heap: aborts and segfaults far from the
-// cause. Such kernel gradients run here as the stride-1, unpadded 1x1 kernel gradient of the input positions the
-// kernel reads, gathered first (zeros where it reads padding): the same sums, on oneDNN's unit-stride path.
-
-bool StridedPointwise(const Geometry& g) {
-  return g.weights[2] == 1 && g.weights[3] == 1 && (g.strides[0] != 1 || g.strides[1] != 1);
-}
-
+// A strided 1x1 kernel gradient (StridedPointwise) as the unit-stride one of the gathered input.
 void StridedPointwiseWgradSlice(memory::data_type dt, const Geometry& g, void* x_p, void* y_p, void* w_out) {
-  const auto n = g.src[0], c = g.src[1], h = g.src[2], w = g.src[3], ho = g.dst[2], wo = g.dst[3];
-  const size_t row = c * memory::data_type_size(dt);
-  auto* gathered = static_cast<char*>(ThreadBuffer(2, n * ho * wo * row));
-  const auto* x = static_cast<const char*>(x_p);
-  char* p = gathered;
-  for (int64_t b = 0; b < n; ++b)
-    for (int64_t oy = 0; oy < ho; ++oy)
-      for (int64_t ox = 0; ox < wo; ++ox, p += row) {
-        const int64_t iy = oy * g.strides[0] - g.pad_l[0], ix = ox * g.strides[1] - g.pad_l[1];
-        if (iy < 0 || iy >= h || ix < 0 || ix >= w) std::memset(p, 0, row);
-        else std::memcpy(p, x + ((b * h + iy) * w + ix) * row, row);
-      }
-  const Geometry unit{{n, c, ho, wo}, g.weights, g.dst, {1, 1}, {0, 0}, {0, 0}, {0, 0}};
+  const size_t row = g.src[1] * memory::data_type_size(dt);
+  void* gathered = ThreadBuffer(2, g.dst[0] * g.dst[2] * g.dst[3] * row);
+  GatherPatches(g, row, x_p, gathered);
+  const Geometry unit{{g.src[0], g.src[1], g.dst[2], g.dst[3]}, g.weights, g.dst, {1, 1}, {0, 0}, {0, 0}, {0, 0}};
   ConvSlice(2, dt, unit, gathered, w_out, y_p);
 }
 
@@ -483,7 +483,7 @@ ffi::Error Execute(ffi::ThreadPool* pool, int kind, memory::data_type dt, const 
     void* x = static_cast<char*>(x_p) + begin * x_row;
     void* y = static_cast<char*>(y_p) + begin * y_row;
     const Wgrad mode = kind == 2 ? WgradMode(dt, s) : Wgrad::kNative;
-    if (kind == 2 && StridedPointwise(s)) StridedPointwiseWgradSlice(dt, s, x, y, w);
+    if (mode == Wgrad::kStridedPointwise) StridedPointwiseWgradSlice(dt, s, x, y, w);
     else if (mode == Wgrad::kForward) WgradSlice(dt, s, x, y, w);
     else if (mode == Wgrad::kMatmul) WgradMatmulSlice(dt, s, x, y, w);
     else ConvSlice(kind, dt, s, x, w, y);
