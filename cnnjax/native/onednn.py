@@ -26,6 +26,9 @@ the channels, up to 8x8 as one matrix product of the input patches (``onednn_ker
 bfloat16 step of ``fashion_mnist_30min`` (fast_cnn@28, batch 512) 15-20% shorter (2-core Xeon with AMX, 2026-12-06).
 ``CNNJAX_ONEDNN_WGRAD``: ``auto`` (default), ``native`` (always the primitive), ``forward`` or ``matmul`` (that
 path for every such convolution).
+Kernel gradients of strided 1x1 convolutions, in either dtype and whatever that setting, run as the unit-stride
+kernel gradient of the gathered input: oneDNN 2.6's own writes past its scratchpad for inputs of few channels
+(``onednn_kernels.cc``; ``tests/native/buffer_bounds.cc`` checks every buffer's bounds).
 
 oneDNN 2.6 builds bfloat16 primitives only on AVX-512 CPUs (:func:`bf16_available` asks the library once, by
 building them on a small geometry): on an AVX2-only CPU (an AMD EPYC Zen 3, 2026-12-06) they fail with "could not
