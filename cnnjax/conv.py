@@ -48,6 +48,17 @@ KEEP_CONV_INPUT_ON_CPU = True
 # its kernels are built (shifted_sum_onednn_conv): LeNet-5's 5x5 1 -> 8 weight gradient at batch 128 takes
 # 0.41 ms there against 1.39 ms in XLA (medians of 30, an ad hoc script, 2026-12-04).
 ONEDNN_SHIFTED_GRADIENTS_ON_CPU = True
+# The oneDNN handler's kernel-gradient paths (its `wgrad` attribute; onednn_wgrad_path chooses).
+WGRAD_PATHS = {"native": 0, "forward": 1, "matmul": 2}
+# float32 kernel gradients on CPUs without AVX-512 (oneDNN's jit:avx2 kernels) take the path measured fastest for
+# their shape there, not always oneDNN's backward-weights primitive (onednn_wgrad_path; experiments.bench_wgrad):
+# the primitive for inputs of at most F32_WGRAD_NATIVE_MAX_IN channels (stems, greyscale) and outputs of fewer than
+# F32_WGRAD_NATIVE_BELOW_OUT channels; else a matrix product where the conv at least doubles the channels or the
+# map is at most F32_WGRAD_MATMUL_MAX_HW, and its patches take at most F32_WGRAD_MATMUL_MAX_BYTES; a forward
+# convolution otherwise.
+ONEDNN_F32_WGRAD_BY_SHAPE = True
+F32_WGRAD_NATIVE_MAX_IN, F32_WGRAD_NATIVE_BELOW_OUT, F32_WGRAD_MATMUL_MAX_HW = 4, 32, 4
+F32_WGRAD_MATMUL_MAX_BYTES = 256 << 20
 
 # Largest output (H' * W') for which a strided kxk conv uses patches on the CPU: patches win up to
 # 16x16 outputs, break even near 14x14 at batch 16 and lose at 28x28 (experiments.bench_conv).
@@ -260,12 +271,39 @@ def _onednn_attrs(strides: tuple[int, int], pads: Pads, dilation: tuple[int, int
     return {k: np.int64(v) for k, v in ints.items()}
 
 
+def onednn_wgrad_path(dtype: Any, x_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
+                      out_hw: tuple[int, int]) -> str:
+    """How oneDNN computes a stride-1 undilated conv's kernel gradient (one of :data:`WGRAD_PATHS`): its
+    backward-weights primitive ('native'), one forward convolution with the batch as the channels ('forward') or
+    one matrix product of the input patches ('matmul'), for an input ``x_shape`` ``[N, H, W, I]`` of ``dtype``, a
+    kernel ``kernel_shape`` ``[kH, kW, I, O]`` and an output map ``out_hw``. ``CNNJAX_ONEDNN_WGRAD`` (not 'auto')
+    picks one path for all. The handler runs strided and dilated convs' kernel gradients natively whatever is
+    asked (strided 1x1 ones on a gathered input)."""
+    choice = onednn.wgrad_choice()
+    if choice != "auto":
+        return choice
+    hw = max(out_hw)
+    if jnp.dtype(dtype) == jnp.bfloat16:  # AVX-512 with AMX (onednn module doc)
+        return "forward" if hw <= 4 else ("matmul" if hw <= 8 else "native")
+    kh, kw, c_in, c_out = kernel_shape
+    if not ONEDNN_F32_WGRAD_BY_SHAPE or onednn.bf16_available() or c_in <= F32_WGRAD_NATIVE_MAX_IN or \
+            c_out < F32_WGRAD_NATIVE_BELOW_OUT:
+        return "native"
+    patch_bytes = x_shape[0] * out_hw[0] * out_hw[1] * kh * kw * c_in * 4
+    matmul = (c_out >= 2 * c_in or hw <= F32_WGRAD_MATMUL_MAX_HW) and patch_bytes <= F32_WGRAD_MATMUL_MAX_BYTES
+    return "matmul" if matmul else "forward"
+
+
 def _onednn(kind: int, a: Array, b: Array, out_shape: tuple[int, ...], strides: tuple[int, int], pads: Pads,
-            dilation: tuple[int, int]) -> Array:
+            dilation: tuple[int, int], wgrad_path: str | None = None) -> Array:
     """One call of the oneDNN handler (``cnnjax/native/onednn_kernels.cc``): ``kind`` 0 forward ``(x, kernel)``,
-    1 input gradient ``(g, kernel)``, 2 kernel gradient ``(x, g)``; the result has shape ``out_shape``."""
+    1 input gradient ``(g, kernel)``, 2 kernel gradient ``(x, g)`` (by ``wgrad_path``, or when None by
+    :func:`onednn_wgrad_path`); the result has shape ``out_shape``."""
+    wgrad = 0
+    if kind == onednn.KERNEL_GRAD:
+        wgrad = WGRAD_PATHS[wgrad_path or onednn_wgrad_path(a.dtype, a.shape, out_shape, b.shape[1:3])]
     call = jax.ffi.ffi_call(onednn.TARGET, jax.ShapeDtypeStruct(out_shape, a.dtype), vmap_method="sequential")
-    return call(a, b, kind=np.int64(kind), **_onednn_attrs(strides, pads, dilation))
+    return call(a, b, kind=np.int64(kind), wgrad=np.int64(wgrad), **_onednn_attrs(strides, pads, dilation))
 
 
 def _conv_shape(x: Array, kernel: Array, strides: tuple[int, int], pads: Pads,

@@ -277,7 +277,7 @@ CPU_VARIANTS = ("baseline", "+ynn flag", "+im2col", "+tiled max-pool", "+greysca
                 "+overlapping strided-view max-pool", "+huge pages", "+kept conv input", "+split strided conv",
                 "+broadcast tiled max-pool backward", "+oneDNN convolutions", "+oneDNN max-pool", "+tcmalloc",
                 "+oneDNN greyscale gradients", "+oneDNN on XLA's threads", "+BatchNorm backward without x_hat",
-                "+two oneDNN slices", "+oneDNN max-pool with AVX-512 only")
+                "+two oneDNN slices", "+oneDNN max-pool with AVX-512 only", "+float32 kernel-gradient paths by shape")
 # Variants that are a setting of the whole process (glibc's huge-page tunable, the preloaded allocator: read at
 # start-up), not library code: only experiments.bench_cpu, which gives every variant its own process, can compare
 # them.
@@ -327,7 +327,8 @@ def library_switches() -> list[tuple[Any, str]]:
     return [(conv, "choose_impl"), (layers, "_tiled_max_pool"), (layers, "_overlapping_max_pool"),
             (layers, "_batch_norm_train"), (lenet, "CPU_CHANNEL_PAD"), (conv, "KEEP_CONV_INPUT_ON_CPU"),
             (layers, "TILED_POOL_BROADCAST_BACKWARD"), (conv, "USE_ONEDNN_ON_CPU"), (layers, "USE_ONEDNN_POOL_ON_CPU"),
-            (conv, "ONEDNN_SHIFTED_GRADIENTS_ON_CPU"), (layers, "ONEDNN_POOL_NEEDS_AVX512")]
+            (conv, "ONEDNN_SHIFTED_GRADIENTS_ON_CPU"), (layers, "ONEDNN_POOL_NEEDS_AVX512"),
+            (conv, "ONEDNN_F32_WGRAD_BY_SHAPE")]
 
 
 @contextlib.contextmanager
@@ -384,6 +385,8 @@ def _undo_changes(variant: str) -> None:
         conv.ONEDNN_SHIFTED_GRADIENTS_ON_CPU = False  # shifted-sum (greyscale) convs with XLA's gradients
     if level < CPU_VARIANTS.index("+oneDNN max-pool with AVX-512 only"):
         layers.ONEDNN_POOL_NEEDS_AVX512 = False  # oneDNN's max-pool on every CPU whose oneDNN kernels are built
+    if level < CPU_VARIANTS.index("+float32 kernel-gradient paths by shape"):
+        conv.ONEDNN_F32_WGRAD_BY_SHAPE = False  # oneDNN's backward-weights primitive for every float32 conv
     if level < 9:
         layers._overlapping_max_pool = lambda x, window, stride, padding: lax.reduce_window(
             x, -jax.numpy.inf, lax.max, (1, *window, 1), (1, *stride, 1), ((0, 0), *((p, p) for p in padding), (0, 0)))

@@ -185,6 +185,14 @@ def test_onednn_variants(variant, convs, pools, pools_need_avx512):
     assert layers.ONEDNN_POOL_NEEDS_AVX512 is True
 
 
+@pytest.mark.parametrize("variant,by_shape", [("+oneDNN max-pool with AVX-512 only", False),
+                                              ("+float32 kernel-gradient paths by shape", True)])
+def test_float32_kernel_gradient_paths_variant(variant, by_shape):
+    with benchlib.with_variant(variant):
+        assert conv.ONEDNN_F32_WGRAD_BY_SHAPE is by_shape
+    assert conv.ONEDNN_F32_WGRAD_BY_SHAPE is True
+
+
 @pytest.mark.parametrize("variant,kept", [("+huge pages", False), ("+kept conv input", True)])
 def test_kept_conv_input_variant(library_restored, variant, kept):
     with benchlib.with_variant(variant):

@@ -319,6 +319,59 @@ def test_onednn_bf16_kernel_gradient_paths_match_the_float32_conv(batch, hw, c_i
         np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=2 ** -7 * scale)
 
 
+# Every kernel-gradient path of the handler (conv.onednn_wgrad_path picks one by dtype, CPU and shape) gives the
+# float32 gradient on any CPU: the cases above, a 7x7 map and a batch of 5 (slices of 2 and 3).
+F32_WGRAD_CASES = BF16_WGRAD_CASES + [(5, (7, 7), 16, 32, (3, 3), ((1, 1), (1, 1)))]
+
+
+@needs_onednn
+@pytest.mark.parametrize("path", list(conv.WGRAD_PATHS))
+@pytest.mark.parametrize("batch,hw,c_in,c_out,k,pads", F32_WGRAD_CASES, ids=str)
+def test_onednn_float32_kernel_gradient_paths_match_xla(path, batch, hw, c_in, c_out, k, pads):
+    draw = np.random.RandomState(2)
+    kernel_shape = (*k, c_in, c_out)
+    x = jnp.asarray(draw.randn(batch, *hw, c_in).astype(np.float32))
+    _, vjp = jax.vjp(lambda w: xla(x, w, (1, 1), pads, (1, 1)), jnp.zeros(kernel_shape))
+    g = jnp.asarray(draw.randn(*_.shape).astype(np.float32))
+    want = vjp(g)[0]
+    run = lambda x, g: conv._onednn(onednn.KERNEL_GRAD, x, g, kernel_shape, (1, 1), pads, (1, 1), path)  # noqa: E731
+    assert f"wgrad = {conv.WGRAD_PATHS[path]} : i64" in jax.jit(run).lower(x, g).as_text()
+    for got in (run(x, g), jax.jit(run)(x, g)):
+        chex.assert_shape(got, kernel_shape)
+        np.testing.assert_allclose(got, want, atol=1e-5 * float(jnp.max(jnp.abs(want))), rtol=1e-5)
+
+
+# (x, kernel, output map, path): fast_cnn@28's convs at batch 512 (fashion_mnist_30min) as experiments.bench_wgrad
+# measured them fastest on a 2-core AVX2 EPYC (2026-12-07), a 56x56 map whose patches pass the cap, and a narrow one.
+F32_WGRAD_PICKS = [
+    ((512, 28, 28, 1), (2, 2, 1, 8), (27, 27), "native"),
+    ((512, 27, 27, 8), (3, 3, 8, 64), (27, 27), "matmul"),
+    ((512, 13, 13, 64), (3, 3, 64, 64), (13, 13), "forward"),
+    ((512, 13, 13, 64), (3, 3, 64, 256), (13, 13), "matmul"),
+    ((512, 6, 6, 256), (3, 3, 256, 256), (6, 6), "forward"),
+    ((512, 3, 3, 256), (3, 3, 256, 256), (3, 3), "matmul"),
+    ((128, 56, 56, 64), (3, 3, 64, 128), (56, 56), "forward"),
+    ((128, 32, 32, 16), (3, 3, 16, 16), (32, 32), "native"),
+]
+
+
+def test_kernel_gradient_paths_by_dtype_cpu_and_shape(monkeypatch):
+    monkeypatch.setattr(onednn, "wgrad_choice", lambda: "auto")
+    monkeypatch.setattr(onednn, "bf16_available", lambda: False)  # AVX2: float32 by shape
+    assert [conv.onednn_wgrad_path("float32", *case[:3]) for case in F32_WGRAD_PICKS] == \
+        [case[3] for case in F32_WGRAD_PICKS]
+    monkeypatch.setattr(conv, "ONEDNN_F32_WGRAD_BY_SHAPE", False)
+    assert {conv.onednn_wgrad_path("float32", *case[:3]) for case in F32_WGRAD_PICKS} == {"native"}
+    monkeypatch.setattr(conv, "ONEDNN_F32_WGRAD_BY_SHAPE", True)
+    monkeypatch.setattr(onednn, "bf16_available", lambda: True)  # AVX-512: float32 natively, bfloat16 by map size
+    assert {conv.onednn_wgrad_path("float32", *case[:3]) for case in F32_WGRAD_PICKS} == {"native"}
+    assert [conv.onednn_wgrad_path("bfloat16", *case[:3]) for case in F32_WGRAD_PICKS[3:6]] == \
+        ["native", "matmul", "forward"]
+    monkeypatch.setattr(onednn, "wgrad_choice", lambda: "matmul")  # CNNJAX_ONEDNN_WGRAD: one path for all
+    assert {conv.onednn_wgrad_path(dtype, *case[:3]) for case in F32_WGRAD_PICKS
+            for dtype in ("float32", "bfloat16")} == {"matmul"}
+
+
 @needs_onednn
 def test_onednn_under_vmap_equals_a_loop():
     x = jnp.asarray(rng.randn(3, 2, 6, 6, 4).astype(np.float32))

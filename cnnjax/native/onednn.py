@@ -24,8 +24,14 @@ backward-weights primitive, whose AMX kernel (the older jit one) took 3-5x its f
 the channels, up to 8x8 as one matrix product of the input patches (``onednn_kernels.cc``, ``WgradMode``).
 ``[512, 3, 3, 256] -> 256``: 12.7 against 60.4 ms; ``[512, 6, 6, 256] -> 256``: 55.2 against 92.5 ms; the
 bfloat16 step of ``fashion_mnist_30min`` (fast_cnn@28, batch 512) 15-20% shorter (2-core Xeon with AMX, 2026-12-06).
-``CNNJAX_ONEDNN_WGRAD``: ``auto`` (default), ``native`` (always the primitive), ``forward`` or ``matmul`` (that
-path for every such convolution).
+On CPUs without AVX-512 (oneDNN's jit:avx2 kernels), float32 kernel gradients of stride-1 convolutions take the
+path measured fastest for their shape (``cnnjax.conv.onednn_wgrad_path``; ``python -m experiments.bench_wgrad``):
+the primitive for stems, greyscale inputs and outputs of under 32 channels, a matrix product where the conv widens
+or the map is at most 4x4, a forward convolution otherwise. On a 2-core Zen 3 EPYC (2026-12-07) fast_cnn's kernel
+gradients at batch 128 took 0.78x the primitive's time, fast_cnn@28's at batch 512 0.82x.
+The Python side picks the path per call (the handler's ``wgrad`` attribute). ``CNNJAX_ONEDNN_WGRAD``: ``auto``
+(default), ``native`` (always the primitive), ``forward`` or ``matmul`` (that path for every stride-1 undilated
+convolution, in either dtype).
 Kernel gradients of strided 1x1 convolutions, in either dtype and whatever that setting, run as the unit-stride
 kernel gradient of the gathered input: oneDNN 2.6's own writes past its scratchpad for inputs of few channels
 (``onednn_kernels.cc``; ``tests/native/buffer_bounds.cc`` checks every buffer's bounds).
@@ -65,7 +71,7 @@ SWITCH = "CNNJAX_ONEDNN"
 THREADS_CHOICE = "CNNJAX_ONEDNN_THREADS"
 # Batch slices per oneDNN call (a positive integer; default 2). Read once per process.
 SLICES_CHOICE = "CNNJAX_ONEDNN_SLICES"
-# How bfloat16 stride-1 kernel gradients run (module doc). Read once per process.
+# How stride-1 kernel gradients run (module doc; wgrad_choice). Read once per process.
 WGRAD_CHOICE = "CNNJAX_ONEDNN_WGRAD"
 WGRAD_MODES = ("auto", "native", "forward", "matmul")
 HEADER = Path("/usr/include/dnnl.hpp")
@@ -155,10 +161,7 @@ def _load() -> Library:
     """The library once built, loaded and registered (see :class:`Library`)."""
     if os.environ.get(SWITCH, "1") == "0":
         return Library(False, f"XLA ({SWITCH}=0)", False)
-    mode = os.environ.get(WGRAD_CHOICE, "auto")
-    if mode not in WGRAD_MODES:
-        raise UsageError(f"{WGRAD_CHOICE}={mode!r} is not a mode: set it to one of {', '.join(WGRAD_MODES)} "
-                         "or unset it")
+    wgrad_choice.__wrapped__()  # a bad value stops here, before anything is built
     try:
         path = build()
     except UsageError as e:
@@ -179,6 +182,18 @@ def _load() -> Library:
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, handler)), platform="cpu")
     bf16 = bool(library.CnnjaxOnednnBf16())
     return Library(True, f"oneDNN ({path}{'' if bf16 else '; float32 only: ' + BF16_MISSING})", bf16)
+
+
+@functools.cache
+def wgrad_choice() -> str:
+    """``CNNJAX_ONEDNN_WGRAD`` (read once): 'auto' (the default: ``cnnjax.conv.onednn_wgrad_path``'s rules) or
+    the one kernel-gradient path ('native', 'forward', 'matmul') for every stride-1 undilated conv. Raises a
+    one-line :class:`UsageError` for any other value."""
+    mode = os.environ.get(WGRAD_CHOICE, "auto")
+    if mode not in WGRAD_MODES:
+        raise UsageError(f"{WGRAD_CHOICE}={mode!r} is not a mode: set it to one of {', '.join(WGRAD_MODES)} "
+                         "or unset it")
+    return mode
 
 
 def available() -> bool:

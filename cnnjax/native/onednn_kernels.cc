@@ -285,7 +285,7 @@ void ConvSlice(int kind, memory::data_type dt, const Geometry& g, void* x_p, voi
 // gradients with its older jit kernel, 3-5x the forward's time for fast_cnn's 256-channel convolutions on 6x6 and
 // 3x3 maps. The forward wins only where the map, so the forward's kernel, is small: [512, 3, 3, 256] -> 256 in two
 // slices took 11 ms against 61-70 (on 6x6 maps 103-131 ms against 93-94, a 6x6 kernel over 3x3 outputs; on 13x13
-// maps 4-7x slower). Used for bfloat16 stride-1 undilated convolutions whose outputs are at most 4x4 (WgradMode).
+// maps 4-7x slower). Which kernel gradients take this path: cnnjax.conv.onednn_wgrad_path.
 
 // --- kernel gradients of strided 1x1 convolutions ------------------------------------------------------------
 //
@@ -300,25 +300,18 @@ bool StridedPointwise(const Geometry& g) {
   return g.weights[2] == 1 && g.weights[3] == 1 && (g.strides[0] != 1 || g.strides[1] != 1);
 }
 
-// How a kernel gradient runs: oneDNN's backward-weights primitive (ConvSlice), a forward convolution (WgradSlice),
-// a matrix product (WgradMatmulSlice), or for strided 1x1 convolutions, whatever the choice, the unit-stride
-// primitive on the gathered input (StridedPointwiseWgradSlice). CNNJAX_ONEDNN_WGRAD: native (always the primitive),
-// forward, matmul, auto (default: by output size, as below; cnnjax/native/onednn.py checks the value).
-enum class Wgrad { kNative, kForward, kMatmul, kStridedPointwise };
+// How a kernel gradient runs: oneDNN's backward-weights primitive (ConvSlice), a forward convolution (WgradSlice) or
+// a matrix product (WgradMatmulSlice), as the call's `wgrad` attribute asks (cnnjax.conv.onednn_wgrad_path chooses,
+// by dtype, CPU and shape); the two others only for stride-1 undilated convolutions. Strided 1x1 kernel gradients
+// always run as the unit-stride primitive on the gathered input (StridedPointwiseWgradSlice), whatever was asked:
+// oneDNN's own path for them must not run.
+enum class Wgrad { kNative = 0, kForward = 1, kMatmul = 2, kStridedPointwise };
 
-Wgrad WgradMode(memory::data_type dt, const Geometry& g) {
-  static const std::string choice = [] {
-    const char* v = std::getenv("CNNJAX_ONEDNN_WGRAD");
-    return std::string(v != nullptr ? v : "auto");
-  }();
+Wgrad WgradMode(Wgrad asked, const Geometry& g) {
   if (StridedPointwise(g)) return Wgrad::kStridedPointwise;
-  if (choice == "native" || dt != memory::data_type::bf16) return Wgrad::kNative;
   for (auto s : g.strides) if (s != 1) return Wgrad::kNative;
   for (auto d : g.dilations) if (d != 0) return Wgrad::kNative;
-  if (choice == "matmul") return Wgrad::kMatmul;
-  if (choice == "forward") return Wgrad::kForward;
-  const auto hw = std::max(g.dst[2], g.dst[3]);
-  return hw <= 4 ? Wgrad::kForward : (hw <= 8 ? Wgrad::kMatmul : Wgrad::kNative);
+  return asked;
 }
 
 struct WgradConv {
@@ -391,7 +384,7 @@ void WgradSlice(memory::data_type dt, const Geometry& g, void* x_p, void* y_p, v
 //
 // The same kernel gradient as dw[(kh, kw, i), o] = P^T g, where P [N Ho Wo, KH KW I] holds each output position's
 // input patch (im2col, zeros where the window leaves the map) and g is read as [N Ho Wo, O]: oneDNN's matmul, whose
-// [KH KW I, O] float32 output is HWIO as it stands. CNNJAX_ONEDNN_WGRAD=matmul selects it (see WgradMode).
+// [KH KW I, O] float32 output is HWIO as it stands. Chosen by the `wgrad` attribute (WgradMode).
 
 // The input rows [C] that each output position's kernel taps read, as P [N Ho Wo, KH KW C] (im2col; zeros where a
 // tap reads padding), for an undilated geometry g (NCHW dims) of rows of `row` bytes.
@@ -466,8 +459,9 @@ uint16_t ToBf16(float f) {
 }
 
 // One convolution of `kind` over the whole batch, its batch slices spread by ParallelSlices.
+// `wgrad`: how a kernel gradient (kind 2) runs, as asked (WgradMode); the other kinds ignore it.
 ffi::Error Execute(ffi::ThreadPool* pool, int kind, memory::data_type dt, const Geometry& g, void* x_p, void* w_p,
-                   void* y_p) {
+                   void* y_p, Wgrad wgrad = Wgrad::kNative) {
   const int64_t batch = g.src[0], n = SliceCount(batch), w_count = Product(g.weights);
   const int64_t x_row = RowBytes(g.src, dt), y_row = RowBytes(g.dst, dt);
   std::vector<float> partial;  // each slice's float32 kernel gradient
@@ -482,7 +476,7 @@ ffi::Error Execute(ffi::ThreadPool* pool, int kind, memory::data_type dt, const 
     void* w = kind == 2 ? static_cast<void*>(partial.data() + i * w_count) : w_p;
     void* x = static_cast<char*>(x_p) + begin * x_row;
     void* y = static_cast<char*>(y_p) + begin * y_row;
-    const Wgrad mode = kind == 2 ? WgradMode(dt, s) : Wgrad::kNative;
+    const Wgrad mode = kind == 2 ? WgradMode(wgrad, s) : Wgrad::kNative;
     if (mode == Wgrad::kStridedPointwise) StridedPointwiseWgradSlice(dt, s, x, y, w);
     else if (mode == Wgrad::kForward) WgradSlice(dt, s, x, y, w);
     else if (mode == Wgrad::kMatmul) WgradMatmulSlice(dt, s, x, y, w);
@@ -504,8 +498,9 @@ ffi::Error Execute(ffi::ThreadPool* pool, int kind, memory::data_type dt, const 
 
 ffi::Error Run(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out, int64_t kind,
                int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t dh, int64_t dw,
-               ffi::ThreadPool pool) {
+               int64_t wgrad, ffi::ThreadPool pool) {
   if (kind < 0 || kind > 2) return ffi::Error::InvalidArgument("onednn_conv: kind must be 0, 1 or 2");
+  if (wgrad < 0 || wgrad > 2) return ffi::Error::InvalidArgument("onednn_conv: wgrad must be 0, 1 or 2");
   auto type = a.element_type();
   if (b.element_type() != type || out->element_type() != type)
     return ffi::Error::InvalidArgument("onednn_conv: every operand must have one dtype");
@@ -524,7 +519,7 @@ ffi::Error Run(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> o
   void* x_p = kind == 1 ? out->untyped_data() : a.untyped_data();
   void* w_p = kind == 2 ? out->untyped_data() : b.untyped_data();
   void* y_p = kind == 0 ? out->untyped_data() : (kind == 1 ? a.untyped_data() : b.untyped_data());
-  return Execute(&pool, static_cast<int>(kind), dt, g, x_p, w_p, y_p);
+  return Execute(&pool, static_cast<int>(kind), dt, g, x_p, w_p, y_p, static_cast<Wgrad>(wgrad));
 }
 
 // --- max-pool ---------------------------------------------------------------------------------------
@@ -691,6 +686,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnjaxOnednnConv, Run,
                                   .Attr<int64_t>("pr")
                                   .Attr<int64_t>("dh")
                                   .Attr<int64_t>("dw")
+                                  .Attr<int64_t>("wgrad")
                                   .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnjaxOnednnMaxPoolForward, MaxPoolForward,

@@ -107,16 +107,18 @@ void RunConv(memory::data_type dt, int64_t batch, int64_t h, int64_t w, int64_t 
   const size_t es = memory::data_type_size(dt);
   const Geometry g{{batch, ci, h, w}, {co, ci, k, k}, {batch, co, ho, wo}, {s, s}, {d - 1, d - 1}, {lo, lo},
                    {hi, hi}};
-  for (int kind = 0; kind < 3; ++kind) {
+  // Kind 2 once for each path a kernel gradient may be asked to take (wgrad 0 native, 1 forward, 2 matmul).
+  for (int run = 0; run < 5; ++run) {
+    const int kind = std::min(run, 2), wgrad = std::max(run - 2, 0);
     current = std::string(dt == memory::data_type::f32 ? "float32" : "bfloat16") + " conv kind " +
-              std::to_string(kind) + " x [" + std::to_string(batch) + "," + std::to_string(h) + "," +
-              std::to_string(w) + "," + std::to_string(ci) + "] -> " + std::to_string(co) + ", kernel " +
-              std::to_string(k) + ", stride " + std::to_string(s) + ", pads " + std::to_string(lo) + "/" +
-              std::to_string(hi) + ", dilation " + std::to_string(d);
+              std::to_string(kind) + " (wgrad " + std::to_string(wgrad) + ") x [" + std::to_string(batch) + "," +
+              std::to_string(h) + "," + std::to_string(w) + "," + std::to_string(ci) + "] -> " + std::to_string(co) +
+              ", kernel " + std::to_string(k) + ", stride " + std::to_string(s) + ", pads " + std::to_string(lo) +
+              "/" + std::to_string(hi) + ", dilation " + std::to_string(d);
     void* x = Allocate(batch * h * w * ci * es, "x");
     void* wt = Allocate(k * k * ci * co * es, "w");
     void* y = Allocate(batch * ho * wo * co * es, "y");
-    auto status = Execute(nullptr, kind, dt, g, x, wt, y);
+    auto status = Execute(nullptr, kind, dt, g, x, wt, y, static_cast<Wgrad>(wgrad));
     if (status.failure()) {
       std::printf("ERROR: %s failed\n", current.c_str());
       ++counts->reports;
