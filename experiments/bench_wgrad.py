@@ -84,11 +84,11 @@ def main(argv):
     from cnnjax import conv
     from cnnjax.native import onednn
 
-    if not onednn.available():
-        raise UsageError(f"bench_wgrad times oneDNN's kernels, which do not run here: {onednn.describe()}")
     unknown = [name for name in FLAGS.models if name not in SHAPES]
     if unknown:
         raise UsageError(f"unknown bench row(s) {unknown}; choose from {', '.join(SHAPES)}")
+    if not onednn.available():
+        raise UsageError(f"bench_wgrad times oneDNN's kernels, which do not run here: {onednn.describe()}")
     print(f"float32 kernel gradients, batch {FLAGS.batch}, ms (median of {FLAGS.rounds} rounds of the fastest of "
           f"{FLAGS.steps} calls); {onednn.describe()}")
     print("| model | input | kernel | calls | native | forward | matmul | fastest | picked | picked / native |")
