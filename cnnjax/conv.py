@@ -53,11 +53,11 @@ WGRAD_PATHS = {"native": 0, "forward": 1, "matmul": 2}
 # float32 kernel gradients on CPUs without AVX-512 (oneDNN's jit:avx2 kernels) take the path measured fastest for
 # their shape there, not always oneDNN's backward-weights primitive (onednn_wgrad_path; experiments.bench_wgrad):
 # the primitive for inputs of at most F32_WGRAD_NATIVE_MAX_IN channels (stems, greyscale) and outputs of fewer than
-# F32_WGRAD_NATIVE_BELOW_OUT channels; else a matrix product where the conv at least doubles the channels or the
-# map is at most F32_WGRAD_MATMUL_MAX_HW, and its patches take at most F32_WGRAD_MATMUL_MAX_BYTES; a forward
-# convolution otherwise.
+# F32_WGRAD_NATIVE_BELOW_OUT channels; else a matrix product where the conv at least doubles the channels to at least
+# F32_WGRAD_MATMUL_MIN_OUT or the map is at most F32_WGRAD_MATMUL_MAX_HW, and its patches take at most
+# F32_WGRAD_MATMUL_MAX_BYTES; a forward convolution otherwise.
 ONEDNN_F32_WGRAD_BY_SHAPE = True
-F32_WGRAD_NATIVE_MAX_IN, F32_WGRAD_NATIVE_BELOW_OUT, F32_WGRAD_MATMUL_MAX_HW = 4, 32, 4
+F32_WGRAD_NATIVE_MAX_IN, F32_WGRAD_NATIVE_BELOW_OUT, F32_WGRAD_MATMUL_MIN_OUT, F32_WGRAD_MATMUL_MAX_HW = 4, 32, 64, 4
 F32_WGRAD_MATMUL_MAX_BYTES = 256 << 20
 
 # Largest output (H' * W') for which a strided kxk conv uses patches on the CPU: patches win up to
@@ -290,7 +290,8 @@ def onednn_wgrad_path(dtype: Any, x_shape: tuple[int, ...], kernel_shape: tuple[
             c_out < F32_WGRAD_NATIVE_BELOW_OUT:
         return "native"
     patch_bytes = x_shape[0] * out_hw[0] * out_hw[1] * kh * kw * c_in * 4
-    matmul = (c_out >= 2 * c_in or hw <= F32_WGRAD_MATMUL_MAX_HW) and patch_bytes <= F32_WGRAD_MATMUL_MAX_BYTES
+    widens = c_out >= 2 * c_in and c_out >= F32_WGRAD_MATMUL_MIN_OUT
+    matmul = (widens or hw <= F32_WGRAD_MATMUL_MAX_HW) and patch_bytes <= F32_WGRAD_MATMUL_MAX_BYTES
     return "matmul" if matmul else "forward"
 
 

@@ -342,7 +342,7 @@ def test_onednn_float32_kernel_gradient_paths_match_xla(path, batch, hw, c_in, c
 
 
 # (x, kernel, output map, path): fast_cnn@28's convs at batch 512 (fashion_mnist_30min) as experiments.bench_wgrad
-# measured them fastest on a 2-core AVX2 EPYC (2026-12-07), a 56x56 map whose patches pass the cap, and a narrow one.
+# measured them fastest on a 2-core AVX2 EPYC (2026-12-07), a 56x56 map whose patches pass the cap, two narrow ones.
 F32_WGRAD_PICKS = [
     ((512, 28, 28, 1), (2, 2, 1, 8), (27, 27), "native"),
     ((512, 27, 27, 8), (3, 3, 8, 64), (27, 27), "matmul"),
@@ -352,6 +352,7 @@ F32_WGRAD_PICKS = [
     ((512, 3, 3, 256), (3, 3, 256, 256), (3, 3), "matmul"),
     ((128, 56, 56, 64), (3, 3, 64, 128), (56, 56), "forward"),
     ((128, 32, 32, 16), (3, 3, 16, 16), (32, 32), "native"),
+    ((128, 14, 14, 16), (3, 3, 16, 32), (14, 14), "forward"),  # simple_cnn@28's second: widens, but to 32 only
 ]
 
 

@@ -26,9 +26,10 @@ the channels, up to 8x8 as one matrix product of the input patches (``onednn_ker
 bfloat16 step of ``fashion_mnist_30min`` (fast_cnn@28, batch 512) 15-20% shorter (2-core Xeon with AMX, 2026-12-06).
 On CPUs without AVX-512 (oneDNN's jit:avx2 kernels), float32 kernel gradients of stride-1 convolutions take the
 path measured fastest for their shape (``cnnjax.conv.onednn_wgrad_path``; ``python -m experiments.bench_wgrad``):
-the primitive for stems, greyscale inputs and outputs of under 32 channels, a matrix product where the conv widens
-or the map is at most 4x4, a forward convolution otherwise. On a 2-core Zen 3 EPYC (2026-12-07) fast_cnn's kernel
-gradients at batch 128 took 0.78x the primitive's time, fast_cnn@28's at batch 512 0.82x.
+the primitive for stems, greyscale inputs and outputs of under 32 channels, a matrix product where the conv at
+least doubles its channels to 64 or more or the map is at most 4x4, a forward convolution otherwise. On a 2-core
+Zen 3 EPYC (2026-12-07) fast_cnn's kernel gradients at batch 128 took 0.78x the primitive's time, fast_cnn@28's at
+batch 512 0.82x.
 The Python side picks the path per call (the handler's ``wgrad`` attribute). ``CNNJAX_ONEDNN_WGRAD``: ``auto``
 (default), ``native`` (always the primitive), ``forward`` or ``matmul`` (that path for every stride-1 undilated
 convolution, in either dtype).
