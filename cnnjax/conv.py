@@ -51,7 +51,7 @@ ONEDNN_SHIFTED_GRADIENTS_ON_CPU = True
 # The oneDNN handler's kernel-gradient paths (its `wgrad` attribute; onednn_wgrad_path chooses).
 WGRAD_PATHS = {"native": 0, "forward": 1, "matmul": 2}
 # float32 kernel gradients on CPUs without AVX-512 (oneDNN's jit:avx2 kernels) take the path measured fastest for
-# their shape there, not always oneDNN's backward-weights primitive (onednn_wgrad_path; experiments.bench_wgrad):
+# their shape there, not always oneDNN's backward-weights primitive (onednn_wgrad_path; experiments.bench_onednn_paths):
 # the primitive for inputs of at most F32_WGRAD_NATIVE_MAX_IN channels (stems, greyscale) and outputs of fewer than
 # F32_WGRAD_NATIVE_BELOW_OUT channels; else a matrix product where the conv at least doubles the channels to at least
 # F32_WGRAD_MATMUL_MIN_OUT or the map is at most F32_WGRAD_MATMUL_MAX_HW, and its patches take at most
@@ -59,6 +59,11 @@ WGRAD_PATHS = {"native": 0, "forward": 1, "matmul": 2}
 ONEDNN_F32_WGRAD_BY_SHAPE = True
 F32_WGRAD_NATIVE_MAX_IN, F32_WGRAD_NATIVE_BELOW_OUT, F32_WGRAD_MATMUL_MIN_OUT, F32_WGRAD_MATMUL_MAX_HW = 4, 32, 64, 4
 F32_WGRAD_MATMUL_MAX_BYTES = 256 << 20
+# float32 stride-1 undilated forward convolutions on CPUs without AVX-512 run as oneDNN's input gradient of the
+# transposed conv (flipped kernel, in and out channels swapped), whose jit:avx2 kernel is faster than its NHWC forward
+# there: fast_cnn's [128, 7, 7, 256] -> 256 58.3 against 80.8 ms, [128, 3, 3, 256] -> 256 8.7 against 12.7
+# (onednn_forward_as_input_gradient; experiments.bench_onednn_paths).
+ONEDNN_F32_FORWARD_AS_INPUT_GRAD = True
 
 # Largest output (H' * W') for which a strided kxk conv uses patches on the CPU: patches win up to
 # 16x16 outputs, break even near 14x14 at batch 16 and lose at 28x28 (experiments.bench_conv).
@@ -313,6 +318,29 @@ def _conv_shape(x: Array, kernel: Array, strides: tuple[int, int], pads: Pads,
     return (x.shape[0], *_output_hw(x.shape[1:3], kernel.shape[:2], strides, pads, dilation), kernel.shape[-1])
 
 
+def onednn_forward_as_input_gradient(dtype: Any, kernel_hw: tuple[int, int], strides: tuple[int, int], pads: Pads,
+                                     dilation: tuple[int, int]) -> bool:
+    """Whether :func:`onednn_conv`'s forward runs as oneDNN's input gradient of the transposed conv (see
+    ``ONEDNN_F32_FORWARD_AS_INPUT_GRAD``): float32 on a CPU without AVX-512, stride 1, undilated, and every pad at
+    most ``kernel - 1`` (so the transposed conv's pads ``kernel - 1 - pad`` are not negative)."""
+    return ONEDNN_F32_FORWARD_AS_INPUT_GRAD and jnp.dtype(dtype) == jnp.float32 and not onednn.bf16_available() \
+        and strides == (1, 1) and dilation == (1, 1) and \
+        all(0 <= p <= k - 1 for k, pair in zip(kernel_hw, pads, strict=True) for p in pair)
+
+
+def _onednn_forward(x: Array, kernel: Array, strides: tuple[int, int], pads: Pads, dilation: tuple[int, int],
+                    as_input_gradient: bool) -> Array:
+    """oneDNN's forward conv ``[N, H, W, C] * [kH, kW, C, O] -> [N, H', W', O]``, or with ``as_input_gradient`` the
+    same numbers as the input gradient of the conv ``[N, H', W', O] -> [N, H, W, C]`` by the flipped, transposed
+    kernel ``[kH, kW, O, C]`` with pads ``kernel - 1 - pad`` (stride 1, undilated)."""
+    out_shape = _conv_shape(x, kernel, strides, pads, dilation)
+    if not as_input_gradient:
+        return _onednn(onednn.FORWARD, x, kernel, out_shape, strides, pads, dilation)
+    transposed = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+    flipped_pads = tuple((k - 1 - a, k - 1 - b) for k, (a, b) in zip(kernel.shape[:2], pads, strict=True))
+    return _onednn(onednn.INPUT_GRAD, x, transposed, out_shape, strides, flipped_pads, dilation)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def onednn_conv(x: Array, kernel: Array, strides: tuple[int, int], pads: Pads,
                 dilation: tuple[int, int] = (1, 1)) -> Array:
@@ -322,8 +350,9 @@ def onednn_conv(x: Array, kernel: Array, strides: tuple[int, int], pads: Pads,
     The same convolution as ``impl='xla'`` summed in another order (within 1e-5 relative in float32,
     ``tests/test_conv.py``; float32 convs are computed in float32, so no ``precision`` applies). Needs
     :func:`cnnjax.native.onednn.available`; reverse mode only (``jax.grad``), like the other custom-gradient
-    paths here."""
-    return _onednn(onednn.FORWARD, x, kernel, _conv_shape(x, kernel, strides, pads, dilation), strides, pads, dilation)
+    paths here. The forward runs as :func:`onednn_forward_as_input_gradient` says."""
+    as_input_gradient = onednn_forward_as_input_gradient(x.dtype, kernel.shape[:2], strides, pads, dilation)
+    return _onednn_forward(x, kernel, strides, pads, dilation, as_input_gradient)
 
 
 def _onednn_conv_fwd(x, kernel, strides, pads, dilation):

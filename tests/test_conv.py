@@ -341,8 +341,53 @@ def test_onednn_float32_kernel_gradient_paths_match_xla(path, batch, hw, c_in, c
         np.testing.assert_allclose(got, want, atol=1e-5 * float(jnp.max(jnp.abs(want))), rtol=1e-5)
 
 
-# (x, kernel, output map, path): fast_cnn@28's convs at batch 512 (fashion_mnist_30min) as experiments.bench_wgrad
-# measured them fastest on a 2-core AVX2 EPYC (2026-12-07), a 56x56 map whose patches pass the cap, two narrow ones.
+# oneDNN's forward as the input gradient of the transposed conv (conv.onednn_forward_as_input_gradient): every pad
+# from 0 to kernel - 1, non-square kernels and maps, a 1x1 output; values and both gradients against XLA's.
+FORWARD_AS_INPUT_GRAD_CASES = [
+    # (hw, c_in, c_out, kernel, pads)
+    ((8, 8), 16, 24, (3, 3), ((1, 1), (1, 1))),
+    ((9, 7), 3, 8, (3, 2), ((0, 2), (1, 0))),
+    ((32, 32), 3, 24, (2, 2), ((0, 0), (0, 0))),  # fast_cnn's whitening conv
+    ((14, 14), 6, 16, (5, 5), ((0, 0), (4, 2))),
+    ((3, 3), 8, 8, (3, 3), ((0, 0), (0, 0))),  # a 1x1 output
+]
+
+
+@needs_onednn
+@pytest.mark.parametrize("hw,c_in,c_out,k,pads", FORWARD_AS_INPUT_GRAD_CASES, ids=str)
+def test_onednn_forward_as_the_transposed_input_gradient_matches_xla(hw, c_in, c_out, k, pads):
+    draw = np.random.RandomState(3)
+    x = jnp.asarray(draw.randn(5, *hw, c_in).astype(np.float32))
+    w = jnp.asarray(draw.randn(*k, c_in, c_out).astype(np.float32))
+    want = xla(x, w, (1, 1), pads, (1, 1))
+    for as_input_gradient in (False, True):
+        f = lambda x, w, t=as_input_gradient: conv._onednn_forward(x, w, (1, 1), pads, (1, 1), t)  # noqa: E731
+        for got in (f(x, w), jax.jit(f)(x, w)):
+            chex.assert_shape(got, want.shape)
+            np.testing.assert_allclose(got, want, atol=1e-5 * float(jnp.max(jnp.abs(want))), rtol=1e-5)
+    lowered = jax.jit(lambda x, w: conv._onednn_forward(x, w, (1, 1), pads, (1, 1), True)).lower(x, w).as_text()
+    assert f"kind = {onednn.INPUT_GRAD} : i64" in lowered and f"kind = {onednn.FORWARD} : i64" not in lowered
+
+
+def test_forwards_run_as_input_gradients_for_float32_stride_1_convs_on_avx2(monkeypatch):
+    monkeypatch.setattr(onednn, "bf16_available", lambda: False)
+    same = ((1, 1), (1, 1))
+    assert conv.onednn_forward_as_input_gradient("float32", (3, 3), (1, 1), same, (1, 1))
+    assert conv.onednn_forward_as_input_gradient("float32", (2, 2), (1, 1), ((0, 0), (0, 0)), (1, 1))
+    assert not conv.onednn_forward_as_input_gradient("float32", (3, 3), (2, 2), same, (1, 1))  # strided
+    assert not conv.onednn_forward_as_input_gradient("float32", (3, 3), (1, 1), same, (2, 2))  # dilated
+    assert not conv.onednn_forward_as_input_gradient("float32", (3, 3), (1, 1), ((3, 1), (1, 1)), (1, 1))  # pad > k-1
+    assert not conv.onednn_forward_as_input_gradient("bfloat16", (3, 3), (1, 1), same, (1, 1))
+    monkeypatch.setattr(conv, "ONEDNN_F32_FORWARD_AS_INPUT_GRAD", False)
+    assert not conv.onednn_forward_as_input_gradient("float32", (3, 3), (1, 1), same, (1, 1))
+    monkeypatch.setattr(conv, "ONEDNN_F32_FORWARD_AS_INPUT_GRAD", True)
+    monkeypatch.setattr(onednn, "bf16_available", lambda: True)  # AVX-512: oneDNN's own forward
+    assert not conv.onednn_forward_as_input_gradient("float32", (3, 3), (1, 1), same, (1, 1))
+
+
+# (x, kernel, output map, path): fast_cnn@28's convs at batch 512 (fashion_mnist_30min) as
+# experiments.bench_onednn_paths measured them fastest on a 2-core AVX2 EPYC (2026-12-07), a 56x56 map whose patches
+# pass the cap, two narrow ones.
 F32_WGRAD_PICKS = [
     ((512, 28, 28, 1), (2, 2, 1, 8), (27, 27), "native"),
     ((512, 27, 27, 8), (3, 3, 8, 64), (27, 27), "matmul"),

@@ -21,11 +21,12 @@ each of the two threads) since 2026-12-05, four before (``CNNJAX_ONEDNN_SLICES``
 bfloat16 kernel gradients of stride-1 convolutions with outputs up to 8x8 do not use oneDNN 2.6's
 backward-weights primitive, whose AMX kernel (the older jit one) took 3-5x its forward's time on fast_cnn's
 256-channel convolutions on 6x6 and 3x3 maps: outputs up to 4x4 run as one forward convolution with the batch as
-the channels, up to 8x8 as one matrix product of the input patches (``onednn_kernels.cc``, ``WgradMode``).
+the channels, up to 8x8 as one matrix product of the input patches (``onednn_kernels.cc``; the rule is
+``cnnjax.conv.onednn_wgrad_path``).
 ``[512, 3, 3, 256] -> 256``: 12.7 against 60.4 ms; ``[512, 6, 6, 256] -> 256``: 55.2 against 92.5 ms; the
 bfloat16 step of ``fashion_mnist_30min`` (fast_cnn@28, batch 512) 15-20% shorter (2-core Xeon with AMX, 2026-12-06).
 On CPUs without AVX-512 (oneDNN's jit:avx2 kernels), float32 kernel gradients of stride-1 convolutions take the
-path measured fastest for their shape (``cnnjax.conv.onednn_wgrad_path``; ``python -m experiments.bench_wgrad``):
+path measured fastest for their shape (``cnnjax.conv.onednn_wgrad_path``; ``python -m experiments.bench_onednn_paths``):
 the primitive for stems, greyscale inputs and outputs of under 32 channels, a matrix product where the conv at
 least doubles its channels to 64 or more or the map is at most 4x4, a forward convolution otherwise. On a 2-core
 Zen 3 EPYC (2026-12-07) fast_cnn's kernel gradients at batch 128 took 0.78x the primitive's time, fast_cnn@28's at
