@@ -277,7 +277,8 @@ CPU_VARIANTS = ("baseline", "+ynn flag", "+im2col", "+tiled max-pool", "+greysca
                 "+overlapping strided-view max-pool", "+huge pages", "+kept conv input", "+split strided conv",
                 "+broadcast tiled max-pool backward", "+oneDNN convolutions", "+oneDNN max-pool", "+tcmalloc",
                 "+oneDNN greyscale gradients", "+oneDNN on XLA's threads", "+BatchNorm backward without x_hat",
-                "+two oneDNN slices", "+oneDNN max-pool with AVX-512 only", "+float32 kernel-gradient paths by shape")
+                "+two oneDNN slices", "+oneDNN max-pool with AVX-512 only", "+float32 kernel-gradient paths by shape",
+                "+float32 forwards as input gradients")
 # Variants that are a setting of the whole process (glibc's huge-page tunable, the preloaded allocator: read at
 # start-up), not library code: only experiments.bench_cpu, which gives every variant its own process, can compare
 # them.
@@ -328,7 +329,7 @@ def library_switches() -> list[tuple[Any, str]]:
             (layers, "_batch_norm_train"), (lenet, "CPU_CHANNEL_PAD"), (conv, "KEEP_CONV_INPUT_ON_CPU"),
             (layers, "TILED_POOL_BROADCAST_BACKWARD"), (conv, "USE_ONEDNN_ON_CPU"), (layers, "USE_ONEDNN_POOL_ON_CPU"),
             (conv, "ONEDNN_SHIFTED_GRADIENTS_ON_CPU"), (layers, "ONEDNN_POOL_NEEDS_AVX512"),
-            (conv, "ONEDNN_F32_WGRAD_BY_SHAPE")]
+            (conv, "ONEDNN_F32_WGRAD_BY_SHAPE"), (conv, "ONEDNN_F32_FORWARD_AS_INPUT_GRAD")]
 
 
 @contextlib.contextmanager
@@ -387,6 +388,8 @@ def _undo_changes(variant: str) -> None:
         layers.ONEDNN_POOL_NEEDS_AVX512 = False  # oneDNN's max-pool on every CPU whose oneDNN kernels are built
     if level < CPU_VARIANTS.index("+float32 kernel-gradient paths by shape"):
         conv.ONEDNN_F32_WGRAD_BY_SHAPE = False  # oneDNN's backward-weights primitive for every float32 conv
+    if level < CPU_VARIANTS.index("+float32 forwards as input gradients"):
+        conv.ONEDNN_F32_FORWARD_AS_INPUT_GRAD = False  # oneDNN's forward primitive for every forward
     if level < 9:
         layers._overlapping_max_pool = lambda x, window, stride, padding: lax.reduce_window(
             x, -jax.numpy.inf, lax.max, (1, *window, 1), (1, *stride, 1), ((0, 0), *((p, p) for p in padding), (0, 0)))

@@ -185,12 +185,14 @@ def test_onednn_variants(variant, convs, pools, pools_need_avx512):
     assert layers.ONEDNN_POOL_NEEDS_AVX512 is True
 
 
-@pytest.mark.parametrize("variant,by_shape", [("+oneDNN max-pool with AVX-512 only", False),
-                                              ("+float32 kernel-gradient paths by shape", True)])
-def test_float32_kernel_gradient_paths_variant(variant, by_shape):
+@pytest.mark.parametrize("variant,by_shape,forward_as_input_gradient", [
+    ("+oneDNN max-pool with AVX-512 only", False, False), ("+float32 kernel-gradient paths by shape", True, False),
+    ("+float32 forwards as input gradients", True, True)])
+def test_float32_oneDNN_path_variants(variant, by_shape, forward_as_input_gradient):
     with benchlib.with_variant(variant):
-        assert conv.ONEDNN_F32_WGRAD_BY_SHAPE is by_shape
-    assert conv.ONEDNN_F32_WGRAD_BY_SHAPE is True
+        assert (conv.ONEDNN_F32_WGRAD_BY_SHAPE, conv.ONEDNN_F32_FORWARD_AS_INPUT_GRAD) == (by_shape,
+                                                                                          forward_as_input_gradient)
+    assert conv.ONEDNN_F32_WGRAD_BY_SHAPE is True and conv.ONEDNN_F32_FORWARD_AS_INPUT_GRAD is True
 
 
 @pytest.mark.parametrize("variant,kept", [("+huge pages", False), ("+kept conv input", True)])
