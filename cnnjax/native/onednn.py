@@ -31,6 +31,9 @@ the primitive for stems, greyscale inputs and outputs of under 32 channels, a ma
 least doubles its channels to 64 or more or the map is at most 4x4, a forward convolution otherwise. On a 2-core
 Zen 3 EPYC (2026-12-07) fast_cnn's kernel gradients at batch 128 took 0.78x the primitive's time, fast_cnn@28's at
 batch 512 0.82x.
+Their float32 stride-1 forwards run as oneDNN's input gradient of the transposed conv (flipped kernel, channels
+swapped; ``cnnjax.conv.onednn_forward_as_input_gradient``), whose jit:avx2 kernel beat the NHWC forward there on
+every fast_cnn shape (``[128, 7, 7, 256] -> 256``: 58.3 against 80.8 ms).
 The Python side picks the path per call (the handler's ``wgrad`` attribute). ``CNNJAX_ONEDNN_WGRAD``: ``auto``
 (default), ``native`` (always the primitive), ``forward`` or ``matmul`` (that path for every stride-1 undilated
 convolution, in either dtype).
