@@ -300,6 +300,25 @@ def onednn_wgrad_path(dtype: Any, x_shape: tuple[int, ...], kernel_shape: tuple[
     return "matmul" if matmul else "forward"
 
 
+def describe_onednn_float32_paths() -> str:
+    """How oneDNN runs float32 convs here, for logs: its own primitives, or on CPUs without AVX-512 the forwards as
+    input gradients and the kernel gradients by shape (``ONEDNN_F32_FORWARD_AS_INPUT_GRAD``,
+    :func:`onednn_wgrad_path`)."""
+    if not onednn.available():
+        return "no oneDNN kernels"
+    swaps = []
+    if ONEDNN_F32_FORWARD_AS_INPUT_GRAD and not onednn.bf16_available():
+        swaps.append("stride-1 forwards as input gradients")
+    choice = onednn.wgrad_choice()
+    if choice != "auto":
+        swaps.append(f"kernel gradients by {choice} ({onednn.WGRAD_CHOICE})")
+    elif ONEDNN_F32_WGRAD_BY_SHAPE and not onednn.bf16_available():
+        swaps.append("kernel gradients by shape")
+    if not swaps:
+        return "oneDNN's primitives"
+    return ", ".join(swaps) + ("" if onednn.bf16_available() else " (no AVX-512)")
+
+
 def _onednn(kind: int, a: Array, b: Array, out_shape: tuple[int, ...], strides: tuple[int, int], pads: Pads,
             dilation: tuple[int, int], wgrad_path: str | None = None) -> Array:
     """One call of the oneDNN handler (``cnnjax/native/onednn_kernels.cc``): ``kind`` 0 forward ``(x, kernel)``,

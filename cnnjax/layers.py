@@ -442,6 +442,17 @@ def onednn_pool_usable(x: Array) -> bool:
     return onednn.runs(x.dtype)
 
 
+def describe_max_pools() -> str:
+    """Which max-pools run on the CPU in one process, for logs: ``oneDNN`` or ``strided views (why)``."""
+    if not USE_ONEDNN_POOL_ON_CPU:
+        return "strided views (USE_ONEDNN_POOL_ON_CPU is off)"
+    if not onednn.available():
+        return f"strided views (no oneDNN kernels: {onednn.describe()})"
+    if ONEDNN_POOL_NEEDS_AVX512 and not onednn.bf16_available():
+        return "strided views (oneDNN's max-pools only on CPUs with AVX-512; its AVX2 pool is slower)"
+    return "oneDNN"
+
+
 def _onednn_pool_attrs(x_shape: tuple[int, ...], window: tuple[int, int], stride: tuple[int, int],
                        padding: tuple[int, int]) -> tuple[tuple[int, int, int, int], dict]:
     """The output shape ``[N, Ho, Wo, C]`` of the floor-mode pool of ``x_shape`` and the kernels' attributes. The

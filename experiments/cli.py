@@ -297,3 +297,7 @@ if __name__ == "__main__":  # python -m experiments.cli: the process settings th
     from cnnjax.native import onednn
 
     print(f"cpu_convolutions={onednn.describe()}")
+    from cnnjax import conv, layers
+
+    print(f"cpu_float32_conv_paths={conv.describe_onednn_float32_paths()}")
+    print(f"cpu_max_pools={layers.describe_max_pools()}")

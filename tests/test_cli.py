@@ -72,6 +72,7 @@ def test_an_entry_point_restarts_itself_with_its_settings_once_and_keeps_the_use
     assert got["GLIBC_TUNABLES"] == want.get("GLIBC_TUNABLES", "")
     assert got["LD_PRELOAD"] == want.get("LD_PRELOAD", "")
     assert cli.CPU_XLA_FLAG in got["XLA_FLAGS"] or "xla_cpu_experimental_ynn_fusion_type" in env.get("XLA_FLAGS", "")
+    assert {"cpu_convolutions", "cpu_float32_conv_paths", "cpu_max_pools"} <= set(got)  # what the CPU runs, for logs
     opted_out = _entry_point_settings({**env, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0", cli.MALLOC_CHOICE: "glibc"})
     assert (opted_out["GLIBC_TUNABLES"], opted_out["LD_PRELOAD"]) == ("glibc.malloc.hugetlb=0", "")
 

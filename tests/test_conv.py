@@ -385,6 +385,22 @@ def test_forwards_run_as_input_gradients_for_float32_stride_1_convs_on_avx2(monk
     assert not conv.onednn_forward_as_input_gradient("float32", (3, 3), (1, 1), same, (1, 1))
 
 
+def test_the_float32_paths_are_described_for_logs(monkeypatch):
+    monkeypatch.setattr(onednn, "available", lambda: True)
+    monkeypatch.setattr(onednn, "wgrad_choice", lambda: "auto")
+    monkeypatch.setattr(onednn, "bf16_available", lambda: False)
+    assert conv.describe_onednn_float32_paths() == \
+        "stride-1 forwards as input gradients, kernel gradients by shape (no AVX-512)"
+    monkeypatch.setattr(onednn, "wgrad_choice", lambda: "matmul")
+    assert conv.describe_onednn_float32_paths() == \
+        "stride-1 forwards as input gradients, kernel gradients by matmul (CNNJAX_ONEDNN_WGRAD) (no AVX-512)"
+    monkeypatch.setattr(onednn, "wgrad_choice", lambda: "auto")
+    monkeypatch.setattr(onednn, "bf16_available", lambda: True)
+    assert conv.describe_onednn_float32_paths() == "oneDNN's primitives"
+    monkeypatch.setattr(onednn, "available", lambda: False)
+    assert conv.describe_onednn_float32_paths() == "no oneDNN kernels"
+
+
 # (x, kernel, output map, path): fast_cnn@28's convs at batch 512 (fashion_mnist_30min) as
 # experiments.bench_onednn_paths measured them fastest on a 2-core AVX2 EPYC (2026-12-07), a 56x56 map whose patches
 # pass the cap, two narrow ones.

@@ -540,3 +540,13 @@ def test_zero_init_last_bn_makes_block_start_as_relu_of_shortcut():
     variables = block.init(jax.random.PRNGKey(0), x, train=False)
     np.testing.assert_array_equal(variables["params"]["bn2"]["scale"], 0)
     np.testing.assert_allclose(block.apply(variables, x, train=False), jax.nn.relu(x), atol=1e-6)
+
+
+def test_the_max_pool_path_is_described_for_logs(monkeypatch):
+    monkeypatch.setattr(onednn, "available", lambda: True)
+    monkeypatch.setattr(onednn, "bf16_available", lambda: False)
+    assert layers.describe_max_pools().startswith("strided views (oneDNN's max-pools only on CPUs with AVX-512")
+    monkeypatch.setattr(onednn, "bf16_available", lambda: True)
+    assert layers.describe_max_pools() == "oneDNN"
+    monkeypatch.setattr(layers, "USE_ONEDNN_POOL_ON_CPU", False)
+    assert layers.describe_max_pools() == "strided views (USE_ONEDNN_POOL_ON_CPU is off)"
