@@ -276,6 +276,16 @@ def _onednn_attrs(strides: tuple[int, int], pads: Pads, dilation: tuple[int, int
     return {k: np.int64(v) for k, v in ints.items()}
 
 
+def _wgrad_by_shape() -> bool:
+    """Whether float32 kernel gradients take the path measured fastest for their shape (a CPU without AVX-512)."""
+    return ONEDNN_F32_WGRAD_BY_SHAPE and not onednn.bf16_available()
+
+
+def _forwards_as_input_gradients() -> bool:
+    """Whether float32 stride-1 forwards may run as input gradients (a CPU without AVX-512)."""
+    return ONEDNN_F32_FORWARD_AS_INPUT_GRAD and not onednn.bf16_available()
+
+
 def onednn_wgrad_path(dtype: Any, x_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
                       out_hw: tuple[int, int]) -> str:
     """How oneDNN computes a stride-1 undilated conv's kernel gradient (one of :data:`WGRAD_PATHS`): its
@@ -291,8 +301,7 @@ def onednn_wgrad_path(dtype: Any, x_shape: tuple[int, ...], kernel_shape: tuple[
     if jnp.dtype(dtype) == jnp.bfloat16:  # AVX-512 with AMX (onednn module doc)
         return "forward" if hw <= 4 else ("matmul" if hw <= 8 else "native")
     kh, kw, c_in, c_out = kernel_shape
-    if not ONEDNN_F32_WGRAD_BY_SHAPE or onednn.bf16_available() or c_in <= F32_WGRAD_NATIVE_MAX_IN or \
-            c_out < F32_WGRAD_NATIVE_BELOW_OUT:
+    if not _wgrad_by_shape() or c_in <= F32_WGRAD_NATIVE_MAX_IN or c_out < F32_WGRAD_NATIVE_BELOW_OUT:
         return "native"
     patch_bytes = x_shape[0] * out_hw[0] * out_hw[1] * kh * kw * c_in * 4
     widens = c_out >= 2 * c_in and c_out >= F32_WGRAD_MATMUL_MIN_OUT
@@ -307,12 +316,12 @@ def describe_onednn_float32_paths() -> str:
     if not onednn.available():
         return "no oneDNN kernels"
     swaps = []
-    if ONEDNN_F32_FORWARD_AS_INPUT_GRAD and not onednn.bf16_available():
+    if _forwards_as_input_gradients():
         swaps.append("stride-1 forwards as input gradients")
     choice = onednn.wgrad_choice()
     if choice != "auto":
         swaps.append(f"kernel gradients by {choice} ({onednn.WGRAD_CHOICE})")
-    elif ONEDNN_F32_WGRAD_BY_SHAPE and not onednn.bf16_available():
+    elif _wgrad_by_shape():
         swaps.append("kernel gradients by shape")
     if not swaps:
         return "oneDNN's primitives"
@@ -342,7 +351,7 @@ def onednn_forward_as_input_gradient(dtype: Any, kernel_hw: tuple[int, int], str
     """Whether :func:`onednn_conv`'s forward runs as oneDNN's input gradient of the transposed conv (see
     ``ONEDNN_F32_FORWARD_AS_INPUT_GRAD``): float32 on a CPU without AVX-512, stride 1, undilated, and every pad at
     most ``kernel - 1`` (so the transposed conv's pads ``kernel - 1 - pad`` are not negative)."""
-    return ONEDNN_F32_FORWARD_AS_INPUT_GRAD and jnp.dtype(dtype) == jnp.float32 and not onednn.bf16_available() \
+    return _forwards_as_input_gradients() and jnp.dtype(dtype) == jnp.float32 \
         and strides == (1, 1) and dilation == (1, 1) and \
         all(0 <= p <= k - 1 for k, pair in zip(kernel_hw, pads, strict=True) for p in pair)
 

@@ -435,22 +435,26 @@ def onednn_pool_usable(x: Array) -> bool:
     """Whether :func:`max_pool` runs through oneDNN: the CPU, one process, float32 or bfloat16, and cnnjax's
     oneDNN kernels built for that dtype (:func:`cnnjax.native.onednn.runs`), as for the convolutions, on a CPU with
     AVX-512 (``ONEDNN_POOL_NEEDS_AVX512``)."""
-    if not USE_ONEDNN_POOL_ON_CPU or jax.default_backend() != "cpu" or jax.process_count() != 1:
-        return False
-    if ONEDNN_POOL_NEEDS_AVX512 and not onednn.bf16_available():
+    if jax.default_backend() != "cpu" or jax.process_count() != 1 or _why_no_onednn_pool() is not None:
         return False
     return onednn.runs(x.dtype)
 
 
+def _why_no_onednn_pool() -> str | None:
+    """Why max-pools on the CPU in one process keep the strided views whatever their dtype, or None."""
+    if not USE_ONEDNN_POOL_ON_CPU:
+        return "USE_ONEDNN_POOL_ON_CPU is off"
+    if not onednn.available():
+        return f"no oneDNN kernels: {onednn.describe()}"
+    if ONEDNN_POOL_NEEDS_AVX512 and not onednn.bf16_available():
+        return "oneDNN's max-pools only on CPUs with AVX-512; its AVX2 pool is slower"
+    return None
+
+
 def describe_max_pools() -> str:
     """Which max-pools run on the CPU in one process, for logs: ``oneDNN`` or ``strided views (why)``."""
-    if not USE_ONEDNN_POOL_ON_CPU:
-        return "strided views (USE_ONEDNN_POOL_ON_CPU is off)"
-    if not onednn.available():
-        return f"strided views (no oneDNN kernels: {onednn.describe()})"
-    if ONEDNN_POOL_NEEDS_AVX512 and not onednn.bf16_available():
-        return "strided views (oneDNN's max-pools only on CPUs with AVX-512; its AVX2 pool is slower)"
-    return "oneDNN"
+    why = _why_no_onednn_pool()
+    return "oneDNN" if why is None else f"strided views ({why})"
 
 
 def _onednn_pool_attrs(x_shape: tuple[int, ...], window: tuple[int, int], stride: tuple[int, int],

@@ -294,10 +294,9 @@ def run(main) -> int:
 if __name__ == "__main__":  # python -m experiments.cli: the process settings the entry points run with
     for name in ("XLA_FLAGS", "GLIBC_TUNABLES", "LD_PRELOAD"):
         print(f"{name}={os.environ.get(name, '')}")
+    from cnnjax import conv, layers
     from cnnjax.native import onednn
 
     print(f"cpu_convolutions={onednn.describe()}")
-    from cnnjax import conv, layers
-
     print(f"cpu_float32_conv_paths={conv.describe_onednn_float32_paths()}")
     print(f"cpu_max_pools={layers.describe_max_pools()}")
