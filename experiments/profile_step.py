@@ -41,7 +41,16 @@ from absl import flags
 from cnnjax.errors import UsageError
 from experiments import cli
 from experiments.benchlib import PRECISIONS, SHAPES, in_fresh_process
-from experiments.profilelib import FUSED_KINDS, KINDS, profile_cnnjax, profile_fused, profile_torch
+from experiments.profilelib import (
+    FUSED_KINDS,
+    KINDS,
+    arithmetic_table,
+    conv_gflop,
+    fused_conv_rate,
+    profile_cnnjax,
+    profile_fused,
+    profile_torch,
+)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["cifar_resnet20", "improved_cnn"], "rows of experiments.bench to profile")
@@ -108,12 +117,17 @@ def main(argv):
         if FLAGS.fused:
             with tempfile.TemporaryDirectory(prefix="profile_step_") as trace_dir:
                 results[name] = profile_fused(name, FLAGS.batch, FLAGS.steps, trace_dir, FLAGS.precision)
-            print(fused_table(name, results[name], FLAGS.top) + "\n", flush=True)
+            gflop = in_fresh_process(conv_gflop, name, FLAGS.batch) if FLAGS.torch else None
+            results[name]["conv_gflop"] = gflop
+            rate = "\n\n" + fused_conv_rate(results[name], gflop) if gflop else ""
+            print(fused_table(name, results[name], FLAGS.top) + rate + "\n", flush=True)
             continue
         ours = profile_cnnjax(name, FLAGS.batch, FLAGS.reps)
         theirs = in_fresh_process(profile_torch, name, FLAGS.batch, FLAGS.reps) if FLAGS.torch else None
-        results[name] = {"cnnjax": ours, "torch": theirs}
-        print(table(name, ours, theirs) + "\n", flush=True)
+        gflop = in_fresh_process(conv_gflop, name, FLAGS.batch) if FLAGS.torch else None
+        results[name] = {"cnnjax": ours, "torch": theirs, "conv_gflop": gflop}
+        rate = "\n\n" + arithmetic_table(gflop, ours, theirs) if gflop else ""
+        print(table(name, ours, theirs) + rate + "\n", flush=True)
     if FLAGS.out:
         with open(FLAGS.out, "w") as f:
             json.dump({"command": " ".join(sys.argv), "batch": FLAGS.batch, "precision": FLAGS.precision,

@@ -122,7 +122,7 @@ def profile_cnnjax(name: str, batch: int, reps: int) -> dict:
     model, spec, state, images, labels = _step_inputs(name, batch)
     fused = time_jax_training(model, spec, SHAPES[name], batch, steps=5)
     ms = time_jaxpr_ops(lambda s, x, y: train_step(s, x, y, spec), (state, images, labels), batch, reps)
-    return {"wall_ms": 1000 * batch / fused["train_img_s"], "ms": ms}
+    return {"wall_ms": 1000 * batch / fused["train_img_s"], "ms": ms, "matmul_gflop_s": jax_matmul_gflop_s()}
 
 
 # --- cnnjax: the fused step's XLA:CPU thunks --------------------------------------------------------
@@ -203,7 +203,7 @@ def profile_fused(name: str, batch: int, steps: int, trace_dir: str, precision: 
             ms[e["name"]] += e["dur"] / 1000 / steps
     return {"wall_ms": wall_ms, "ms": dict(ms),
             "kinds": {n: thunk_kind(n, *instructions[n]) for n in ms},
-            "op_names": {n: instructions[n][1] for n in ms}}
+            "op_names": {n: instructions[n][1] for n in ms}, "matmul_gflop_s": jax_matmul_gflop_s()}
 
 
 # --- PyTorch: aten ops -> kinds -------------------------------------------------------------------
@@ -266,7 +266,108 @@ def profile_torch(name: str, batch: int, steps: int) -> dict:
             continue
         kind = next((k for lo, hi, k in windows if lo <= e.time_range.start and e.time_range.end <= hi), None)
         ms[kind or torch_kind(e.name)] += e.self_cpu_time_total / 1000 / steps
-    return {"wall_ms": wall * 1000, "ms": dict(ms)}
+    return {"wall_ms": wall * 1000, "ms": dict(ms), "matmul_gflop_s": torch_matmul_gflop_s()}
+
+
+# --- convolution arithmetic and the CPU's matmul rate --------------------------------------------
+
+CONV_WORK = ("conv forward", "conv input-gradient", "conv weight-gradient")
+
+
+def conv_gflop(name: str, batch: int) -> dict[str, float]:
+    """GFLOP per train step of bench row ``name``'s convolutions at ``batch``, by kind of :data:`CONV_WORK`.
+
+    Counted on the torch twin's ``nn.Conv2d`` modules in one forward pass: ``2 * N * Ho * Wo * O * I/groups * KH *
+    KW`` per forward, and as much again for each gradient the step computes (an input gradient where the conv's
+    input needs one, a kernel gradient where the kernel trains). cnnjax's step computes the same gradients (the
+    twins are parity-tested); bias additions are not counted."""
+    import torch
+
+    model = bench_torch_model(name).train()
+    shape = SHAPES[name]
+    gflop = dict.fromkeys(CONV_WORK, 0.0)
+
+    def count(conv, inputs, output):
+        n, o, ho, wo = output.shape
+        kh, kw = conv.kernel_size
+        forward = 2 * n * ho * wo * o * (conv.in_channels // conv.groups) * kh * kw / 1e9
+        gflop["conv forward"] += forward
+        gflop["conv input-gradient"] += forward if inputs[0].requires_grad else 0.0
+        gflop["conv weight-gradient"] += forward if conv.weight.requires_grad else 0.0
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    try:
+        model(torch.zeros(batch, shape[2], shape[0], shape[1]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return gflop
+
+
+def _median_gflop_s(run, flop: float, reps: int) -> float:
+    run()  # warm-up (and compilation)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    return flop / statistics.median(times) / 1e9
+
+
+def jax_matmul_gflop_s(n: int = 2048, reps: int = 5) -> float:
+    """float32 GFLOP/s of XLA's ``[n, n] @ [n, n]`` on the default device, median of ``reps``."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    return _median_gflop_s(lambda: dot(a, a).block_until_ready(), 2.0 * n**3, reps)
+
+
+def torch_matmul_gflop_s(n: int = 2048, reps: int = 5) -> float:
+    """float32 GFLOP/s of torch's CPU ``[n, n] @ [n, n]`` (MKL's sgemm in the CPU wheel), median of ``reps``."""
+    import torch
+
+    a = torch.randn(n, n)
+    return _median_gflop_s(lambda: a @ a, 2.0 * n**3, reps)
+
+
+def arithmetic_table(gflop: dict, ours: dict, theirs: dict | None) -> str:
+    """GFLOP/s of each kind of conv work: the twin's counted GFLOP over each side's ms for that kind."""
+    both = gflop["conv input-gradient"] + gflop["conv weight-gradient"]
+    rows = [("conv forward", gflop["conv forward"], ("conv forward",), ("conv forward",)),
+            ("conv input-gradient", gflop["conv input-gradient"], ("conv input-gradient",), ()),
+            ("conv weight-gradient", gflop["conv weight-gradient"], ("conv weight-gradient",), ()),
+            ("conv input+weight gradient", both, ("conv input-gradient", "conv weight-gradient"),
+             ("conv input+weight gradient",))]
+
+    def rate(result, kinds, g):
+        ms = sum(result["ms"].get(k, 0.0) for k in kinds) if result and kinds else 0.0
+        return f"{g / ms * 1000:.0f}" if ms > 0 and g > 0 else "-"
+
+    lines = ["Convolution arithmetic: GFLOP per step counted on the twin's convolutions, over each side's ms above", "",
+             "| conv work | GFLOP/step | cnnjax GFLOP/s | PyTorch eager GFLOP/s |", "|---|---:|---:|---:|"]
+    lines += [f"| {label} | {g:.2f} | {rate(ours, mine, g)} | {rate(theirs, twin, g)} |"
+              for label, g, mine, twin in rows]
+    mm = [f"XLA {ours['matmul_gflop_s']:.0f} GFLOP/s"] + (
+        [f"torch (MKL) {theirs['matmul_gflop_s']:.0f} GFLOP/s"] if theirs else [])
+    lines += ["", "float32 [2048, 2048] matmul, each in its side's process: " + ", ".join(mm)]
+    return "\n".join(lines)
+
+
+def fused_conv_rate(result: dict, gflop: dict) -> str:
+    """One line: the fused step's oneDNN convolutions' GFLOP/s against XLA's float32 matmul in the same process."""
+    kinds, ms = result["kinds"], result["ms"]
+    if any(k == FUSED_KINDS[0] for k in kinds.values()):
+        return "Convolution arithmetic: XLA's convolutions run asynchronously, their time is not in the trace"
+    conv_ms = sum(v for n, v in ms.items() if kinds[n] == "oneDNN convolutions")
+    total = sum(gflop.values())
+    if conv_ms <= 0:
+        return "Convolution arithmetic: no oneDNN convolutions in this step"
+    return (f"Convolution arithmetic: {total:.2f} GFLOP per step (forward {gflop['conv forward']:.2f}, input gradients "
+            f"{gflop['conv input-gradient']:.2f}, kernel gradients {gflop['conv weight-gradient']:.2f}; counted on "
+            f"the torch twin) in {conv_ms:.1f} ms of oneDNN convolutions: {total / conv_ms * 1000:.0f} GFLOP/s; "
+            f"XLA's float32 [2048, 2048] matmul in this process: {result['matmul_gflop_s']:.0f} GFLOP/s")
 
 
 # --- tables -------------------------------------------------------------------------------------

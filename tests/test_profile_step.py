@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import optax
+import pytest
 
 from cnnjax.layers import BatchNorm, Conv, MaxPool
 from cnnjax.native import onednn
@@ -115,3 +116,39 @@ def test_bf16_profile_needs_the_fused_step():
                          env=dict(os.environ, XLA_FLAGS=""))
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "--precision=bf16 profiles the fused step only: add --fused" in out.stderr
+
+
+def test_conv_gflop_counts_each_computed_gradient_of_the_twins_convs():
+    # simple_cnn@28 at batch 2: conv1 1->16 on 28x28, conv2 16->32 on 14x14, 3x3 kernels; conv1's input is the data
+    conv1, conv2 = 2 * 2 * 28 * 28 * 16 * 1 * 9 / 1e9, 2 * 2 * 14 * 14 * 32 * 16 * 9 / 1e9
+    gflop = profilelib.conv_gflop("simple_cnn@28", batch=2)
+    assert gflop["conv forward"] == pytest.approx(conv1 + conv2)
+    assert gflop["conv input-gradient"] == pytest.approx(conv2)
+    assert gflop["conv weight-gradient"] == pytest.approx(conv1 + conv2)
+    assert profilelib.conv_gflop("simple_cnn@28", batch=4)["conv forward"] == pytest.approx(2 * (conv1 + conv2))
+
+
+def test_matmul_rates_are_measured_on_both_sides():
+    for rate in (profilelib.jax_matmul_gflop_s(n=128, reps=2), profilelib.torch_matmul_gflop_s(n=128, reps=2)):
+        assert 0.01 < rate < 1e5
+
+
+def test_the_arithmetic_tables_divide_counted_gflop_by_each_sides_ms():
+    gflop = {"conv forward": 3.0, "conv input-gradient": 2.0, "conv weight-gradient": 3.0}
+    ours = {"ms": {"conv forward": 30.0, "conv input-gradient": 10.0, "conv weight-gradient": 40.0},
+            "matmul_gflop_s": 120.4}
+    theirs = {"ms": {"conv forward": 20.0, "conv input+weight gradient": 100.0}, "matmul_gflop_s": 131.6}
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:]
+            for line in profilelib.arithmetic_table(gflop, ours, theirs).splitlines() if line.startswith("| conv")}
+    assert rows["conv forward"] == ["3.00", "100", "150 |"]
+    assert rows["conv input-gradient"] == ["2.00", "200", "- |"]
+    assert rows["conv weight-gradient"] == ["3.00", "75", "- |"]
+    assert rows["conv input+weight gradient"] == ["5.00", "100", "50 |"]
+    assert "XLA 120 GFLOP/s, torch (MKL) 132 GFLOP/s" in profilelib.arithmetic_table(gflop, ours, theirs)
+    fused = {"kinds": {"ffi_call.1": "oneDNN convolutions", "fusion": "BatchNorm"},
+             "ms": {"ffi_call.1": 80.0, "fusion": 5.0}, "matmul_gflop_s": 99.6}
+    line = profilelib.fused_conv_rate(fused, gflop)
+    assert "8.00 GFLOP per step" in line and "in 80.0 ms of oneDNN convolutions: 100 GFLOP/s" in line
+    assert line.endswith("in this process: 100 GFLOP/s")
+    fused["kinds"]["ffi_call.1"] = "convolutions (asynchronous: launch only)"
+    assert "asynchronously" in profilelib.fused_conv_rate(fused, gflop)
