@@ -28,6 +28,9 @@ PyTorch: the torch twin (tests/torch_models.py) in eager mode, ``torch.profiler`
 each aten op, classified by op name; ops inside ``Optimizer.step`` count as the optimizer. PyTorch's
 CPU conv backward computes both gradients in one op, so its row is "conv input+weight gradient". It runs
 in a process of its own, where cnnjax's oneDNN kernels have not run (``experiments.benchlib.in_fresh_process``).
+Convolution arithmetic (with ``--torch``): each model's conv GFLOP per step, counted on the twin's convs
+(``profilelib.conv_gflop``), over each side's ms per kind of conv work, beside a float32 ``[2048, 2048]`` matmul
+timed in each side's process; ``--fused`` gives the oneDNN convolutions' GFLOP/s in the compiled step.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["cifar_resnet20", "improved_cnn"], "rows of experiments.bench to profile")
 flags.DEFINE_integer("batch", 128, "batch size")
 flags.DEFINE_integer("reps", 3, "timed runs of each op (median) / profiled torch steps")
-flags.DEFINE_bool("torch", True, "also profile the PyTorch twin")
+flags.DEFINE_bool("torch", True, "also profile the PyTorch twin and count conv GFLOP on it")
 flags.DEFINE_bool("fused", False, "profile the compiled step's XLA thunks (jax.profiler) instead of op by op")
 flags.DEFINE_integer("steps", 10, "--fused: traced steps")
 flags.DEFINE_integer("top", 10, "--fused: largest thunks listed")
