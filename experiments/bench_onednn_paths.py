@@ -35,7 +35,6 @@ flags.DEFINE_integer("batch", 128, "batch size")
 flags.DEFINE_integer("rounds", 5, "rounds; each times every path")
 flags.DEFINE_integer("steps", 3, "calls per path per round (the fastest counts)")
 
-WGRAD_PATHS = ("native", "forward", "matmul")
 FORWARD_PATHS = ("primitive", "input gradient")
 
 
@@ -100,7 +99,7 @@ def wgrad_ms(entry: dict, batch: int, rounds: int, steps: int) -> dict[str, floa
     x, g, _ = _operands(entry, batch)
     kernel, pads = entry["kernel"], entry["pads"]
     fns = {p: jax.jit(lambda x, g, p=p: conv._onednn(onednn.KERNEL_GRAD, x, g, kernel, (1, 1), pads, (1, 1), p))
-           for p in WGRAD_PATHS}
+           for p in conv.WGRAD_PATHS}
     return median_ms(fns, (x, g), rounds, steps)
 
 
@@ -159,7 +158,7 @@ def main(argv):
                                                                 (1, 1))
                 forwards.append((name, entry, forward_ms(entry, FLAGS.batch, FLAGS.rounds, FLAGS.steps),
                                  FORWARD_PATHS[int(as_grad)]))
-    _table("Kernel gradients", WGRAD_PATHS, wgrads)
+    _table("Kernel gradients", tuple(conv.WGRAD_PATHS), wgrads)
     _table("Forwards", FORWARD_PATHS, forwards)
 
 

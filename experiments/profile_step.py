@@ -117,17 +117,16 @@ def main(argv):
     for name in FLAGS.models:
         if name not in SHAPES:
             raise UsageError(f"unknown bench row {name!r}; choose from {', '.join(SHAPES)}")
+        gflop = in_fresh_process(conv_gflop, name, FLAGS.batch) if FLAGS.torch else None
         if FLAGS.fused:
             with tempfile.TemporaryDirectory(prefix="profile_step_") as trace_dir:
                 results[name] = profile_fused(name, FLAGS.batch, FLAGS.steps, trace_dir, FLAGS.precision)
-            gflop = in_fresh_process(conv_gflop, name, FLAGS.batch) if FLAGS.torch else None
             results[name]["conv_gflop"] = gflop
             rate = "\n\n" + fused_conv_rate(results[name], gflop) if gflop else ""
             print(fused_table(name, results[name], FLAGS.top) + rate + "\n", flush=True)
             continue
         ours = profile_cnnjax(name, FLAGS.batch, FLAGS.reps)
         theirs = in_fresh_process(profile_torch, name, FLAGS.batch, FLAGS.reps) if FLAGS.torch else None
-        gflop = in_fresh_process(conv_gflop, name, FLAGS.batch) if FLAGS.torch else None
         results[name] = {"cnnjax": ours, "torch": theirs, "conv_gflop": gflop}
         rate = "\n\n" + arithmetic_table(gflop, ours, theirs) if gflop else ""
         print(table(name, ours, theirs) + rate + "\n", flush=True)

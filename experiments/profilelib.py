@@ -358,7 +358,7 @@ def arithmetic_table(gflop: dict, ours: dict, theirs: dict | None) -> str:
 def fused_conv_rate(result: dict, gflop: dict) -> str:
     """One line: the fused step's oneDNN convolutions' GFLOP/s against XLA's float32 matmul in the same process."""
     kinds, ms = result["kinds"], result["ms"]
-    if any(k == FUSED_KINDS[0] for k in kinds.values()):
+    if FUSED_KINDS[0] in kinds.values():
         return "Convolution arithmetic: XLA's convolutions run asynchronously, their time is not in the trace"
     conv_ms = sum(v for n, v in ms.items() if kinds[n] == "oneDNN convolutions")
     total = sum(gflop.values())
