@@ -9,7 +9,7 @@ CIFAR-10 cannot be downloaded here, so a learnable stand-in in the real format i
 
 - cnnjax: ``python -m experiments.train`` with the recipe's config (evaluation every epoch, no plots), in its own
   process. Its epoch times are those ``metrics.jsonl`` records: training only, evaluation excluded.
-- PyTorch: the twin net (``tests/torch_models.FastNet``) with the recipe's per-step work, read from the config the
+- PyTorch: the twin net (``experiments/bench/torch_twins.FastNet``) with the recipe's per-step work, read from the config the
   cnnjax run wrote: on-device gather of a shuffled batch, per-image random flip and translation (reflect
   padding), label-smoothed cross-entropy, Nesterov SGD with the frozen whitening kernel, 64x learning rate on
   BatchNorm biases and the schedule, lookahead. As many steps per epoch as cnnjax ran; every epoch waits for

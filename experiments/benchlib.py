@@ -267,7 +267,7 @@ def read_saved_result(path: str, writer: str) -> dict:
 
 def bench_torch_model(name: str):
     """The torch twin of bench row ``name`` (10 classes)."""
-    from tests import torch_models
+    from experiments.bench import torch_twins as torch_models
 
     return torch_models.build(name.split("@")[0], num_classes=10, **ROW_KWARGS.get(name, ({}, {}))[1])
 

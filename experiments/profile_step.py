@@ -24,7 +24,7 @@ moves instead of reading them. ``--precision bf16`` profiles the bfloat16 step o
 (fused only): ``--fused --precision bf16 --batch 512 --models fast_cnn@28,fast_cnn@28+residual`` is the
 net and precision of ``fashion_mnist_30min`` and ``fashion_mnist_30min_residual`` (with the bench's SGD momentum, not
 their optimizer, and random data).
-PyTorch: the torch twin (tests/torch_models.py) in eager mode, ``torch.profiler`` self CPU time of
+PyTorch: the torch twin (experiments/bench/torch_twins.py) in eager mode, ``torch.profiler`` self CPU time of
 each aten op, classified by op name; ops inside ``Optimizer.step`` count as the optimizer. PyTorch's
 CPU conv backward computes both gradients in one op, so its row is "conv input+weight gradient". It runs
 in a process of its own, where cnnjax's oneDNN kernels have not run (``experiments.benchlib.in_fresh_process``).

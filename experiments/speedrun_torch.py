@@ -6,7 +6,7 @@
 Same data (cnnjax's IDX reader and stratified validation hold-out, numpy only: no JAX in this
 process), same zero-padding, normalisation, random horizontal flip, batch size, epochs, label
 smoothing, Adam / SGD with optax's one-cycle or cosine schedule, mirror TTA and final weights; the
-model is the zoo model's torch twin (``tests/torch_models.py``). Prints one JSON line with the
+model is the zoo model's torch twin (``experiments/bench/torch_twins.py``). Prints one JSON line with the
 validation and test accuracy and the training time. Only the recipe fields a speed run uses are
 supported; any other setting is refused in one line.
 """

@@ -67,7 +67,7 @@ def train_twin(c, threads: int = 0) -> dict:
 
     from cnnjax.data.sources import MEAN_STD, load
     from cnnjax.data.splits import with_validation
-    from tests import torch_models
+    from experiments.bench import torch_twins as torch_models
 
     if threads:
         torch.set_num_threads(threads)

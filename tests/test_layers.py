@@ -16,7 +16,7 @@ from cnnjax import layers
 from cnnjax.errors import UsageError
 from cnnjax.native import onednn
 from experiments import benchlib
-from tests import torch_models as ref
+from experiments.bench import torch_twins as ref
 from tests.onednn_marks import ONEDNN, needs_onednn, needs_onednn_bf16, pretend_no_bf16
 from tests.parity import assert_parity, nchw, nhwc, variables_of
 

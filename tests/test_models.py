@@ -16,7 +16,7 @@ from cnnjax.analysis import summary
 from cnnjax.port import state_dict_to_variables
 from cnnjax.train.plots import conv_outputs
 from cnnjax.train.state import init_variables
-from tests import torch_models as ref
+from experiments.bench import torch_twins as ref
 from tests.parity import assert_parity, nchw, variables_of
 
 PARAM_COUNTS = {

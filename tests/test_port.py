@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from cnnjax import checkpoint, port
-from tests import torch_models as ref
+from experiments.bench import torch_twins as ref
 from tests.parity import assert_parity, nchw, nhwc
 
 ROOT = __file__.rsplit("/tests/", 1)[0]

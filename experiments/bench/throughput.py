@@ -3,7 +3,7 @@
 ``python -m experiments.bench [--quick] [--batches 128,512] [--precisions fp32,bf16] [--torch_device auto]
 [--out FILE]`` prints a markdown table (images/s, compile time separately, cnnjax / PyTorch ratio per row) and
 writes JSON to FILE, rewritten whole after every row (``"complete": false`` until the run ends).
-Same network (the torch twins in tests/torch_models.py, equal parameter counts), same batch, SGD with
+Same network (the torch twins in experiments/bench/torch_twins.py, equal parameter counts), same batch, SGD with
 momentum 0.9, cross-entropy, uint8 input normalised inside the step in both frameworks. cnnjax runs on
 JAX's default device and torch on the GPU when it sees one (``--torch_device``), so on a GPU machine
 both sides are on the GPU (torch with cuDNN's autotuning on, as XLA autotunes); ``bf16`` rows compute in
