@@ -148,7 +148,6 @@ def summary(model: nn.Module, input_shape: Sequence[int], name: str | None = Non
     main path in call order; projection shortcuts (``downsample_*``) run parallel to a block whose
     stride they repeat, so they show ``-`` and do not advance the recurrence.
     """
-    model = layers.without_channel_padding(model)  # the layers' true channels, not the CPU's padded ones
     calls: list[tuple[tuple[str, ...], nn.Module, tuple[int, ...]]] = []
 
     def record(next_fun, args, kwargs, context):

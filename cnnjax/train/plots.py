@@ -37,7 +37,7 @@ def conv_outputs(model, variables: dict, x: jax.Array) -> list[tuple[str, jax.Ar
     so call order is the only reliable 'first layer' (fast_cnn's ``whiten`` sorts after ``block1``)."""
     import flax.linen as nn
 
-    from cnnjax.layers import Conv, without_channel_padding
+    from cnnjax.layers import Conv
 
     calls = []
 
@@ -48,5 +48,5 @@ def conv_outputs(model, variables: dict, x: jax.Array) -> list[tuple[str, jax.Ar
         return out
 
     with nn.intercept_methods(record):
-        without_channel_padding(model).apply(variables, x, train=False)  # true channels, not padded ones
+        model.apply(variables, x, train=False)
     return calls

@@ -1,4 +1,4 @@
-// oneDNN convolutions and max-pools as XLA FFI custom calls for the CPU (built by cnnjax/native/onednn.py).
+// oneDNN convolutions and max-pools as XLA FFI custom calls for the CPU (built by cnnjax/cpu/onednn.py).
 //
 // CnnjaxOnednnConv: three kinds (attribute `kind`), all NHWC activations and HWIO kernels, groups 1:
 //   0 forward:          (x [N,H,W,I], w [KH,KW,I,O])  -> y  [N,Ho,Wo,O]
@@ -15,8 +15,7 @@
 // Threads: each call splits its batch into slices and runs them on the calling thread of XLA's intra-op pool and
 // on one task of that pool, oneDNN single-threaded on each (ParallelSlices). oneDNN's own OpenMP team is not used:
 // in XLA every pool thread that called oneDNN became the master of a team of its own, more threads than cores.
-// CNNJAX_ONEDNN_THREADS=omp runs each call whole on oneDNN's OpenMP team instead, as before. Kernel gradients
-// of the slices are summed in float32 in slice order, so results do not depend on which thread ran a slice.
+// Kernel gradients of the slices are summed in float32 in slice order, so results do not depend on which thread ran a slice.
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -48,31 +47,13 @@ dnnl::engine& Engine() {
   return engine;
 }
 
-// Whether calls are split over XLA's pool (default) or run whole on oneDNN's OpenMP team (CNNJAX_ONEDNN_THREADS=omp).
-bool SplitOverXlaPool() {
-  static const bool split = [] {
-    const char* v = std::getenv("CNNJAX_ONEDNN_THREADS");
-    return !(v != nullptr && std::string(v) == "omp");
-  }();
-  return split;
-}
-
-// Batch slices per call (CNNJAX_ONEDNN_SLICES, default 2: one for each of the two threads that run a call's
-// slices; 4 before 2026-12-05; at most the batch).
-int64_t SliceCount(int64_t batch) {
-  if (!SplitOverXlaPool()) return 1;
-  static const int64_t slices = [] {
-    const char* v = std::getenv("CNNJAX_ONEDNN_SLICES");
-    int64_t n = v != nullptr ? std::atoll(v) : 2;
-    return n < 1 ? int64_t{2} : n;
-  }();
-  return std::min(slices, batch);
-}
+// Batch slices per call: one for each of the two threads that run a call's slices (at most the batch).
+int64_t SliceCount(int64_t batch) { return std::min<int64_t>(2, batch); }
 
 // oneDNN on this thread runs single-threaded (once per thread; OpenMP's thread count is a per-thread setting).
 void OneOmpThread() {
   thread_local bool set = false;
-  if (!set && SplitOverXlaPool()) {
+  if (!set) {
     omp_set_num_threads(1);
     set = true;
   }
@@ -233,7 +214,7 @@ const Conv& Cached(int kind, memory::data_type dt, const Geometry& g) {
 // output of a kernel gradient run as a forward convolution (WgradSlice); 2 also the input patches of
 // WgradMatmulSlice and the gathered input of StridedPointwiseWgradSlice.
 #ifdef CNNJAX_ONEDNN_TEST_BUFFERS
-// tests/native/buffer_bounds.cc builds this file with buffers of its own that end at an unmapped page.
+// tests/cpu_native/buffer_bounds.cc builds this file with buffers of its own that end at an unmapped page.
 void* TestThreadBuffer(int which, size_t bytes);
 void* ThreadBuffer(int which, size_t bytes) { return TestThreadBuffer(which, bytes); }
 #else
@@ -292,7 +273,7 @@ void ConvSlice(int kind, memory::data_type dt, const Geometry& g, void* x_p, voi
 // oneDNN 2.6's kernel gradient of a strided 1x1 convolution (its "reduce to unit stride" path, which compacts the
 // input it reads into the scratchpad) writes past the scratchpad it asks for when the input has few channels (1 to 5
 // of the 1 to 19 tried at stride 2): 80 bytes past 448 for [8, 8, 5] -> 7 at stride 2, 21 KB past 3 KB for [56, 56, 1]
-// (AVX2; tests/native/buffer_bounds.cc finds them). That overwrote the heap: aborts and segfaults far from the
+// (AVX2; tests/cpu_native/buffer_bounds.cc finds them). That overwrote the heap: aborts and segfaults far from the
 // cause. Such kernel gradients run here as the stride-1, unpadded 1x1 kernel gradient of the input positions the
 // kernel reads, gathered first (zeros where it reads padding): the same sums, on oneDNN's unit-stride path.
 
