@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,8 +75,9 @@ def _train(pretrained_dir, mode, unfreeze_from="stem", steps=3):
     return start, runner.get_state(state)
 
 
-def _same(a, b) -> bool:
-    return all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+def _moved(a, b) -> bool:
+    """Whether some leaf of ``b`` differs from ``a``'s (the trees have one structure)."""
+    return not all(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
         lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)), a, b)))
 
 
@@ -83,29 +85,29 @@ def test_feature_extraction_freezes_backbone_and_bn(pretrained):
     path, source = pretrained
     start, end = _train(path, "feature_extraction")
     backbone = lambda tree: {k: v for k, v in tree.items() if k != "fc"}  # noqa: E731
-    assert _same(backbone(start.params), backbone(source["params"]))  # transplanted
-    assert _same(backbone(end.params), backbone(source["params"]))
-    assert _same(end.batch_stats, source["batch_stats"])
-    assert not _same(end.params["fc"], start.params["fc"])
-    assert end.params["fc"]["kernel"].shape == (512, 3)
+    chex.assert_trees_all_equal(backbone(start.params), backbone(source["params"]))  # transplanted
+    chex.assert_trees_all_equal(backbone(end.params), backbone(source["params"]))
+    chex.assert_trees_all_equal(end.batch_stats, source["batch_stats"])
+    assert _moved(end.params["fc"], start.params["fc"])
+    chex.assert_shape([end.params["fc"]["kernel"], end.params["fc"]["bias"]], [(512, 3), (3,)])
 
 
 def test_finetune_moves_backbone_and_bn(pretrained):
     path, source = pretrained
     _, end = _train(path, "finetune", "stem")
-    assert not _same(end.params["conv1"], source["params"]["conv1"])
-    assert not _same(end.params["layer4_1"], source["params"]["layer4_1"])
-    assert not _same(end.batch_stats["bn1"], source["batch_stats"]["bn1"])
+    assert _moved(end.params["conv1"], source["params"]["conv1"])
+    assert _moved(end.params["layer4_1"], source["params"]["layer4_1"])
+    assert _moved(end.batch_stats["bn1"], source["batch_stats"]["bn1"])
 
 
 def test_finetune_from_layer4_keeps_earlier_stages(pretrained):
     path, source = pretrained
     _, end = _train(path, "finetune", "layer4")
     for name in ("conv1", "bn1", "layer1_0", "layer3_1"):
-        assert _same(end.params[name], source["params"][name]), name
-    assert _same(end.batch_stats["layer3_1"], source["batch_stats"]["layer3_1"])
-    assert not _same(end.params["layer4_0"], source["params"]["layer4_0"])
-    assert not _same(end.batch_stats["layer4_0"], source["batch_stats"]["layer4_0"])
+        chex.assert_trees_all_equal(end.params[name], source["params"][name], custom_message=name)
+    chex.assert_trees_all_equal(end.batch_stats["layer3_1"], source["batch_stats"]["layer3_1"])
+    assert _moved(end.params["layer4_0"], source["params"]["layer4_0"])
+    assert _moved(end.batch_stats["layer4_0"], source["batch_stats"]["layer4_0"])
 
 
 def test_transfer_needs_init_from_and_a_resnet(pretrained):
