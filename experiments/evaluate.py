@@ -29,9 +29,9 @@ def evaluate_workdir(workdir: str, which: str = "best", data_dir: str | None = N
     checkpoint's meta and ``recorded`` (the accuracy training recorded for it on ``split``, or None)."""
     import ml_collections
 
+    from cnnjax.data import load_splits
     from cnnjax.io import read_json
     from cnnjax.train.ensemble import evaluate_checkpoints, member_dirs
-    from cnnjax.train.experiment import load_splits
 
     members = member_dirs(workdir)
     path = os.path.join(members[0] if members else workdir, "config.json")

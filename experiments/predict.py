@@ -43,9 +43,9 @@ def preprocess(path: str) -> np.ndarray:
 
 def folder_inputs(config: dict, paths: list[str]) -> tuple[tuple[str, ...], np.ndarray]:
     """Class names of a folder-trained workdir and ``paths`` as its model input ``[N, S, S, C]``."""
+    from cnnjax.data import normalization
     from cnnjax.data.folder import decode_image, scan_folder
     from cnnjax.data.pipeline import normalize
-    from cnnjax.train.experiment import normalization
 
     d = config["data"]
     names = scan_folder(d["dir"], tuple(d["split_fractions"]), d["split_seed"]).class_names

@@ -168,7 +168,7 @@ def _fit_fast_on_synthetic_cifar(tmp_path, n_train: int, epochs: int, batch: int
     final variables and the whitening kernel the run started from."""
     from cnnjax import checkpoint
     from cnnjax.data import MEAN_STD
-    from cnnjax.train.experiment import load_data
+    from cnnjax.data.config_splits import load_data
     from cnnjax.train.loop import fit
     from experiments.configs import cifar10_fast
     from experiments.make_synthetic_cifar import write

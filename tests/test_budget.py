@@ -166,8 +166,8 @@ def test_the_plan_times_steady_steps_after_an_untimed_warm_up(monkeypatch):
     times the steps after PLAN_WARMUP_STEPS untimed ones, so slow early steps do not shrink it."""
     import time
 
+    from cnnjax.data import load_splits
     from cnnjax.train import feed as feeds
-    from cnnjax.train.experiment import load_splits
 
     config = stripes(num_epochs=2, batch_size=16)
     data = load_splits(config)

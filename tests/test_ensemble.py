@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 from cnnjax import checkpoint
+from cnnjax.data import load_splits
 from cnnjax.errors import ConfigError, UsageError
 from cnnjax.models.simple import TinyCNN
 from cnnjax.train import budget
 from cnnjax.train.ensemble import EVAL_RESERVE_S, fit_ensemble, member_budget_s
-from cnnjax.train.experiment import build_model, build_spec, load_splits
+from cnnjax.train.experiment import build_model, build_spec
 from cnnjax.train.steps import StepSpec, cross_entropy, ensemble_eval_step, eval_step, prepare_batch
 from tests.test_budget import _timed
 from tests.test_experiments import _cli, stripes

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from cnnjax import checkpoint
+from cnnjax.data import load_splits
 from cnnjax.data.stream import ArraySource, EpochOrder, EvalBatch, StepBatch, stream
 from cnnjax.train import budget
-from cnnjax.train.experiment import load_splits
 from cnnjax.train.loop import fit
 from experiments.configs.base import base_config
 from tests.helpers import override, slow_clock

@@ -51,7 +51,7 @@ from cnnjax.data.sources import DataFormatError
 from cnnjax.errors import ConfigError, MissingFileError
 from cnnjax.io import check_readable_dir
 
-__all__ = ["IMG_EXTENSIONS", "FolderSplits", "decode_files", "decode_image", "scan_folder"]
+__all__ = ["IMG_EXTENSIONS", "FolderSplits", "decode_files", "decode_image", "decode_pil_image", "scan_folder"]
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,9 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return img
 
 
-def _decode(img: Image.Image, size: int, channels: int) -> np.ndarray:
+def decode_pil_image(img: Image.Image, size: int, channels: int) -> np.ndarray:
+    """An open PIL image as uint8 ``[size, size, channels]``, by :func:`decode_image`'s rules (EXIF rotation,
+    8-bit, RGB or "L", shorter side resized to ``size``, centre crop). Raises what Pillow raises."""
     img.load()
     img = ImageOps.exif_transpose(img)
     img = _to_8bit(img)
@@ -296,7 +298,7 @@ def decode_image(path: str, size: int, channels: int = 3) -> np.ndarray:
     _check_size_channels(size, channels)
     try:
         with Image.open(path) as img:
-            return _decode(img, int(size), channels)
+            return decode_pil_image(img, int(size), channels)
     except DECODE_ERRORS as err:
         raise _decode_error(os.fspath(path), err) from None
 

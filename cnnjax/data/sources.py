@@ -30,7 +30,10 @@ __all__ = [
     "DataFormatError",
     "Dataset",
     "TFDSUnavailableError",
+    "brief_error",
     "load",
+    "normalization",
+    "tfds_unavailable",
 ]
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,11 @@ MEAN_STD: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "stripes": ((0.4164,), (0.1585,)),
 }
 
+# ImageNet's per-channel statistics (RGB; grey: the channel averages), used for image folders: the statistics
+# the ported torchvision backbones were trained with.
+_IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+_IMAGENET_MEAN_STD_GREY = ((0.449,), (0.226,))
+
 CLASS_NAMES: dict[str, tuple[str, ...]] = {
     "mnist": tuple(str(i) for i in range(10)),
     "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -57,6 +65,15 @@ CLASS_NAMES: dict[str, tuple[str, ...]] = {
     # cifar100: the 100 fine label names are read from the `meta` file or from the TFDS dataset info.
     "stripes": ("vertical", "horizontal"),
 }
+
+
+def normalization(dataset: str, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel ``(mean, std)`` of uint8/255 pixels of ``dataset`` (``channels`` long each): the
+    :data:`MEAN_STD` entry, or ImageNet's for image folders (``dataset == "folder"``)."""
+    if dataset == "folder":
+        return _IMAGENET_MEAN_STD if channels == 3 else _IMAGENET_MEAN_STD_GREY
+    return MEAN_STD[dataset]
+
 
 _CACHE_VERSION = 1
 _CACHE_KEYS = ("train_images", "train_labels", "test_images", "test_labels", "class_names")
@@ -71,7 +88,7 @@ class Dataset:
     """A whole dataset in memory: images uint8 ``[N, H, W, C]``, labels int32 ``[N]`` per split.
 
     ``val_images`` / ``val_labels`` are None for sources without a validation split of their own
-    (the experiment then holds one out of the training split, see :func:`cnnjax.data.splits.hold_out`).
+    (the experiment then holds one out of the training split, see :func:`cnnjax.data.splits.with_validation`).
     """
 
     name: str
@@ -323,7 +340,9 @@ def _check_labels(name: str, split: str, labels: np.ndarray, num_classes: int) -
 # ----------------------------------------------------------------------------------------------- TFDS
 
 
-def _tfds_error(name: str, tfds_data_dir: str | None, reason: str) -> TFDSUnavailableError:
+def tfds_unavailable(name: str, tfds_data_dir: str | None, reason: str) -> TFDSUnavailableError:
+    """The one-line error for TFDS ``name`` that cannot be read from ``tfds_data_dir`` (None: TFDS's default)
+    because of ``reason``, naming both ways out: prepare it with TensorFlow, or pass the raw files."""
     where = tfds_data_dir or "the TFDS default data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
     local = ("`data.dir`=<dir with the four IDX files>" if name in ("mnist", "fashion_mnist")
              else f"`data.dir`=<dir with {_CIFAR[name][0]}>")
@@ -333,7 +352,8 @@ def _tfds_error(name: str, tfds_data_dir: str | None, reason: str) -> TFDSUnavai
         f"and run once online to prepare it (reading a prepared dataset needs no TensorFlow), or pass {local}")
 
 
-def _brief(err: BaseException) -> str:
+def brief_error(err: BaseException) -> str:
+    """``"TypeName: first line of the message"`` (at most 300 characters of it), for one-line errors."""
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0][:300] if text else ''}"
 
@@ -343,20 +363,21 @@ def _load_tfds(name: str, tfds_data_dir: str | None) -> Dataset:
     try:
         import tensorflow_datasets as tfds
     except ImportError as err:
-        raise _tfds_error(name, tfds_data_dir, f"tensorflow_datasets is not installed ({_brief(err)})") from err
+        raise tfds_unavailable(name, tfds_data_dir,
+                               f"tensorflow_datasets is not installed ({brief_error(err)})") from err
     splits = ["train", "test"]
     try:  # a prepared dataset: no TensorFlow, no network
         sources = tfds.data_source(name, split=splits, data_dir=tfds_data_dir, download=False)
     except Exception as err:  # noqa: BLE001 - not prepared (or unreadable): decide below
         if not _tensorflow_installed():
-            raise _tfds_error(name, tfds_data_dir, "the dataset is not prepared there and preparing it needs "
-                                                   f"TensorFlow, which is not installed ({_brief(err)})") from err
-        log.info("TFDS %s is not prepared (%s); downloading and preparing it", name, _brief(err))
+            reason = "the dataset is not prepared there and preparing it needs TensorFlow, which is not installed"
+            raise tfds_unavailable(name, tfds_data_dir, f"{reason} ({brief_error(err)})") from err
+        log.info("TFDS %s is not prepared (%s); downloading and preparing it", name, brief_error(err))
         try:  # the real download-and-prepare path (needs network)
             sources = tfds.data_source(name, split=splits, data_dir=tfds_data_dir)
         except Exception as err2:  # noqa: BLE001 - network, checksum, disk ... errors all end here
-            raise _tfds_error(name, tfds_data_dir, f"the dataset is not prepared there and downloading and "
-                                                   f"preparing it failed ({_brief(err2)})") from err2
+            raise tfds_unavailable(name, tfds_data_dir, f"the dataset is not prepared there and downloading and "
+                                                        f"preparing it failed ({brief_error(err2)})") from err2
     arrays = {}
     for split, source in zip(splits, sources, strict=True):
         arrays[f"{split}_images"], arrays[f"{split}_labels"] = _decode_source(source)
@@ -434,10 +455,10 @@ def _cached(name: str, source_id: str, cache_dir: str, build) -> Dataset:
         try:
             return _read_cache(path, name)
         except Exception as err:  # noqa: BLE001 - any unreadable cache is rebuilt
-            warnings.warn(f"rebuilding unreadable cache {path} ({_brief(err)})", stacklevel=3)
+            warnings.warn(f"rebuilding unreadable cache {path} ({brief_error(err)})", stacklevel=3)
     ds = build()
     try:
         _write_cache(path, ds)
     except OSError as err:  # a cache we cannot write (disk full, read-only) must not lose the loaded data
-        warnings.warn(f"could not write cache {path} ({_brief(err)}); continuing without it", stacklevel=3)
+        warnings.warn(f"could not write cache {path} ({brief_error(err)}); continuing without it", stacklevel=3)
     return ds

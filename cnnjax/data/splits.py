@@ -1,5 +1,9 @@
-"""Stratified, seeded splits: hold a validation set out of a training set (model selection never
-looks at the test split)."""
+"""Which examples a split keeps: a stratified, seeded validation hold-out (model selection never looks at
+the test split), seeded per-class samples, and class selection with relabelling.
+
+Each rule works on label arrays (int32 ``[N]``) and is applied either to an in-memory :class:`Dataset`
+or to an example source of :mod:`cnnjax.data.stream` (:func:`relabel`), with the same result.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import dataclasses
 import numpy as np
 
 from cnnjax.data.sources import Dataset
+from cnnjax.data.stream import Source, subset
 from cnnjax.errors import ConfigError
 
 
@@ -42,3 +47,42 @@ def with_validation(ds: Dataset, fraction: float, seed: int) -> Dataset:
     keep, held = stratified_holdout(ds.train_labels, fraction, seed)
     return dataclasses.replace(ds, train_images=ds.train_images[keep], train_labels=ds.train_labels[keep],
                                val_images=ds.train_images[held], val_labels=ds.train_labels[held])
+
+
+def subsample_per_class(ds: Dataset, k: int, seed: int) -> Dataset:
+    """``ds`` with ``k`` training images per class (:func:`per_class_sample`); val and test unchanged."""
+    idx = per_class_sample(ds.train_labels, k, seed, ds.num_classes)
+    return dataclasses.replace(ds, train_images=ds.train_images[idx], train_labels=ds.train_labels[idx])
+
+
+def class_remap(num_classes: int, classes: tuple[int, ...]) -> np.ndarray:
+    """int32 ``[num_classes]``: the new label of each old class (its position in ``classes``), -1 if dropped.
+
+    Raises:
+      ConfigError: ``classes`` are not distinct indices in ``0..num_classes - 1`` (reported as ``data.classes``).
+    """
+    if any(not 0 <= int(c) < num_classes for c in classes) or len(set(classes)) != len(classes):
+        raise ConfigError("data.classes", f"must be distinct class indices in 0..{num_classes - 1}, got "
+                                          f"{tuple(classes)}")
+    remap = np.full(num_classes, -1, np.int32)
+    remap[list(classes)] = np.arange(len(classes))
+    return remap
+
+
+def relabel(source: Source, remap: np.ndarray) -> Source:
+    """The examples of ``source`` (a :mod:`cnnjax.data.stream` source) whose class ``remap`` keeps, in their
+    order, with the new labels."""
+    keep = np.nonzero(remap[source.labels] >= 0)[0]
+    return subset(source, keep, remap[source.labels[keep]])
+
+
+def select_classes(ds: Dataset, classes: tuple[int, ...]) -> Dataset:
+    """Keep only ``classes`` and relabel them 0..len-1 in the given order (every split)."""
+    remap = class_remap(ds.num_classes, classes)
+    out = {}
+    for split in ("train", "val", "test"):
+        images, labels = getattr(ds, f"{split}_images"), getattr(ds, f"{split}_labels")
+        if images is not None:
+            keep = remap[labels] >= 0
+            out |= {f"{split}_images": images[keep], f"{split}_labels": remap[labels[keep]]}
+    return dataclasses.replace(ds, class_names=tuple(ds.class_names[c] for c in classes), **out)

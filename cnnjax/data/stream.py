@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from cnnjax.data.folder import decode_files, decode_image
+from cnnjax.data.folder import decode_files, decode_image, decode_pil_image
 from cnnjax.data.sources import DataFormatError
 
 # Serialises the lazy opening of a TFDS data source in a process (threads share one source).
@@ -240,7 +240,12 @@ class TFDSSource:
     def image_shape(self) -> tuple[int, int, int]:
         return self._shape
 
-    def image(self, i: int) -> np.ndarray:
+    @property
+    def info(self):
+        """The dataset's ``tfds.core.DatasetInfo`` (its splits with their sizes, its features)."""
+        return self._opened().dataset_info
+
+    def _opened(self):
         if self._source is None:
             with _OPEN_LOCK:  # the feed's prefetch threads may ask at once: open the source once
                 if self._source is None:
@@ -248,16 +253,22 @@ class TFDSSource:
 
                     self._source = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir,
                                                     download=False)
-        image = np.asarray(self._source[int(self.indices[i])]["image"], np.uint8)
+        return self._source
+
+    def image(self, i: int) -> np.ndarray:
+        image = np.asarray(self._opened()[int(self.indices[i])]["image"], np.uint8)
         if self.size:
             from PIL import Image
 
-            from cnnjax.data.folder import _decode
-
-            return _decode(Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image), self.size,
-                           image.shape[-1])
+            return decode_pil_image(Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image), self.size,
+                                    image.shape[-1])
         if self.pad_to:
             h, w = image.shape[:2]
             ph, pw = self.pad_to - h, self.pad_to - w
             image = np.pad(image, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
         return image
+
+
+Source = ArraySource | FileSource | TFDSSource
+"""An example source: ``len``, ``labels`` int32 ``[N]``, ``image_shape`` ``(H, W, C)``, ``image(i)`` uint8
+``[H, W, C]``."""

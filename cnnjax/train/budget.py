@@ -31,10 +31,11 @@ import numpy as np
 
 from cnnjax import distributed
 from cnnjax.checkpoint import CheckpointStore
+from cnnjax.data import DataSplits
 from cnnjax.data.stream import EpochOrder, subset
 from cnnjax.errors import ConfigError
 from cnnjax.train import feed as feeds
-from cnnjax.train.experiment import DataSplits, build
+from cnnjax.train.experiment import build
 from cnnjax.train.runner import Runner
 from cnnjax.train.timeline import Replans, check_replans
 

@@ -18,11 +18,12 @@ import jax
 import ml_collections
 
 from cnnjax import checkpoint, distributed
+from cnnjax.data import DataSplits, load_splits
 from cnnjax.errors import ConfigError
 from cnnjax.io import write_json_atomic
 from cnnjax.train import feed
 from cnnjax.train.checks import check_config
-from cnnjax.train.experiment import DataSplits, build_model, build_spec, load_splits
+from cnnjax.train.experiment import build_model, build_spec
 from cnnjax.train.runner import Runner
 
 # Seconds kept back from the members' budget for the ensemble's evaluation: loading the data, restoring the

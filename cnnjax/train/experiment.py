@@ -1,10 +1,10 @@
-"""Building an experiment from its config: the data, the model, the step spec, the optimizer and the
-initial train state. Pure of side effects on the workdir."""
+"""Building an experiment from its config and its data: the model, the step spec, the optimizer and the
+initial train state. Pure of side effects on the workdir. The data itself comes from
+:func:`cnnjax.data.load_splits` (every data rule lives in :mod:`cnnjax.data`)."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, NamedTuple
 
 import jax
@@ -14,11 +14,10 @@ import numpy as np
 import optax
 
 from cnnjax import checkpoint, models, transfer
-from cnnjax.data import MEAN_STD, Dataset, load
-from cnnjax.data.folder import scan_folder
+from cnnjax.data import Dataset, DataSplits, normalization
+from cnnjax.data.config_splits import splits_of
 from cnnjax.data.pipeline import AugmentConfig
-from cnnjax.data.splits import per_class_sample, with_validation
-from cnnjax.data.stream import ArraySource, FileSource, decodable, decoded_bytes, subset, to_arrays
+from cnnjax.data.stream import subset, to_arrays
 from cnnjax.errors import ConfigError
 from cnnjax.train.optim import make_optimizer
 from cnnjax.train.state import TrainState, create_train_state, model_variables
@@ -26,226 +25,11 @@ from cnnjax.train.steps import AXIS, Lookahead, StepSpec, init_lookahead
 from cnnjax.train.timeline import check_replans
 
 
-@dataclasses.dataclass(frozen=True)
-class DataSplits:
-    """train / val / test example sources (:class:`cnnjax.data.stream.ArraySource` in memory, or
-    :class:`cnnjax.data.stream.FileSource` decoded on access) and whether training streams them."""
-
-    name: str
-    class_names: tuple[str, ...]
-    train: Any
-    val: Any
-    test: Any
-    streamed: bool = False
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return self.train.image_shape
-
-
-MODES = ("resident", "stream", "auto")
-
-
-def splits_of(ds: Dataset) -> DataSplits:
-    """An in-memory :class:`Dataset` as resident :class:`DataSplits` (an empty val split if it has none)."""
-    val = (ArraySource(ds.val_images, ds.val_labels) if ds.val_images is not None
-           else ArraySource(ds.train_images[:0], ds.train_labels[:0]))
-    return DataSplits(ds.name, ds.class_names, ArraySource(ds.train_images, ds.train_labels), val,
-                      ArraySource(ds.test_images, ds.test_labels))
-
-
-def load_splits(config: ml_collections.ConfigDict) -> DataSplits:
-    """The config's data as :class:`DataSplits`, resident or streamed per ``data.mode``:
-    ``resident`` decodes every split into memory, ``stream`` decodes image files on access (image
-    folders; in-memory datasets stream from their arrays), ``auto`` is resident when the decoded
-    training split fits ``data.resident_max_gb``."""
-    d = config.data
-    mode = d.get("mode", "resident")
-    if mode not in MODES:
-        raise ConfigError("data.mode", f"must be resident, stream or auto, got {mode!r}")
-    if d.name == "folder":
-        splits = _folder_splits(config)
-    elif mode != "resident" and not d.dir and d.name in TFDS_STREAMABLE and _tfds_streams(config, mode):
-        splits = _tfds_splits(config)
-    else:
-        splits = splits_of(load_data(config))
-    if mode == "auto":
-        mode = "resident" if decoded_bytes(splits.train) <= float(d.get("resident_max_gb", 2.0)) * 2**30 else "stream"
-    skip = bool(d.get("skip_bad_images", False))
-    if mode == "stream":
-        return dataclasses.replace(splits, streamed=True, **(
-            {k: _checked(getattr(splits, k)) for k in ("train", "val", "test")} if skip else {}))
-    return dataclasses.replace(splits, **{k: to_arrays(getattr(splits, k), skip) for k in ("train", "val", "test")})
-
-
-def _checked(source):
-    """``source`` without the files that do not decode (one decoding pass over it)."""
-    if isinstance(source, ArraySource):
-        return source
-    return subset(source, np.nonzero(decodable(source))[0])
-
-
-def _folder_splits(config: ml_collections.ConfigDict) -> DataSplits:
-    d = config.data
-    if int(d.get("image_size", 0)) < 1:
-        raise ConfigError("data.image_size", "must be set (>= 1) for an image folder: images are resized to it")
-    fs = scan_folder(d.dir, tuple(d.get("split_fractions", (0.7, 0.15, 0.15))), int(d.get("split_seed", 0)))
-    sources = {}
-    for split in ("train", "val", "test"):
-        items = getattr(fs, split)
-        if not items:
-            raise ConfigError("data.split_fractions", f"leave the {split} split of {d.dir} empty; give it a share")
-        sources[split] = FileSource([p for p, _ in items], [lab for _, lab in items], int(d.image_size),
-                                    int(d.get("channels", 3)))
-    return _narrow(DataSplits("folder", fs.class_names, **sources), config)
-
-
-TFDS_STREAMABLE = ("mnist", "fashion_mnist", "cifar10", "cifar100", "imagenette", "imagenet2012")
-
-
-def _open_tfds(name: str, split: str, config: ml_collections.ConfigDict):
-    from cnnjax.data.sources import _brief, _tfds_error
-    from cnnjax.data.stream import TFDSSource
-
-    d = config.data
-    try:
-        return TFDSSource.open(name, split, d.tfds_data_dir or None, int(d.pad_to), int(d.get("image_size", 0)))
-    except ImportError as err:
-        raise _tfds_error(name, d.tfds_data_dir or None,
-                          f"tensorflow_datasets is not installed ({_brief(err)})") from err
-    except Exception as err:  # noqa: BLE001 - not prepared, unreadable: one message either way
-        raise _tfds_error(name, d.tfds_data_dir or None, f"cannot open its {split} split for streaming; prepare it "
-                                                         f"first ({_brief(err)})") from err
-
-
-def _tfds_streams(config: ml_collections.ConfigDict, mode: str) -> bool:
-    """stream: always; auto: when the training split's decoded size (from the dataset info) exceeds the budget."""
-    if mode == "stream":
-        return True
-    train = _open_tfds(config.data.name, "train", config)
-    info = train._source.dataset_info
-    return info.splits["train"].num_examples * int(np.prod(train.image_shape)) > float(
-        config.data.get("resident_max_gb", 2.0)) * 2**30
-
-
-def _tfds_splits(config: ml_collections.ConfigDict) -> DataSplits:
-    """A TFDS dataset streamed through ``tfds.data_source``: test is its ``test`` split (else ``validation``);
-    val is ``validation`` when both exist, else held out of train (stratified, ``data.val_fraction``)."""
-    from cnnjax.data import CLASS_NAMES
-    from cnnjax.data.splits import stratified_holdout
-
-    d = config.data
-    train = _open_tfds(d.name, "train", config)
-    info = train._source.dataset_info
-    have = set(info.splits.keys())
-    names = tuple(CLASS_NAMES.get(d.name) or (str(n) for n in info.features["label"].names))
-    splits = {"train": train, "test": _open_tfds(d.name, "test" if "test" in have else "validation", config)}
-    if "test" in have and "validation" in have:
-        splits["val"] = _open_tfds(d.name, "validation", config)
-    if d.get("classes"):  # before the hold-out, as for in-memory datasets (the same validation split)
-        remap = _class_remap(len(names), tuple(d.classes))
-        splits = {k: _relabel(v, remap) for k, v in splits.items()}
-        names = tuple(names[c] for c in d.classes)
-    if "val" not in splits:
-        keep, held = stratified_holdout(splits["train"].labels, float(d.get("val_fraction", 0.1)),
-                                        int(d.get("split_seed", 0)))
-        splits["train"], splits["val"] = subset(splits["train"], keep), subset(splits["train"], held)
-    return _narrow(DataSplits(d.name, names, **splits), config, classes=False)
-
-
-def _narrow(splits: DataSplits, config: ml_collections.ConfigDict, classes: bool = True) -> DataSplits:
-    """``data.classes`` (kept and relabelled) and ``data.train_per_class`` applied to source splits."""
-    d = config.data
-    if classes and d.get("classes"):
-        splits = _select_source_classes(splits, tuple(d.classes))
-    if d.get("train_per_class"):
-        idx = per_class_sample(splits.train.labels, int(d.train_per_class), config.seed, splits.num_classes)
-        splits = dataclasses.replace(splits, train=subset(splits.train, idx))
-    return splits
-
-
-def _class_remap(num_classes: int, classes: tuple[int, ...]) -> np.ndarray:
-    if any(not 0 <= int(c) < num_classes for c in classes) or len(set(classes)) != len(classes):
-        raise ConfigError("data.classes", f"must be distinct class indices in 0..{num_classes - 1}, got "
-                                          f"{tuple(classes)}")
-    remap = np.full(num_classes, -1, np.int32)
-    remap[list(classes)] = np.arange(len(classes))
-    return remap
-
-
-def _relabel(source, remap: np.ndarray):
-    keep = np.nonzero(remap[source.labels] >= 0)[0]
-    return subset(source, keep, remap[source.labels[keep]])
-
-
-def _select_source_classes(splits: DataSplits, classes: tuple[int, ...]) -> DataSplits:
-    remap = _class_remap(splits.num_classes, classes)
-    return dataclasses.replace(splits, class_names=tuple(splits.class_names[c] for c in classes),
-                               **{k: _relabel(getattr(splits, k), remap) for k in ("train", "val", "test")})
-
-
 class Experiment(NamedTuple):
     model: Any
     spec: StepSpec
     state: TrainState  # host, initial (before any resume)
     schedule: Any
-
-
-def prepare_images(images: np.ndarray, pad_to: int) -> np.ndarray:
-    """Zero-pad uint8 ``[N, H, W, C]`` centrally to ``pad_to`` x ``pad_to`` (0: unchanged)."""
-    if not pad_to:
-        return images
-    h, w = images.shape[1:3]
-    if pad_to < max(h, w):
-        raise ConfigError("data.pad_to", f"is {pad_to}, smaller than the images ({h}x{w})")
-    ph, pw = pad_to - h, pad_to - w
-    return np.pad(images, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
-
-
-def load_data(config: ml_collections.ConfigDict) -> Dataset:
-    """The config's dataset with train / val / test splits: class selection, a validation split held
-    out of train (stratified, ``data.val_fraction``, ``data.split_seed``) unless the source has its
-    own, per-class subsampling of train, and padding applied."""
-    d = config.data
-    ds = load(d.name, data_dir=d.dir or None, cache_dir=os.path.expanduser(d.cache_dir) if d.cache_dir else None,
-              tfds_data_dir=d.tfds_data_dir or None)
-    if d.get("classes"):
-        ds = select_classes(ds, tuple(d.classes))
-    ds = with_validation(ds, float(d.get("val_fraction", 0.1)), int(d.get("split_seed", 0)))
-    if d.get("train_per_class"):
-        ds = subsample_per_class(ds, int(d.train_per_class), config.seed)
-    pad = lambda images: prepare_images(images, d.pad_to)  # noqa: E731
-    return dataclasses.replace(ds, train_images=pad(ds.train_images), val_images=pad(ds.val_images),
-                               test_images=pad(ds.test_images))
-
-
-def select_classes(ds: Dataset, classes: tuple[int, ...]) -> Dataset:
-    """Keep only ``classes`` and relabel them 0..len-1 in the given order (every split)."""
-    remap = _class_remap(ds.num_classes, classes)
-    out = {}
-    for split in ("train", "val", "test"):
-        images, labels = getattr(ds, f"{split}_images"), getattr(ds, f"{split}_labels")
-        if images is not None:
-            keep = remap[labels] >= 0
-            out |= {f"{split}_images": images[keep], f"{split}_labels": remap[labels[keep]]}
-    return dataclasses.replace(ds, class_names=tuple(ds.class_names[c] for c in classes), **out)
-
-
-def subsample_per_class(ds: Dataset, k: int, seed: int) -> Dataset:
-    """Keep ``k`` training images per class, chosen with a fixed seed."""
-    idx = per_class_sample(ds.train_labels, k, seed, ds.num_classes)
-    return dataclasses.replace(ds, train_images=ds.train_images[idx], train_labels=ds.train_labels[idx])
-
-
-def normalization(dataset: str, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean / std of ``dataset`` (image folders: ImageNet's, for ported backbones)."""
-    if dataset == "folder":
-        return ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if channels == 3 else ((0.449,), (0.226,))
-    return MEAN_STD[dataset]
 
 
 def build_spec(config: ml_collections.ConfigDict, dataset: str, steps_per_epoch: int) -> StepSpec:

@@ -29,12 +29,13 @@ from tqdm.auto import tqdm
 
 from cnnjax import distributed
 from cnnjax.checkpoint import CheckpointStore
+from cnnjax.data import DataSplits, load_splits
 from cnnjax.data.stream import EpochOrder
 from cnnjax.errors import ConfigError, TrainingError
 from cnnjax.train import budget
 from cnnjax.train import feed as feeds
 from cnnjax.train.checks import check_config, check_workdir, write_config
-from cnnjax.train.experiment import DataSplits, Experiment, build, load_splits, retime
+from cnnjax.train.experiment import Experiment, build, retime
 from cnnjax.train.lock import WorkdirLock
 from cnnjax.train.metrics import MetricsWriter
 from cnnjax.train.runner import Runner, select_devices
