@@ -13,16 +13,17 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import jax
-import numpy as np
-
 from cnnjax.errors import UsageError
 
-# Environment variables that `experiments.launch` sets for each child; the CLIs read them as
-# defaults of their --coordinator_address / --num_processes / --process_id flags.
-ENV_COORDINATOR = "CNNJAX_COORDINATOR_ADDRESS"
-ENV_NUM_PROCESSES = "CNNJAX_NUM_PROCESSES"
-ENV_PROCESS_ID = "CNNJAX_PROCESS_ID"
+# jax and numpy are imported by the functions that use them: the launcher and the entry points' flag definitions
+# read this module's names without starting jax.
+
+# Environment variables that `experiments.launch` sets for each child, by JAX's own names (jax.distributed reads
+# JAX_COORDINATOR_ADDRESS itself); the CLIs read them as defaults of their --coordinator_address / --num_processes /
+# --process_id flags.
+ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAX_PROCESS_ID"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +72,8 @@ def initialize(spec: ClusterSpec) -> bool:
 
     Must be called before anything touches a device. A single process (nothing set) is a no-op.
     """
+    import jax
+
     spec.validate()
     if not (spec.auto or spec.explicit):
         return False
@@ -87,11 +90,15 @@ def initialize(spec: ClusterSpec) -> bool:
 
 def is_primary() -> bool:
     """Process 0 writes the metrics, config.json, plots and progress output."""
+    import jax
+
     return jax.process_index() == 0
 
 
 def barrier(name: str) -> None:
     """Return on each process once every process has called ``barrier(name)`` (a no-op in one process)."""
+    import jax
+
     if jax.process_count() == 1:
         return
     from jax.experimental import multihost_utils
@@ -101,6 +108,9 @@ def barrier(name: str) -> None:
 
 def any_process(flag: bool) -> bool:
     """True on every process if ``flag`` is true on any (a collective: every process must call it)."""
+    import jax
+    import numpy as np
+
     if jax.process_count() == 1:
         return bool(flag)
     from jax.experimental import multihost_utils
@@ -111,11 +121,17 @@ def any_process(flag: bool) -> bool:
 def mean_over_processes(value: float) -> float:
     """The mean of a per-process number over all processes (a collective; ``value`` itself for one
     process), for decisions every process must take alike, such as a time budget's plan."""
+    import jax
+    import numpy as np
+
     return float(sum_over_processes(np.array([value], np.float64))[0]) / jax.process_count()
 
 
 def sum_over_processes(tree):
     """Element-wise sum of a numpy tree over all processes (a collective; identity for one process)."""
+    import jax
+    import numpy as np
+
     if jax.process_count() == 1:
         return tree
     from jax.experimental import multihost_utils

@@ -1,10 +1,3 @@
-"""Command-line entry points, run from the repository root as ``python -m experiments.NAME``."""
-
-import sys
-
-# `python -m experiments.NAME` imports this package before it reads NAME (CPython's argv[0] is '-m' until then):
-# from here on a signal is one line and status 75, not a KeyboardInterrupt traceback (experiments.startup).
-if sys.argv[:1] == ["-m"]:
-    from experiments import startup
-
-    startup.install()
+"""Command-line entry points, run from the repository root as ``python -m experiments.NAME``; benchmarks and
+profiling as ``python -m experiments.bench.NAME``. Importing any of them changes nothing in the process: each
+program sets up its process in its own ``__main__`` (:mod:`experiments.startup`, :mod:`cnnjax.cpu.process`)."""

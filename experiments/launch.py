@@ -1,8 +1,8 @@
 """Start a multi-process run on one machine: ``python -m experiments.launch --num_processes=N -- COMMAND ...``.
 
 Starts N copies of COMMAND (e.g. ``python -m experiments.train --config ... --workdir ...``), each told
-through its environment (``CNNJAX_COORDINATOR_ADDRESS``, ``CNNJAX_NUM_PROCESSES``,
-``CNNJAX_PROCESS_ID``) to join a coordinator on 127.0.0.1 and a free port. Their output lines are
+through its environment (JAX's names: ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
+``JAX_PROCESS_ID``) to join a coordinator on 127.0.0.1 and a free port. Their output lines are
 prefixed ``[p0]``, ``[p1]``, ... . SIGTERM / SIGINT to the launcher are passed to every child (a
 training run checkpoints and stops). When a child fails, the others are stopped by their process ids
 (SIGTERM, then SIGKILL after ``--grace_s``) and the launcher exits with the failing child's status
@@ -12,6 +12,12 @@ training run checkpoints and stops). When a child fails, the others are stopped 
 """
 
 from __future__ import annotations
+
+# ruff: noqa: E402  (the program's first step below comes before its imports)
+if __name__ == "__main__":  # first: SIGTERM / Ctrl-C is one line and status 75 from here on (experiments.startup)
+    from experiments import startup
+
+    startup.install()
 
 import argparse
 import os

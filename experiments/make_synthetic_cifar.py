@@ -8,6 +8,12 @@ about CIFAR-10.
 
 from __future__ import annotations
 
+# ruff: noqa: E402  (the program's first step below comes before its imports)
+if __name__ == "__main__":  # first: SIGTERM / Ctrl-C is one line and status 75 from here on (experiments.startup)
+    from experiments import startup
+
+    startup.install()
+
 import os
 import pickle
 import sys

@@ -1,8 +1,9 @@
-"""What an entry point does on SIGTERM / Ctrl-C from its first line until a run installs its own handlers.
+"""What a program does on SIGTERM / Ctrl-C from its first line until a run installs its own handlers.
 
-``experiments/__init__.py`` installs this as soon as ``python -m experiments.NAME`` imports the package, before
-NAME's own code is read and its imports (absl, ml_collections: a few hundred ms on a busy 2-core machine) run;
-the huge-page restart of ``experiments.cli`` imports the package afresh, so the new image has it too.
+Each entry point calls :func:`install` first thing in its ``__main__`` block, at the top of its module, before its
+other imports (absl, ml_collections: a few hundred ms on a busy 2-core machine) and before
+:func:`cnnjax.cpu.process.configure`, whose restart keeps the stop signals blocked until the new image has this
+handler again. Importing this module installs nothing.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def install(handler: Callable = interrupt_at_start) -> None:
 
 def install_rows_saved(path: str) -> None:
     """From here on a stop says that the rows finished so far are in ``path``, a result file rewritten whole
-    after each row (``"complete": false`` until the run ends): ``bench`` and ``bench_recipe`` with ``--out``."""
+    after each row (``"complete": false`` until the run ends): the benchmarks with ``--out``."""
     def interrupt_with_rows_saved(signum, frame) -> None:
         stop_now(signum, f'with the rows finished so far in {path} ("complete": false)')
 

@@ -62,18 +62,18 @@ def _launch(*args, timeout=60):
 
 
 def test_launcher_prefixes_output_and_passes_the_rank():
-    code = "import os; print('rank', os.environ['CNNJAX_PROCESS_ID'], 'of', os.environ['CNNJAX_NUM_PROCESSES'])"
+    code = "import os; print('rank', os.environ['JAX_PROCESS_ID'], 'of', os.environ['JAX_NUM_PROCESSES'])"
     out = _launch("--num_processes=3", "--", sys.executable, "-c", code)
     assert out.returncode == 0, out.stderr
     assert sorted(out.stdout.splitlines()) == ["[p0] rank 0 of 3", "[p1] rank 1 of 3", "[p2] rank 2 of 3"]
     assert out.stderr.count("[launch] p") == 3
     assert "127.0.0.1:" in _launch("--num_processes=1", "--", sys.executable, "-c",
-                                   "import os; print(os.environ['CNNJAX_COORDINATOR_ADDRESS'])").stdout
+                                   "import os; print(os.environ['JAX_COORDINATOR_ADDRESS'])").stdout
 
 
 def test_launcher_stops_the_others_when_one_fails():
     code = ("import os, sys, time\n"
-            "if os.environ['CNNJAX_PROCESS_ID'] == '1': sys.exit(3)\n"
+            "if os.environ['JAX_PROCESS_ID'] == '1': sys.exit(3)\n"
             "time.sleep(120)")
     out = _launch("--num_processes=2", "--grace_s=2", "--", sys.executable, "-c", code, timeout=60)
     assert out.returncode == 3

@@ -211,8 +211,8 @@ def test_a_process_killed_outside_the_launcher_fails_the_others_by_heartbeat(tmp
     port = free_port()
     procs = []
     for rank in range(2):
-        env = _env(2) | {"CNNJAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "CNNJAX_NUM_PROCESSES": "2",
-                         "CNNJAX_PROCESS_ID": str(rank)}
+        env = _env(2) | {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+                         "JAX_PROCESS_ID": str(rank)}
         cmd = _train_cmd(tmp_path, "--config.parallelism=sharded", "--config.num_epochs=300",
                          "--config.log_every=1")
         cmd[cmd.index("--heartbeat_timeout_s=10")] = "--heartbeat_timeout_s=5"

@@ -1,4 +1,4 @@
-"""experiments.profile_step: every op of a train step lands in the kind its module and role say."""
+"""experiments.bench.profile: every op of a train step lands in the kind its module and role say."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import numpy as np
 import optax
 import pytest
 
+from cnnjax.cpu import onednn
 from cnnjax.layers import BatchNorm, Conv, MaxPool
-from cnnjax.native import onednn
 from cnnjax.train.state import create_train_state
 from cnnjax.train.steps import StepSpec, train_step
-from experiments import profilelib
-from experiments.profilelib import op_kind, time_jaxpr_ops
+from experiments.bench import profile as profilelib
+from experiments.bench.profile import op_kind, time_jaxpr_ops
 
 
 class _Net(nn.Module):
@@ -91,7 +91,7 @@ def test_fused_profile_times_the_compiled_steps_thunks(tmp_path):
     assert result["wall_ms"] > 0 and sum(result["ms"].values()) > 0
     kinds = set(result["kinds"].values())
     # lenet5's convs are all oneDNN's where its kernels are built (conv1's gradients too), else XLA's (asynchronous)
-    convs = "oneDNN convolutions" if onednn.available() else "convolutions (asynchronous: launch only)"
+    convs = "oneDNN convolutions" if onednn.load().available else "convolutions (asynchronous: launch only)"
     assert {convs, "layout transposes / copies", "dense"} <= kinds, kinds
     assert set(result["kinds"]) == set(result["ms"]) == set(result["op_names"])
 
@@ -105,13 +105,12 @@ def test_fused_profile_of_the_bf16_recipe_row_sees_the_residual_groups(tmp_path)
 
 
 def test_bf16_profile_needs_the_fused_step():
-    # In a process of its own: the experiments' entry points each define absl flags of the same names.
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    out = subprocess.run([sys.executable, "-m", "experiments.profile_step", "--precision=bf16", "--models=lenet5"],
+    out = subprocess.run([sys.executable, "-m", "experiments.bench.profile", "--precision=bf16", "--models=lenet5"],
                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120,
                          env=dict(os.environ, XLA_FLAGS=""))
     assert out.returncode == 2 and "Traceback" not in out.stderr

@@ -1,4 +1,4 @@
-"""experiments.speedrun and its PyTorch twin: the twin follows the cnnjax recipe (schedule, refusals),
+"""experiments.bench.speedrun and its PyTorch twin: the twin follows the cnnjax recipe (schedule, refusals),
 the timing harness reads what the runs wrote."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import optax
 import pytest
 
 from cnnjax.data.splits import stratified_holdout
-from experiments import speedrunlib
+from experiments.bench import speedrun_lib as speedrunlib
 from experiments.configs import fashion_mnist_fast
 from tests.helpers import override, write_idx_dir
 
@@ -73,9 +73,10 @@ def test_summary_is_the_median_of_each_side():
 def test_torch_twin_trains_and_reports_on_idx_files(tmp_path):
     arrays = write_idx_dir(tmp_path / "fm", n_train=300, n_test=50)
     keep, _ = stratified_holdout(arrays["train-labels-idx1-ubyte"], 0.1, 0)
-    cmd = [sys.executable, "-m", "experiments.speedrun_torch", "--config=experiments/configs/fashion_mnist_fast.py",
-           f"--config.data.dir={tmp_path / 'fm'}", "--config.data.cache_dir=", "--config.num_epochs=1",
-           "--config.batch_size=64", f"--out={tmp_path / 'r.json'}"]
+    cmd = [sys.executable, "-m", "experiments.bench.speedrun_torch",
+           "--config=experiments/configs/fashion_mnist_fast.py", f"--config.data.dir={tmp_path / 'fm'}",
+           "--config.data.cache_dir=", "--config.num_epochs=1", "--config.batch_size=64",
+           f"--out={tmp_path / 'r.json'}"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((tmp_path / "r.json").read_text())

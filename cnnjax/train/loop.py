@@ -208,7 +208,7 @@ def _open_run(config, workdir, data: DataSplits, exp, store, devices, step, prog
     writer = MetricsWriter(workdir, step, enabled=primary, tensorboard=tensorboard)
     _say(f"{config.model.name} on {data.name}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} "
          f"test images ({'streamed' if data.streamed else 'resident'}), {config.parallelism} on {runner.n} "
-         f"{jax.default_backend()} device(s) in {jax.process_count()} process(es), batch {config.batch_size}, "
+         f"{runner.platform} device(s) in {jax.process_count()} process(es), batch {config.batch_size}, "
          f"{order.steps_per_epoch} steps/epoch")
     return Run(config, data, exp, runner, store, writer, order, progress and primary, feed)
 

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cnnjax import distributed, xla_cpu
+from cnnjax import distributed
 from cnnjax.errors import UsageError
 from cnnjax.train.state import TrainState
 from cnnjax.train.steps import AXIS, StepSpec, ensemble_eval_step, eval_step, train_step
@@ -41,13 +41,17 @@ Array = jax.Array
 MODES = ("jit", "pmap", "sharded")
 
 
-def eval_compiler_options(backend: str, jax_version: str, xla_flags: str) -> dict[str, str] | None:
-    """XLA options for the eval programs: YNN fusions without REDUCE
-    (:data:`cnnjax.xla_cpu.EVAL_YNN_FUSION_TYPES`) on the CPU with jax 0.10, unless ``xla_flags`` sets its own
-    YNN fusion types; else None."""
-    if backend != "cpu" or not xla_cpu.on_measured_line(jax_version) or xla_cpu.sets_own_ynn_types(xla_flags):
+def eval_compiler_options(platform: str, jax_version: str, xla_flags: str) -> dict[str, str] | None:
+    """XLA options for the eval programs compiled for devices of ``platform``: YNN fusions without REDUCE
+    (:data:`cnnjax.cpu.xla_flags.EVAL_YNN_FUSION_TYPES`) on the CPU with jax 0.10, unless ``xla_flags`` sets its
+    own YNN fusion types; else None."""
+    if platform != "cpu":
         return None
-    return {xla_cpu.YNN_FUSION_OPTION: xla_cpu.EVAL_YNN_FUSION_TYPES}
+    from cnnjax.cpu import xla_flags as cpu_flags
+
+    if not cpu_flags.on_measured_line(jax_version) or cpu_flags.sets_own_ynn_types(xla_flags):
+        return None
+    return {cpu_flags.YNN_FUSION_OPTION: cpu_flags.EVAL_YNN_FUSION_TYPES}
 
 
 _METRIC_KEYS = ("loss_sum", "correct", "count")
@@ -111,9 +115,11 @@ class Runner:
             raise UsageError("parallelism 'jit' trains on one device of one process; use 'sharded' or 'pmap' "
                              "for a multi-process run")
         self.spec, self.mode = spec, mode
-        self.scan = jax.default_backend() != "cpu" if scan is None else scan
         devices = list(devices or jax.devices())
         self.devices = devices[:1] if mode == "jit" else devices
+        # The platform the programs are compiled for (the devices', not jax.default_backend()'s).
+        self.platform = self.devices[0].platform
+        self.scan = self.platform != "cpu" if scan is None else scan
         self.n = len(self.devices)
         me = jax.process_index()
         self.local_positions = [i for i, d in enumerate(self.devices) if d.process_index == me]
@@ -133,7 +139,8 @@ class Runner:
                 jax.jit(_chunk_fn(spec, self.scan, None, gather), donate_argnums=(0, 1),
                         out_shardings=(self._replicated, self._replicated)) for gather in (True, False))
         # eval_fn(params, batch_stats, images, labels, mask) -> summed metrics (see eval_step).
-        options = eval_compiler_options(jax.default_backend(), jax.__version__, os.environ.get("XLA_FLAGS", ""))
+        options = eval_compiler_options(self.local_devices[0].platform, jax.__version__,
+                                        os.environ.get("XLA_FLAGS", ""))
         self.eval_fn = jax.jit(lambda params, stats, images, labels, mask: eval_step(
             params, stats, apply_fn, images, labels, mask, spec), compiler_options=options)
         # The same for an ensemble: params / stats are tuples of the members' trees (see ensemble_eval_step).

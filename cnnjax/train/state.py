@@ -20,6 +20,7 @@ class TrainState(train_state.TrainState):
     slow: Any = None
 
 
+# XLA options for the one-off init program on a CPU device (see init_variables).
 INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
@@ -62,6 +63,8 @@ def _init(model: nn.Module, input_shape: tuple[int, ...], key: jax.Array, **kwar
 
 
 def _compiled_once(fn, key: jax.Array) -> Any:
-    """``fn(key)`` compiled and run once; on the CPU without LLVM's optimisations (see :func:`init_variables`)."""
-    options = INIT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+    """``fn(key)`` compiled and run once, on ``key``'s device; for a CPU device without LLVM's optimisations (see
+    :func:`init_variables`)."""
+    device = next(iter(key.devices())) if isinstance(key, jax.Array) else jax.devices()[0]
+    options = INIT_COMPILER_OPTIONS if device.platform == "cpu" else None
     return jax.jit(fn).lower(key).compile(compiler_options=options)(key)

@@ -1,25 +1,38 @@
-"""Side-by-side training / eval throughput: cnnjax (jit) vs PyTorch eager and torch.compile.
+"""The throughput table on any device (the GPU table): cnnjax against PyTorch eager and ``torch.compile``.
 
-``python -m experiments.bench [--quick] [--batches 128,512] [--precisions fp32,bf16] [--torch_device auto]
-[--out FILE]`` prints a markdown table (images/s, compile time separately, cnnjax / PyTorch ratio per row) and
-writes JSON to FILE, rewritten whole after every row (``"complete": false`` until the run ends).
+``python -m experiments.bench.throughput [--quick] [--models M,...] [--batches 128,512] [--precisions fp32,bf16]
+[--steps 10] [--torch_device auto] [--out FILE]`` prints a markdown table (train and eval images/s, compile time
+separately, cnnjax / PyTorch eager per row) and writes JSON to FILE, rewritten whole after every row
+(``"complete": false`` until the run ends); ``--render FILE,...`` prints saved rows again. The GPU table::
+
+    python -m experiments.bench.throughput --batches 128 --precisions fp32,bf16 --steps 50 --out gpu.json
+
+(``--quick --models lenet5 --steps 3 --notorch_compile --nopipeline`` first checks a machine's set-up in a minute).
+
 Same network (the torch twins in experiments/bench/torch_twins.py, equal parameter counts), same batch, SGD with
-momentum 0.9, cross-entropy, uint8 input normalised inside the step in both frameworks. cnnjax runs on
-JAX's default device and torch on the GPU when it sees one (``--torch_device``), so on a GPU machine
-both sides are on the GPU (torch with cuDNN's autotuning on, as XLA autotunes); ``bf16`` rows compute in
-bfloat16 on both sides (float32 parameters). PyTorch (eager, then the ``torch.compile``-d train step) runs in a
-process of its own for each row, where cnnjax's oneDNN kernels have not run
-(``experiments.benchlib.in_fresh_process``).
-The last section times a full epoch through the on-device pipeline (permutation + crop/flip
-augmentation) against the same number of steps on one resident batch.
+momentum 0.9, cross-entropy, uint8 input normalised inside the step in both frameworks. cnnjax runs on JAX's
+default device and torch on the GPU when it sees one (``--torch_device``), so on a GPU machine both sides are on
+the GPU (torch with cuDNN's autotuning on, as XLA autotunes; JAX takes at most 45% of its memory, so that the
+PyTorch processes have the rest); ``bf16`` rows compute in bfloat16 on both sides (float32 parameters). PyTorch
+(eager, then the ``torch.compile``-d train step) runs in a process of its own for each row
+(:func:`experiments.bench.lib.in_fresh_process`). The last line times a full epoch through the on-device pipeline
+(permutation + crop/flip augmentation) against the same number of steps on one resident batch.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import sys
+
+# ruff: noqa: E402  (the program's first steps below come before its imports)
+if __name__ == "__main__":  # first: SIGTERM / Ctrl-C is one line and status 75 from here on (experiments.startup)
+    from cnnjax.cpu import process
+    from experiments import startup
+
+    startup.install()
+    process.configure()  # the settings the entry points run with (cnnjax.cpu.process)
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")  # the GPU's rest for the PyTorch processes
+
 import time
 
 from absl import flags
@@ -27,35 +40,39 @@ from absl import flags
 from cnnjax.errors import UsageError
 from cnnjax.io import write_json_atomic
 from experiments import cli, startup
-from experiments.benchlib import (
+from experiments.bench.lib import (
     PRECISIONS,
     SHAPES,
     WARMUP_STEPS,
     bench_model,
     bench_torch_sides,
     in_fresh_process,
+    machine,
     read_saved_result,
     torch_device,
     torch_device_name,
 )
 
 FLAGS = flags.FLAGS
-flags.DEFINE_bool("quick", False, "batch 128 only, 3 timed steps, resnet18@224 at batch 16")
-flags.DEFINE_list("batches", ["128", "512"], "batch sizes of each row (without --quick)")
-flags.DEFINE_bool("pipeline", True, "add the on-device pipeline's epoch-overhead row (cifar_resnet20)")
-flags.DEFINE_bool("data_modes", True, "add stream-vs-resident epoch-time rows (experiments.bench_stream)")
-flags.DEFINE_string("out", "", "write the results as JSON here")
-flags.DEFINE_list("render", [], "print the table of these saved --out files' rows (the first one's machine line) "
-                  "and time nothing")
-flags.DEFINE_integer("steps", 10, "timed steps per row (after warm-up)")
-flags.DEFINE_integer("warmup", WARMUP_STEPS, "untimed train steps per row before the timed ones, on both sides")
-flags.DEFINE_bool("torch", True, "also time PyTorch (eager and torch.compile)")
-flags.DEFINE_bool("torch_compile", True, "with --torch, also time torch.compile's train step (needs a C++ toolchain)")
-flags.DEFINE_list("models", ["lenet5", "improved_cnn", "cifar_resnet20", "resnet18", "resnet18@224", "fast_cnn"],
-                  "rows to run (NAME or NAME@SIZE)")
-flags.DEFINE_list("precisions", ["fp32"], "fp32 and / or bf16 (bfloat16 compute, float32 parameters) rows")
-flags.DEFINE_string("torch_device", "auto", "auto (the GPU when torch sees one, else the CPU) | cpu | cuda")
 
+
+def define_flags() -> None:
+    """The command's flags (defined when it runs, not on import)."""
+    flags.DEFINE_bool("quick", False, "batch 128 only, 3 timed steps, resnet18@224 at batch 16")
+    flags.DEFINE_list("batches", ["128", "512"], "batch sizes of each row (without --quick)")
+    flags.DEFINE_bool("pipeline", True, "add the on-device pipeline's epoch-overhead line (cifar_resnet20)")
+    flags.DEFINE_string("out", "", "write the results as JSON here")
+    flags.DEFINE_list("render", [], "print the table of these saved --out files' rows (the first one's machine "
+                      "line) and time nothing")
+    flags.DEFINE_integer("steps", 10, "timed steps per row (after warm-up)")
+    flags.DEFINE_integer("warmup", WARMUP_STEPS, "untimed train steps per row before the timed ones, on both sides")
+    flags.DEFINE_bool("torch", True, "also time PyTorch (eager and torch.compile)")
+    flags.DEFINE_bool("torch_compile", True, "with --torch, also time torch.compile's train step (needs a C++ "
+                      "toolchain)")
+    flags.DEFINE_list("models", ["lenet5", "improved_cnn", "cifar_resnet20", "resnet18", "resnet18@224", "fast_cnn"],
+                      "rows to run (NAME or NAME@SIZE)")
+    flags.DEFINE_list("precisions", ["fp32"], "fp32 and / or bf16 (bfloat16 compute, float32 parameters) rows")
+    flags.DEFINE_string("torch_device", "auto", "auto (the GPU when torch sees one, else the CPU) | cpu | cuda")
 
 
 def bench_jax(name: str, shape, batch: int, steps: int, precision: str = "fp32", warmup: int = 1) -> dict:
@@ -63,7 +80,7 @@ def bench_jax(name: str, shape, batch: int, steps: int, precision: str = "fp32",
     default device."""
     import jax
 
-    from experiments.benchlib import bench_spec, time_jax_training
+    from experiments.bench.lib import bench_spec, time_jax_training
 
     model = bench_model(name)
     out = time_jax_training(model, bench_spec(shape, precision), shape, batch, steps, warmup=warmup)
@@ -118,7 +135,7 @@ def bench_pipeline(batch: int = 128, n: int = 10_000) -> dict:
 def render(paths: list[str]) -> str:
     """The markdown table of the rows saved in ``paths`` (``--out`` files, finished or cut short), in order, under
     the first file's machine line."""
-    saved = [read_saved_result(p, "experiments.bench") for p in paths]
+    saved = [read_saved_result(p, "experiments.bench.throughput") for p in paths]
     return markdown([r for d in saved for r in d["rows"]], None, saved[0]["meta"])
 
 
@@ -143,8 +160,8 @@ def main(argv):
         import torch
 
         torch_version, torch_on = torch.__version__, torch_device_name(device)
-    meta = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} cores", "device": str(jax.devices()[0]), "jax": jax.__version__,
+    meta = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "device": str(jax.devices()[0]),
+            "jax": jax.__version__,
             "torch": torch_version, "torch_device": torch_on, "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "quick": FLAGS.quick, "steps": steps, "warmup": FLAGS.warmup}
     rows = []
@@ -167,29 +184,9 @@ def main(argv):
                     write_json_atomic(FLAGS.out, {"meta": meta, "rows": rows, "complete": False})
                     startup.install_rows_saved(FLAGS.out)
     pipeline = bench_pipeline() if FLAGS.pipeline else None
-    data_modes = bench_data_modes() if FLAGS.data_modes else []
-    table = markdown(rows, pipeline, meta) + "".join(
-        f"\nStream vs resident ({r['model']} on an exported Fashion-MNIST folder): {r['stream_epoch_s']:.2f} vs "
-        f"{r['resident_epoch_s']:.2f} s/epoch -> ratio {r['ratio']:.2f}" for r in data_modes)
-    print(table)
+    print(markdown(rows, pipeline, meta))
     if FLAGS.out:
-        write_json_atomic(FLAGS.out, {"meta": meta, "rows": rows, "pipeline": pipeline, "data_modes": data_modes,
-                                      "complete": True})
-
-
-def bench_data_modes() -> list[dict]:
-    """``experiments.bench_stream``'s stream-vs-resident rows (its own process: it has its own flags)."""
-    import subprocess
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "rows.json")
-        done = subprocess.run([sys.executable, "-m", "experiments.bench_stream", "--nomemory", "--out", out],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            print(f"# stream-vs-resident rows failed: {done.stderr.strip().splitlines()[-1:]}", flush=True)
-            return []
-        return json.load(open(out))["rows"]
+        write_json_atomic(FLAGS.out, {"meta": meta, "rows": rows, "pipeline": pipeline, "complete": True})
 
 
 def _fmt(d: dict, key: str) -> str:
@@ -226,4 +223,5 @@ def markdown(rows: list, pipeline: dict | None, meta: dict) -> str:
 
 
 if __name__ == "__main__":
+    define_flags()
     sys.exit(cli.run(main))

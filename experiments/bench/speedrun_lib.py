@@ -1,5 +1,5 @@
 """Speed runs: the PyTorch twin of a cnnjax recipe and the end-to-end timing harness (no flags here:
-the CLIs are ``experiments.speedrun`` and ``experiments.speedrun_torch``)."""
+the commands are ``experiments.bench.speedrun`` and ``experiments.bench.speedrun_torch``)."""
 
 from __future__ import annotations
 
@@ -61,31 +61,61 @@ def train_twin(c, threads: int = 0) -> dict:
     and times."""
     check_supported(c)
     t0 = time.perf_counter()
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(c.seed)
+    ds, tensor = _twin_data(c)
+    model = _twin_model(c)
+    t_train = time.perf_counter()
+    steps = _train_epochs(c, model, tensor(ds.train_images), torch.from_numpy(ds.train_labels.astype("int64")))
+    train_s = time.perf_counter() - t_train
+    return {"framework": f"torch {torch.__version__} eager, {torch.get_num_threads()} threads",
+            "model": c.model.name, "epochs": c.num_epochs, "steps": steps,
+            "val_accuracy": _accuracy(c, model, tensor, ds.val_images, ds.val_labels),
+            "test_accuracy": _accuracy(c, model, tensor, ds.test_images, ds.test_labels),
+            "train_s": round(train_s, 2), "in_process_s": round(time.perf_counter() - t0, 2)}
+
+
+def _twin_data(c):
+    """``(splits, tensor)``: the config's splits as cnnjax loads them (numpy only) and ``tensor(uint8 [N, H, W, 1])
+    -> float [N, 1, P, P]``, normalised and zero-padded as cnnjax's data preparation does (not imported: that
+    module imports JAX, which the twin's process must not)."""
     import numpy as np
     import torch
     import torch.nn.functional as F
 
     from cnnjax.data.sources import MEAN_STD, load
     from cnnjax.data.splits import with_validation
-    from experiments.bench import torch_twins as torch_models
 
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(c.seed)
     ds = with_validation(load(c.data.name, c.data.dir, c.data.cache_dir or None), c.data.val_fraction,
                          c.data.split_seed)
     mean, std = (float(v[0]) for v in MEAN_STD[c.data.name])
 
-    def tensor(images):  # uint8 [N, H, W, 1] -> float [N, 1, P, P], normalised, zero-padded as
-        # cnnjax.train.experiment.prepare_images does (not imported: that module imports JAX)
+    def tensor(images):
         x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
         pad = (int(c.data.pad_to) - x.shape[-1]) // 2 if c.data.pad_to else 0
         x = F.pad(x, (pad,) * 4) if pad > 0 else x
         return (x.float() / 255.0 - mean) / std
 
-    train_x, train_y = tensor(ds.train_images), torch.from_numpy(ds.train_labels.astype(np.int64))
+    return ds, tensor
+
+
+def _twin_model(c):
+    """The zoo model's torch twin for config ``c`` (greyscale input)."""
+    from experiments.bench import torch_twins
+
     grey = {} if c.model.name == "lenet5" else {"c_in": 1}  # LeNet's twin is greyscale already
-    model = torch_models.build(c.model.name, num_classes=c.num_classes, **grey, **dict(c.model.kwargs))
+    return torch_twins.build(c.model.name, num_classes=c.num_classes, **grey, **dict(c.model.kwargs))
+
+
+def _train_epochs(c, model, train_x, train_y) -> int:
+    """Train ``model`` for the config's epochs (its optimizer, schedule, flips and label smoothing); returns the
+    steps taken."""
+    import torch
+    import torch.nn.functional as F
+
     if c.optimizer == "adam":
         opt = torch.optim.Adam(model.parameters(), lr=c.learning_rate)
     else:
@@ -96,7 +126,6 @@ def train_twin(c, threads: int = 0) -> dict:
     gen = torch.Generator().manual_seed(c.seed)
     model.train()
     step = 0
-    t_train = time.perf_counter()
     for _ in range(c.num_epochs):
         order = torch.randperm(len(train_y), generator=gen)[: steps_per_epoch * c.batch_size]
         for idx in order.view(steps_per_epoch, c.batch_size):
@@ -110,25 +139,23 @@ def train_twin(c, threads: int = 0) -> dict:
             F.cross_entropy(model(x), y, label_smoothing=c.label_smoothing).backward()
             opt.step()
             step += 1
-    train_s = time.perf_counter() - t_train
+    return step
+
+
+def _accuracy(c, model, tensor, images, labels) -> float:
+    """Accuracy of ``model`` in eval mode on ``images`` (with the config's mirror TTA)."""
+    import torch
+
     model.eval()
-
-    def accuracy(images, labels):
-        correct = 0
-        with torch.no_grad():
-            for start in range(0, len(labels), c.eval_batch_size):
-                x = tensor(images[start:start + c.eval_batch_size])
-                logits = model(x)
-                if c.tta:
-                    logits = 0.5 * (logits + model(x.flip(-1)))
-                correct += int((logits.argmax(1).numpy() == labels[start:start + c.eval_batch_size]).sum())
-        return correct / len(labels)
-
-    return {"framework": f"torch {torch.__version__} eager, {torch.get_num_threads()} threads",
-            "model": c.model.name, "epochs": c.num_epochs, "steps": step,
-            "val_accuracy": accuracy(ds.val_images, ds.val_labels),
-            "test_accuracy": accuracy(ds.test_images, ds.test_labels),
-            "train_s": round(train_s, 2), "in_process_s": round(time.perf_counter() - t0, 2)}
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(labels), c.eval_batch_size):
+            x = tensor(images[start:start + c.eval_batch_size])
+            logits = model(x)
+            if c.tta:
+                logits = 0.5 * (logits + model(x.flip(-1)))
+            correct += int((logits.argmax(1).numpy() == labels[start:start + c.eval_batch_size]).sum())
+    return correct / len(labels)
 
 
 def timed(cmd: list[str]) -> tuple[float, str]:

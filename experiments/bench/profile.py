@@ -1,16 +1,64 @@
-"""The library half of ``experiments.profile_step`` (no flags, so tests can import it): a train step's
-ops timed one at a time and grouped by kind, for cnnjax (jaxpr primitives) and PyTorch eager (aten ops).
-See experiments/profile_step.py for what is measured and how."""
+"""Where one train step spends its time, op by op, cnnjax and PyTorch eager side by side.
+
+``python -m experiments.bench.profile --models cifar_resnet20,improved_cnn [--batch 128] [--fused] [--out FILE]``
+prints one markdown table per model: ms per step and share for conv forward, conv input-gradient,
+conv weight-gradient, BatchNorm, pooling, dense, layout transposes / copies, the optimizer update,
+input preparation, loss and other elementwise work.
+
+cnnjax: the train step (:func:`cnnjax.train.steps.train_step`, the bench's setup: SGD momentum 0.9,
+random uint8 data) is traced to a jaxpr and run one primitive at a time, each compiled on its own and
+timed to completion (median of ``--reps``): per-op times as PyTorch eager has them, without XLA's
+fusion. (XLA:CPU's profiler trace cannot be used for this: it times the launch of its asynchronous
+conv thunks, not their work.) An op's kind comes from the Flax module path and named scope in its name
+stack (``layer1_0/bn1``, ``optimizer``); backward ops sit under ``transpose(jvp(...))``; a conv's (or
+im2col matmul's) weight gradient is the one whose output is not batch-major. The fused step's wall
+time is given beside it: the gap between the two is what fusion saves (or, for XLA's layout choices,
+costs).
+``--fused``: the compiled step as it really runs instead. A ``jax.profiler`` trace times each XLA:CPU
+thunk (a fusion, a YNN dot, a copy), which is named by its HLO instruction and grouped by kind from that
+instruction and its module path; the largest thunks are listed with their path. XLA:CPU runs
+convolutions asynchronously, alongside the other thunks, so their rows hold the launch only and their
+work shows only where it leaves the wall time uncovered (the last row: wall minus the timed thunks).
+This is where XLA's fusion decisions show, such as a transpose that recomputes the activations it
+moves instead of reading them. ``--precision bf16`` profiles the bfloat16 step of ``mixed_precision``
+(fused only): ``--fused --precision bf16 --batch 512 --models fast_cnn@28,fast_cnn@28+residual`` is the
+net and precision of ``fashion_mnist_30min`` and ``fashion_mnist_30min_residual`` (with the bench's SGD momentum, not
+their optimizer, and random data).
+PyTorch: the torch twin (experiments/bench/torch_twins.py) in eager mode, ``torch.profiler`` self CPU time of
+each aten op, classified by op name; ops inside ``Optimizer.step`` count as the optimizer. PyTorch's
+CPU conv backward computes both gradients in one op, so its row is "conv input+weight gradient". It runs
+in a process of its own (:func:`experiments.bench.lib.in_fresh_process`).
+Convolution arithmetic (with ``--torch``): each model's conv GFLOP per step, counted on the twin's convs
+(:func:`conv_gflop`), over each side's ms per kind of conv work, beside a float32 ``[2048, 2048]`` matmul
+timed in each side's process; ``--fused`` gives the oneDNN convolutions' GFLOP/s in the compiled step.
+"""
 
 from __future__ import annotations
 
+import sys
+
+# ruff: noqa: E402  (the program's first steps below come before its imports)
+if __name__ == "__main__":  # first: SIGTERM / Ctrl-C is one line and status 75 from here on (experiments.startup)
+    from cnnjax.cpu import process
+    from experiments import startup
+
+    startup.install()
+    process.configure()  # the settings the entry points run with (cnnjax.cpu.process)
+
 import collections
+import json
 import re
 import statistics
+import tempfile
 import time
 
-from experiments.benchlib import SHAPES, bench_model, bench_torch_model
+from absl import flags
 
+from cnnjax.errors import UsageError
+from experiments import cli
+from experiments.bench.lib import PRECISIONS, SHAPES, bench_model, bench_torch_model, in_fresh_process
+
+FLAGS = flags.FLAGS
 KINDS = ("conv forward", "conv input-gradient", "conv weight-gradient", "conv input+weight gradient", "BatchNorm",
          "pooling", "dense", "layout transposes / copies", "optimizer update", "input preparation", "loss",
          "other elementwise")
@@ -45,8 +93,8 @@ def _in_conv(name_stack: str) -> bool:
 
 def op_kind(primitive: str, name_stack: str, out_shape: tuple, batch: int) -> str:
     """The kind of work of one jaxpr equation."""
-    # dot_general: the patches path; ffi_call: cnnjax's oneDNN convolutions (cnnjax.native.onednn); custom_vjp_call:
-    # the forward of a conv with a gradient of its own (oneDNN's, the kept input, the split and shifted paths)
+    # dot_general: the patches path; ffi_call: the CPU backend's oneDNN convolutions (cnnjax.cpu); custom_vjp_call:
+    # the forward of a conv with a gradient of its own (the CPU backend's oneDNN and shifted-sum paths)
     conv = primitive == "conv_general_dilated" or (
         primitive in ("dot_general", "ffi_call", "custom_vjp_call") and _in_conv(name_stack))
     if conv:
@@ -66,33 +114,59 @@ def op_kind(primitive: str, name_stack: str, out_shape: tuple, batch: int) -> st
 
 def time_jaxpr_ops(fn, args, batch: int, reps: int) -> dict:
     """Run ``fn(*args)``'s jaxpr one equation at a time (each jitted alone, timed to completion, median of
-    ``reps``); returns ms by kind."""
+    ``reps``); returns ms by kind. A ``cond`` on the platform (:mod:`cnnjax.kernels`' seam) runs its branch for
+    this platform, one equation at a time too."""
+    import jax
+
+    closed = jax.make_jaxpr(fn)(*args)
+    ms: collections.Counter = collections.Counter()
+    _run_ops(closed.jaxpr, closed.consts, jax.tree_util.tree_leaves(args), "", batch, reps, ms)
+    return dict(ms)
+
+
+def _run_ops(jaxpr, consts: list, args: list, scope: str, batch: int, reps: int, ms: collections.Counter) -> list:
+    """The outputs of ``jaxpr`` on ``args``, each equation timed alone into ``ms`` (see :func:`time_jaxpr_ops`);
+    ``scope`` is the name stack the jaxpr runs under."""
+    import jax.extend as jex
+
+    env = dict(zip(jaxpr.invars, args, strict=True)) | dict(zip(jaxpr.constvars, consts, strict=True))
+    read = lambda v: v.val if isinstance(v, jex.core.Literal) else env[v]  # noqa: E731
+    platform_indices = set()
+    for eqn in jaxpr.eqns:
+        name_stack = "/".join(p for p in (scope, str(eqn.source_info.name_stack)) if p)
+        outs = [v for v in eqn.outvars if not isinstance(v, jex.core.DropVar)]
+        if eqn.primitive.name == "cond" and eqn.invars[0] in platform_indices:
+            branch = eqn.params["branches"][int(read(eqn.invars[0]))]
+            results = _run_ops(branch.jaxpr, branch.consts, [read(v) for v in eqn.invars[1:]], name_stack, batch,
+                               reps, ms)
+            env.update((v, r) for v, r in zip(eqn.outvars, results, strict=True) if v in outs)
+            continue
+        if eqn.primitive.name == "platform_index":
+            platform_indices.update(outs)
+        ins = list(dict.fromkeys(v for v in eqn.invars if isinstance(v, jex.core.Var)))
+        results, seconds = _time_eqn(eqn, ins, outs, [env[v] for v in ins], reps)
+        env.update(zip(outs, results, strict=True))
+        shape = tuple(eqn.outvars[0].aval.shape) if eqn.outvars and hasattr(eqn.outvars[0].aval, "shape") else ()
+        ms[op_kind(eqn.primitive.name, name_stack, shape, batch)] += 1000 * seconds
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _time_eqn(eqn, ins: list, outs: list, values: list, reps: int) -> tuple[list, float]:
+    """``(outputs, median seconds of reps calls)`` of one equation, jitted alone (after a compile call)."""
     import jax
     import jax.extend as jex
 
-    closed = jax.make_jaxpr(fn)(*args)
-    env = dict(zip(closed.jaxpr.invars, jax.tree_util.tree_leaves(args), strict=True))
-    env.update(zip(closed.jaxpr.constvars, closed.consts, strict=True))
-    ms = collections.Counter()
-    for eqn in closed.jaxpr.eqns:
-        ins = list(dict.fromkeys(v for v in eqn.invars if isinstance(v, jex.core.Var)))
-        outs = [v for v in eqn.outvars if not isinstance(v, jex.core.DropVar)]
-        info = jex.core.DebugInfo("profile_step", eqn.primitive.name, tuple(f"x{i}" for i in range(len(ins))),
-                                  tuple(f"y{i}" for i in range(len(outs))))
-        one = jex.core.Jaxpr(constvars=[], invars=ins, outvars=outs, eqns=[eqn], debug_info=info)
-        call = jax.jit(jex.core.jaxpr_as_fun(jex.core.ClosedJaxpr(one, [])))
-        values = [env[v] for v in ins]
-        results = jax.block_until_ready(call(*values))  # compile
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            jax.block_until_ready(call(*values))
-            times.append(time.perf_counter() - t)
-        env.update(zip(outs, results, strict=True))
-        shape = tuple(eqn.outvars[0].aval.shape) if eqn.outvars and hasattr(eqn.outvars[0].aval, "shape") else ()
-        ms[op_kind(eqn.primitive.name, str(eqn.source_info.name_stack), shape, batch)] += \
-            1000 * statistics.median(times)
-    return dict(ms)
+    info = jex.core.DebugInfo("profile", eqn.primitive.name, tuple(f"x{i}" for i in range(len(ins))),
+                              tuple(f"y{i}" for i in range(len(outs))))
+    one = jex.core.Jaxpr(constvars=[], invars=ins, outvars=outs, eqns=[eqn], debug_info=info)
+    call = jax.jit(jex.core.jaxpr_as_fun(jex.core.ClosedJaxpr(one, [])))
+    results = jax.block_until_ready(call(*values))  # compile
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(call(*values))
+        times.append(time.perf_counter() - t)
+    return results, statistics.median(times)
 
 
 def _step_inputs(name: str, batch: int, precision: str = "fp32") -> tuple:
@@ -103,7 +177,7 @@ def _step_inputs(name: str, batch: int, precision: str = "fp32") -> tuple:
     import optax
 
     from cnnjax.train.state import create_train_state
-    from experiments.benchlib import bench_spec
+    from experiments.bench.lib import bench_spec
 
     shape = SHAPES[name]
     model, spec = bench_model(name), bench_spec(shape, precision)
@@ -117,7 +191,7 @@ def _step_inputs(name: str, batch: int, precision: str = "fp32") -> tuple:
 def profile_cnnjax(name: str, batch: int, reps: int) -> dict:
     """Per-op ms by kind of cnnjax's train step for bench row ``name``, and the fused step's wall ms."""
     from cnnjax.train.steps import train_step
-    from experiments.benchlib import time_jax_training
+    from experiments.bench.lib import time_jax_training
 
     model, spec, state, images, labels = _step_inputs(name, batch)
     fused = time_jax_training(model, spec, SHAPES[name], batch, steps=5)
@@ -370,4 +444,91 @@ def fused_conv_rate(result: dict, gflop: dict) -> str:
             f"XLA's float32 [2048, 2048] matmul in this process: {result['matmul_gflop_s']:.0f} GFLOP/s")
 
 
-# --- tables -------------------------------------------------------------------------------------
+# --- the command ------------------------------------------------------------------------------------
+
+
+def define_flags() -> None:
+    """The command's flags (defined when it runs, not on import)."""
+    flags.DEFINE_list("models", ["cifar_resnet20", "improved_cnn"], "bench rows (NAME or NAME@SIZE) to profile")
+    flags.DEFINE_integer("batch", 128, "batch size")
+    flags.DEFINE_integer("reps", 3, "timed runs of each op (median) / profiled torch steps")
+    flags.DEFINE_bool("torch", True, "also profile the PyTorch twin and count conv GFLOP on it")
+    flags.DEFINE_bool("fused", False, "profile the compiled step's XLA thunks (jax.profiler) instead of op by op")
+    flags.DEFINE_integer("steps", 10, "--fused: traced steps")
+    flags.DEFINE_integer("top", 10, "--fused: largest thunks listed")
+    flags.DEFINE_string("out", "", "write the tables as JSON here")
+    flags.DEFINE_enum("precision", "fp32", list(PRECISIONS), "--fused: the step's compute precision (bf16: "
+                      "mixed_precision, as fashion_mnist_30min)")
+
+
+def table(name: str, ours: dict, theirs: dict | None) -> str:
+    def cells(result, kind):
+        if result is None:
+            return ["", ""]
+        total = sum(result["ms"].values())
+        v = result["ms"].get(kind, 0.0)
+        return [f"{v:.1f}", f"{100 * v / total:.0f}%"] if v else ["-", ""]
+
+    lines = [f"**{name}**, batch {FLAGS.batch}: step wall time cnnjax {ours['wall_ms']:.1f} ms (fused by XLA)"
+             + (f", PyTorch eager {theirs['wall_ms']:.1f} ms" if theirs else ""), "",
+             "| kind | cnnjax ms/step (op by op) | share | PyTorch eager ms/step | share |",
+             "|---|---:|---:|---:|---:|"]
+    for kind in KINDS:
+        row = cells(ours, kind) + cells(theirs, kind)
+        if any(c not in ("", "-") for c in row):
+            lines.append(f"| {kind} | " + " | ".join(row) + " |")
+    sums = [f"{sum(r['ms'].values()):.1f}" if r else "" for r in (ours, theirs)]
+    lines.append(f"| **sum of op times** | {sums[0]} | | {sums[1]} | |")
+    return "\n".join(lines)
+
+
+def fused_table(name: str, result: dict, top: int) -> str:
+    ms, kinds, wall = result["ms"], result["kinds"], result["wall_ms"]
+    timed = sum(ms.values())
+    by_kind = {k: sum(v for n, v in ms.items() if kinds[n] == k) for k in FUSED_KINDS}
+    counts = {k: sum(kinds[n] == k for n in ms) for k in FUSED_KINDS}
+    lines = [f"**{name}**, batch {FLAGS.batch}, the fused step: wall {wall:.1f} ms; the thunks timed in full sum to "
+             f"{timed:.1f} ms; the asynchronous convolutions run alongside them", "",
+             "| kind | ms/step | share of wall | thunks |", "|---|---:|---:|---:|"]
+    for kind in FUSED_KINDS:
+        if counts[kind]:
+            lines.append(f"| {kind} | {by_kind[kind]:.1f} | {100 * by_kind[kind] / wall:.0f}% | {counts[kind]} |")
+    lines.append(f"| wall time the timed thunks leave uncovered (convolutions, waits) | {wall - timed:.1f} | "
+                 f"{100 * (wall - timed) / wall:.0f}% | |")
+    lines += ["", f"Largest {top} thunks:", "", "| thunk | kind | ms/step | module path |", "|---|---|---:|---|"]
+    for n, v in sorted(ms.items(), key=lambda kv: -kv[1])[:top]:
+        path = result["op_names"][n].removeprefix("jit(<lambda>)/") or "(none: XLA-made)"
+        lines.append(f"| `{n}` | {kinds[n]} | {v:.1f} | `{path}` |")
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    if FLAGS.precision != "fp32" and not FLAGS.fused:
+        raise UsageError(f"--precision={FLAGS.precision} profiles the fused step only: add --fused")
+    results = {}
+    for name in FLAGS.models:
+        if name not in SHAPES:
+            raise UsageError(f"unknown bench row {name!r}; choose from {', '.join(SHAPES)}")
+        gflop = in_fresh_process(conv_gflop, name, FLAGS.batch) if FLAGS.torch else None
+        if FLAGS.fused:
+            with tempfile.TemporaryDirectory(prefix="profile_") as trace_dir:
+                results[name] = profile_fused(name, FLAGS.batch, FLAGS.steps, trace_dir, FLAGS.precision)
+            results[name]["conv_gflop"] = gflop
+            rate = "\n\n" + fused_conv_rate(results[name], gflop) if gflop else ""
+            print(fused_table(name, results[name], FLAGS.top) + rate + "\n", flush=True)
+            continue
+        ours = profile_cnnjax(name, FLAGS.batch, FLAGS.reps)
+        theirs = in_fresh_process(profile_torch, name, FLAGS.batch, FLAGS.reps) if FLAGS.torch else None
+        results[name] = {"cnnjax": ours, "torch": theirs, "conv_gflop": gflop}
+        rate = "\n\n" + arithmetic_table(gflop, ours, theirs) if gflop else ""
+        print(table(name, ours, theirs) + rate + "\n", flush=True)
+    if FLAGS.out:
+        with open(FLAGS.out, "w") as f:
+            json.dump({"command": " ".join(sys.argv), "batch": FLAGS.batch, "precision": FLAGS.precision,
+                       "reps": FLAGS.reps, "models": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    define_flags()
+    sys.exit(cli.run(main))

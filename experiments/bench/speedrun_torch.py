@@ -1,6 +1,6 @@
 """The PyTorch twin of a cnnjax speed-run config: the same recipe, eager PyTorch, timed the same way.
 
-``python -m experiments.speedrun_torch --config experiments/configs/fashion_mnist_fast.py
+``python -m experiments.bench.speedrun_torch --config experiments/configs/fashion_mnist_fast.py
 --config.data.dir=/usr/share/datasets/fashion-mnist [--out FILE]``
 
 Same data (cnnjax's IDX reader and stratified validation hold-out, numpy only: no JAX in this
@@ -13,20 +13,33 @@ supported; any other setting is refused in one line.
 
 from __future__ import annotations
 
-import json
 import sys
+
+# ruff: noqa: E402  (the program's first steps below come before its imports)
+if __name__ == "__main__":  # first: SIGTERM / Ctrl-C is one line and status 75 from here on (experiments.startup)
+    from cnnjax.cpu import process
+    from experiments import startup
+
+    startup.install()
+    process.configure()  # the settings the entry points run with (cnnjax.cpu.process), PyTorch's too
+
+import json
 
 from absl import flags
 from ml_collections import config_flags
 
 from experiments import cli
-from experiments.speedrunlib import train_twin
+from experiments.bench.speedrun_lib import train_twin
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "cnnjax experiment config file (experiments/configs/NAME.py)",
-                                lock_config=True)
-flags.DEFINE_string("out", "", "also write the result JSON here")
-flags.DEFINE_integer("threads", 0, "torch intra-op threads (0: torch's default, one per core)")
+
+
+def define_flags() -> None:
+    """The command's flags (defined when it runs, not on import)."""
+    config_flags.DEFINE_config_file("config", None, "cnnjax experiment config file (experiments/configs/NAME.py)",
+                                    lock_config=True)
+    flags.DEFINE_string("out", "", "also write the result JSON here")
+    flags.DEFINE_integer("threads", 0, "torch intra-op threads (0: torch's default, one per core)")
 
 
 def main(argv):
@@ -39,5 +52,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     flags.mark_flags_as_required(["config"])
     sys.exit(cli.run(main))

@@ -1,0 +1,280 @@
+"""Each convolution and max-pool of the bench models alone: the CPU backend against plain XLA and PyTorch eager.
+
+``python -m experiments.bench.convs [--models M,...] [--only conv|pool] [--batch 128] [--steps 10]``
+
+For each bench model, every distinct conv of its train-mode forward (read from the model itself, in call order,
+with its calls per forward): forward and forward+backward milliseconds through the CPU backend
+(``cnnjax.conv.conv2d(..., impl='cpu')``, the path :class:`cnnjax.cpu.rules.Rules` picks for it), plain XLA
+(``impl='xla'``) and PyTorch eager (``nn.Conv2d``, NCHW, in a process of its own); the first conv of a model
+computes no input gradient, as in a train step. The last row sums each column over one train step (times the calls
+per step). ``--only pool`` times the models' max-pools (after a ReLU, so with ties) the same way: plain XLA's
+``reduce_window``, the CPU backend's pick, its strided views and oneDNN's kernels, and PyTorch's ``MaxPool2d``.
+Random float32 data, no bias; each number is the fastest of ``--steps`` calls after a compile call. The rules'
+docstrings name this command: it is how a path rule is measured.
+"""
+
+from __future__ import annotations
+
+import sys
+
+# ruff: noqa: E402  (the program's first steps below come before its imports)
+if __name__ == "__main__":  # first: SIGTERM / Ctrl-C is one line and status 75 from here on (experiments.startup)
+    from cnnjax.cpu import process
+    from experiments import startup
+
+    startup.install()
+    process.configure()  # the settings the entry points run with (cnnjax.cpu.process)
+
+from absl import flags
+
+from experiments import cli
+from experiments.bench.lib import SHAPES, bench_model, fastest_ms, in_fresh_process
+
+FLAGS = flags.FLAGS
+MODELS = ("simple_cnn@28", "lenet5", "improved_cnn", "cifar_resnet20", "resnet18", "fast_cnn")
+
+
+def define_flags() -> None:
+    """The command's flags (defined when it runs, not on import)."""
+    flags.DEFINE_list("models", list(MODELS), "bench rows whose convs and pools to time")
+    flags.DEFINE_enum("only", "all", ["all", "conv", "pool"], "which tables to time")
+    flags.DEFINE_integer("batch", 128, "batch size")
+    flags.DEFINE_integer("steps", 10, "timed calls per number (the fastest counts)")
+
+
+def model_layers(name: str) -> dict[str, list[dict]]:
+    """The convs and max-pools of bench row ``name``'s train-mode forward, in call order, identical ones merged:
+    ``{"conv": [...], "pool": [...]}``, each entry JSON-able.
+
+    A conv is ``{"input": [H, W, C], "features", "kernel": [kH, kW], "strides", "pads": [[t, b], [l, r]],
+    "dilation", "groups", "count": calls per forward, "first": whether it reads the model's input}``; a pool
+    ``{"input", "window", "stride", "padding", "count"}``. Read by tracing the model's init with Flax's method
+    interceptor, so it follows the zoo as it is."""
+    import flax.linen as nn
+    import jax
+
+    from cnnjax.conv import explicit_pads
+    from cnnjax.layers import Conv, MaxPool, canonical_padding
+
+    found: dict[str, dict] = {"conv": {}, "pool": {}}
+
+    def record(next_fun, args, kwargs, context):
+        m, shape = context.module, list(args[0].shape[1:]) if args else None
+        if context.method_name == "__call__" and isinstance(m, Conv):
+            kernel, strides, dilation = (_two(v) for v in (m.kernel_size, m.stride, m.dilation))
+            pads = explicit_pads(tuple(shape[:2]), tuple(kernel), tuple(strides), canonical_padding(m.padding),
+                                 tuple(dilation))
+            entry = {"input": shape, "features": m.features, "kernel": kernel, "strides": strides,
+                     "pads": [list(p) for p in pads], "dilation": dilation, "groups": m.groups}
+            _count(found["conv"], entry, first=not found["conv"])
+        elif context.method_name == "__call__" and isinstance(m, MaxPool):
+            entry = {"input": shape, "window": _two(m.window),
+                     "stride": _two(m.stride if m.stride is not None else m.window), "padding": _two(m.padding)}
+            _count(found["pool"], entry)
+        return next_fun(*args, **kwargs)
+
+    model = bench_model(name)
+    x = jax.ShapeDtypeStruct((1, *SHAPES[name]), jax.numpy.float32)
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda x: model.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)},
+                                            x, train=True), x)
+    return {kind: list(entries.values()) for kind, entries in found.items()}
+
+
+def _two(value) -> list[int]:
+    """An int or a pair as ``[a, b]``."""
+    return [value, value] if isinstance(value, int) else list(value)
+
+
+def _count(entries: dict, entry: dict, **extra) -> None:
+    key = repr(sorted(entry.items()))
+    entries.setdefault(key, {**entry, **extra, "count": 0})["count"] += 1
+
+
+def conv_label(conv: dict, batch: int) -> str:
+    """``[N,H,W,C] -> O, kKxK sS pP`` of a conv entry of :func:`model_layers`."""
+    h, w, c = conv["input"]
+    pads = conv["pads"]
+    pad = pads[0][0] if all(p == pads[0][0] for pair in pads for p in pair) else pads
+    more = (f" d{conv['dilation'][0]}" if conv["dilation"] != [1, 1] else "") + \
+        (f" g{conv['groups']}" if conv["groups"] != 1 else "") + (" (first)" if conv["first"] else "")
+    return (f"[{batch},{h},{w},{c}] -> {conv['features']}, k{conv['kernel'][0]}x{conv['kernel'][1]} "
+            f"s{conv['strides'][0]} p{pad}{more}")
+
+
+def cnnjax_conv_ms(conv: dict, batch: int, steps: int, impl: str) -> list[float] | None:
+    """``[forward ms, forward+backward ms]`` of ``conv`` through ``cnnjax.conv.conv2d(..., impl=impl)``, or None
+    where that impl has no kernel for it."""
+    import jax
+    import numpy as np
+
+    from cnnjax.conv import conv2d
+    from cnnjax.errors import UsageError
+
+    rng = np.random.RandomState(0)
+    (h, w, c), (kh, kw) = conv["input"], conv["kernel"]
+    x = jax.numpy.asarray(rng.randn(batch, h, w, c).astype(np.float32))
+    k = jax.numpy.asarray(rng.randn(kh, kw, c // conv["groups"], conv["features"]).astype(np.float32) * 0.05)
+
+    def f(x, k):
+        return conv2d(x, k, tuple(conv["strides"]), tuple(map(tuple, conv["pads"])), tuple(conv["dilation"]),
+                      conv["groups"], impl=impl)
+
+    try:
+        y = jax.eval_shape(f, x, k)
+    except UsageError:
+        return None
+    g = jax.numpy.asarray(rng.randn(*y.shape).astype(np.float32))
+
+    def fwd_bwd(x, k, g):
+        y, vjp = jax.vjp(lambda k: f(x, k), k) if conv["first"] else jax.vjp(f, x, k)
+        return y, vjp(g)
+
+    return [fastest_ms(jax.jit(f), x, k, steps=steps), fastest_ms(jax.jit(fwd_bwd), x, k, g, steps=steps)]
+
+
+def torch_conv_ms(convs: list[dict], batch: int, steps: int) -> list[list[float]]:
+    """``[forward ms, forward+backward ms]`` of PyTorch eager's ``Conv2d`` for each conv entry, NCHW (asymmetric
+    pads as an ``F.pad`` first)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    rng = np.random.RandomState(0)
+    out = []
+    for conv in convs:
+        (h, w, c), pads = conv["input"], conv["pads"]
+        symmetric = pads[0][0] == pads[0][1] and pads[1][0] == pads[1][1]
+        layer = torch.nn.Conv2d(c, conv["features"], conv["kernel"], conv["strides"],
+                                (pads[0][0], pads[1][0]) if symmetric else 0, conv["dilation"], conv["groups"],
+                                bias=False)
+        pad = (lambda t: t) if symmetric else (lambda t, p=pads: F.pad(t, (*p[1], *p[0])))
+        xt = torch.from_numpy(rng.randn(batch, c, h, w).astype(np.float32)).requires_grad_(not conv["first"])
+        gt = torch.from_numpy(rng.randn(*layer(pad(xt)).shape).astype(np.float32))
+
+        def fwd_bwd(layer=layer, xt=xt, gt=gt, pad=pad):
+            layer.zero_grad(set_to_none=True)
+            xt.grad = None
+            layer(pad(xt)).backward(gt)
+
+        with torch.no_grad():
+            forward = fastest_ms(lambda layer=layer, xt=xt, pad=pad: layer(pad(xt)), steps=steps)
+        out.append([forward, fastest_ms(fwd_bwd, steps=steps)])
+    return out
+
+
+def conv_rows(name: str, batch: int, steps: int) -> list[str]:
+    """Markdown rows of bench row ``name``'s convs (see the module doc) and their per-step sums."""
+    import numpy as np
+
+    from cnnjax.cpu import onednn
+    from cnnjax.cpu.rules import DEFAULT
+
+    convs = model_layers(name)["conv"]
+    theirs_all = in_fresh_process(torch_conv_ms, convs, batch, steps)
+    rows, totals = [], np.zeros(6)
+    for conv, theirs in zip(convs, theirs_all, strict=True):
+        cells = [cnnjax_conv_ms(conv, batch, steps, impl) for impl in ("cpu", "xla")] + [theirs]
+        (h, w, c), (kh, kw) = conv["input"], conv["kernel"]
+        path = "-" if conv["groups"] != 1 or cells[0] is None else DEFAULT.conv_path(
+            (batch, h, w, c), (kh, kw, c, conv["features"]), tuple(conv["strides"]),
+            tuple(map(tuple, conv["pads"])), tuple(conv["dilation"]), onednn.runs(np.dtype("float32")))
+        flat = [v for cell in cells for v in (cell or [float("nan")] * 2)]
+        totals += conv["count"] * np.nan_to_num(np.array(flat))
+        rows.append(f"| {conv_label(conv, batch)} | {conv['count']} | {path} | "
+                    + " | ".join("-" if np.isnan(v) else f"{v:.2f}" for v in flat) + f" | {flat[5] / flat[1]:.2f} |")
+    rows.append("| **per train step** | | | " + " | ".join(f"**{v:.1f}**" for v in totals)
+                + f" | **{totals[5] / totals[1]:.2f}** |")
+    return rows
+
+
+POOL_SIDES = ("plain XLA", "CPU backend", "strided views", "oneDNN")
+
+
+def cnnjax_pool_ms(pool: dict, batch: int, steps: int) -> list[float]:
+    """Forward+backward ms of ``pool`` (after a ReLU) by each of :data:`POOL_SIDES` (NaN where one cannot run)."""
+    import jax
+    import numpy as np
+
+    from cnnjax import cpu, layers
+    from cnnjax.cpu import onednn
+    from cnnjax.cpu.pool import onednn_max_pool, strided_view_max_pool
+
+    rng = np.random.RandomState(0)
+    x = jax.nn.relu(jax.numpy.asarray(rng.randn(batch, *pool["input"]).astype(np.float32)))  # ties at 0
+    geometry = tuple(pool["window"]), tuple(pool["stride"]), tuple(pool["padding"])
+    static = dict(zip(("window", "stride", "padding"), geometry, strict=True))
+    backend = cpu.implementation("max_pool", (x,), static)
+    fns = [lambda v: layers.reduce_window_max_pool(v, *geometry), backend,
+           lambda v: strided_view_max_pool(v, *geometry),
+           (lambda v: onednn_max_pool(v, *geometry)) if onednn.runs(x.dtype) else None]
+    weight = jax.numpy.asarray(rng.randn(*jax.eval_shape(fns[0], x).shape).astype(np.float32))
+    return [float("nan") if fn is None else
+            fastest_ms(jax.jit(jax.grad(lambda v, w, fn=fn: (fn(v) * w).sum())), x, weight, steps=steps)
+            for fn in fns]
+
+
+def torch_pool_ms(pools: list[dict], batch: int, steps: int) -> list[float]:
+    """Forward+backward ms of PyTorch eager's ``MaxPool2d`` for each pool entry (NCHW, after a ReLU)."""
+    import numpy as np
+    import torch
+
+    rng = np.random.RandomState(0)
+    out = []
+    for pool in pools:
+        h, w, c = pool["input"]
+        layer = torch.nn.MaxPool2d(pool["window"], pool["stride"], pool["padding"])
+        x = torch.relu(torch.from_numpy(rng.randn(batch, c, h, w).astype(np.float32))).requires_grad_(True)
+        weight = torch.from_numpy(rng.randn(*layer(x).shape).astype(np.float32))
+
+        def fwd_bwd(layer=layer, x=x, weight=weight):
+            x.grad = None
+            (layer(x) * weight).sum().backward()
+
+        out.append(fastest_ms(fwd_bwd, steps=steps))
+    return out
+
+
+def pool_rows(name: str, batch: int, steps: int) -> list[str]:
+    """Markdown rows of bench row ``name``'s max-pools: forward+backward ms by each side."""
+    pools = model_layers(name)["pool"]
+    theirs = in_fresh_process(torch_pool_ms, pools, batch, steps) if pools else []
+    rows = []
+    for pool, torch_ms in zip(pools, theirs, strict=True):
+        cells = [*cnnjax_pool_ms(pool, batch, steps), torch_ms]
+        h, w, c = pool["input"]
+        rows.append(f"| [{batch},{h},{w},{c}], {pool['window'][0]}x{pool['window'][1]} s{pool['stride'][0]} "
+                    f"p{pool['padding'][0]} | {pool['count']} | " + " | ".join(f"{v:.2f}" for v in cells) + " |")
+    return rows
+
+
+def main(argv):
+    del argv
+    from cnnjax import kernels
+    from cnnjax.errors import UsageError
+
+    unknown = [n for n in FLAGS.models if n not in SHAPES]
+    if unknown:
+        raise UsageError(f"unknown bench row(s) {unknown}; choose from {', '.join(SHAPES)}")
+    print(f"{kernels.describe()}; batch {FLAGS.batch}, milliseconds per call, the fastest of {FLAGS.steps}\n")
+    for name in FLAGS.models:
+        if FLAGS.only in ("all", "conv"):
+            print(f"**{name}**: each conv as its train step runs it\n")
+            print("| conv | calls per step | CPU backend path | backend fwd | backend fwd+bwd | XLA fwd | XLA fwd+bwd "
+                  "| PyTorch fwd | PyTorch fwd+bwd | PyTorch / backend, fwd+bwd |")
+            print("|---|---:|---|" + "---:|" * 7)
+            for row in conv_rows(name, FLAGS.batch, FLAGS.steps):
+                print(row, flush=True)
+            print()
+        if FLAGS.only in ("all", "pool") and model_layers(name)["pool"]:
+            print(f"**{name}**: each max-pool after a ReLU, forward+backward\n")
+            print("| max-pool | calls per step | " + " | ".join(POOL_SIDES) + " | PyTorch |")
+            print("|---|---:|" + "---:|" * (len(POOL_SIDES) + 1))
+            for row in pool_rows(name, FLAGS.batch, FLAGS.steps):
+                print(row, flush=True)
+            print()
+
+
+if __name__ == "__main__":
+    define_flags()
+    sys.exit(cli.run(main))
