@@ -1,8 +1,8 @@
 // Runs cnnjax's oneDNN convolutions and max-pools over a sweep of geometries with every buffer (XLA's operands and
 // results, and the handler's per-thread scratchpads) ending at an unmapped page, the bytes between its end and the
 // page filled with a pattern: a read or write past the page faults, a write short of it changes the pattern. Exits
-// 0 with "no access outside any buffer", else 1 (or 2 on a fault) naming the geometry. Built by tests/test_native.py:
-//   g++ -O1 -std=c++17 -I<jax ffi include> -Icnnjax/native tests/native/buffer_bounds.cc -ldnnl -lgomp
+// 0 with "no access outside any buffer", else 1 (or 2 on a fault) naming the geometry. Built by tests/test_cpu_build.py:
+//   g++ -O1 -std=c++17 -I<jax ffi include> -Icnnjax/cpu tests/cpu_native/buffer_bounds.cc -ldnnl -lgomp
 // Single-threaded: the handler is called without XLA's pool, so every batch slice runs on this thread.
 #define CNNJAX_ONEDNN_TEST_BUFFERS
 #include "onednn_kernels.cc"
