@@ -76,10 +76,8 @@ def test_airbench_optimizer_matches_torch_param_groups_on_a_summed_loss():
             v.grad = None if frozen else torch.tensor(grads[k] * batch)  # gradient of the summed loss
         opt_t.step()
         sched_t.step()
-    got = flat(p)
-    for k in t:
-        np.testing.assert_allclose(got[k], t[k].detach().numpy(), rtol=2e-5, atol=2e-5, err_msg=k)
-    np.testing.assert_array_equal(got["['whiten']['kernel']"], params["whiten"]["kernel"])
+    chex.assert_trees_all_close(flat(p), {k: v.detach().numpy() for k, v in t.items()}, rtol=2e-5, atol=2e-5)
+    chex.assert_trees_all_equal(p["whiten"]["kernel"], params["whiten"]["kernel"])
 
 
 def test_make_optimizer_airbench_uses_config_units():
@@ -91,10 +89,10 @@ def test_make_optimizer_airbench_uses_config_units():
               "conv": {"kernel": jnp.ones(2)}}
     updates, _ = tx.update(jax.tree_util.tree_map(jnp.ones_like, params), tx.init(params), params)
     # mean-loss lr = 11.5 * 1024 / (1024 * (1 + 1 / 0.15)) = 1.5; Nesterov's first step is (1 + m) * lr * g.
-    np.testing.assert_allclose(updates["conv"]["kernel"], -1.5 * 1.85, rtol=1e-6)
-    np.testing.assert_allclose(updates["norm1"]["bias"], -1.5 * 64 * 1.85, rtol=1e-6)
-    np.testing.assert_array_equal(updates["whiten"]["kernel"], 0.0)
-    np.testing.assert_array_equal(updates["whiten"]["bias"], 0.0)  # whiten_bias_epochs=0: never trained
+    # atol=0: the whitening updates are exactly zero (whiten_bias_epochs=0: its bias is never trained either).
+    want = {"conv": {"kernel": np.full(2, -1.5 * 1.85)}, "norm1": {"bias": np.full(2, -1.5 * 64 * 1.85)},
+            "whiten": {"kernel": np.zeros(2), "bias": np.zeros(2)}}
+    chex.assert_trees_all_close(updates, want, rtol=1e-6, atol=0.0)
 
 
 def _state(params, slow, step):
@@ -106,11 +104,12 @@ def test_lookahead_moves_slow_weights_every_k_steps_and_ends_on_them():
     la = Lookahead(every=5, total_steps=20, decay=0.5, power=1.0)
     fast, slow = {"w": jnp.array(10.0)}, {"w": jnp.array(0.0)}
     off = lookahead_update(_state(fast, slow, jnp.array(3)), la)  # not due: nothing changes
-    assert float(off.params["w"]) == 10.0 and float(off.slow["params"]["w"]) == 0.0
+    chex.assert_trees_all_equal((off.params, off.slow), ({"w": 10.0}, {"params": {"w": 0.0}, "batch_stats": {}}))
     due = lookahead_update(_state(fast, slow, jnp.array(10)), la)  # decay 0.5 * 10/20 = 0.25
-    np.testing.assert_allclose([due.params["w"], due.slow["params"]["w"]], [7.5, 7.5])
+    chex.assert_trees_all_close((due.params, due.slow), ({"w": 7.5}, {"params": {"w": 7.5}, "batch_stats": {}}),
+                                rtol=1e-7, atol=0.0)
     end = lookahead_update(_state(fast, slow, jnp.array(20)), la)  # last step: fast <- slow, slow kept
-    np.testing.assert_allclose([end.params["w"], end.slow["params"]["w"]], [0.0, 0.0])
+    chex.assert_trees_all_equal((end.params, end.slow), ({"w": 0.0}, {"params": {"w": 0.0}, "batch_stats": {}}))
 
 
 def test_alternating_flips_swap_halves_each_epoch_and_augment_applies_them():

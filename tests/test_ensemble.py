@@ -48,6 +48,7 @@ class TestEnsembleEvalStep(chex.TestCase):
         np.testing.assert_allclose(got["loss_sum"], (losses * mask).sum(), rtol=1e-5)
         assert float(got["correct"]) == float(((pred == np.asarray(labels)) * mask).sum())
         assert float(got["count"]) == 5.0 and float(got["confusion"].sum()) == 5.0
+        chex.assert_shape([got["loss_sum"], got["correct"], got["count"], got["confusion"]], [(), (), (), (2, 2)])
         # The members disagree, so the mean is not any one member's score.
         singles = [float(eval_step(v["params"], {}, model.apply, images, labels, mask, SPEC)["loss_sum"])
                    for v in members]
