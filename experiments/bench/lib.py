@@ -223,7 +223,7 @@ def torch_device_name(device: str) -> str:
 
 def torch_layout(device: str):
     """The memory format the torch twins run in: channels-last on a GPU (torch's fast convolution layout
-    there), NCHW on the CPU (as measured before)."""
+    there), NCHW on the CPU."""
     import torch
 
     return torch.channels_last if device == "cuda" else torch.contiguous_format

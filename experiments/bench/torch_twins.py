@@ -264,9 +264,9 @@ class ScalelessBatchNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(c))
         self.register_buffer("running_mean", torch.zeros(c))
         self.register_buffer("running_var", torch.ones(c))
-        # A fixed unit scale rather than none: torch 2.11's CUDA batch norm with weight=None and a bias that
-        # needs a gradient fails its backward ("NativeBatchNormBackward0 returned an invalid gradient at
-        # index 2"; H200, channels-last, 2026-12-04). Not saved: the state dict is unchanged.
+        # A fixed unit scale rather than none: torch's CUDA batch norm (channels-last) with weight=None and a bias
+        # that needs a gradient fails its backward ("NativeBatchNormBackward0 returned an invalid gradient at
+        # index 2"). Not saved: the state dict is unchanged.
         self.register_buffer("unit_scale", torch.ones(c), persistent=False)
         self.momentum, self.eps = momentum, eps
 

@@ -4,9 +4,7 @@ Each group gets a third conv and a residual over its last two (``model.kwargs.re
 step on 28x28 inputs), and the rules airbench96 settled on for about 30 epochs: warm-up over 10% of the steps,
 then linear decay all the way to zero (not to 7% from 23%), weight decay 0.012 per 1024 examples (not 0.0153)
 and torch's default BatchNorm momentum (0.1, Flax 0.9, not 0.4 / 0.6). lr stays airbench94's 11.5 (airbench96
-lowers it to 9.0 for twice the widths). Xeon, 2026-12-06: 95.19% test in 13 epochs (a slow spell), 95.26% in 19
-with the bf16 kernel-gradient paths, 95.31% in a fixed 20 (33.5 min): better per epoch than the two-conv net, not
-above its 95.2-95.4% (README, "95.5% on Fashion-MNIST").
+lowers it to 9.0 for twice the widths).
 """
 
 from experiments.configs import fashion_mnist_30min

@@ -3,9 +3,9 @@
 ``simple_cnn`` on unpadded 28x28 images (conv 16 -> pool -> conv 32 -> pool -> FC 1568 -> 128 -> 10),
 random horizontal flips, Adam with optax's one-cycle schedule (peak 1.2e-2), label smoothing 0.1,
 batch 128, 3 epochs, mirror test-time augmentation, final weights (evaluated on validation and test
-once, after the last epoch). The peak learning rate was picked on validation accuracy only (experiments/PERFORMANCE.md,
-"Fashion-MNIST speed run"). ``python -m experiments.speedrun --config THIS --data_dir DIR`` times it
-against its PyTorch twin.
+once, after the last epoch). The peak learning rate was picked on validation accuracy only.
+``python -m experiments.bench.speedrun --config THIS --data_dir DIR`` times it against its PyTorch twin
+(experiments/bench/RESULTS.md).
 """
 
 from experiments.configs.base import base_config
