@@ -3,7 +3,7 @@
 Contract. A program (every ``experiments`` entry point that runs JAX, and the benchmarks) calls :func:`configure`
 first thing in its ``__main__``, after installing its signal handlers and before jax initialises a backend.
 Importing this module changes nothing; a library user (a notebook, a script of one's own) gets these settings only
-by calling it, and it is not meant for an interactive session (it may restart the process). It does two things:
+by calling it, and not from an interactive interpreter (it may restart the process). It does two things:
 
 1. **XLA flag.** It adds :data:`cnnjax.cpu.xla_flags.ENTRY_POINT_FLAG` to ``XLA_FLAGS``, only where the installed
    jaxlib is of the line the flag is known on (an unknown XLA flag aborts the process) and never over YNN fusion

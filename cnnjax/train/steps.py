@@ -107,7 +107,7 @@ def train_step(state: TrainState, images: Array, labels: Array, spec: StepSpec,
     if axis_name is not None:
         drop_key = jax.random.fold_in(drop_key, jax.lax.axis_index(axis_name))
     flip_key = jax.random.fold_in(state.rng, _FLIP_STREAM)
-    with jax.named_scope("input"):  # named scopes label the ops for profiles (experiments.profile_step)
+    with jax.named_scope("input"):  # named scopes label the ops for profiles (experiments.bench.profile)
         x = prepare_batch(augment(aug_key, images, spec.augment, offset, example_ids, state.step, flip_key), spec)
 
     def loss_fn(params):
