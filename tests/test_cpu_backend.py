@@ -397,20 +397,18 @@ def test_conv2d_impl_cpu_without_a_kernel_is_a_one_line_error(x_dtype, groups, w
     assert "\n" not in str(e.value)
 
 
-MIXED_DTYPES_BUG = ("cnnjax/cpu/__init__.py implementation() offers conv2d for operands of two dtypes, and "
-                    "cnnjax/cpu/conv.py conv2d() sends them to patches_conv, whose jnp.dot promotes float32 x "
-                    "bfloat16 to float32 where XLA's conv raises TypeError (also eager impl='auto')")
-
-
 @needs_onednn
-@pytest.mark.parametrize("kernel_hw", [(3, 3), pytest.param((1, 1), marks=pytest.mark.xfail(
-    strict=True, raises=pytest.fail.Exception, reason=MIXED_DTYPES_BUG))])
-def test_conv2d_impl_cpu_refuses_mixed_dtypes_as_xla_does(kernel_hw):
+@pytest.mark.parametrize("kernel_hw", [(3, 3), (1, 1)])
+def test_the_backend_declines_mixed_dtypes_and_xla_refuses_them(kernel_hw):
     library()
     x, w = jnp.ones((1, 4, 4, 2)), jnp.ones((*kernel_hw, 2, 2), jnp.bfloat16)
-    for impl in ("xla", "cpu"):
+    for impl in ("xla", "auto"):  # the backend declines two dtypes: 'auto' is XLA's conv, which refuses them
         with pytest.raises(TypeError, match="same dtypes"):
-            conv.conv2d(x, w, (1, 1), "SAME", impl=impl)
+            jax.jit(lambda a, b, impl=impl: conv.conv2d(a, b, (1, 1), "SAME", impl=impl))(x, w)
+    assert cpu.implementation("conv2d", (x, w), dict(strides=(1, 1), pads=((0, 0),) * 2, dilation=(1, 1), groups=1,
+                                                     precision=None)) is None
+    with pytest.raises(UsageError, match="the CPU backend has no kernel for this conv"):
+        conv.conv2d(x, w, (1, 1), "SAME", impl="cpu")
 
 
 @needs_onednn
@@ -612,18 +610,17 @@ def test_tiles_take_the_broadcast_backward_and_overlaps_the_phases():
     assert "stack[" in grad_jaxpr((3, 3), (2, 2), (1, 1))
 
 
-WIDE_WINDOW_BUG = ("cnnjax/cpu/onednn.py:160 max_pool_forward_call gives windows of 256 or more positions an int32 "
-                   "workspace, but onednn_kernels.cc ExecutePool takes one byte per output element and refuses it "
-                   "('the workspace must have N bytes'); cnnjax/cpu/pool.py max_pool still picks oneDNN for them, so "
-                   "layers.max_pool(x, 16) fails on AVX-512 CPUs")
-
-
-@pytest.mark.parametrize("name", ["strided_view", pytest.param("onednn", marks=[needs_onednn, pytest.mark.xfail(
-    strict=True, raises=jax.errors.JaxRuntimeError, reason=WIDE_WINDOW_BUG)])])
+@pytest.mark.parametrize("name", ["strided_view", pytest.param("backend", marks=needs_onednn)])
 def test_max_pools_of_windows_of_256_positions_or_more(name):
-    """A 16x16 window (a global max-pool of a 16x16 map, and overlapping ones): positions no longer fit a byte."""
+    """A 16x16 window (a global max-pool of a 16x16 map, and overlapping ones): positions no longer fit oneDNN's
+    byte, so the backend takes the strided views even where its rules ask for oneDNN's max-pools."""
     window, stride = (16, 16), (1, 1)
-    pool = functools.partial(_pool(name), window=window, stride=stride, padding=(0, 0))
+    if name == "backend":
+        library()
+        pool = functools.partial(cpu_pool.max_pool, window=window, stride=stride, padding=(0, 0),
+                                 rules=Rules(onednn_max_pool="always"))
+    else:
+        pool = functools.partial(_pool(name), window=window, stride=stride, padding=(0, 0))
     x = _with_ties(np.asarray(draw(44, (2, 17, 16, 3))[0]))
     (g,) = draw(45, (2, 2, 1, 3))
     xt = nchw(np.asarray(x)).requires_grad_(True)
@@ -632,6 +629,14 @@ def test_max_pools_of_windows_of_256_positions_or_more(name):
     y, dx = jax.jit(pool_vjp(pool))(x, g)
     np.testing.assert_array_equal(y, layers.reduce_window_max_pool(x, window, stride, (0, 0)))
     np.testing.assert_allclose(dx, nhwc(xt.grad), atol=1e-6)
+
+
+@needs_onednn
+def test_onednn_max_pool_refuses_windows_past_a_byte_in_one_line():
+    library()
+    with pytest.raises(UsageError, match=r"windows of at most 255 positions, got 16x16; use max_pool") as e:
+        cpu_pool.onednn_max_pool(jnp.ones((1, 16, 16, 2)), (16, 16), (1, 1), (0, 0))
+    assert "\n" not in str(e.value)
 
 
 @needs_onednn

@@ -39,7 +39,8 @@ def implementation(op: str, arrays: tuple[Any, ...], static: dict[str, Any], rul
     rules = rules or rules_module.DEFAULT
     if jax.process_count() != 1 or not onednn.load().available:
         return None
-    if any(getattr(a.dtype, "name", str(a.dtype)) not in _DTYPES for a in arrays):
+    names = {getattr(a.dtype, "name", str(a.dtype)) for a in arrays}
+    if len(names) != 1 or not names <= set(_DTYPES):  # one dtype, as XLA's conv asks
         return None
     if op == "conv2d":
         if static["groups"] != 1:

@@ -37,6 +37,8 @@ HANDLERS = {CONV_TARGET: "CnnjaxOnednnConv", POOL_FORWARD_TARGET: "CnnjaxOnednnM
 # The conv handler's `kind` attribute, and its `wgrad` attribute (how a stride-1 kernel gradient is computed).
 FORWARD, INPUT_GRAD, KERNEL_GRAD = 0, 1, 2
 WGRAD_PATHS = {"native": 0, "forward": 1, "matmul": 2}
+# The max-pool handler keeps each window's maximum position in one byte.
+MAX_POOL_WINDOW = 255
 
 
 def _library_name() -> str:
@@ -153,12 +155,11 @@ def _pool_attrs(window, stride, pads) -> dict:
 
 
 def max_pool_forward_call(x, out_shape: tuple[int, ...], window, stride, pads):
-    """``x [N, H, W, C] -> (y out_shape, workspace)``: each window's max and its position (uint8, int32 for windows
-    of 256 or more); ``pads`` ``((top, bottom), (left, right))`` of ``-inf``."""
+    """``x [N, H, W, C] -> (y out_shape, workspace uint8 out_shape)``: each window's max and its position (windows
+    of at most :data:`MAX_POOL_WINDOW` positions); ``pads`` ``((top, bottom), (left, right))`` of ``-inf``."""
     import jax
 
-    position = np.uint8 if window[0] * window[1] < 256 else np.int32  # oneDNN's rule for max-pool workspaces
-    outs = (jax.ShapeDtypeStruct(out_shape, x.dtype), jax.ShapeDtypeStruct(out_shape, position))
+    outs = (jax.ShapeDtypeStruct(out_shape, x.dtype), jax.ShapeDtypeStruct(out_shape, np.uint8))
     return jax.ffi.ffi_call(POOL_FORWARD_TARGET, outs, vmap_method="sequential")(x, **_pool_attrs(window, stride, pads))
 
 

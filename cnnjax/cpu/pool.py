@@ -17,14 +17,16 @@ from jax import lax
 
 from cnnjax.cpu import onednn
 from cnnjax.cpu.rules import DEFAULT, Rules, output_hw
+from cnnjax.errors import UsageError
 
 Array = jax.Array
 Pair = tuple[int, int]
 
 
 def max_pool(x: Array, *, window: Pair, stride: Pair, padding: Pair, rules: Rules = DEFAULT) -> Array:
-    """The max-pool by oneDNN where ``rules`` and the dtype allow it, else by strided views."""
-    if rules.max_pool_by_onednn(onednn.load().avx512) and onednn.runs(x.dtype):
+    """The max-pool by oneDNN where ``rules``, the dtype and the window allow it, else by strided views."""
+    fits = window[0] * window[1] <= onednn.MAX_POOL_WINDOW
+    if fits and rules.max_pool_by_onednn(onednn.load().avx512) and onednn.runs(x.dtype):
         return onednn_max_pool(x, window, stride, padding)
     return strided_view_max_pool(x, window, stride, padding)
 
@@ -103,8 +105,12 @@ def _onednn_pads(shape: tuple[int, ...], window: Pair, stride: Pair, padding: Pa
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def onednn_max_pool(x: Array, window: Pair, stride: Pair, padding: Pair) -> Array:
-    """The max-pool by oneDNN's kernels (float32, or bfloat16 with AVX-512); the forward keeps oneDNN's workspace
-    (each window's maximum position) for the backward."""
+    """The max-pool by oneDNN's kernels (float32, or bfloat16 with AVX-512; windows of at most
+    :data:`cnnjax.cpu.onednn.MAX_POOL_WINDOW` positions); the forward keeps oneDNN's workspace (each window's
+    maximum position, one byte) for the backward."""
+    if window[0] * window[1] > onednn.MAX_POOL_WINDOW:
+        raise UsageError(f"onednn_max_pool takes windows of at most {onednn.MAX_POOL_WINDOW} positions, got "
+                         f"{window[0]}x{window[1]}; use max_pool, which takes the strided views for them")
     return _onednn_fwd(x, window, stride, padding)[0]
 
 
