@@ -40,10 +40,8 @@ from cnnjax.train.runner import Runner
 from cnnjax.train.timeline import Replans, check_replans
 
 PLAN_STEPS = 5  # steady steps timed after the first (compiling) call and the warm-up
-# Untimed steps between the first call and the timed ones. With tcmalloc preloaded (experiments.cli) the first few
-# steps still fault in the memory its heap grows by: on the 2-core Xeon, fashion_mnist_30min's steps 3-4 took
-# 0.87-0.96 s and the later ones 0.77-0.79 s, and a plan from steps 2-6 (1.115 s/step) gave an ensemble member 12
-# epochs of 44 s in a budget of 765 s (2026-12-03).
+# Untimed steps between the first call and the timed ones: with tcmalloc preloaded (cnnjax.cpu.process) the first
+# few steps still fault in the memory its heap grows by, and a plan timed on them would give too few epochs.
 PLAN_WARMUP_STEPS = 3
 
 

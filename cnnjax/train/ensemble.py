@@ -28,7 +28,6 @@ from cnnjax.train.runner import Runner
 
 # Seconds kept back from the members' budget for the ensemble's evaluation: loading the data, restoring the
 # members, one compilation and K members' forward passes over val and test with their test-time augmentation.
-# Two fast_cnn members (fashion_mnist_30min, bf16, tta 2) took 76.4 s on Fashion-MNIST on 2 CPU cores.
 EVAL_RESERVE_S = 90.0
 
 

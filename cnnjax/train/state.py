@@ -33,10 +33,9 @@ def init_variables(model: nn.Module, input_shape: tuple[int, ...], key: jax.Arra
     """``model``'s variables, initialised on a ``[1, *input_shape]`` zero input in one compiled call.
 
     ``key`` seeds both the ``params`` and ``dropout`` streams; ``kwargs`` go to ``model.init``
-    (e.g. ``train=False``). On the CPU the call compiles without LLVM's optimisations: it runs once,
-    and the initialisers' threefry code took 3-4 s of a Fashion-MNIST run's start-up to optimise (~1 s
-    without); initialising op by op (``model.init`` outside ``jit``) is slower still (LeNet-5 in a
-    fresh process: 7.0 s against 1.2 s). Values may differ from an optimised compile in the last bit.
+    (e.g. ``train=False``). On the CPU the call compiles without LLVM's optimisations: it runs once, and
+    optimising the initialisers' threefry code costs more start-up time than it saves (initialising op by op,
+    ``model.init`` outside ``jit``, is slower still). Values may differ from an optimised compile in the last bit.
     """
     return _compiled_once(lambda k: _init(model, input_shape, k, **kwargs), key)
 
@@ -45,8 +44,8 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, input
                        key: jax.Array) -> TrainState:
     """Initialise ``model`` on a ``[1, *input_shape]`` input; ``key`` seeds init and the state's rng.
 
-    The variables and ``tx``'s state come from one compiled call (see :func:`init_variables`); run op by
-    op, optax's init compiled a kernel per parameter shape (0.43 s of simple_cnn's start-up with Adam)."""
+    The variables and ``tx``'s state come from one compiled call (see :func:`init_variables`), not one compiled
+    kernel per parameter shape as optax's init run op by op would take."""
     init_key, state_key = jax.random.split(key)
 
     def build(k: jax.Array) -> tuple[dict, Any]:
