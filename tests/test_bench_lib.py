@@ -88,6 +88,7 @@ def test_bench_spec_precision_sets_the_compute_dtype():
         benchlib.bench_spec((32, 32, 3), "fp16")
 
 
+@pytest.mark.slow  # the GPU table's command run end to end on the CPU, bfloat16 included
 def test_bench_gives_a_row_per_model_and_precision_with_both_sides_timed(tmp_path):
     pytest.importorskip("torch")
     out = tmp_path / "bench.json"
