@@ -22,7 +22,8 @@ import pytest
 from cnnjax import kernels, layers
 from cnnjax.cpu import onednn
 from cnnjax.train.state import create_train_state
-from cnnjax.train.steps import StepSpec, train_step
+from cnnjax.train.steps import StepSpec, eval_step, train_step
+from experiments.bench.lib import SHAPES, bench_model, bench_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 CUSTOM_CALL = re.compile(r'custom_call\s*@(\w+)|call_target_name\s*=\s*"(\w+)"')
@@ -59,6 +60,24 @@ def test_the_train_step_lowered_for_cuda_and_tpu_holds_no_cnnjax_custom_call():
     assert "convolution" in text and "reduce_window" in text  # XLA's own conv and max-pool
     assert not {c for c in _custom_calls(text) if c.startswith("cnnjax")}
     assert "cnnjax_onednn" not in text
+
+
+@pytest.mark.parametrize("row", SHAPES)
+def test_every_bench_models_train_and_eval_steps_lower_for_cuda_and_tpu_without_cnnjax_calls(row):
+    """Tracing only: the state is abstract (``jax.eval_shape``), nothing is initialised or compiled."""
+    model, spec = bench_model(row), bench_spec(SHAPES[row])
+    state = jax.eval_shape(lambda k: create_train_state(model, optax.sgd(0.1, momentum=0.9), SHAPES[row], k),
+                           jax.random.PRNGKey(0))
+    images = jax.ShapeDtypeStruct((8, *SHAPES[row]), jnp.uint8)
+    labels = jax.ShapeDtypeStruct((8,), jnp.int32)
+    mask = jax.ShapeDtypeStruct((8,), jnp.float32)
+    train = jax.jit(functools.partial(train_step, spec=spec))
+    evaluate = jax.jit(lambda p, b, x, y, m: eval_step(p, b, model.apply, x, y, m, spec))
+    for fn, args in ((train, (state, images, labels)), (evaluate, (state.params, state.batch_stats, images, labels,
+                                                                    mask))):
+        text = jax.export.export(fn, platforms=["cuda", "tpu"])(*args).mlir_module()
+        assert "convolution" in text
+        assert not {c for c in _custom_calls(text) if c.startswith("cnnjax")}, row
 
 
 @pytest.mark.skipif(not onednn.load().available, reason="the CPU backend is not built here (python -m cnnjax.cpu)")

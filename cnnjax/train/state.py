@@ -63,7 +63,10 @@ def _init(model: nn.Module, input_shape: tuple[int, ...], key: jax.Array, **kwar
 
 def _compiled_once(fn, key: jax.Array) -> Any:
     """``fn(key)`` compiled and run once, on ``key``'s device; for a CPU device without LLVM's optimisations (see
-    :func:`init_variables`)."""
+    :func:`init_variables`). Under a trace (``jax.eval_shape``, ``jit``) it is traced like any function, so
+    ``jax.eval_shape(lambda k: create_train_state(...), key)`` gives the state's shapes without allocating."""
+    if isinstance(key, jax.core.Tracer):
+        return fn(key)
     device = next(iter(key.devices())) if isinstance(key, jax.Array) else jax.devices()[0]
     options = INIT_COMPILER_OPTIONS if device.platform == "cpu" else None
     return jax.jit(fn).lower(key).compile(compiler_options=options)(key)
