@@ -46,10 +46,6 @@ def xla_conv(x: Array, kernel: Array, strides: tuple[int, int], pads: Pads, dila
                                     precision=precision)
 
 
-def _plain(x: Array, kernel: Array, *, strides, pads, dilation, groups, precision) -> Array:
-    return xla_conv(x, kernel, strides, pads, dilation, groups, precision)
-
-
 def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: str | Pads,
            dilation: tuple[int, int] = (1, 1), groups: int = 1, precision: Any = None,
            impl: str = "auto") -> Array:
@@ -65,7 +61,7 @@ def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: str | Pad
     pads = explicit_pads(x.shape[1:3], kernel.shape[:2], strides, padding, dilation)
     static = dict(strides=tuple(strides), pads=pads, dilation=tuple(dilation), groups=groups, precision=precision)
     if impl == "xla":
-        return _plain(x, kernel, **static)
+        return xla_conv(x, kernel, **static)
     if impl == "cpu":
         from cnnjax import cpu
 
@@ -74,4 +70,4 @@ def conv2d(x: Array, kernel: Array, strides: tuple[int, int], padding: str | Pad
             raise UsageError(f"the CPU backend has no kernel for this conv ({x.dtype}, groups {groups}): "
                              f"{cpu.describe()}; use impl='auto' or 'xla'")
         return fn(x, kernel)
-    return kernels.dispatch("conv2d", _plain, x, kernel, **static)
+    return kernels.dispatch("conv2d", xla_conv, x, kernel, **static)

@@ -237,13 +237,8 @@ def max_pool(x: Array, window: IntPair, stride: IntPair | None = None, padding: 
     ho, wo = (output_size(x.shape[1 + a], dims[1 + a], strides[1 + a], pads[1 + a]) for a in (0, 1))
     if ho <= 0 or wo <= 0:  # an empty output, as torch's shape rule gives
         return lax.reduce_window(x, -jnp.inf, lax.max, dims, strides, pads)
-    return kernels.dispatch("max_pool", _reduce_window_max_pool, x, window=(kh, kw), stride=(sh, sw),
+    return kernels.dispatch("max_pool", reduce_window_max_pool, x, window=(kh, kw), stride=(sh, sw),
                             padding=(ph, pw))
-
-
-def _reduce_window_max_pool(x: Array, *, window: tuple[int, int], stride: tuple[int, int],
-                            padding: tuple[int, int]) -> Array:
-    return reduce_window_max_pool(x, window, stride, padding)
 
 
 def reduce_window_max_pool(x: Array, window: tuple[int, int], stride: tuple[int, int],
