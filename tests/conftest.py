@@ -7,7 +7,19 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from tests.onednn_marks import PATHS, library, use_path  # noqa: E402
+
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    """The plain XLA path (what GPUs and TPUs run) or the CPU backend (skipped where it is not built), for
+    functions traced in the test (``CNNJAX_CPU_BACKEND`` is read at trace time)."""
+    use_path(monkeypatch, request.param)
+    if request.param == "cpu":
+        library()
+    return request.param
 
 
 @pytest.fixture(autouse=True)

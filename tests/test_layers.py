@@ -20,7 +20,7 @@ from cnnjax import layers
 from cnnjax.cpu import onednn
 from cnnjax.errors import UsageError
 from experiments.bench import torch_twins as ref
-from tests.onednn_marks import PATHS, library, needs_onednn, use_path
+from tests.onednn_marks import needs_onednn
 from tests.parity import assert_parity, nchw, nhwc, variables_of
 
 TOL = 1e-5
@@ -33,15 +33,6 @@ def rand(*shape):
 
 def pair(v):
     return (v, v) if isinstance(v, int) else tuple(v)
-
-
-@pytest.fixture(params=PATHS)
-def path(request, monkeypatch):
-    """The plain XLA path or the CPU backend, for functions traced in the test."""
-    use_path(monkeypatch, request.param)
-    if request.param == "cpu":
-        library()
-    return request.param
 
 
 def available_paths() -> list[str]:

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from cnnjax import kernels, models
-from cnnjax.cpu import onednn
+from cnnjax import models
 from cnnjax.port import state_dict_to_variables
 from cnnjax.train.state import init_variables
 from experiments.bench import torch_twins as ref
@@ -113,16 +112,6 @@ def _pair(name, train_mode: bool, channels: int = 3, size: int = 32):
     tm = ref.build(name, **torch_kw)
     ref.randomize_bn_stats(tm, torch.Generator().manual_seed(1))
     return models.create(name, **jax_kw), variables_of(tm), tm
-
-
-@pytest.fixture(params=["xla", "cpu"])
-def path(request, monkeypatch):
-    """The plain XLA path (what GPUs and TPUs run) or the CPU backend (skipped where it is not built)."""
-    if request.param == "xla":
-        monkeypatch.setenv(kernels.SWITCHES["cpu"], "0")
-    elif not onednn.load().available:
-        pytest.skip("the CPU backend is not built here (python -m cnnjax.cpu)")
-    return request.param
 
 
 @pytest.mark.parametrize("name,shape,batch", PARITY_CASES, ids=lambda v: str(v))
