@@ -88,10 +88,12 @@ def load_splits(config: ml_collections.ConfigDict) -> DataSplits:
     mode = d.get("mode", "resident")
     if mode not in MODES:
         raise ConfigError("data.mode", f"must be resident, stream or auto, got {mode!r}")
+    streamable = mode != "resident" and not d.dir and d.name in TFDS_STREAMABLE
+    train = _open_tfds(d.name, "train", config) if streamable else None  # opened once, read by both calls below
     if d.name == "folder":
         splits = _folder_splits(config)
-    elif mode != "resident" and not d.dir and d.name in TFDS_STREAMABLE and _tfds_streams(config, mode):
-        splits = _tfds_splits(config)
+    elif train is not None and _tfds_streams(train, config, mode):
+        splits = _tfds_splits(config, train)
     else:
         splits = splits_of(load_data(config))
     if mode == "auto":
@@ -188,19 +190,18 @@ def _open_tfds(name: str, split: str, config: ml_collections.ConfigDict) -> TFDS
                                                               f"prepare it first ({brief_error(err)})") from err
 
 
-def _tfds_streams(config: ml_collections.ConfigDict, mode: str) -> bool:
+def _tfds_streams(train: TFDSSource, config: ml_collections.ConfigDict, mode: str) -> bool:
     """stream: always; auto: when the training split's decoded size (from the dataset info) exceeds the budget."""
     if mode == "stream":
         return True
-    train = _open_tfds(config.data.name, "train", config)
     return train.info.splits["train"].num_examples * int(np.prod(train.image_shape)) > _resident_max_bytes(config)
 
 
-def _tfds_splits(config: ml_collections.ConfigDict) -> DataSplits:
-    """A TFDS dataset streamed through ``tfds.data_source``: test is its ``test`` split (else ``validation``);
-    val is ``validation`` when both exist, else held out of train (stratified, ``data.val_fraction``)."""
+def _tfds_splits(config: ml_collections.ConfigDict, train: TFDSSource) -> DataSplits:
+    """A TFDS dataset streamed through ``tfds.data_source`` (``train``: its train split, opened): test is its
+    ``test`` split (else ``validation``); val is ``validation`` when both exist, else held out of train
+    (stratified, ``data.val_fraction``)."""
     d = config.data
-    train = _open_tfds(d.name, "train", config)
     info = train.info
     have = set(info.splits.keys())
     names = tuple(CLASS_NAMES.get(d.name) or (str(n) for n in info.features["label"].names))
