@@ -163,8 +163,7 @@ if __name__ == "__main__":  # python -m experiments.cli: the settings an entry p
     from cnnjax.cpu import process
     from experiments import startup
 
-    startup.install()
-    process.configure()
+    startup.begin()  # the signal handler, then the process settings (cnnjax.cpu.process)
     for name, value in process.settings().items():
         print(f"{name}={value}")
     from cnnjax import kernels

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 # ruff: noqa: E402  (the program's first steps below come before its imports)
 if __name__ == "__main__":  # first: SIGTERM / Ctrl-C is one line and status 75 from here on (experiments.startup)
-    from cnnjax.cpu import process
     from experiments import startup
 
-    startup.install()
-    process.configure()  # the XLA:CPU flag; one restart with tcmalloc and huge pages (off: CNNJAX_MALLOC=glibc)
+    startup.begin()  # the signal handler, then the process settings (cnnjax.cpu.process)
 
 import os
 import sys

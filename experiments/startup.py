@@ -1,9 +1,9 @@
 """What a program does on SIGTERM / Ctrl-C from its first line until a run installs its own handlers.
 
-Each entry point calls :func:`install` first thing in its ``__main__`` block, at the top of its module, before its
-other imports (absl, ml_collections: a few hundred ms on a busy 2-core machine) and before
-:func:`cnnjax.cpu.process.configure`, whose restart keeps the stop signals blocked until the new image has this
-handler again. Importing this module installs nothing.
+Each entry point calls :func:`begin` (or :func:`install` alone, where it runs no JAX) first thing in its
+``__main__`` block, at the top of its module, before its other imports (absl, ml_collections). :func:`begin`
+installs the handler before :func:`cnnjax.cpu.process.configure`, whose restart keeps the stop signals blocked
+until the new image has this handler again. Importing this module installs nothing.
 """
 
 from __future__ import annotations
@@ -34,6 +34,17 @@ def install(handler: Callable = interrupt_at_start) -> None:
     """SIGTERM and SIGINT end the process through ``handler`` (default :func:`interrupt_at_start`)."""
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+
+
+def begin(configure_process: bool = True) -> None:
+    """An entry point's first step: :func:`install`, then, for a program that runs JAX,
+    :func:`cnnjax.cpu.process.configure` (the XLA:CPU flag; one restart with tcmalloc and huge pages, off with
+    ``CNNJAX_MALLOC=glibc``)."""
+    install()
+    if configure_process:
+        from cnnjax.cpu import process
+
+        process.configure()
 
 
 def install_rows_saved(path: str) -> None:

@@ -31,11 +31,9 @@ import sys
 
 # ruff: noqa: E402  (the program's first steps below come before its imports)
 if __name__ == "__main__":  # first: SIGTERM / Ctrl-C is one line and status 75 from here on (experiments.startup)
-    from cnnjax.cpu import process
     from experiments import startup
 
-    startup.install()
-    process.configure()  # the settings the entry points run with, inherited by every side's process
+    startup.begin()  # the signal handler, then the process settings (cnnjax.cpu.process)
 
 import statistics
 import time

@@ -26,11 +26,9 @@ import sys
 
 # ruff: noqa: E402  (the program's first steps below come before its imports)
 if __name__ == "__main__":  # first: SIGTERM / Ctrl-C is one line and status 75 from here on (experiments.startup)
-    from cnnjax.cpu import process
     from experiments import startup
 
-    startup.install()
-    process.configure()  # the settings the entry points run with (cnnjax.cpu.process)
+    startup.begin()  # the signal handler, then the process settings (cnnjax.cpu.process)
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")  # the GPU's rest for the PyTorch processes
 
 import time
