@@ -4,6 +4,13 @@ Every process runs the same program. ``initialize`` connects it to the coordinat
 (``jax.distributed.initialize``); afterwards ``jax.devices()`` lists the devices of all processes
 and ``jax.local_devices()`` this process's own. On the CPU, cross-process collectives use gloo.
 
+Devices: a process uses the devices it sees. ``experiments.launch`` gives each child its own GPUs through
+``CUDA_VISIBLE_DEVICES`` (the child sees them as local devices 0..K-1, which JAX uses by default) and also sets
+``JAX_LOCAL_DEVICE_IDS=0,...,K-1``, which ``jax.distributed.initialize`` reads itself: without it, where the
+launcher runs as a Slurm or Open MPI task (its environment inherited by the children), JAX's cluster detection
+would narrow every child to the one GPU numbered by the launcher's local rank. ``initialize`` passes no
+``local_device_ids``; under ``auto`` JAX picks them (one GPU per Slurm / Open MPI task).
+
 A process that dies stops sending heartbeats; after ``heartbeat_timeout_s`` the coordination
 service fails every other process (they exit non-zero instead of waiting forever in a collective).
 """
@@ -24,6 +31,10 @@ from cnnjax.errors import UsageError
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
+# Which of the devices this process sees are its own, as "0,1,...": `experiments.launch` sets it for each child
+# that it gives GPUs through CUDA_VISIBLE_DEVICES; jax.distributed.initialize reads it itself (jax 0.10.2, 0.12.1;
+# tests/test_distributed.py checks the installed jax).
+ENV_LOCAL_DEVICE_IDS = "JAX_LOCAL_DEVICE_IDS"
 
 
 @dataclasses.dataclass(frozen=True)
