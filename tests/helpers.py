@@ -51,8 +51,8 @@ def slow_clock(monkeypatch, step_s) -> None:
     offset = [0.0]
 
     def timed(real):
-        def train(self, state, step, count, stop=None):
-            state, metrics = real(self, state, step, count, stop)
+        def train(self, state, step, count, stop=None, upcoming=0):
+            state, metrics = real(self, state, step, count, stop, upcoming)
             offset[0] += sum(step_s(s) for s in range(step, step + metrics["steps"]))
             return state, metrics
 

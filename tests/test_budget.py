@@ -61,7 +61,7 @@ def _params(workdir) -> dict:
 
 def _timed(step_s: float):
     """A stand-in for the timing: every step takes ``step_s``, everything else nothing."""
-    return lambda *args: StepTimes(0.0, 0.0, step_s, 0.0, 0.0, 0.0, 0.0)
+    return lambda *args: (StepTimes(0.0, 0.0, step_s, 0.0, 0.0, 0.0, 0.0), None, None)
 
 
 def test_a_budgeted_run_equals_a_run_of_the_planned_epochs(tmp_path, monkeypatch, capsys):
@@ -193,7 +193,7 @@ def test_the_plan_times_steady_steps_after_an_untimed_warm_up(monkeypatch):
         return feed
 
     monkeypatch.setattr(feeds, "open_feed", slow_start_feed)
-    times = budget.time_steps(config, data, spe, jax.devices()[:1])
+    times, _, _ = budget.time_steps(config, data, spe, jax.devices()[:1])
     warm = budget.PLAN_WARMUP_STEPS
     assert calls == [(0, 1), (1, warm), (1 + warm, budget.PLAN_STEPS)]
     assert times.step_s < 0.5, times  # the slow warm-up is not in the step time

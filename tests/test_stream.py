@@ -119,7 +119,8 @@ def test_a_streamed_run_under_a_time_budget_equals_one_without(folder, tmp_path,
 def test_a_streamed_run_replanned_by_its_budget_equals_the_recorded_plan(folder, tmp_path, monkeypatch, capsys):
     # 5 steps an epoch, planned at 10 s a step: all 4 epochs fit 1100 s. From step 5 on a step takes 100 s: after
     # epoch 2 (550 s) the 2 epochs left need 1000 s of the 550 s left; one fits -> 3 epochs in all.
-    monkeypatch.setattr(budget, "time_steps", lambda *a: budget.StepTimes(0.0, 0.0, 10.0, 0.0, 0.0, 0.0, 0.0))
+    times = budget.StepTimes(0.0, 0.0, 10.0, 0.0, 0.0, 0.0, 0.0)
+    monkeypatch.setattr(budget, "time_steps", lambda *a: (times, None, None))
     slow_clock(monkeypatch, lambda s: 10.0 if s < 5 else 100.0)
     cfg = {"data.mode": "stream", "num_epochs": 4, "eval_every": 4}
     fit(folder_config(folder, **cfg, time_budget_s=1100.0), str(tmp_path / "budget"), progress=False)

@@ -23,8 +23,9 @@ from cnnjax.data.stream import ArraySource
 from cnnjax.layers import BatchNorm, Conv, Dense, MaxPool
 from cnnjax.models.cifar_resnet import CifarResNet
 from cnnjax.train import feed
+from cnnjax.train.evaluation import summarize_eval
 from cnnjax.train.optim import make_optimizer
-from cnnjax.train.runner import Runner, summarize_eval
+from cnnjax.train.runner import Runner
 from cnnjax.train.state import TrainState, create_train_state, init_variables
 from cnnjax.train.steps import AXIS, StepSpec, eval_step, train_step
 
@@ -106,8 +107,8 @@ def test_a_split_smaller_than_the_eval_batch_is_one_unpadded_batch(streamed):
     runner = Runner(spec, model.apply)
     state = runner.put_state(create_train_state(model, _opt("adam"), (32, 32, 3), jax.random.PRNGKey(0)))
     images, labels = _data(10)
-    shapes, eval_fn = [], runner.eval_fn
-    runner.eval_fn = lambda *args: shapes.append(args[2].shape) or eval_fn(*args)
+    shapes, eval_fn = [], runner.evaluator.eval_fn
+    runner.evaluator.eval_fn = lambda *args: shapes.append(args[3].shape) or eval_fn(*args)
     split = ArraySource(images, labels)
     whole = feed.evaluate(runner, state.params, state.batch_stats, split, 2000, streamed=streamed)
     assert shapes == [(10, 32, 32, 3)]  # not padded up to 2000 rows
@@ -295,7 +296,9 @@ def test_runner_eval_gives_the_same_metrics_as_a_plain_jit_of_eval_step():
     images = jnp.asarray(rng.randint(0, 256, (64, 32, 32, 1)).astype(np.uint8))
     labels = jnp.asarray(rng.randint(0, 10, 64).astype(np.int32))
     mask = jnp.ones(64).at[60:].set(0.0)
-    ours = runner.eval_fn(state.params, state.batch_stats, images, labels, mask)
+    zeros = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "correct", "count")} | {
+        "confusion": jnp.zeros((10, 10), jnp.float32)}
+    ours = runner.evaluator.eval_fn(zeros, state.params, state.batch_stats, images, labels, mask)
     plain = jax.jit(lambda p, s: eval_step(p, s, model.apply, images, labels, mask, spec))(
         state.params, state.batch_stats)
     chex.assert_trees_all_close(ours, plain, rtol=1e-5, atol=1e-4)

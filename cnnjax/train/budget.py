@@ -1,9 +1,10 @@
 """A time budget for a run: as many epochs as fit, planned from timed steps and re-planned as it goes.
 
 With ``config.time_budget_s > 0``, ``fit`` treats ``num_epochs`` as the most it may train and, before the
-run starts, times its train step here: one call (compile + step), ``PLAN_WARMUP_STEPS`` untimed steps, then
-``PLAN_STEPS`` steady steps, and
-one batch of validation images twice (a whole pass is scaled from the second), on a scratch copy of the
+run starts, times its train step here, on the run's own program: one chunk (its compilation, timed apart by
+:attr:`cnnjax.train.runner.Runner.compile_s`), then one more chunk of the compiled length (scan) or
+``PLAN_WARMUP_STEPS`` untimed and ``PLAN_STEPS`` timed steps (host loop, whose chunk lengths share one program),
+and one batch of validation images twice (a whole pass is scaled from the second), on a scratch copy of the
 initial state (nothing is written; the run itself starts from the initial state again). The plan is the
 largest epoch count whose estimated wall time, counted from the start of ``fit``, fits the budget; the
 learning-rate schedule is then built for that many epochs, so a budgeted run ends its schedule as a run of
@@ -35,7 +36,7 @@ from cnnjax.data import DataSplits
 from cnnjax.data.stream import EpochOrder, subset
 from cnnjax.errors import ConfigError
 from cnnjax.train import feed as feeds
-from cnnjax.train.experiment import build
+from cnnjax.train.experiment import Experiment, build, runner_for
 from cnnjax.train.runner import Runner
 from cnnjax.train.timeline import Replans, check_replans
 
@@ -68,51 +69,53 @@ def evaluations(epochs: int, eval_every: int) -> int:
     return epochs // every + (epochs % every != 0)
 
 
-def estimate_s(epochs: int, elapsed_s: float, times: StepTimes, steps_per_epoch: int, eval_every: int) -> float:
+def estimate_s(epochs: int, elapsed_s: float, times: StepTimes, steps_per_epoch: int, eval_every: int,
+               rebuild: bool = True) -> float:
     """Estimated seconds from the start of ``fit`` to the end of a run of ``epochs``, planned ``elapsed_s``
-    after that start: setting up and compiling again, the steps, the validation passes, the final test
+    after that start: setting up and compiling again (``rebuild``: the run's schedule differs from the timed
+    one's; else the run goes on with the timed program), the steps, the validation passes, the final test
     pass, one more test pass for the best checkpoint when there is more than one evaluation, and a
     checkpoint after each evaluation. Plots are not in it."""
     evals = evaluations(epochs, eval_every)
     tests = 1 + (evals > 1)
-    return (elapsed_s + times.setup_s + times.compile_s + epochs * steps_per_epoch * times.step_s
+    again = times.setup_s + times.compile_s if rebuild else 0.0
+    return (elapsed_s + again + epochs * steps_per_epoch * times.step_s
             + times.first_val_s + (evals - 1) * times.val_s + tests * times.test_s + evals * times.save_s)
 
 
 def epochs_within(budget_s: float, elapsed_s: float, times: StepTimes, steps_per_epoch: int, eval_every: int,
                   max_epochs: int) -> int:
-    """The largest epoch count in ``0 .. max_epochs`` whose :func:`estimate_s` is at most ``budget_s``."""
+    """The largest epoch count in ``0 .. max_epochs`` whose :func:`estimate_s` is at most ``budget_s`` (a run of
+    ``max_epochs`` keeps the timed program; a shorter one builds and compiles its own)."""
     fits = [e for e in range(1, max_epochs + 1)
-            if estimate_s(e, elapsed_s, times, steps_per_epoch, eval_every) <= budget_s]
+            if estimate_s(e, elapsed_s, times, steps_per_epoch, eval_every, e < max_epochs) <= budget_s]
     return max(fits, default=0)
 
 
 def time_steps(config: ml_collections.ConfigDict, data: DataSplits, steps_per_epoch: int,
-               devices: list) -> StepTimes:
+               devices: list) -> tuple[StepTimes, Experiment, Runner]:
     """Time ``config``'s train step and validation pass (see the module docstring); every process calls it
-    and gets the same figures (their means over processes)."""
+    and gets the same figures (their means over processes). Also returns the experiment and runner it timed
+    (for the run itself when it keeps ``num_epochs``: its program is then already compiled)."""
     t0 = time.perf_counter()
     exp = build(config, data, steps_per_epoch)
-    runner = Runner(exp.spec, exp.model.apply, config.parallelism, devices)
+    runner = runner_for(config, exp, devices, steps_per_epoch)
     order = EpochOrder(int(config.seed), len(data.train), int(config.batch_size))
-    # the warm-up, then the timed steps: inside epoch 1 when it has enough steps
-    warm = max(0, min(PLAN_WARMUP_STEPS, steps_per_epoch - 2))
-    count = max(1, min(PLAN_STEPS, steps_per_epoch - 1 - warm))
-    feed = feeds.open_feed(runner, data.train, order, 0, 1 + warm + count, streamed=data.streamed,
+    # Chunks of the compiled length (scan) or, in a host loop, of steps that all share one program.
+    first = runner.chunk_steps or 1
+    warm = 0 if runner.chunk_steps else PLAN_WARMUP_STEPS
+    count = runner.chunk_steps or PLAN_STEPS
+    feed = feeds.open_feed(runner, data.train, order, 0, first + warm + count, streamed=data.streamed,
                            workers=int(config.data.get("workers", 2)))
     try:
         state = runner.put_state(exp.state)
-        t1 = time.perf_counter()
-        state, _ = feed.train(state, 0, 1)
-        jax.block_until_ready(state)
-        t2 = time.perf_counter()
-        if warm:
-            state, _ = feed.train(state, 1, warm)
-            jax.block_until_ready(state)
-        t_warm = time.perf_counter()
-        state, _ = feed.train(state, 1 + warm, count)
-        jax.block_until_ready(state)
-        t3 = time.perf_counter()
+        t1, stamps = time.perf_counter(), []
+        for at, n in ((0, first), (first, warm), (first + warm, count)):
+            if n:
+                state, _ = feed.train(state, at, n)
+                jax.block_until_ready(state)
+            stamps.append(time.perf_counter())
+        _, t_warm, t3 = stamps
         sample = subset(data.val, np.arange(min(len(data.val), int(config.eval_batch_size))))
         marks = [time.perf_counter()]
         for _ in range(2):  # one batch of validation images, twice: the first call compiles
@@ -125,10 +128,11 @@ def time_steps(config: ml_collections.ConfigDict, data: DataSplits, steps_per_ep
     step_s = (t3 - t_warm) / count
     batch_s = marks[2] - marks[1]
     val_s = batch_s * len(data.val) / len(sample)
-    local = np.array([t1 - t0, max(0.0, t2 - t1 - step_s), step_s, marks[1] - marks[0] - batch_s + val_s, val_s])
+    local = np.array([t1 - t0, runner.compile_s, step_s, marks[1] - marks[0] - batch_s + val_s, val_s])
     setup_s, compile_s, step_s, first_val_s, val_s = distributed.sum_over_processes(local) / jax.process_count()
-    return StepTimes(float(setup_s), float(compile_s), float(step_s), float(first_val_s), float(val_s),
-                     float(val_s) * len(data.test) / max(1, len(data.val)), save_s)
+    times = StepTimes(float(setup_s), float(compile_s), float(step_s), float(first_val_s), float(val_s),
+                      float(val_s) * len(data.test) / max(1, len(data.val)), save_s)
+    return times, exp, runner
 
 
 def _time_save(host_state) -> float:
@@ -173,6 +177,7 @@ class Plan:
     message: str
     times: StepTimes | None = None
     replans: Replans = ()
+    built: tuple[Experiment, Runner] | None = None  # what was timed, when the plan keeps `num_epochs`
 
 
 def plan_epochs(config: ml_collections.ConfigDict, data: DataSplits, steps_per_epoch: int, devices: list,
@@ -186,16 +191,17 @@ def plan_epochs(config: ml_collections.ConfigDict, data: DataSplits, steps_per_e
         epochs = int(saved.num_epochs)
         return Plan(epochs, f"time budget: resuming the {epochs} epochs planned at the first launch",
                     replans=check_replans(saved.get("budget_replans", ())))  # fit checks them against the run
-    times = time_steps(config, data, steps_per_epoch, devices)
+    times, exp, runner = time_steps(config, data, steps_per_epoch, devices)
     elapsed = distributed.mean_over_processes(time.perf_counter() - started)  # every process plans alike
     epochs = epochs_within(budget, elapsed, times, steps_per_epoch, config.eval_every, config.num_epochs)
     one = estimate_s(1, elapsed, times, steps_per_epoch, config.eval_every)
     if epochs == 0:
         raise ConfigError("time_budget_s", f"({budget:g} s) leaves no time for one epoch here (about {one:.0f} s "
                                            "with set-up and evaluation); raise it, or set 0 to train `num_epochs`")
-    total = estimate_s(epochs, elapsed, times, steps_per_epoch, config.eval_every)
+    total = estimate_s(epochs, elapsed, times, steps_per_epoch, config.eval_every, epochs < config.num_epochs)
     return Plan(epochs, f"time budget {budget:.0f} s: {times.step_s:.3f} s/step x {steps_per_epoch} steps/epoch "
                         f"(compile {times.compile_s:.1f} s, validation {times.first_val_s:.1f} s, checkpoint "
                         f"{times.save_s:.2f} s, planned after {elapsed:.1f} s) -> {epochs} of at most "
-                        f"{config.num_epochs} epochs, about {total:.0f} s in all", times)
+                        f"{config.num_epochs} epochs, about {total:.0f} s in all", times,
+                built=(exp, runner) if epochs == config.num_epochs and runner is not None else None)
 

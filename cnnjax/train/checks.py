@@ -14,7 +14,8 @@ from cnnjax.data import CLASS_NAMES
 from cnnjax.data.pipeline import FLIP_MODES, PAD_MODES
 from cnnjax.errors import ConfigError, TrainingError
 from cnnjax.io import read_json, write_json_atomic
-from cnnjax.train.runner import MODES
+from cnnjax.train.experiment import PRECISIONS
+from cnnjax.train.runner import MODES, SCAN_CHOICES
 from cnnjax.train.steps import TTA_LEVELS
 from cnnjax.train.timeline import check_replans
 
@@ -29,8 +30,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if config.model.name not in models.available():
         raise ConfigError("model.name", f"names unknown model {config.model.name!r}; use one of: "
                                         f"{', '.join(models.available())}")
-    if config.parallelism not in MODES:
-        raise ConfigError("parallelism", f"must be jit, pmap or sharded, got {config.parallelism!r}")
+    if config.parallelism not in ("auto", *MODES):
+        raise ConfigError("parallelism", f"must be auto, jit, pmap or sharded, got {config.parallelism!r}")
+    if config.get("loop", {}).get("scan", "auto") not in SCAN_CHOICES:
+        raise ConfigError("loop.scan", f"must be auto, on or off, got {config.loop.scan!r}")
+    if config.get("precision", "default") not in PRECISIONS:
+        raise ConfigError("precision", f"must be default, high or highest, got {config.precision!r}")
     for key in ("batch_size", "eval_batch_size", "num_epochs", "log_every"):
         if config.get(key, 1) < 1:
             raise ConfigError(key, f"must be >= 1, got {config[key]!r}")

@@ -109,7 +109,7 @@ def _accumulating_eval(spec: StepSpec, apply_fn, mesh: Mesh, ensemble: bool, com
     step = ensemble_eval_step if ensemble else eval_step
 
     def local(acc, params, stats, images, labels, mask):
-        with jax.default_matmul_precision(getattr(spec, "precision", None)):
+        with jax.default_matmul_precision(spec.precision):
             m = jax.lax.psum(step(params, stats, apply_fn, images, labels, mask, spec), AXIS)
         return {k: acc[k] + m[k] for k in acc}
 

@@ -20,6 +20,7 @@ from cnnjax.data.pipeline import AugmentConfig
 from cnnjax.data.stream import subset, to_arrays
 from cnnjax.errors import ConfigError
 from cnnjax.train.optim import make_optimizer
+from cnnjax.train.runner import Runner, resolve_parallelism, scan_choice
 from cnnjax.train.state import TrainState, create_train_state, model_variables
 from cnnjax.train.steps import AXIS, Lookahead, StepSpec, init_lookahead
 from cnnjax.train.timeline import check_replans
@@ -49,7 +50,25 @@ def build_spec(config: ml_collections.ConfigDict, dataset: str, steps_per_epoch:
         tta=int(config.get("tta", 0)),
         lookahead=Lookahead(every, steps_per_epoch * config.num_epochs,
                             replans=check_replans(config.get("budget_replans", ()))) if every else None,
+        precision=PRECISIONS[config.get("precision", "default")],
     )
+
+
+# config.precision -> StepSpec.precision: the float32 matmul / conv precision of the steps (None: XLA's default,
+# which on NVIDIA GPUs since Ampere and on TPUs lets convolutions and matmuls round their inputs to TF32 / bf16).
+PRECISIONS = {"default": None, "high": "high", "highest": "highest"}
+
+
+def chunk_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+    """Steps per chunk of the training loop: ``log_every``, at most an epoch."""
+    return max(1, min(int(config.log_every), steps_per_epoch))
+
+
+def runner_for(config: ml_collections.ConfigDict, exp: Experiment, devices: list, steps_per_epoch: int) -> Runner:
+    """The :class:`Runner` of a run of ``config``: its parallelism, ``loop.scan`` and constant chunk length."""
+    scan = scan_choice(config.get("loop", {}).get("scan", "auto"))
+    return Runner(exp.spec, exp.model.apply, resolve_parallelism(config.parallelism, devices), devices, scan=scan,
+                  chunk_steps=chunk_steps(config, steps_per_epoch))
 
 
 def build_model(config: ml_collections.ConfigDict) -> tuple[Any, int]:

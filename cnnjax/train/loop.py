@@ -35,10 +35,10 @@ from cnnjax.errors import ConfigError, TrainingError
 from cnnjax.train import budget
 from cnnjax.train import feed as feeds
 from cnnjax.train.checks import check_config, check_workdir, write_config
-from cnnjax.train.experiment import Experiment, build, retime
+from cnnjax.train.experiment import Experiment, build, retime, runner_for
 from cnnjax.train.lock import WorkdirLock
 from cnnjax.train.metrics import MetricsWriter
-from cnnjax.train.runner import Runner, select_devices
+from cnnjax.train.runner import Runner, resolve_parallelism, select_devices
 from cnnjax.train.timeline import check_replans
 
 _clock = time.perf_counter  # the loop's clock (the budget's deadline, epoch times); tests may replace it
@@ -157,6 +157,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     started = _clock()
     check_config(config)
     devices = devices_for(config)
+    config.parallelism = resolve_parallelism(config.parallelism, devices)
     if not workdir:
         raise ConfigError("workdir", "must name a directory")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -175,7 +176,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
             config.num_epochs = plan.epochs
             config.budget_replans = plan.replans
         check_replans(config.get("budget_replans", ()), spe, spe * config.num_epochs)
-        exp = build(config, data, spe)
+        exp, runner = plan.built if plan is not None and plan.built else (build(config, data, spe), None)
         store, run = CheckpointStore(workdir), None
         try:
             state, step, acc = _resume(store, exp.state, spe, workdir)
@@ -186,7 +187,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
             stop.abortable = False
             if distributed.any_process(stop.signal is not None):
                 stop.abort(stop.signal or signal.SIGTERM)
-            run = _open_run(config, workdir, data, exp, store, devices, step, progress, tensorboard)
+            run = _open_run(config, workdir, data, exp, runner or runner_for(config, exp, devices, spe), store, step,
+                            progress, tensorboard)
             if plan is not None and plan.times is not None:
                 run = dataclasses.replace(run, deadline=started + float(config.time_budget_s), times=plan.times)
             return _train(run, run.runner.put_state(state), step, acc, stop, stop_after_steps)
@@ -196,12 +198,11 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
             store.close()
 
 
-def _open_run(config, workdir, data: DataSplits, exp, store, devices, step, progress, tensorboard) -> Run:
+def _open_run(config, workdir, data: DataSplits, exp, runner: Runner, store, step, progress, tensorboard) -> Run:
     """Write config.json (process 0), start the feed, open the metrics writer, print the header."""
     primary = distributed.is_primary()
     if primary:
         write_config(config, workdir)
-    runner = Runner(exp.spec, exp.model.apply, config.parallelism, devices)
     order = EpochOrder(int(config.seed), len(data.train), int(config.batch_size))
     feed = feeds.open_feed(runner, data.train, order, step, order.steps_per_epoch * config.num_epochs,
                            streamed=data.streamed, workers=int(config.data.get("workers", 2)))
@@ -209,7 +210,8 @@ def _open_run(config, workdir, data: DataSplits, exp, store, devices, step, prog
     _say(f"{config.model.name} on {data.name}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} "
          f"test images ({'streamed' if data.streamed else 'resident'}), {config.parallelism} on {runner.n} "
          f"{runner.platform} device(s) in {jax.process_count()} process(es), batch {config.batch_size}, "
-         f"{order.steps_per_epoch} steps/epoch")
+         f"{order.steps_per_epoch} steps/epoch, " + (f"chunks of {runner.chunk_steps} steps in one lax.scan"
+                                                      if runner.scan else "a host loop of one-step calls"))
     return Run(config, data, exp, runner, store, writer, order, progress and primary, feed)
 
 
@@ -233,35 +235,42 @@ def _resume(store: CheckpointStore, initial, spe: int, workdir: str):
     return state, step, (meta.get("partial") or {}) if step % spe else {}
 
 
+def _chunk_length(run: Run, step: int, end: int) -> int:
+    """Steps in the chunk that starts at ``step``: up to ``log_every``, within the epoch, before ``end``."""
+    return max(0, min(int(run.config.log_every), run.steps_per_epoch - step % run.steps_per_epoch, end - step))
+
+
 def _train(run: Run, state, step: int, acc: dict, stop: StopFlag, stop_after_steps: int | None) -> dict:
-    """The step loop: chunks of ``log_every`` steps, periodic evaluation / checkpoints, signals."""
-    chunk, spe, start = max(1, int(run.config.log_every)), run.steps_per_epoch, step
-    bar, t0, seen, last_eval, trained_s = None, _clock(), 0, None, 0.0
+    """The step loop: chunks of ``log_every`` steps, periodic evaluation / checkpoints, signals. A chunk's metrics
+    are read after the next chunk is dispatched (the device never waits for the host within an epoch)."""
+    spe, start = run.steps_per_epoch, step
+    end = start + max(1, stop_after_steps) if stop_after_steps is not None else None
+    bar, last_eval, trained = None, None, _Pace()
+    pending, seen, t0, compiled = None, 0, _clock(), run.runner.compile_s
     while step < run.total_steps:
         epoch, pos = step // spe + 1, step % spe
         if bar is None or pos == 0:
             bar = _bar(run, epoch, pos)
-        n = min(chunk, spe - pos)
-        if stop_after_steps is not None:
-            n = min(n, max(1, start + stop_after_steps - step))
-        state, m = run.feed.train(state, step, n, stop=lambda: distributed.any_process(stop.signal is not None))
-        n = m.pop("steps")
-        acc = {k: acc.get(k, 0.0) + float(v) for k, v in jax.device_get(m).items()}
-        step, seen = step + n, seen + n * run.config.batch_size
-        _check_finite(acc, epoch, step)
-        _update_bar(bar, n, acc, seen, t0)
-        stop_now = distributed.any_process(stop.signal is not None or (
-            stop_after_steps is not None and step - start >= stop_after_steps))
-        if step % spe == 0:
+        limit = min(run.total_steps, end if end is not None else run.total_steps)
+        n = _chunk_length(run, step, limit)
+        upcoming = _chunk_length(run, step + n, limit)
+        state, m = run.feed.train(state, step, n, stop=lambda: distributed.any_process(stop.signal is not None),
+                                  upcoming=upcoming)
+        ran = m.pop("steps")
+        acc = _absorb(run, acc, pending, bar, seen, t0)  # the chunk before, now that this one is queued
+        pending, step, seen = (m, ran, epoch, step + ran), step + ran, seen + ran * run.config.batch_size
+        stop_now = distributed.any_process(stop.signal is not None or (end is not None and step >= end))
+        if step % spe == 0 or stop_now:
+            acc, pending = _absorb(run, acc, pending, bar, seen, t0), None
             bar.close()
+        if step % spe == 0:
             seconds = _clock() - t0
             last_eval = _end_epoch(run, state, epoch, acc, seconds, seen, stop_now) or last_eval
-            trained_s += seconds
+            trained.add(seconds, run.runner.compile_s - compiled)
             if run.deadline is not None and not stop_now and step < run.total_steps:
-                run, state = _keep_deadline(run, state, epoch, trained_s, step // spe - start // spe, seconds)
-            acc, t0, seen = {}, _clock(), 0
+                run, state = _keep_deadline(run, state, epoch, trained)
+            acc, t0, seen, compiled = {}, _clock(), 0, run.runner.compile_s
         elif stop_now:
-            bar.close()
             run.store.save(step, run.runner.get_state(state), {"epoch": epoch, "step": step, "partial": acc})
         if stop_now:
             why = f"signal {stop.signal}" if stop.signal is not None else "stop_after_steps"
@@ -271,17 +280,41 @@ def _train(run: Run, state, step: int, acc: dict, stop: StopFlag, stop_after_ste
     return _finish(run, state, last_eval)
 
 
-def _keep_deadline(run: Run, state, epoch: int, trained_s: float, epochs: int, last_s: float):
+def _absorb(run: Run, acc: dict, pending, bar, seen: int, t0: float) -> dict:
+    """``acc`` plus the metrics of the chunk ``pending`` = ``(metrics on the device, steps, epoch, step after)``
+    (None: nothing to add): read from the device, checked finite, shown on the progress bar."""
+    if pending is None:
+        return acc
+    m, ran, epoch, after = pending
+    acc = {k: acc.get(k, 0.0) + float(v) for k, v in jax.device_get(m).items()}
+    _check_finite(acc, epoch, after)
+    _update_bar(bar, ran, acc, seen, t0)
+    return acc
+
+
+@dataclasses.dataclass
+class _Pace:
+    """Epoch times of this call without compilation: their sum, count and the last one."""
+
+    total_s: float = 0.0
+    epochs: int = 0
+    last_s: float = 0.0
+
+    def add(self, seconds: float, compile_s: float) -> None:
+        self.last_s = max(seconds - compile_s, 0.0)
+        self.total_s += self.last_s
+        self.epochs += 1
+
+
+def _keep_deadline(run: Run, state, epoch: int, pace: _Pace):
     """After ``epoch``: ``(run, state)`` unchanged while the epochs left still end before ``run.deadline``, else
     re-planned to the most that do (:func:`cnnjax.train.budget.epochs_left_fit`), with the schedule compressed
-    into them, the step rebuilt for it and config.json rewritten. ``trained_s``: the seconds this call's
-    ``epochs`` epochs took (with the first step's compilation, as the plan timed it), ``last_s`` those of
-    ``epoch``; the epochs left are counted at the mean or at the last one's time, whichever is longer (a machine
-    that slowed down tends to stay slow). Every process calls it and decides alike (on means over processes)."""
-    config, spe, compile_s = run.config, run.steps_per_epoch, run.times.compile_s
-    mean_s = max(trained_s - compile_s, 0.0) / epochs
-    last_s = max(last_s - (compile_s if epochs == 1 else 0.0), 0.0)
-    epoch_s = distributed.mean_over_processes(max(mean_s, last_s))
+    into them, the step rebuilt for it and config.json rewritten. ``pace``: this call's epoch times less the
+    time spent compiling (a re-plan's own compile is then not taken for the pace of its epochs); the epochs left
+    are counted at the mean or at the last one's time, whichever is longer (a machine that slowed down tends to
+    stay slow). Every process calls it and decides alike (on means over processes)."""
+    config, spe = run.config, run.steps_per_epoch
+    epoch_s = distributed.mean_over_processes(max(pace.total_s / pace.epochs, pace.last_s))
     left_s = distributed.mean_over_processes(run.deadline - _clock())
     total = budget.epochs_left_fit(epoch, config.num_epochs, epoch_s, left_s, run.times, config.eval_every)
     if total >= config.num_epochs:
@@ -293,7 +326,7 @@ def _keep_deadline(run: Run, state, epoch: int, trained_s: float, epochs: int, l
     config.num_epochs = total
     config.budget_replans = (*config.get("budget_replans", ()), (epoch * spe, run.total_steps, total * spe))
     exp, tx = retime(config, run.exp, run.data.name, spe)
-    runner = Runner(exp.spec, exp.model.apply, config.parallelism, run.runner.devices)
+    runner = runner_for(config, exp, run.runner.devices, spe)
     run.feed.runner = runner
     if distributed.is_primary():
         write_config(config, run.store.workdir)

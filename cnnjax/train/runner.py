@@ -14,28 +14,30 @@ of the state (params, BatchNorm statistics, optimizer state) and of the whole ui
 split with its labels, plus its own slice of each chunk of batch indices. Every process passes
 the same host arrays (every process loads the split and draws the same permutation); each
 contributes only the shards that live on its devices (``jax.make_array_from_callback``).
-Evaluation splits the eval set between processes, runs on each process's first device, and sums
-the totals across processes.
+Evaluation splits the eval set between processes, is sharded over each process's local devices
+(:mod:`cnnjax.train.evaluation`), and sums the totals across processes.
 
 On the CPU a chunk of steps is a host loop of compiled steps (XLA:CPU runs convolutions inside a
-``lax.scan`` through a slow generic path); on accelerators it is one ``lax.scan``.
+``lax.scan`` through a slow generic path); on accelerators it is one ``lax.scan`` (``loop.scan`` forces either),
+padded with masked steps to one length, so that one program serves the whole run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cnnjax import distributed
 from cnnjax.errors import UsageError
+from cnnjax.train.evaluation import Evaluator
 from cnnjax.train.state import TrainState
-from cnnjax.train.steps import AXIS, StepSpec, ensemble_eval_step, eval_step, train_step
+from cnnjax.train.steps import AXIS, StepSpec, train_step
 
 Array = jax.Array
 MODES = ("jit", "pmap", "sharded")
@@ -55,6 +57,28 @@ def eval_compiler_options(platform: str, jax_version: str, xla_flags: str) -> di
 
 
 _METRIC_KEYS = ("loss_sum", "correct", "count")
+SCAN_CHOICES = ("auto", "on", "off")
+
+
+def scan_choice(value: str | bool | None) -> bool | None:
+    """``loop.scan`` as the Runner's ``scan``: ``'on'`` True, ``'off'`` False, ``'auto'`` None (scan unless the
+    devices are CPUs)."""
+    if value in (None, "auto"):
+        return None
+    if value in ("on", True):
+        return True
+    if value in ("off", False):
+        return False
+    raise UsageError(f"loop.scan must be auto, on or off, got {value!r}")
+
+
+def resolve_parallelism(parallelism: str, devices: list) -> str:
+    """``parallelism`` with ``'auto'`` resolved for ``devices``: ``'sharded'`` in a multi-process run or over
+    several accelerators, else ``'jit'`` (one device)."""
+    if parallelism != "auto":
+        return parallelism
+    several = len(devices) > 1 and devices[0].platform != "cpu"
+    return "sharded" if jax.process_count() > 1 or several else "jit"
 
 
 def select_devices(per_process: int = 0) -> list:
@@ -68,33 +92,48 @@ def select_devices(per_process: int = 0) -> list:
 
 
 def _chunk_fn(spec: StepSpec, scan: bool, axis_name: str | None, gather: bool):
-    """``(state, acc, images, labels, ids) -> (state, acc)``: the step over a chunk of steps
-    (``lax.scan``), or one step (a host loop calls it per step with ``steps = 1``, so every chunk
-    length shares one compiled step).
+    """``(state, acc, images, labels, ids, valid) -> (state, acc)``: the step over a chunk of steps (``lax.scan``),
+    or one step (a host loop calls it per step with ``steps = 1``, so every chunk length shares one compiled step).
 
-    ``gather=True`` (resident): ``images [N, ...]`` / ``labels [N]`` are the whole split and ``ids
-    [steps, B]`` index it. ``gather=False`` (streamed): ``images [steps, B, ...]``, ``labels`` and ``ids
-    [steps, B]`` are the batches themselves. ``ids`` are training-set indices either way."""
+    ``gather=True`` (resident): ``images [N, ...]`` / ``labels [N]`` are the whole split and ``ids [steps, B]``
+    index it. ``gather=False`` (streamed): ``images [steps, B, ...]``, ``labels`` and ``ids [steps, B]`` are the
+    batches themselves. ``ids`` are training-set indices either way. ``valid [steps]`` (scan): 0 marks a padding
+    step, which leaves the state and the metrics as they are (every chunk then has one length: one compile).
+    The float32 matmul / conv precision is ``spec.precision`` while the step is traced."""
 
     def step(state, acc, row):
         images, labels, ids = row
         offset = jax.lax.axis_index(axis_name) * ids.shape[0] if axis_name else 0
         state, m = train_step(state, images, labels, spec, axis_name, offset, ids)
-        return state, {k: acc[k] + m[k] for k in _METRIC_KEYS} | {"pos": acc["pos"] + 1}
+        return state, {k: acc[k] + m[k] for k in _METRIC_KEYS}
 
-    def run(state, acc, images, labels, ids):
+    def run(state, acc, images, labels, ids, valid):
         if gather:
             rows = ids
             take = lambda r: (images[r], labels[r], r)  # noqa: E731
         else:
             rows = (images, labels, ids)
             take = lambda r: r  # noqa: E731
-        if scan:
-            (state, acc), _ = jax.lax.scan(lambda c, r: (step(*c, take(r)), None), (state, acc), rows)
-            return state, acc
-        return step(state, acc, take(jax.tree_util.tree_map(lambda x: x[0], rows)))
+        with jax.default_matmul_precision(spec.precision):
+            if scan:
+                def body(carry, row_ok):
+                    row, ok = row_ok
+                    return jax.lax.cond(ok, lambda c: step(*c, take(row)), lambda c: c, carry), None
+
+                (state, acc), _ = jax.lax.scan(body, (state, acc), (rows, valid))
+                return state, acc
+            return step(state, acc, take(jax.tree_util.tree_map(lambda x: x[0], rows)))
 
     return run
+
+
+@dataclasses.dataclass
+class Chunk:
+    """A chunk of steps placed on the device(s), ready to run: the arguments of each call after the state and the
+    accumulators (scan: one call; host loop: one per step) and how many real steps it holds."""
+
+    calls: list[tuple]
+    steps: int
 
 
 class Runner:
@@ -105,10 +144,15 @@ class Runner:
     global batches ``idx [steps, global_batch]`` (numpy, the same in every process), ``evaluate``
     returns metrics over a split. For ``pmap`` the model must carry ``axis_name='batch'`` for
     cross-replica BatchNorm. ``train`` donates the state it is given: keep using the returned one.
+
+    ``scan``: a chunk is one ``lax.scan`` (None: unless the devices are CPUs). ``chunk_steps`` (scan): every chunk
+    is padded with masked steps to this length, so one program serves every chunk (0: each length compiles its
+    own). ``compile_s``: the seconds this runner's train calls spent compiling (or loading from JAX's persistent
+    cache), counted on the first call of each program.
     """
 
     def __init__(self, spec: StepSpec, apply_fn, mode: str = "jit", devices: list | None = None,
-                 scan: bool | None = None):
+                 scan: bool | None = None, chunk_steps: int = 0):
         if mode not in MODES:
             raise UsageError(f"parallelism must be 'jit', 'pmap' or 'sharded', got {mode!r}")
         if mode == "jit" and jax.process_count() > 1:
@@ -120,6 +164,8 @@ class Runner:
         # The platform the programs are compiled for (the devices', not jax.default_backend()'s).
         self.platform = self.devices[0].platform
         self.scan = self.platform != "cpu" if scan is None else scan
+        self.chunk_steps = int(chunk_steps) if self.scan else 0
+        self.compile_s, self._compiled = 0.0, set()
         self.n = len(self.devices)
         me = jax.process_index()
         self.local_positions = [i for i, d in enumerate(self.devices) if d.process_index == me]
@@ -132,20 +178,19 @@ class Runner:
             self._leading = NamedSharding(self.mesh, PartitionSpec(AXIS))
             self._train, self._train_batches = (
                 jax.pmap(_chunk_fn(spec, self.scan, AXIS, gather), axis_name=AXIS, devices=self.devices,
-                         donate_argnums=(0, 1)) for gather in (True, False))
+                         donate_argnums=(0,)) for gather in (True, False))
         else:
-            self._batch_sharded = NamedSharding(self.mesh, PartitionSpec(None, AXIS))
             self._train, self._train_batches = (
-                jax.jit(_chunk_fn(spec, self.scan, None, gather), donate_argnums=(0, 1),
+                jax.jit(_chunk_fn(spec, self.scan, None, gather), donate_argnums=(0,),
                         out_shardings=(self._replicated, self._replicated)) for gather in (True, False))
-        # eval_fn(params, batch_stats, images, labels, mask) -> summed metrics (see eval_step).
+        self._zeros = self._place({k: np.zeros((), np.float32) for k in _METRIC_KEYS})  # never donated
+        self._valid: dict[tuple[int, int], Array] = {}
+        self._init_eval(spec, apply_fn)
+
+    def _init_eval(self, spec: StepSpec, apply_fn) -> None:
         options = eval_compiler_options(self.local_devices[0].platform, jax.__version__,
                                         os.environ.get("XLA_FLAGS", ""))
-        self.eval_fn = jax.jit(lambda params, stats, images, labels, mask: eval_step(
-            params, stats, apply_fn, images, labels, mask, spec), compiler_options=options)
-        # The same for an ensemble: params / stats are tuples of the members' trees (see ensemble_eval_step).
-        self.ensemble_eval_fn = jax.jit(lambda params, stats, images, labels, mask: ensemble_eval_step(
-            params, stats, apply_fn, images, labels, mask, spec), compiler_options=options)
+        self.evaluator = Evaluator(spec, apply_fn, self.local_devices, options)
 
     # --- placement ---------------------------------------------------------------------------
     def first_local(self, x: Any) -> Any:
@@ -204,43 +249,78 @@ class Runner:
         sharding = NamedSharding(self.mesh, PartitionSpec(None, AXIS))
         return jax.make_array_from_callback((local.shape[0], global_batch, *local.shape[2:]), sharding, shard)
 
+    def _padded(self, arrays: list[np.ndarray]) -> tuple[list[np.ndarray], int]:
+        """``arrays`` of ``steps`` rows padded with zero rows to ``chunk_steps`` (scan), and ``steps``."""
+        steps = len(arrays[0])
+        if self.chunk_steps and steps > self.chunk_steps:
+            raise UsageError(f"a chunk of {steps} steps is longer than this runner's {self.chunk_steps}")
+        pad = self.chunk_steps - steps if self.chunk_steps else 0
+        if pad:
+            arrays = [np.concatenate([a, np.zeros((pad, *a.shape[1:]), a.dtype)]) for a in arrays]
+        return arrays, steps
+
+    def _valid_mask(self, steps: int, call: slice) -> Array:
+        """The placed ``valid`` flags of the call ``call`` of a chunk with ``steps`` real steps: ``[chunk_steps]``
+        (scan: padding steps 0) or ``[1]`` (host loop; unused). Cached."""
+        length = (self.chunk_steps or steps) if self.scan else 1
+        real = min(steps, length)
+        if (real, length) not in self._valid:
+            self._valid[real, length] = self._place(np.arange(length) < real)
+        return self._valid[real, length]
+
+    def index_chunk(self, idx: np.ndarray) -> Chunk:
+        """The chunk of global batches ``idx [steps, B]`` of indices into the resident split, placed."""
+        (idx,), steps = self._padded([np.asarray(idx, np.int32)])
+        local = idx[:, self.local_columns(idx.shape[-1])]  # this process's columns, chosen once per chunk
+        return Chunk([(self.put_batches(local[c], idx.shape[-1]), self._valid_mask(steps, c))
+                      for c in self._step_slices(steps)], steps)
+
+    def batch_chunk(self, batch: dict, global_batch: int) -> Chunk:
+        """The chunk of streamed batches (this process's columns ``{'images' [steps, b, H, W, C], 'labels', 'ids'
+        [steps, b]}`` of ``global_batch``-example batches), placed: device transfers start now, so a chunk placed
+        while the one before runs is double-buffered."""
+        arrays, steps = self._padded([np.asarray(batch[k]) for k in ("images", "labels", "ids")])
+        return Chunk([(*(self.put_batches(a[c], global_batch) for a in arrays), self._valid_mask(steps, c))
+                      for c in self._step_slices(steps)], steps)
+
     # --- compute -----------------------------------------------------------------------------
     def train(self, state: TrainState, images: Array, labels: Array, idx: np.ndarray,
               stop: Callable[[], bool] | None = None) -> tuple[TrainState, dict]:
-        """Run the chunk ``idx [steps, B]`` of indices into the resident split; metrics are summed over steps
-        and devices, on this process's first device, with ``'steps'``: how many steps ran.
-
-        ``stop``: asked after each step (host-loop mode: each step is then waited for); when it returns
-        True the chunk ends there. Every process must give the same answer (see ``distributed.any_process``).
-        In ``scan`` mode (accelerators) the chunk is one computation and always runs to its end."""
-        idx = np.asarray(idx, np.int32)
-        local = idx[:, self.local_columns(idx.shape[-1])]  # this process's columns, chosen once per chunk
-        calls = ((images, labels, self.put_batches(local[c], idx.shape[-1])) for c in self._step_slices(len(idx)))
-        return self._run(self._train, state, calls, len(idx), stop)
+        """Run the chunk ``idx [steps, B]`` of indices into the resident split (see :meth:`run`)."""
+        return self.run(state, self.index_chunk(idx), stop, data=(images, labels))
 
     def train_batches(self, state: TrainState, batch: dict, global_batch: int,
                       stop: Callable[[], bool] | None = None) -> tuple[TrainState, dict]:
-        """Run a chunk of streamed batches: this process's columns ``{'images' [steps, b, H, W, C], 'labels',
-        'ids' [steps, b]}`` of ``global_batch``-example batches (``stop`` and the metrics as :meth:`train`)."""
-        arrays = [np.asarray(batch[k]) for k in ("images", "labels", "ids")]
-        steps = len(arrays[-1])
-        calls = ([self.put_batches(a[c], global_batch) for a in arrays] for c in self._step_slices(steps))
-        return self._run(self._train_batches, state, calls, steps, stop)
+        """Run a chunk of streamed batches (see :meth:`batch_chunk` and :meth:`run`)."""
+        return self.run(state, self.batch_chunk(batch, global_batch), stop)
 
     def _step_slices(self, steps: int) -> list[slice]:
         """What each call of a chunk of ``steps`` takes: the whole chunk (scan), or one step at a time."""
         return [slice(None)] if self.scan else [slice(s, s + 1) for s in range(steps)]
 
-    def _run(self, fn, state, calls, steps: int, stop):
-        """Call ``fn(state, acc, *args)`` for each ``args`` of ``calls`` (host loop: one step each, placed just
-        before its call; scan: the whole chunk once)."""
-        acc = self._place({k: np.zeros((), np.float32) for k in (*_METRIC_KEYS, "pos")})
-        ran = 0
-        for args in calls:
+    def run(self, state: TrainState, chunk: Chunk, stop: Callable[[], bool] | None = None,
+            data: tuple[Array, Array] | None = None) -> tuple[TrainState, dict]:
+        """Run a placed chunk: of indices into the resident split ``data = (images, labels)``, or of streamed
+        batches (``data`` None). Returns the state and the chunk's metrics summed over steps and devices, still on
+        this process's first device (read them later: the next chunk can be dispatched first), with ``'steps'``:
+        how many steps ran.
+
+        ``stop``: asked after each step (host-loop mode: each step is then waited for); when it returns
+        True the chunk ends there. Every process must give the same answer (see ``distributed.any_process``).
+        In ``scan`` mode (accelerators) the chunk is one computation and always runs to its end."""
+        fn = self._train if data is not None else self._train_batches
+        acc, ran = self._zeros, 0
+        for args in chunk.calls:
+            args = (*data, *args) if data is not None else args
+            key = (data is not None, tuple(np.shape(a) for a in args))
+            t0 = time.perf_counter()
             state, acc = fn(state, acc, *args)
-            ran = steps if self.scan else ran + 1
-            if stop is not None and ran < steps:
-                jax.block_until_ready(acc["pos"])  # the signal is seen within one step, not one chunk
+            if key not in self._compiled:  # the first call of a program returns once it is compiled (or loaded)
+                self._compiled.add(key)
+                self.compile_s += time.perf_counter() - t0
+            ran = chunk.steps if self.scan else ran + 1
+            if stop is not None and ran < chunk.steps:
+                jax.block_until_ready(acc["count"])  # the signal is seen within one step, not one chunk
                 if stop():
                     break
         return state, {k: self.first_local(acc[k]) for k in _METRIC_KEYS} | {"steps": ran}
@@ -251,68 +331,13 @@ class Runner:
 
     def evaluate_variables(self, params, batch_stats, images: np.ndarray, labels: np.ndarray,
                            batch_size: int, ensemble: bool = False) -> dict:
-        """Eval-mode metrics of in-memory ``images`` / ``labels`` (see :meth:`evaluate_batches`); each
-        process evaluates its :func:`process_range` of them. Every process must call it."""
-        lo, hi = process_range(len(labels))
-        return self.evaluate_batches(params, batch_stats,
-                                     _padded_batches(images[lo:hi], labels[lo:hi], batch_size, self.local_devices[0]),
-                                     ensemble)
+        """Eval-mode metrics of in-memory ``images`` / ``labels``, sharded over this process's local devices
+        (:meth:`cnnjax.train.evaluation.Evaluator.evaluate_variables`). Every process must call it."""
+        params, stats = (jax.tree_util.tree_map(self.first_local, t) for t in (params, batch_stats))
+        return self.evaluator.evaluate_variables(params, stats, images, labels, batch_size, ensemble)
 
     def evaluate_batches(self, params, batch_stats, batches, ensemble: bool = False) -> dict:
-        """Eval-mode metrics over this process's padded ``{'images', 'labels', 'mask'}`` batches, evaluated on
-        its first device, totals summed over processes: loss, accuracy, per-class accuracy ``[K]``,
-        confusion ``[K, K]`` (numpy). ``ensemble``: ``params`` / ``batch_stats`` are tuples of several
-        members' trees, evaluated by their mean logits. Every process must call it."""
-        eval_fn = self.ensemble_eval_fn if ensemble else self.eval_fn
+        """Eval-mode metrics over this process's padded ``{'images', 'labels', 'mask'}`` batches
+        (:meth:`cnnjax.train.evaluation.Evaluator.evaluate_batches`). Every process must call it."""
         params, stats = (jax.tree_util.tree_map(self.first_local, t) for t in (params, batch_stats))
-        device = self.local_devices[0]
-        total = {k: np.zeros((), np.float32) for k in _METRIC_KEYS} | {
-            "confusion": np.zeros((self.spec.num_classes,) * 2, np.float32)}
-        params, stats = jax.device_put((params, stats), device)
-        acc = None
-        for b in batches:
-            m = eval_fn(params, stats, *(jax.device_put(b[k], device) for k in ("images", "labels", "mask")))
-            acc = m if acc is None else jax.tree_util.tree_map(jnp.add, acc, m)
-        if acc is not None:
-            total = jax.tree_util.tree_map(np.asarray, jax.device_get(acc))
-        return summarize_eval(distributed.sum_over_processes(total))
-
-
-def process_range(n: int) -> tuple[int, int]:
-    """``[lo, hi)``: this process's contiguous share of ``n`` examples (``np.array_split`` sizes)."""
-    size, extra = divmod(n, jax.process_count())
-    p = jax.process_index()
-    lo = p * size + min(p, extra)
-    return lo, lo + size + (p < extra)
-
-
-def eval_batch_size(n: int, batch_size: int) -> int:
-    """The batch size an evaluation of ``n`` examples uses: ``batch_size``, or ``n`` when the split is
-    smaller (one unpadded batch instead of one padded up to ``batch_size``)."""
-    return max(1, min(batch_size, n))
-
-
-def _padded_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, device):
-    """The split put on ``device`` once, zero-padded to whole batches of :func:`eval_batch_size`, sliced
-    there."""
-    n = images.shape[0]
-    if n == 0:
-        return
-    batch_size = eval_batch_size(n, batch_size)
-    pad = (-n) % batch_size
-    images_d = jax.device_put(np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)]), device)
-    labels_d = jax.device_put(np.concatenate([labels, np.zeros((pad,), labels.dtype)]), device)
-    mask_d = jax.device_put(np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)]), device)
-    for start in range(0, n + pad, batch_size):
-        sl = slice(start, start + batch_size)
-        yield {"images": images_d[sl], "labels": labels_d[sl], "mask": mask_d[sl]}
-
-
-def summarize_eval(total: dict) -> dict:
-    """Summed eval metrics -> loss, accuracy, per-class accuracy and confusion (numpy)."""
-    confusion = np.asarray(total["confusion"])
-    support = confusion.sum(axis=1)
-    per_class = np.divide(np.diag(confusion), support, out=np.zeros_like(support), where=support > 0)
-    count = float(total["count"])
-    return {"loss": float(total["loss_sum"]) / count, "accuracy": float(total["correct"]) / count,
-            "per_class_accuracy": per_class, "confusion": confusion, "count": int(count)}
+        return self.evaluator.evaluate_batches(params, stats, batches, ensemble)

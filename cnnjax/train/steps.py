@@ -40,6 +40,7 @@ class StepSpec:
     resize_to: int = 0  # bilinear resize to resize_to x resize_to after augmentation (0: off)
     tta: int = 0  # eval test-time augmentation: 0 none, 1 + mirror, 2 + mirror and 1-pixel translations
     lookahead: Lookahead | None = None
+    precision: str | None = None  # float32 matmul / conv precision while traced: None (XLA's), 'high', 'highest'
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,9 +37,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.label_smoothing = 0.0
     c.grad_clip_norm = 0.0
     c.mixed_precision = False  # bf16 compute, fp32 params and BN statistics (GPU / TPU)
-    c.parallelism = "jit"      # jit | pmap | sharded
+    c.precision = "default"    # float32 matmul / conv precision: default (TF32 on NVIDIA) | high | highest
+    c.deterministic = False    # GPU: XLA's deterministic ops (bit-identical reruns and resumes; slower)
+    c.parallelism = "auto"     # auto (sharded with several accelerators, else jit) | jit | pmap | sharded
     c.num_devices = 0          # pmap / sharded: use the first N local devices (0: all)
-    c.log_every = 50           # steps per progress update / host sync
+    c.log_every = 50           # steps per chunk: one compiled program, one progress update
+    c.loop = ml_collections.ConfigDict({"scan": "auto"})  # a chunk is one lax.scan: auto (not on CPUs) | on | off
     c.eval_every = 1           # evaluate + checkpoint every N epochs (and always after the last)
     c.plots = True
     return c
