@@ -20,7 +20,9 @@
 #   summary        one markdown summary (python -m experiments.bench.accelerator_check summary OUTDIR)
 # A section that fails or runs out of time is recorded (its bench JSON keeps the rows finished so far) and the
 # next one runs; the script then exits 1 after the summary. Bench rows: GPU_ACCEPTANCE_MODELS (default
-# cifar_resnet20; comma-separated bench rows of experiments.bench.throughput).
+# cifar_resnet20; comma-separated bench rows of experiments.bench.throughput). CNNJAX_CPU_BACKEND defaults to 0
+# here (step_parity's CPU side in plain XLA, no oneDNN build on the GPU machine); set it to 1 to compare with the
+# CPU backend. PYTHON (default python3) is the interpreter.
 set -euo pipefail
 
 OUTDIR=${1:-${OUT:-./gpu_acceptance_out}}
@@ -32,6 +34,8 @@ MODELS=${GPU_ACCEPTANCE_MODELS:-cifar_resnet20}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_acceptance.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 export PYTHONUNBUFFERED=1
+# Plain XLA on the CPU too (step_parity's CPU side): no attempt to build the oneDNN library on this machine.
+export CNNJAX_CPU_BACKEND=${CNNJAX_CPU_BACKEND:-0}
 CHECK=("$PY" -m experiments.bench.accelerator_check)
 : >"$OUTDIR/sections.tsv"
 rm -f "$OUTDIR/checks.json"
@@ -71,27 +75,27 @@ finish() {
   fi
 }
 
-section backend 30 "${CHECK[@]}" backend --out "$OUTDIR/checks.json"
+section backend 20 "${CHECK[@]}" backend --out "$OUTDIR/checks.json"
 if [ "$LAST_RC" -ne 0 ]; then
   cat "$OUTDIR/backend.log"
   finish
 fi
-section data 20 "$PY" -m experiments.make_synthetic_cifar --out "$WORK/data" --train 50000 --test 2000
-section step_parity 60 "${CHECK[@]}" step_parity --out "$OUTDIR/checks.json"
-section resume 50 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_deterministic_ops=true" \
+section data 15 "$PY" -m experiments.make_synthetic_cifar --out "$WORK/data" --train 50000 --test 2000
+section step_parity 50 "${CHECK[@]}" step_parity --out "$OUTDIR/checks.json"
+section resume 45 env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_deterministic_ops=true" \
   "${CHECK[@]}" resume --out "$OUTDIR/checks.json" --data "$WORK/data"
 section bf16 30 "${CHECK[@]}" bf16 --out "$OUTDIR/checks.json" --data "$WORK/data" --epochs 3
-section throughput_fp32 65 "$PY" -m experiments.bench.throughput --models "$MODELS" --batches 128,1024 \
+section throughput_fp32 75 "$PY" -m experiments.bench.throughput --models "$MODELS" --batches 128,1024 \
   --precisions fp32 --steps 20 --warmup 5 --nopipeline --out "$OUTDIR/throughput_fp32.json"
-section throughput_bf16 65 "$PY" -m experiments.bench.throughput --models "$MODELS" --batches 128,1024 \
+section throughput_bf16 75 "$PY" -m experiments.bench.throughput --models "$MODELS" --batches 128,1024 \
   --precisions bf16 --steps 20 --warmup 5 --nopipeline --out "$OUTDIR/throughput_bf16.json"
-section recipe 70 "$PY" -m experiments.bench.recipe --train 50000 --test 2000 --epochs 2 --precision fp32 \
+section recipe 80 "$PY" -m experiments.bench.recipe --train 50000 --test 2000 --epochs 2 --precision fp32 \
   --out "$OUTDIR/recipe.json"
-section compile_cache 45 "${CHECK[@]}" compile_cache --out "$OUTDIR/checks.json" --data "$WORK/data" \
+section compile_cache 55 "${CHECK[@]}" compile_cache --out "$OUTDIR/checks.json" --data "$WORK/data" \
   --train_config experiments/configs/cifar10_fast.py --epochs 2
 GPUS=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
 if [ "${GPUS:-0}" -ge 2 ]; then
-  section two_process 30 "${CHECK[@]}" two_process --out "$OUTDIR/checks.json" --data "$WORK/data" \
+  section two_process 20 "${CHECK[@]}" two_process --out "$OUTDIR/checks.json" --data "$WORK/data" \
     --train_config experiments/configs/cifar10_resnet20.py --epochs 1 --stop_after 10
 else
   echo "== two_process skipped: ${GPUS:-0} GPU(s) on this host"

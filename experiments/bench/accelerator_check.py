@@ -8,7 +8,8 @@ and exits 0 when it holds, 1 when it does not (2: a usage error). The checks:
   devices, device kind, jax / jaxlib versions, XLA_FLAGS and the kernels seam's line.
 - ``step_parity``: for each of ``--models``, ``--steps`` train steps from one initial state and one set of batch
   indices, on the accelerator (``Runner(scan=True)``: the chunk as one ``lax.scan``) and on
-  ``jax.devices("cpu")[0]`` (``scan=False``: the CPU's host loop), both traced under
+  ``jax.devices("cpu")[0]`` (``scan=False``: the CPU's host loop; plain XLA, or the CPU backend unless
+  ``CNNJAX_CPU_BACKEND=0``), both traced under
   ``jax.default_matmul_precision("highest")``. Holds when the mean losses agree within
   ``rtol`` :data:`LOSS_RTOL` / ``atol`` :data:`LOSS_ATOL`, the parameters and BatchNorm statistics within a
   relative L2 distance of :data:`PARAMS_REL_L2`, the parameter updates within :data:`UPDATE_REL_L2`, and the
@@ -87,8 +88,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model", default="cifar_resnet20", help="bf16 / resume: the model")
     p.add_argument("--epochs", type=int, default=2, help="bf16 / resume / compile_cache: epochs")
     p.add_argument("--train_batch", type=int, default=100, help="bf16 / resume: the batch size")
-    p.add_argument("--stop_after", type=int, default=6, help="resume / two_process: steps before the stop")
-    p.add_argument("--chunk", type=int, default=6, help="bf16 / resume: log_every (steps per chunk)")
+    p.add_argument("--stop_after", type=int, default=5, help="resume / two_process: steps before the stop")
+    p.add_argument("--chunk", type=int, default=5, help="bf16 / resume: log_every (steps per chunk)")
     p.add_argument("--train_config", default="experiments/configs/cifar10_fast.py",
                    help="compile_cache / two_process: the experiments.train config file")
     p.add_argument("--train_args", default="", help="compile_cache / two_process: more experiments.train arguments "
@@ -121,12 +122,10 @@ def check_backend(args: argparse.Namespace) -> dict:
     import jax
     import jaxlib
 
-    from cnnjax import kernels
-
     devices = jax.devices()
     out = {"backend": jax.default_backend(), "devices": [str(d) for d in devices], "device_count": len(devices),
            "device_kind": devices[0].device_kind, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-           "xla_flags": os.environ.get("XLA_FLAGS", ""), "kernels": kernels.describe(),
+           "xla_flags": os.environ.get("XLA_FLAGS", ""), "kernels": cpu_backend_state(),
            "process_count": jax.process_count()}
     out["line"] = (f"backend {out['backend']}, {len(devices)} x {out['device_kind']}, jax {out['jax']}, "
                    f"jaxlib {out['jaxlib']}")
@@ -134,6 +133,17 @@ def check_backend(args: argparse.Namespace) -> dict:
         raise CheckFailed(f"JAX runs on {out['backend']!r}, not 'gpu' ({out['devices']}); check the CUDA plugin "
                           "(pip show jax-cuda12-plugin) and nvidia-smi", out)
     return out
+
+
+def cpu_backend_state() -> str:
+    """Whether cnnjax's CPU backend is switched on and its library built (never builds it)."""
+    from cnnjax import kernels
+    from cnnjax.cpu import onednn
+
+    if not kernels.enabled("cpu"):
+        return "cpu backend off (CNNJAX_CPU_BACKEND=0): plain XLA on every platform"
+    built = getattr(onednn, "built", lambda: None)()
+    return f"cpu backend on; oneDNN library {built or 'not built yet'}"
 
 
 # --- step_parity -----------------------------------------------------------------------------------------------
@@ -214,13 +224,14 @@ def compare_sides(name: str, problem: dict, accel, ref) -> dict:
     ``(state, metrics)``) and whether they agree (see the module doc for the bounds)."""
     (sa, ma), (sb, mb) = accel, ref
     loss_a, loss_b = ma["loss_sum"] / ma["count"], mb["loss_sum"] / mb["count"]
-    out = {"model": name, "steps": int(mb["steps"]), "loss_accel": loss_a, "loss_cpu": loss_b,
+    batch = problem["idx"].shape[1]
+    out = {"model": name, "steps": int(mb["count"]) // batch, "loss_accel": loss_a, "loss_cpu": loss_b,
            "loss_rel": abs(loss_a - loss_b) / max(abs(loss_b), 1e-30),
            "correct_diff": abs(ma["correct"] - mb["correct"]),
            "params_rel_l2": rel_l2(sa.params, sb.params),
            "update_rel_l2": rel_l2(sa.params, sb.params, problem["state"].params),
            "batch_stats_rel_l2": rel_l2(sa.batch_stats, sb.batch_stats)}
-    out["ok"] = bool(ma["steps"] == mb["steps"] == len(problem["idx"])
+    out["ok"] = bool(ma["count"] == mb["count"] == problem["idx"].size
                      and abs(loss_a - loss_b) <= LOSS_ATOL + LOSS_RTOL * abs(loss_b)
                      and out["correct_diff"] <= out["steps"]
                      and out["params_rel_l2"] < PARAMS_REL_L2 and out["batch_stats_rel_l2"] < PARAMS_REL_L2
@@ -253,13 +264,13 @@ def check_step_parity(args: argparse.Namespace) -> dict:
 
 # --- training checks (bf16, resume) ----------------------------------------------------------------------------
 def synthetic_data(args: argparse.Namespace, tmp: str) -> str:
-    """``--data``, or a synthetic CIFAR-shaped set of ``--train_images`` (and 500 test images) written under
-    ``tmp``: a directory holding ``cifar-10-batches-py``."""
+    """``--data``, or a synthetic CIFAR-shaped set of twice ``--train_images`` (every class can give a tenth of
+    ``--train_images``) and 500 test images written under ``tmp``: a directory holding ``cifar-10-batches-py``."""
     if args.data:
         return args.data
     root = os.path.join(tmp, "data")
     done = subprocess.run([sys.executable, "-m", "experiments.make_synthetic_cifar", f"--out={root}",
-                           f"--train={args.train_images}", "--test=500"], capture_output=True, text=True)
+                           f"--train={2 * args.train_images}", "--test=500"], capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"make_synthetic_cifar failed: {(done.stderr.strip().splitlines() or [''])[-1]}")
     return root
@@ -268,7 +279,8 @@ def synthetic_data(args: argparse.Namespace, tmp: str) -> str:
 def train_config(args: argparse.Namespace, data: str, mixed_precision: bool):
     """A small CIFAR-10 config of ``--model`` on ``data``: ``--train_images`` images (a tenth per class),
     ``--train_batch`` (also the eval batch), ``--epochs``, chunks of ``--chunk`` steps, SGD 0.05 momentum 0.9,
-    crop + flip, no plots, no decoded-array cache."""
+    crop + flip, no plots, no decoded-array cache. The defaults give 20 steps per epoch in chunks of 5, and
+    ``resume`` stops after 5: every call compiles one chunk length."""
     from experiments.configs.base import cifar10_config
 
     c = cifar10_config(args.model)
@@ -441,6 +453,10 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}" if a and b else "n/a"
 
 
+def _num(x: float | None) -> str:
+    return f"{x:.0f}" if x else "n/a"
+
+
 def bench_lines(rows: list[dict]) -> list[str]:
     """The bench rows' table with the issue's goals: at batch <= 128 cnnjax ahead of PyTorch eager and of
     ``torch.compile``; above, within 5% of ``torch.compile``."""
@@ -455,8 +471,8 @@ def bench_lines(rows: list[dict]) -> list[str]:
             goal = "met" if ours > eager and ours > comp else "missed (ahead of eager and compile)"
         else:
             goal = "met" if ours >= 0.95 * comp else "missed (within 5% of compile)"
-        lines.append(f"| {r['model']} | {r['batch']} | {r.get('precision', 'fp32')} | {ours or 0:.0f} | "
-                     f"{eager or 0:.0f} | {comp or 0:.0f} | {_ratio(ours, eager)} | {_ratio(ours, comp)} | {goal} |")
+        lines.append(f"| {r['model']} | {r['batch']} | {r.get('precision', 'fp32')} | {_num(ours)} | "
+                     f"{_num(eager)} | {_num(comp)} | {_ratio(ours, eager)} | {_ratio(ours, comp)} | {goal} |")
     return lines
 
 
