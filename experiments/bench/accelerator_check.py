@@ -337,6 +337,8 @@ def check_resume(args: argparse.Namespace) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="resume_") as tmp:
         config = train_config(args, synthetic_data(args, tmp), mixed_precision=False)
+        if "deterministic" in config:  # fit then refuses a GPU run without XLA's deterministic ops
+            config.deterministic = True
         whole, parts = os.path.join(tmp, "whole"), os.path.join(tmp, "parts")
         fit(copy.deepcopy(config), whole, progress=False)
         stopped = fit(copy.deepcopy(config), parts, progress=False, stop_after_steps=args.stop_after)
