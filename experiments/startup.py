@@ -36,15 +36,21 @@ def install(handler: Callable = interrupt_at_start) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
-def begin(configure_process: bool = True) -> None:
+def begin(configure_process: bool = True, compile_cache: bool = True) -> None:
     """An entry point's first step: :func:`install`, then, for a program that runs JAX,
     :func:`cnnjax.cpu.process.configure` (the XLA:CPU flag; one restart with tcmalloc and huge pages, off with
-    ``CNNJAX_MALLOC=glibc``)."""
+    ``CNNJAX_MALLOC=glibc``) and, with ``compile_cache``, JAX's persistent compilation cache
+    (:mod:`cnnjax.compile_cache`; off with ``CNNJAX_COMPILATION_CACHE=0``). Benchmarks that time compilation
+    pass ``compile_cache=False``."""
     install()
     if configure_process:
         from cnnjax.cpu import process
 
         process.configure()
+        if compile_cache:
+            from cnnjax import compile_cache as cache
+
+            cache.enable()
 
 
 def install_rows_saved(path: str) -> None:

@@ -19,6 +19,7 @@ if __name__ == "__main__":  # first: SIGTERM / Ctrl-C is one line and status 75 
 
     startup.begin()  # the signal handler, then the process settings (cnnjax.cpu.process)
 
+import os
 import sys
 
 from absl import flags
@@ -39,6 +40,10 @@ cli.define_distributed_flags()
 
 def main(argv):
     del argv
+    if FLAGS.config.get("deterministic", False):  # before JAX starts its backend (cnnjax.train.checks)
+        from cnnjax.train.checks import with_deterministic_flag
+
+        os.environ["XLA_FLAGS"] = with_deterministic_flag(os.environ.get("XLA_FLAGS", ""))
     cli.join_cluster()
     from cnnjax.train.ensemble import fit_ensemble
     from cnnjax.train.loop import fit

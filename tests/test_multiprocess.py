@@ -27,7 +27,8 @@ TIMEOUT = 240
 
 
 def _env(devices: int) -> dict:
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONUNBUFFERED="1")
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONUNBUFFERED="1",
+                JAX_PLATFORMS="cpu")
 
 
 def _train_cmd(workdir, *overrides) -> list[str]:

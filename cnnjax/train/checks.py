@@ -69,6 +69,25 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("num_devices", "must be >= 0 (0: all local devices)")
 
 
+DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
+
+
+def with_deterministic_flag(xla_flags: str) -> str:
+    """``XLA_FLAGS`` with XLA's deterministic GPU ops on (``config.deterministic``): convolutions, reductions and
+    scatters that give the same bits on every run, so that a resumed GPU run equals an uninterrupted one. It must
+    be in the environment before JAX starts its GPU backend (``experiments.train`` puts it there)."""
+    kept = [f for f in xla_flags.split() if not f.startswith("--xla_gpu_deterministic_ops")]
+    return " ".join([*kept, DETERMINISTIC_FLAG])
+
+
+def check_deterministic(config: ml_collections.ConfigDict, platform: str, xla_flags: str) -> None:
+    """Raise :class:`ConfigError` when ``config.deterministic`` asks for deterministic GPU ops that the running
+    backend (``platform``, started with ``xla_flags``) does not have."""
+    if config.get("deterministic", False) and platform == "gpu" and DETERMINISTIC_FLAG not in xla_flags.split():
+        raise ConfigError("deterministic", f"needs XLA_FLAGS={DETERMINISTIC_FLAG} before JAX starts; run through "
+                                           "experiments.train, or set it in the environment")
+
+
 def _check_classes(config: ml_collections.ConfigDict) -> None:
     """``data.classes`` against the dataset's class count where it is known without loading it."""
     classes = tuple(config.data.get("classes", ()) or ())

@@ -34,7 +34,7 @@ from cnnjax.data.stream import EpochOrder
 from cnnjax.errors import ConfigError, TrainingError
 from cnnjax.train import budget
 from cnnjax.train import feed as feeds
-from cnnjax.train.checks import check_config, check_workdir, write_config
+from cnnjax.train.checks import check_config, check_deterministic, check_workdir, write_config
 from cnnjax.train.experiment import Experiment, build, retime, runner_for
 from cnnjax.train.lock import WorkdirLock
 from cnnjax.train.metrics import MetricsWriter
@@ -157,6 +157,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
     started = _clock()
     check_config(config)
     devices = devices_for(config)
+    check_deterministic(config, devices[0].platform, os.environ.get("XLA_FLAGS", ""))
     config.parallelism = resolve_parallelism(config.parallelism, devices)
     if not workdir:
         raise ConfigError("workdir", "must name a directory")
@@ -267,6 +268,9 @@ def _train(run: Run, state, step: int, acc: dict, stop: StopFlag, stop_after_ste
             seconds = _clock() - t0
             last_eval = _end_epoch(run, state, epoch, acc, seconds, seen, stop_now) or last_eval
             trained.add(seconds, run.runner.compile_s - compiled)
+            if run.runner.compile_s > compiled:
+                _say(f"epoch {epoch}: {run.runner.compile_s - compiled:.1f} s of it compiling the train step "
+                     f"(or loading it from JAX's compilation cache: {jax.config.jax_compilation_cache_dir or 'off'})")
             if run.deadline is not None and not stop_now and step < run.total_steps:
                 run, state = _keep_deadline(run, state, epoch, trained)
             acc, t0, seen, compiled = {}, _clock(), 0, run.runner.compile_s

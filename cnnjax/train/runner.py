@@ -148,7 +148,7 @@ class Runner:
     ``scan``: a chunk is one ``lax.scan`` (None: unless the devices are CPUs). ``chunk_steps`` (scan): every chunk
     is padded with masked steps to this length, so one program serves every chunk (0: each length compiles its
     own). ``compile_s``: the seconds this runner's train calls spent compiling (or loading from JAX's persistent
-    cache), counted on the first call of each program.
+    cache), counted on the first call of each program; ``programs``: the train programs called so far.
     """
 
     def __init__(self, spec: StepSpec, apply_fn, mode: str = "jit", devices: list | None = None,
@@ -165,7 +165,7 @@ class Runner:
         self.platform = self.devices[0].platform
         self.scan = self.platform != "cpu" if scan is None else scan
         self.chunk_steps = int(chunk_steps) if self.scan else 0
-        self.compile_s, self._compiled = 0.0, set()
+        self.compile_s, self.programs = 0.0, set()
         self.n = len(self.devices)
         me = jax.process_index()
         self.local_positions = [i for i, d in enumerate(self.devices) if d.process_index == me]
@@ -315,8 +315,8 @@ class Runner:
             key = (data is not None, tuple(np.shape(a) for a in args))
             t0 = time.perf_counter()
             state, acc = fn(state, acc, *args)
-            if key not in self._compiled:  # the first call of a program returns once it is compiled (or loaded)
-                self._compiled.add(key)
+            if key not in self.programs:  # the first call of a program returns once it is compiled (or loaded)
+                self.programs.add(key)
                 self.compile_s += time.perf_counter() - t0
             ran = chunk.steps if self.scan else ran + 1
             if stop is not None and ran < chunk.steps:

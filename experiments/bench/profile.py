@@ -41,7 +41,7 @@ import sys
 if __name__ == "__main__":  # first: SIGTERM / Ctrl-C is one line and status 75 from here on (experiments.startup)
     from experiments import startup
 
-    startup.begin()  # the signal handler, then the process settings (cnnjax.cpu.process)
+    startup.begin(compile_cache=False)  # the signal handler, the process settings; compiles timed uncached
 
 import collections
 import json

@@ -28,7 +28,7 @@ import sys
 if __name__ == "__main__":  # first: SIGTERM / Ctrl-C is one line and status 75 from here on (experiments.startup)
     from experiments import startup
 
-    startup.begin()  # the signal handler, then the process settings (cnnjax.cpu.process)
+    startup.begin(compile_cache=False)  # the signal handler, the process settings; compiles timed uncached
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")  # the GPU's rest for the PyTorch processes
 
 import time

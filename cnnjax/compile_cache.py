@@ -1,0 +1,49 @@
+"""JAX's persistent compilation cache for the experiments' programs.
+
+A program compiled once (a train chunk, an evaluation, an init) is written to a cache directory and loaded,
+instead of compiled, by the next process that needs the same program on the same kind of device with the same
+jax / jaxlib. The entry points (:func:`experiments.startup.begin`) turn it on; nothing here runs on import.
+
+``CNNJAX_COMPILATION_CACHE``: unset or empty, the cache lives in ``$XDG_CACHE_HOME/cnnjax/jax-compilation``
+(``~/.cache/...``); a path puts it there; ``0`` (or ``off``) turns it off. Programs that compile in under
+:data:`MIN_COMPILE_S` seconds are not written (they would cost more to look up than to compile).
+``python -m experiments.bench.accelerator_check compile_cache`` measures a second run against the first.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+ENV = "CNNJAX_COMPILATION_CACHE"
+OFF = ("0", "off", "false", "no")
+MIN_COMPILE_S = 0.5
+
+
+def cache_dir(env: Mapping[str, str] = os.environ) -> str | None:
+    """The cache directory ``env`` asks for (see the module docstring), or None when it turns the cache off."""
+    value = env.get(ENV, "").strip()
+    if value.lower() in OFF:
+        return None
+    if value:
+        return os.path.abspath(os.path.expanduser(value))
+    base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "cnnjax", "jax-compilation")
+
+
+def enable(env: Mapping[str, str] = os.environ) -> str | None:
+    """Point JAX's persistent compilation cache at :func:`cache_dir` (created if missing); returns the directory,
+    or None when the cache is off or the directory cannot be created (then JAX compiles as without a cache)."""
+    import jax
+
+    path = cache_dir(env)
+    if path is None:
+        return None
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return None
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_S)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
