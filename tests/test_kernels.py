@@ -21,8 +21,10 @@ import pytest
 
 from cnnjax import kernels, layers
 from cnnjax.cpu import onednn
+from cnnjax.train.evaluation import Evaluator
+from cnnjax.train.runner import _chunk_fn
 from cnnjax.train.state import create_train_state
-from cnnjax.train.steps import StepSpec, eval_step, train_step
+from cnnjax.train.steps import StepSpec, train_step
 from experiments.bench.lib import SHAPES, bench_model, bench_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,23 +66,30 @@ def test_the_train_step_lowered_for_cuda_and_tpu_holds_no_cnnjax_custom_call():
 
 @pytest.mark.parametrize("row", SHAPES)
 def test_every_bench_models_train_and_eval_steps_lower_for_cuda_and_tpu_without_cnnjax_calls(row):
-    """Tracing only: the state is abstract (``jax.eval_shape``), nothing is initialised or compiled."""
+    """The programs an accelerator run compiles: the runner's chunk (a ``lax.scan`` of 3 steps with its padding
+    mask, gathering batches from the resident split) and the evaluator's program (``shard_map`` over the local
+    devices). Tracing only: the state is abstract (``jax.eval_shape``), nothing is initialised or compiled."""
     model, spec = bench_model(row), bench_spec(SHAPES[row])
     state = jax.eval_shape(lambda k: create_train_state(model, optax.sgd(0.1, momentum=0.9), SHAPES[row], k),
                            jax.random.PRNGKey(0))
     images = jax.ShapeDtypeStruct((8, *SHAPES[row]), jnp.uint8)
     labels = jax.ShapeDtypeStruct((8,), jnp.int32)
-    mask = jax.ShapeDtypeStruct((8,), jnp.float32)
-    train = jax.jit(functools.partial(train_step, spec=spec))
-    evaluate = jax.jit(lambda p, b, x, y, m: eval_step(p, b, model.apply, x, y, m, spec))
-    for fn, args in ((train, (state, images, labels)), (evaluate, (state.params, state.batch_stats, images, labels,
-                                                                    mask))):
+    f32 = jax.ShapeDtypeStruct((), jnp.float32)
+    acc = {"loss_sum": f32, "correct": f32, "count": f32}
+    ids, valid = jax.ShapeDtypeStruct((3, 4), jnp.int32), jax.ShapeDtypeStruct((3,), jnp.bool_)
+    chunk = jax.jit(_chunk_fn(spec, scan=True, axis_name=None, gather=True))
+    evaluate = Evaluator(spec, model.apply, jax.local_devices()[:1]).eval_fn
+    totals = acc | {"confusion": jax.ShapeDtypeStruct((10, 10), jnp.float32)}
+    for fn, args in ((chunk, (state, acc, images, labels, ids, valid)),
+                     (evaluate, (totals, state.params, state.batch_stats, images, labels,
+                                 jax.ShapeDtypeStruct((8,), jnp.float32)))):
         text = jax.export.export(fn, platforms=["cuda", "tpu"])(*args).mlir_module()
         assert "convolution" in text
         assert not {c for c in _custom_calls(text) if c.startswith("cnnjax")}, row
+    assert "stablehlo.while" in jax.export.export(chunk, platforms=["cuda"])(
+        state, acc, images, labels, ids, valid).mlir_module()
 
 
-@pytest.mark.skipif(not onednn.load().available, reason="the CPU backend is not built here (python -m cnnjax.cpu)")
 def test_the_same_step_runs_the_cpu_backend_where_lowered_for_the_cpu_and_not_when_switched_off(monkeypatch):
     step, args = _step_and_args()
     cpu_calls = _custom_calls(step.lower(*args).as_text())
