@@ -174,7 +174,7 @@ def test_train_and_evaluate_cli(tmp_path):
         (["--config.model.name=resnet9"], "unknown model 'resnet9'"),
         (["--config.data.name=fashion_mnist", "--config.data.dir=/nonexistent/dir", "--config.model.name=lenet5",
           "--config.num_classes=10"], "/nonexistent/dir"),
-        (["--config.parallelism=gpu"], "parallelism must be jit, pmap or sharded"),
+        (["--config.parallelism=gpu"], "parallelism must be auto, jit, pmap or sharded"),
     ],
 )
 def test_cli_bad_input_is_one_clear_line(tmp_path, args, needle):

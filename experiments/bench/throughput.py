@@ -77,13 +77,19 @@ def bench_jax(name: str, shape, batch: int, steps: int, precision: str = "fp32",
     """cnnjax train (real Runner, ``warmup`` untimed steps first) and eval throughput for one row, on JAX's
     default device."""
     import jax
+    import numpy as np
 
     from experiments.bench.lib import bench_spec, time_jax_training
 
-    model = bench_model(name)
-    out = time_jax_training(model, bench_spec(shape, precision), shape, batch, steps, warmup=warmup)
-    ev, state = out["runner"].eval_fn, out["state"]  # the state stays on the device (jit mode)
-    args = (state.params, state.batch_stats, out["images"], out["labels"], jax.numpy.ones(batch))
+    model, spec = bench_model(name), bench_spec(shape, precision)
+    out = time_jax_training(model, spec, shape, batch, steps, warmup=warmup)
+    evaluator, state = out["runner"].evaluator, out["state"]  # the state stays on the device (jit mode)
+    totals = {k: np.zeros((), np.float32) for k in ("loss_sum", "correct", "count")} | {
+        "confusion": np.zeros((spec.num_classes,) * 2, np.float32)}
+    ev = evaluator.eval_fn  # (totals, params, batch_stats, images, labels, mask) -> totals + this batch's metrics
+    batch_arrays = {"images": out["images"], "labels": out["labels"], "mask": np.ones(batch, np.float32)}
+    args = (jax.device_put(totals, evaluator.replicated), *evaluator.put_variables((state.params, state.batch_stats)),
+            *evaluator.put_batch(batch_arrays))
     jax.block_until_ready(ev(*args))
     t = time.perf_counter()
     for _ in range(steps):
