@@ -168,25 +168,6 @@ def test_epoch_batches_is_a_permutation():
         epoch_batches(jax.random.PRNGKey(0), 10, 32)
 
 
-def test_scan_and_host_loop_runners_agree():
-    """The accelerator path (lax.scan over a chunk) equals the CPU path (host loop of steps)."""
-    model = _small_resnet()
-    images, labels = _data(64)
-    idx = np.asarray(epoch_batches(jax.random.PRNGKey(0), 64, 32))[:1]  # one step, batch 32
-    out = {}
-    for scan in (True, False):
-        runner = Runner(SPEC, model.apply, scan=scan)
-        state = runner.put_state(create_train_state(model, _opt(), (32, 32, 3), jax.random.PRNGKey(0)))
-        img_d, lab_d = runner.put_data(images, labels)
-        state, metrics = runner.train(state, img_d, lab_d, idx)
-        out[scan] = runner.get_state(state), jax.device_get(metrics)
-    (s1, m1), (s2, m2) = out[True], out[False]
-    assert int(s1.step) == int(s2.step) == 1
-    chex.assert_trees_all_close((s1.params, s1.batch_stats), (s2.params, s2.batch_stats), atol=1e-5, rtol=0.0)
-    assert m1["count"] == m2["count"] == 32
-    np.testing.assert_allclose(m1["loss_sum"], m2["loss_sum"], rtol=1e-5)
-
-
 def test_mixed_precision_keeps_fp32_params_and_bn_stats():
     model = _small_resnet()
     spec = StepSpec(num_classes=10, mean=(0.5,) * 3, std=(0.25,) * 3, compute_dtype=jnp.bfloat16)
