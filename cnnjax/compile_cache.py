@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 ENV = "CNNJAX_COMPILATION_CACHE"
 OFF = ("0", "off", "false", "no")
-MIN_COMPILE_S = 0.5
+MIN_COMPILE_S = 0.1
 
 
 def cache_dir(env: Mapping[str, str] = os.environ) -> str | None:
@@ -47,3 +47,33 @@ def enable(env: Mapping[str, str] = os.environ) -> str | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_S)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
+
+
+# JAX's monitoring events (seconds) that make up a program's way to the device, in the order they happen.
+STAGES = {"trace": "/jax/core/compile/jaxpr_trace_duration",
+          "lower": "/jax/core/compile/jaxpr_to_mlir_module_duration",
+          "xla_compile": "/jax/core/compile/backend_compile_duration",
+          "cache_load": "/jax/compilation_cache/cache_retrieval_time_sec",
+          "saved": "/jax/compilation_cache/compile_time_saved_sec"}
+
+
+def record_stages() -> dict[str, float]:
+    """From now on, add the seconds of each of :data:`STAGES` (every program of this process) to the dict returned.
+    Registers a JAX monitoring listener for the rest of the process (``experiments.train --compile_stats``)."""
+    import jax
+
+    totals = dict.fromkeys(STAGES, 0.0)
+    names = {event: stage for stage, event in STAGES.items()}
+
+    def listen(event: str, seconds: float, **_) -> None:
+        if event in names:
+            totals[names[event]] += seconds
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    return totals
+
+
+def describe_stages(totals: dict[str, float]) -> str:
+    """One line: ``compilation: trace T s, lower L s, XLA compile C s, cache load R s (saved S s)``."""
+    return (f"compilation: trace {totals['trace']:.2f} s, lower {totals['lower']:.2f} s, XLA compile "
+            f"{totals['xla_compile']:.2f} s, cache load {totals['cache_load']:.2f} s (saved {totals['saved']:.2f} s)")

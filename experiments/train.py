@@ -35,6 +35,8 @@ flags.DEFINE_bool("progress", True, "show a progress bar per epoch")
 flags.DEFINE_bool("tensorboard", False, "also write TensorBoard event files to WORKDIR/tensorboard (tensorboardX)")
 flags.DEFINE_integer("stop_after_steps", None, "checkpoint and stop after this many steps of this call, as SIGTERM "
                      "would (time-boxed jobs; run again to resume)")
+flags.DEFINE_bool("compile_stats", False, "at the end, print the seconds JAX spent tracing, lowering and compiling "
+                  "this run's programs, or loading them from its compilation cache (cnnjax.compile_cache)")
 cli.define_distributed_flags()
 
 
@@ -45,12 +47,16 @@ def main(argv):
 
         os.environ["XLA_FLAGS"] = with_deterministic_flag(os.environ.get("XLA_FLAGS", ""))
     cli.join_cluster()
+    from cnnjax import compile_cache
     from cnnjax.train.ensemble import fit_ensemble
     from cnnjax.train.loop import fit
 
     train = fit_ensemble if FLAGS.config.get("ensemble_members", 1) > 1 else fit
+    stages = compile_cache.record_stages() if FLAGS.compile_stats else None
     result = train(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress, tensorboard=FLAGS.tensorboard,
                    stop_after_steps=FLAGS.stop_after_steps)
+    if stages is not None:
+        print(compile_cache.describe_stages(stages), flush=True)
     if result.get("interrupted"):
         raise SystemExit(cli.EXIT_INTERRUPTED)  # checkpoint saved, run not finished: schedulers must not see 0
 

@@ -385,6 +385,15 @@ def timed_run(cmd: list[str], env: dict, log: str) -> tuple[int, float, str]:
     return done.returncode, wall, (errors or lines or ["(no output)"])[-1]
 
 
+def compile_stages(line: str) -> dict[str, float]:
+    """The seconds of ``experiments.train --compile_stats``'s last line (:func:`cnnjax.compile_cache.describe_stages`)
+    by stage: trace, lower, xla_compile, cache_load, saved."""
+    if not line.startswith("compilation: "):
+        raise CheckFailed(f"experiments.train --compile_stats ended with {line!r}, not its compilation line", {})
+    numbers = [float(word) for word in line.replace("(", " ").split() if word.replace(".", "", 1).isdigit()]
+    return dict(zip(("trace", "lower", "xla_compile", "cache_load", "saved"), numbers, strict=True))
+
+
 def check_compile_cache(args: argparse.Namespace) -> dict:
     """The same training twice, each a fresh process sharing one fresh ``CNNJAX_COMPILATION_CACHE``: first-epoch
     time (metrics.jsonl ``epoch_time_s``) and process wall time of each, and their ratios."""
@@ -396,18 +405,24 @@ def check_compile_cache(args: argparse.Namespace) -> dict:
         runs = []
         for k in (1, 2):
             workdir = os.path.join(tmp, f"run{k}")
-            status, wall, last = timed_run(train_command(args, data, workdir), env, log)
+            status, wall, last = timed_run([*train_command(args, data, workdir), "--compile_stats"], env, log)
             if status:
                 raise CheckFailed(f"run {k} of {args.train_config} exited {status}: {last}", {"runs": runs})
             runs.append({"first_epoch_s": epoch_rows(workdir)[0]["epoch_time_s"], "process_s": wall,
-                         "cache_files": sum(len(files) for _, _, files in os.walk(cache))})
+                         "cache_files": sum(len(files) for _, _, files in os.walk(cache)),
+                         "stages_s": compile_stages(last)})
     first, second = runs
     out = {"config": args.train_config, "train_args": args.train_args, "runs": runs,
            "first_epoch_ratio": first["first_epoch_s"] / second["first_epoch_s"],
            "process_ratio": first["process_s"] / second["process_s"],
            "timed": "epoch 1's epoch_time_s in metrics.jsonl (training with compilation, no evaluation), and "
                     "the process wall time"}
-    out["line"] = (f"first epoch {first['first_epoch_s']:.1f} s cold, {second['first_epoch_s']:.1f} s with the cache "
+    out["xla_ratio"] = first["stages_s"]["xla_compile"] / max(
+        second["stages_s"]["xla_compile"] + second["stages_s"]["cache_load"], 1e-9)
+    out["line"] = (f"XLA compile {first['stages_s']['xla_compile']:.1f} s cold, "
+                   f"{second['stages_s']['xla_compile'] + second['stages_s']['cache_load']:.1f} s with the cache "
+                   f"({out['xla_ratio']:.1f}x; tracing {second['stages_s']['trace']:.1f} s each run); "
+                   f"first epoch {first['first_epoch_s']:.1f} s cold, {second['first_epoch_s']:.1f} s with the cache "
                    f"({out['first_epoch_ratio']:.1f}x); process {first['process_s']:.1f} s / {second['process_s']:.1f}"
                    f" s; {first['cache_files']} cache files after run 1")
     return out
