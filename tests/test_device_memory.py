@@ -66,3 +66,18 @@ def test_devices_without_memory_stats_are_skipped():
 
 def test_this_machines_devices_do_not_raise_for_a_small_split():
     check_resident_fits(1024, jax.local_devices())
+
+
+def test_fit_refuses_a_resident_split_too_big_for_the_devices_and_auto_streams_it(tmp_path, monkeypatch):
+    from cnnjax.data import load_splits
+    from cnnjax.train import device_memory
+    from cnnjax.train.loop import fit
+    from tests.test_experiments import stripes
+
+    monkeypatch.setattr(device_memory, "free_bytes", lambda device: 1000)  # every device: 1000 bytes free
+    with pytest.raises(ConfigError, match="data.mode=stream"):
+        fit(stripes(num_epochs=1), str(tmp_path / "w"), progress=False)
+    assert not (tmp_path / "w" / "checkpoints").exists()
+    assert load_splits(stripes(**{"data.mode": "auto"})).streamed  # 288 8x8 images > 500 bytes
+    monkeypatch.setattr(device_memory, "free_bytes", lambda device: None)  # CPUs: the host budget decides
+    assert not load_splits(stripes(**{"data.mode": "auto"})).streamed

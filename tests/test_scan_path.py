@@ -124,3 +124,68 @@ def test_a_scan_chunk_runs_to_its_end_whatever_stop_says():
     asked = []
     _, m = runner.train(state, *data, np.arange(64, dtype=np.int32).reshape(8, 8), stop=lambda: asked.append(1) or True)
     assert m["steps"] == 8 and int(m["count"]) == 64 and asked == []
+
+
+def test_a_chunks_metrics_are_read_after_the_next_chunk_is_dispatched(tmp_path, monkeypatch):
+    from cnnjax.train import feed as feeds
+    from cnnjax.train import loop
+
+    events = []
+    real_train, real_absorb = feeds.ResidentFeed.train, loop._absorb
+
+    def train(self, state, step, count, stop=None, upcoming=0):
+        events.append(("dispatch", step, count, upcoming))
+        return real_train(self, state, step, count, stop, upcoming)
+
+    def absorb(run, acc, pending, *args):
+        if pending is not None:
+            events.append(("read", pending[3] - pending[1]))  # the chunk's first step
+        return real_absorb(run, acc, pending, *args)
+
+    monkeypatch.setattr(feeds.ResidentFeed, "train", train)
+    monkeypatch.setattr(loop, "_absorb", absorb)
+    fit(stripes(**SCAN_CHUNKS, **{"loop.scan": "on"}, num_epochs=1), str(tmp_path / "w"), progress=False)
+    # 9 steps: chunks of 4, 4 and 1; each chunk's metrics are read once the next is queued, the last at the epoch's end
+    assert events == [("dispatch", 0, 4, 4), ("dispatch", 4, 4, 1), ("read", 0), ("dispatch", 8, 1, 0), ("read", 4),
+                      ("read", 8)]
+
+
+def test_a_stream_places_the_next_chunk_while_this_one_runs(tmp_path):
+    from cnnjax.data import load_splits
+    from cnnjax.data.stream import EpochOrder
+    from cnnjax.train import feed as feeds
+    from cnnjax.train.experiment import build, runner_for
+
+    config = stripes(**SCAN_CHUNKS, **{"loop.scan": "on", "data.mode": "stream", "data.workers": 0})
+    data = load_splits(config)
+    exp = build(config, data, 9)
+    runner = runner_for(config, exp, jax.devices()[:1], 9)
+    feed = feeds.open_feed(runner, data.train, EpochOrder(0, len(data.train), 32), 0, 9, streamed=True, workers=0)
+    try:
+        state, m = feed.train(runner.put_state(exp.state), 0, 4, upcoming=4)
+        step, count, chunk = feed._ready
+        assert (step, count, chunk.steps) == (4, 4, 4)
+        assert all(isinstance(a, jax.Array) for call in chunk.calls for a in call)  # already on the device
+        state, m = feed.train(state, 4, 4)  # takes the placed chunk
+        assert feed._ready is None and m["steps"] == 4
+        with pytest.raises(RuntimeError, match="stream is at step 8"):
+            feed.train(state, 0, 4)
+    finally:
+        feed.close()
+
+
+@pytest.mark.parametrize("precision, text", [("high", "HIGH"), ("highest", "HIGHEST")])
+def test_the_precision_key_sets_the_steps_float32_precision(precision, text):
+    from cnnjax.train.runner import _chunk_fn
+
+    spec = StepSpec(num_classes=10, mean=(0.5,), std=(0.25,), precision=precision)
+    model = models.create("tiny_cnn", num_classes=10)
+    state = create_train_state(model, _opt(), (8, 8, 1), jax.random.PRNGKey(0))
+    f32 = jax.ShapeDtypeStruct((), np.float32)
+    args = (state, {"loss_sum": f32, "correct": f32, "count": f32}, jax.ShapeDtypeStruct((16, 8, 8, 1), np.uint8),
+            jax.ShapeDtypeStruct((16,), np.int32), jax.ShapeDtypeStruct((2, 8), np.int32),
+            jax.ShapeDtypeStruct((2,), np.bool_))
+    with jax.default_matmul_precision("bfloat16"):  # the spec's precision wins over the ambient one
+        mlir = jax.jit(_chunk_fn(spec, scan=True, axis_name=None, gather=True)).lower(*args).as_text()
+    assert f"precision = [{text}, {text}]" in mlir or f"precision_config = [#stablehlo<precision {text}>" in mlir
+    assert "DEFAULT" not in mlir

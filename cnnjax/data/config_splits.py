@@ -17,7 +17,8 @@ int32 in ``0..num_classes - 1``. Every data rule applies here, in this order:
 5. **Padding.** ``data.pad_to``: images zero-padded centrally to ``pad_to`` x ``pad_to``.
 6. **Mode.** ``data.mode``: ``resident`` decodes every split into memory; ``stream`` keeps them as sources
    decoded on access; ``auto`` is resident when the decoded training split fits ``data.resident_max_gb``
-   GiB. ``data.skip_bad_images`` leaves out image files that do not decode instead of raising.
+   GiB (and half of the free memory of each local accelerator). ``data.skip_bad_images`` leaves out image files
+   that do not decode instead of raising.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from cnnjax.data.splits import (
 )
 from cnnjax.data.stream import ArraySource, FileSource, Source, TFDSSource, decodable, decoded_bytes, subset, to_arrays
 from cnnjax.errors import ConfigError
+from cnnjax.train import device_memory
 
 __all__ = ["MODES", "TFDS_STREAMABLE", "DataSplits", "load_data", "load_splits", "prepare_images", "splits_of"]
 
@@ -147,7 +149,13 @@ def prepare_images(images: np.ndarray, pad_to: int) -> np.ndarray:
 
 
 def _resident_max_bytes(config: ml_collections.ConfigDict) -> float:
-    return float(config.data.get("resident_max_gb", 2.0)) * 2**30
+    """``auto``'s limit for a resident training split: ``data.resident_max_gb`` of host memory, and the share of the
+    local accelerators' free memory a resident split may take (:mod:`cnnjax.train.device_memory`)."""
+    import jax
+
+    host = float(config.data.get("resident_max_gb", 2.0)) * 2**30
+    tightest = device_memory.tightest_device(jax.local_devices())
+    return host if tightest is None else min(host, device_memory.RESIDENT_FRACTION * tightest[1])
 
 
 def _checked(source: Source) -> Source:

@@ -14,7 +14,6 @@ import math
 import numpy as np
 
 from cnnjax.data.stream import ArraySource, EpochOrder, EvalBatch, StepBatch, stream
-from cnnjax.train.device_memory import check_resident_fits, resident_bytes
 from cnnjax.train.evaluation import process_range, sharded_batch_size
 from cnnjax.train.runner import Chunk, Runner
 
@@ -24,7 +23,6 @@ class ResidentFeed:
 
     def __init__(self, runner: Runner, train: ArraySource, order: EpochOrder):
         self.runner, self.order = runner, order
-        check_resident_fits(resident_bytes(train.images, train.labels), runner.local_devices)
         self._data = runner.put_data(train.images, train.labels)
 
     def train(self, state, step: int, count: int, stop=None, upcoming: int = 0):

@@ -35,6 +35,7 @@ from cnnjax.errors import ConfigError, TrainingError
 from cnnjax.train import budget
 from cnnjax.train import feed as feeds
 from cnnjax.train.checks import check_config, check_deterministic, check_workdir, write_config
+from cnnjax.train.device_memory import check_resident_fits, resident_bytes
 from cnnjax.train.experiment import Experiment, build, retime, runner_for
 from cnnjax.train.lock import WorkdirLock
 from cnnjax.train.metrics import MetricsWriter
@@ -169,6 +170,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = Tru
         if config.num_classes == 0:  # take the number of classes from the data (image folders)
             config.num_classes = data.num_classes
         spe = steps_per_epoch(config, data)
+        if not data.streamed:  # before anything is written: a split the devices cannot hold is one line
+            check_resident_fits(resident_bytes(data.train.images, data.train.labels), jax.local_devices())
         saved = check_workdir(config, workdir)
         plan = None
         if config.get("time_budget_s", 0.0):  # num_epochs is the most that may be trained
