@@ -49,6 +49,19 @@ def enable(env: Mapping[str, str] = os.environ) -> str | None:
     return path
 
 
+def leave_for_cluster() -> bool:
+    """In a multi-process run on CPUs, turn the cache off (before anything is compiled); returns whether it did.
+    With jax 0.12, a CPU program with cross-process collectives loaded from the cache never completes its first
+    collective (the two-process test in tests/test_compile_cache.py hangs without this), so such runs compile every
+    time. Accelerator runs keep the cache (JAX writes it from process 0 and every process reads it)."""
+    import jax
+
+    if jax.process_count() == 1 or jax.devices()[0].platform != "cpu":
+        return False
+    jax.config.update("jax_compilation_cache_dir", None)
+    return True
+
+
 # JAX's monitoring events (seconds) that make up a program's way to the device, in the order they happen.
 STAGES = {"trace": "/jax/core/compile/jaxpr_trace_duration",
           "lower": "/jax/core/compile/jaxpr_to_mlir_module_duration",

@@ -38,7 +38,8 @@ def join_cluster() -> bool:
 
     In a multi-process run, stdout keeps only Python's own output: native libraries' chatter on
     file descriptor 1 (gloo prints a line per connection) goes to /dev/null, and processes other
-    than 0 print nothing on stdout at all (their errors still reach stderr)."""
+    than 0 print nothing on stdout at all (their errors still reach stderr). A multi-process CPU run compiles
+    without JAX's persistent cache (:func:`cnnjax.compile_cache.leave_for_cluster`)."""
     from absl import flags
 
     from cnnjax import distributed
@@ -49,6 +50,9 @@ def join_cluster() -> bool:
     multi = distributed.initialize(spec)
     if multi:
         _silence_native_stdout(keep_python=distributed.is_primary())
+        from cnnjax import compile_cache
+
+        compile_cache.leave_for_cluster()
     return multi
 
 

@@ -4,6 +4,7 @@ compiled."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -69,3 +70,24 @@ def test_deterministic_gpu_ops_are_one_flag_added_once_and_checked_on_the_gpu_on
         assert "deterministic" in str(err) and checks.DETERMINISTIC_FLAG in str(err)
     else:
         raise AssertionError("a GPU run without the flag must be refused")
+
+
+def test_a_multi_process_cpu_run_compiles_without_the_cache_and_a_second_one_does_not_hang(tmp_path):
+    assert not compile_cache.leave_for_cluster()  # one process: the cache stays as it is
+    cache = tmp_path / "cache"
+    env = dict(os.environ, **{compile_cache.ENV: str(cache)}, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    for run in ("first", "second"):  # the second would load the first's programs, were they cached
+        cmd = [sys.executable, "-m", "experiments.launch", "--num_processes=2", "--", sys.executable, "-m",
+               "experiments.train", "--config", "experiments/configs/stripes_tiny.py", "--workdir", str(tmp_path / run),
+               "--config.plots=False", "--noprogress", "--config.parallelism=sharded", "--config.num_epochs=1"]
+        launcher = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    start_new_session=True)  # its own process group: stopped with its children
+        try:
+            _, err = launcher.communicate(timeout=120)
+        finally:
+            if launcher.poll() is None:
+                os.killpg(launcher.pid, signal.SIGKILL)
+                launcher.wait()
+        assert launcher.returncode == 0, err[-2000:]
+    assert not any(cache.iterdir()) if cache.exists() else True  # nothing written: the run compiled uncached
