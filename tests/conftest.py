@@ -1,8 +1,12 @@
-"""Test set-up: fp32 at highest matmul precision, deterministic torch, shared helpers."""
+"""Test set-up: fp32 at highest matmul precision, deterministic torch, no persistent compilation cache, shared
+helpers."""
 
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+# The entry points the tests start compile without JAX's persistent cache (no test depends on what an earlier one
+# compiled, and nothing is written to the user's cache); the cache's own tests give theirs a directory.
+os.environ.setdefault("CNNJAX_COMPILATION_CACHE", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
