@@ -65,7 +65,7 @@ def test_step_parity_flags_a_different_step():
 
     problem = ac.parity_problem("lenet5@28", 4, 2)
     cpu = jax.devices("cpu")[0]
-    side = ac.train_on(problem, cpu, False)
+    side = ac.train_on(problem, cpu, False)[-1]
     assert ac.compare_sides("lenet5@28", problem, side, side)["ok"]
     state, metrics = side
     off_loss = (state, {**metrics, "loss_sum": metrics["loss_sum"] * (1 + 1e-3)})
