@@ -49,14 +49,20 @@ def enable(env: Mapping[str, str] = os.environ) -> str | None:
     return path
 
 
+# jax releases from this one on: a multi-process CPU run compiles without the cache (see leave_for_cluster).
+CLUSTER_CPU_UNCACHED_FROM = (0, 11)
+
+
 def leave_for_cluster() -> bool:
-    """In a multi-process run on CPUs, turn the cache off (before anything is compiled); returns whether it did.
-    With jax 0.12, a CPU program with cross-process collectives loaded from the cache never completes its first
-    collective (the two-process test in tests/test_compile_cache.py hangs without this), so such runs compile every
-    time. Accelerator runs keep the cache (JAX writes it from process 0 and every process reads it)."""
+    """In a multi-process run on CPUs with jax >= :data:`CLUSTER_CPU_UNCACHED_FROM`, turn the cache off (before
+    anything is compiled); returns whether it did. With jax 0.12.1 a CPU program with cross-process collectives
+    loaded from the cache never completes its first collective (the two-process test in
+    tests/test_compile_cache.py hangs without this); jax 0.10.2 runs it, and 0.11 is not measured. Accelerator
+    runs keep the cache (JAX writes it from process 0 and every process reads it)."""
     import jax
 
-    if jax.process_count() == 1 or jax.devices()[0].platform != "cpu":
+    version = tuple(int(p) for p in jax.__version__.split(".")[:2])
+    if version < CLUSTER_CPU_UNCACHED_FROM or jax.process_count() == 1 or jax.devices()[0].platform != "cpu":
         return False
     jax.config.update("jax_compilation_cache_dir", None)
     return True

@@ -1,12 +1,13 @@
-"""Test set-up: fp32 at highest matmul precision, deterministic torch, no persistent compilation cache, shared
+"""Test set-up: fp32 at highest matmul precision, deterministic torch, the tests' own compilation cache, shared
 helpers."""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
-# The entry points the tests start compile without JAX's persistent cache (no test depends on what an earlier one
-# compiled, and nothing is written to the user's cache); the cache's own tests give theirs a directory.
-os.environ.setdefault("CNNJAX_COMPILATION_CACHE", "0")
+# The entry points the tests start share one compilation cache of their own, not the user's (a later run of a
+# program loads it instead of compiling it again); the cache's own tests give theirs a fresh directory.
+os.environ.setdefault("CNNJAX_COMPILATION_CACHE", os.path.join(tempfile.gettempdir(), "cnnjax-tests-jax-compilation"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
