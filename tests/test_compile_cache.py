@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import jax
+import pytest
 
 from cnnjax import compile_cache
 from cnnjax.train import checks
@@ -74,6 +75,7 @@ def test_deterministic_gpu_ops_are_one_flag_added_once_and_checked_on_the_gpu_on
         raise AssertionError("a GPU run without the flag must be refused")
 
 
+@pytest.mark.slow  # two 2-process runs; the hang it guards against needs jax 0.12 (the Python 3.12 venv)
 def test_a_second_multi_process_cpu_run_on_one_cache_does_not_hang(tmp_path):
     """jax 0.10 loads the first run's programs; from 0.11 on the runs compile without the cache (0.12 would hang)."""
     assert not compile_cache.leave_for_cluster()  # one process: the cache stays as it is
