@@ -23,7 +23,7 @@ from cnnjax.data.stream import ArraySource
 from cnnjax.layers import BatchNorm, Conv, Dense, MaxPool
 from cnnjax.models.cifar_resnet import CifarResNet
 from cnnjax.train import feed
-from cnnjax.train.evaluation import summarize_eval
+from cnnjax.train.evaluation import summarize_eval, zero_totals
 from cnnjax.train.optim import make_optimizer
 from cnnjax.train.runner import Runner
 from cnnjax.train.state import TrainState, create_train_state, init_variables
@@ -277,9 +277,7 @@ def test_runner_eval_gives_the_same_metrics_as_a_plain_jit_of_eval_step():
     images = jnp.asarray(rng.randint(0, 256, (64, 32, 32, 1)).astype(np.uint8))
     labels = jnp.asarray(rng.randint(0, 10, 64).astype(np.int32))
     mask = jnp.ones(64).at[60:].set(0.0)
-    zeros = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "correct", "count")} | {
-        "confusion": jnp.zeros((10, 10), jnp.float32)}
-    ours = runner.evaluator.eval_fn(zeros, state.params, state.batch_stats, images, labels, mask)
+    ours = runner.evaluator.eval_fn(zero_totals(10), state.params, state.batch_stats, images, labels, mask)
     plain = jax.jit(lambda p, s: eval_step(p, s, model.apply, images, labels, mask, spec))(
         state.params, state.batch_stats)
     chex.assert_trees_all_close(ours, plain, rtol=1e-5, atol=1e-4)

@@ -54,7 +54,7 @@ def sharded_batch_size(n: int, batch_size: int, device_count: int) -> int:
     return -(-eval_batch_size(n, batch_size) // device_count) * device_count
 
 
-def _zero_totals(num_classes: int) -> dict:
+def zero_totals(num_classes: int) -> dict:
     """Summed eval metrics of no example: scalar ``loss_sum`` / ``correct`` / ``count``, ``confusion [K, K]``."""
     return {k: np.zeros((), np.float32) for k in _METRIC_KEYS} | {
         "confusion": np.zeros((num_classes, num_classes), np.float32)}
@@ -160,7 +160,7 @@ class Evaluator:
         trees, evaluated by their mean logits. Every process must call it."""
         fn = self.ensemble_eval_fn if ensemble else self.eval_fn
         params, stats = self.put_variables((params, batch_stats))
-        total = _zero_totals(self.spec.num_classes)
+        total = zero_totals(self.spec.num_classes)
         acc = None
         for batch in batches:
             acc = fn(jax.device_put(total, self.replicated) if acc is None else acc, params, stats,

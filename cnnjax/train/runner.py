@@ -310,12 +310,13 @@ class Runner:
         In ``scan`` mode (accelerators) the chunk is one computation and always runs to its end."""
         fn = self._train if data is not None else self._train_batches
         acc, ran = self._zeros, 0
+        # The calls of a chunk share one program: new, its first call returns once it is compiled (or loaded).
+        key = (data is not None, tuple(np.shape(a) for a in chunk.calls[0]))
         for args in chunk.calls:
             args = (*data, *args) if data is not None else args
-            key = (data is not None, tuple(np.shape(a) for a in args))
             t0 = time.perf_counter()
             state, acc = fn(state, acc, *args)
-            if key not in self.programs:  # the first call of a program returns once it is compiled (or loaded)
+            if key not in self.programs:
                 self.programs.add(key)
                 self.compile_s += time.perf_counter() - t0
             ran = chunk.steps if self.scan else ran + 1

@@ -66,7 +66,6 @@ PARITY_MODELS = {"cifar_resnet20": ((32, 32, 3), {}, True), "fast_cnn": ((32, 32
 # step_parity's SGD learning rate (momentum 0.9): small enough that three steps do not amplify float32 rounding
 # (at 0.05, cifar_resnet20 on random images turns a first-step difference of 5e-6 into 6e-3 by the third step).
 PARITY_LR = 0.01
-DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
 EXIT_INTERRUPTED = 75  # experiments.train: stopped with a checkpoint (experiments.startup.EXIT_INTERRUPTED)
 
 
@@ -351,8 +350,7 @@ def check_resume(args: argparse.Namespace) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="resume_") as tmp:
         config = train_config(args, synthetic_data(args, tmp), mixed_precision=False)
-        if "deterministic" in config:  # fit then refuses a GPU run without XLA's deterministic ops
-            config.deterministic = True
+        config.deterministic = True  # fit refuses a GPU run without XLA's deterministic ops
         whole, parts = os.path.join(tmp, "whole"), os.path.join(tmp, "parts")
         fit(copy.deepcopy(config), whole, progress=False)
         stopped = fit(copy.deepcopy(config), parts, progress=False, stop_after_steps=args.stop_after)
@@ -577,8 +575,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.allow_cpu and args.check in ("backend", "step_parity"):
         add_xla_flag("--xla_force_host_platform_device_count=2")  # a second CPU device for step_parity
-    if args.check == "resume":
-        add_xla_flag(DETERMINISTIC_FLAG)  # bitwise-reproducible GPU kernels; the CPU's already are
+    if args.check == "resume":  # bitwise-reproducible GPU kernels; the CPU's already are
+        from cnnjax.train.checks import with_deterministic_flag
+
+        os.environ["XLA_FLAGS"] = with_deterministic_flag(os.environ.get("XLA_FLAGS", ""))
     try:
         result, ok = RUNNERS[args.check](args), True
     except CheckFailed as failed:

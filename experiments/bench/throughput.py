@@ -79,13 +79,13 @@ def bench_jax(name: str, shape, batch: int, steps: int, precision: str = "fp32",
     import jax
     import numpy as np
 
+    from cnnjax.train.evaluation import zero_totals
     from experiments.bench.lib import bench_spec, time_jax_training
 
     model, spec = bench_model(name), bench_spec(shape, precision)
     out = time_jax_training(model, spec, shape, batch, steps, warmup=warmup)
     evaluator, state = out["runner"].evaluator, out["state"]  # the state stays on the device (jit mode)
-    totals = {k: np.zeros((), np.float32) for k in ("loss_sum", "correct", "count")} | {
-        "confusion": np.zeros((spec.num_classes,) * 2, np.float32)}
+    totals = zero_totals(spec.num_classes)
     ev = evaluator.eval_fn  # (totals, params, batch_stats, images, labels, mask) -> totals + this batch's metrics
     batch_arrays = {"images": out["images"], "labels": out["labels"], "mask": np.ones(batch, np.float32)}
     args = (jax.device_put(totals, evaluator.replicated), *evaluator.put_variables((state.params, state.batch_stats)),
