@@ -41,3 +41,66 @@ def assert_parity(label: str, jax_value, torch_value, tol: float) -> float:
     REPORT[label] = max(REPORT.get(label, 0.0), diff)
     assert diff <= tol, f"{label}: max |Δ| = {diff:.3g} > {tol}"
     return diff
+
+
+def port_twin(model, torch_module: torch.nn.Module, shape: tuple[int, int, int]) -> dict:
+    """The twin's weights as ``model``'s variables through the generic port (:func:`cnnjax.port.torch_layout`),
+    strictly: every key the model needs, no other, each with the shape the model builds at input ``shape``."""
+    import jax
+    import jax.numpy as jnp
+
+    from cnnjax.port import check_state_dict
+    from cnnjax.port.torch_state import layout_to_variables, torch_layout
+
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)), train=False))
+    layout = torch_layout(abstract)
+    state_dict = {k: v.detach().cpu().numpy() for k, v in torch_module.state_dict().items()}
+    check_state_dict(state_dict, {k: e.torch_shape for k, e in layout.items()}, type(model).__name__)
+    return layout_to_variables(state_dict, layout)
+
+
+def check_model_parity(name: str, shape: tuple[int, int, int], batch: int, path: str, jax_kwargs=None,
+                       torch_kwargs=None, tol: float = 1e-4, stats_tol: float = 1e-5, fp64: bool = False,
+                       seed: int = 0) -> None:
+    """Zoo model ``name`` against its torch twin (:mod:`experiments.bench.torch_zoo`) on identical weights at
+    input ``shape`` ``(H, W, C)``: eval logits, then train-mode logits and updated running statistics.
+
+    ``jax_kwargs`` / ``torch_kwargs`` go to ``models.create`` / the twin's builder (pass rates of 0 to switch
+    dropout and stochastic depth off: train mode is compared without them). ``fp64=True`` compares train mode
+    in float64 (both sides), to ``1e-9``, for nets that amplify float32 rounding. ``path`` labels the figures;
+    the ``path`` fixture (or :func:`tests.onednn_marks.use_path`) selects it.
+    """
+    import jax
+
+    from cnnjax import models
+    from experiments.bench import torch_zoo
+
+    torch.manual_seed(seed)
+    tm = torch_zoo.build(name, **(torch_kwargs or {}))
+    torch_zoo.randomize_bn_stats(tm, torch.Generator().manual_seed(seed + 1))
+    model = models.create(name, **(jax_kwargs or {}))
+    variables = port_twin(model, tm, shape)
+    x = np.random.RandomState(seed).randn(batch, *shape).astype(np.float32)
+    label = f"{name} {shape[0]}x{shape[1]} {path}"
+
+    tm.eval()
+    with torch.no_grad():
+        want = tm(nchw(x)).numpy()
+    got = model.apply(variables, x, train=False)
+    assert got.shape == want.shape
+    assert_parity(f"{label} eval logits", got, want, tol)
+
+    if fp64:
+        tm, x = tm.double(), x.astype(np.float64)
+        variables = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), variables)
+        tol, stats_tol, label = 1e-9, 1e-9, label + " (fp64)"
+    tm.train()
+    with torch.no_grad():
+        want = tm(nchw(x)).numpy()
+    with jax.enable_x64(fp64):
+        got, updated = model.apply(variables, x, train=True, mutable=["batch_stats"],
+                                   rngs={"dropout": jax.random.PRNGKey(0)})
+        assert_parity(f"{label} train logits", got, want, tol)
+        if "batch_stats" in variables:
+            stats = port_twin(model, tm, shape)["batch_stats"]
+            assert_parity(f"{label} train running stats", updated["batch_stats"], stats, stats_tol)

@@ -14,37 +14,59 @@ from typing import Any
 import flax.linen as nn
 
 from cnnjax.errors import UsageError
+from cnnjax.models import (
+    alexnet,
+    convnext,
+    densenet,
+    efficientnet,
+    googlenet,
+    inception,
+    mnasnet,
+    mobilenet,
+    regnet,
+    resnet,
+    shufflenetv2,
+    squeezenet,
+    vgg,
+)
 from cnnjax.models.cifar_resnet import CifarResNet
 from cnnjax.models.fast import FastNet
 from cnnjax.models.lenet import LeNet5
-from cnnjax.models.resnet import STAGES, ResNet
+from cnnjax.models.resnet import ResNet
 from cnnjax.models.simple import GapCNN, ImprovedCNN, SimpleCNN, TinyCNN
-from cnnjax.models.vgg import CONFIGS, VGG
+from cnnjax.models.vgg import VGG
 
-_REGISTRY: dict[str, tuple[Callable[..., nn.Module], int]] = {
-    "tiny_cnn": (TinyCNN, 2),
-    "lenet5": (LeNet5, 10),
-    "simple_cnn": (SimpleCNN, 10),
-    "improved_cnn": (ImprovedCNN, 10),
-    "gap_cnn": (GapCNN, 10),
-    "fast_cnn": (FastNet, 10),
-}
-for _name in ("vgg11", "vgg16"):
-    _REGISTRY[_name] = (functools.partial(VGG, CONFIGS[_name], False), 1000)
-    _REGISTRY[_name + "_bn"] = (functools.partial(VGG, CONFIGS[_name], True), 1000)
-for _name, (_block, _sizes) in STAGES.items():
-    _REGISTRY[_name] = (functools.partial(ResNet, _block, _sizes), 1000)
-for _depth in (20, 32, 44, 56, 110):
-    _REGISTRY[f"cifar_resnet{_depth}"] = (functools.partial(CifarResNet, _depth), 10)
+Factory = Callable[..., nn.Module]
 
-# Input shape (H, W, C) each model is built for; used by summaries, benchmarks and tests.
-DEFAULT_INPUT_SHAPES: dict[str, tuple[int, int, int]] = {
-    "tiny_cnn": (8, 8, 1),
-    "lenet5": (32, 32, 1),
-    **{n: (32, 32, 3) for n in ("simple_cnn", "improved_cnn", "gap_cnn", "fast_cnn")},
-    **{n: (224, 224, 3) for n in _REGISTRY if n.startswith(("vgg", "resnet"))},
-    **{n: (32, 32, 3) for n in _REGISTRY if n.startswith("cifar_resnet")},
+# name -> (factory, default number of classes, input shape (H, W, C) the model is built for).
+_REGISTRY: dict[str, tuple[Factory, int, tuple[int, int, int]]] = {
+    "tiny_cnn": (TinyCNN, 2, (8, 8, 1)),
+    "lenet5": (LeNet5, 10, (32, 32, 1)),
+    "simple_cnn": (SimpleCNN, 10, (32, 32, 3)),
+    "improved_cnn": (ImprovedCNN, 10, (32, 32, 3)),
+    "gap_cnn": (GapCNN, 10, (32, 32, 3)),
+    "fast_cnn": (FastNet, 10, (32, 32, 3)),
+    **{f"cifar_resnet{depth}": (functools.partial(CifarResNet, depth), 10, (32, 32, 3))
+       for depth in (20, 32, 44, 56, 110)},
 }
+# The torchvision families: each module's MODELS (same layout) and WEIGHTS (name -> torchvision's weight file).
+_FAMILIES = (vgg, resnet, alexnet, squeezenet, googlenet, inception, densenet, shufflenetv2, mobilenet, mnasnet,
+             efficientnet, regnet, convnext)
+for _family in _FAMILIES:
+    _REGISTRY.update(_family.MODELS)
+
+# Input shape (H, W, C) each model is built for; used by summaries, benchmarks, ports and tests.
+DEFAULT_INPUT_SHAPES: dict[str, tuple[int, int, int]] = {name: entry[2] for name, entry in _REGISTRY.items()}
+
+
+def default_num_classes(name: str) -> int:
+    """The number of classes ``name`` has by default (1000 for the ImageNet / torchvision models)."""
+    return _REGISTRY[name][1]
+
+
+def weight_files() -> dict[str, str]:
+    """torchvision model name -> file name of its official ImageNet weights (``IMAGENET1K_V1``)."""
+    return {name: file for family in _FAMILIES for name, file in family.WEIGHTS.items()}
 
 
 def available() -> list[str]:
@@ -56,7 +78,7 @@ def create(name: str, num_classes: int | None = None, **kwargs: Any) -> nn.Modul
     """Build model ``name`` with ``num_classes`` outputs (its default when None) and ``kwargs``."""
     if name not in _REGISTRY:
         raise UsageError(f"unknown model {name!r}; choose one of: {', '.join(available())}")
-    factory, default_classes = _REGISTRY[name]
+    factory, default_classes, _ = _REGISTRY[name]
     classes = default_classes if num_classes is None else int(num_classes)
     if classes < 1:
         raise UsageError(f"num_classes must be >= 1, got {num_classes}")

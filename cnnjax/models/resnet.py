@@ -1,4 +1,5 @@
-"""ResNet-18/34/50/101/152 (He et al. 2015) in torchvision's layout (v1.5 bottlenecks).
+"""ResNet-18/34/50/101/152 (He et al. 2015), ResNeXt (Xie et al. 2017) and Wide ResNet (Zagoruyko & Komodakis
+2016) in torchvision's layout (v1.5 bottlenecks; ResNeXt groups and Wide ResNet widths in the 3x3 conv).
 
 Names mirror torchvision's state dict: ``conv1, bn1, layer{1-4}_{i}/{conv1,bn1,...,downsample_conv,
 downsample_bn}, fc`` (torch ``layer1.0.conv1.weight`` <-> ``params/layer1_0/conv1/kernel``).
@@ -7,6 +8,7 @@ Explicit symmetric pads (stem 3, 3x3 convs 1, max-pool 1), unlike 'SAME', so tor
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -39,6 +41,7 @@ STAGES: dict[str, tuple[Block, Sequence[int]]] = {
 class ResNet(nn.Module):
     """``[N, H, W, 3] -> [N, num_classes]`` (any H, W >= 32; 224 for ImageNet).
 
+    ``groups`` / ``width_per_group`` set the bottlenecks' 3x3 conv (ResNeXt 32x4d: 32 / 4; Wide ResNet: 1 / 128).
     ``zero_init_residual`` zeroes the last BN scale of every block (torchvision's option).
     ``features_only=True`` returns the pooled ``[N, 512 * expansion]`` features instead of logits.
     ``freeze_until=k`` freezes the first ``k`` of (stem, layer1, layer2, layer3, layer4): their
@@ -52,6 +55,8 @@ class ResNet(nn.Module):
     zero_init_residual: bool = False
     axis_name: str | None = None
     freeze_until: int = 0
+    groups: int = 1
+    width_per_group: int = 64
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, features_only: bool = False) -> Array:
@@ -69,7 +74,9 @@ class ResNet(nn.Module):
             stage_train = train and self.freeze_until < stage + 2
             for i in range(num_blocks):
                 stride = 2 if stage > 0 and i == 0 else 1
-                x = self.block(64 * 2**stage, stride, self.zero_init_residual, self.axis_name,
+                grouping = {"groups": self.groups, "base_width": self.width_per_group} \
+                    if self.block is Bottleneck else {}
+                x = self.block(64 * 2**stage, stride, self.zero_init_residual, self.axis_name, **grouping,
                                name=f"layer{stage + 1}_{i}")(x, stage_train)
             if self.freeze_until == stage + 2:
                 x = jax.lax.stop_gradient(x)
@@ -77,3 +84,30 @@ class ResNet(nn.Module):
         if features_only:
             return x
         return Dense(self.num_classes, name="fc")(x)
+
+
+# name -> (stage sizes, groups, width per group) of the bottleneck variants.
+_GROUPED = {
+    "resnext50_32x4d": ((3, 4, 6, 3), 32, 4),
+    "resnext101_32x8d": ((3, 4, 23, 3), 32, 8),
+    "resnext101_64x4d": ((3, 4, 23, 3), 64, 4),
+    "wide_resnet50_2": ((3, 4, 6, 3), 1, 128),
+    "wide_resnet101_2": ((3, 4, 23, 3), 1, 128),
+}
+MODELS = {
+    **{name: (functools.partial(ResNet, block, sizes), 1000, (224, 224, 3)) for name, (block, sizes) in STAGES.items()},
+    **{name: (functools.partial(ResNet, Bottleneck, sizes, groups=groups, width_per_group=width), 1000, (224, 224, 3))
+       for name, (sizes, groups, width) in _GROUPED.items()},
+}
+WEIGHTS = {
+    "resnet18": "resnet18-f37072fd.pth",
+    "resnet34": "resnet34-b627a593.pth",
+    "resnet50": "resnet50-0676ba61.pth",
+    "resnet101": "resnet101-63fe2227.pth",
+    "resnet152": "resnet152-394f9c45.pth",
+    "resnext50_32x4d": "resnext50_32x4d-7cdf4587.pth",
+    "resnext101_32x8d": "resnext101_32x8d-8ba56ff5.pth",
+    "resnext101_64x4d": "resnext101_64x4d-173b62eb.pth",
+    "wide_resnet50_2": "wide_resnet50_2-95faca4d.pth",
+    "wide_resnet101_2": "wide_resnet101_2-32ee1156.pth",
+}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -70,3 +71,13 @@ class VGG(nn.Module):
         x = nn.relu(Dense(4096, kernel_init=dense_init, bias_init=zeros, name="classifier_3")(x))
         x = Dropout(self.dropout_rate, name="classifier_5")(x, train)
         return Dense(self.num_classes, kernel_init=dense_init, bias_init=zeros, name="classifier_6")(x)
+
+
+MODELS = {f"{name}{suffix}": (functools.partial(VGG, CONFIGS[name], bn), 1000, (224, 224, 3))
+          for name in CONFIGS for suffix, bn in (("", False), ("_bn", True))}
+WEIGHTS = {
+    "vgg11": "vgg11-8a719046.pth", "vgg11_bn": "vgg11_bn-6002323d.pth",
+    "vgg13": "vgg13-19584684.pth", "vgg13_bn": "vgg13_bn-abd245e5.pth",
+    "vgg16": "vgg16-397923af.pth", "vgg16_bn": "vgg16_bn-6c64b313.pth",
+    "vgg19": "vgg19-dcbb9e9d.pth", "vgg19_bn": "vgg19_bn-c79401a0.pth",
+}

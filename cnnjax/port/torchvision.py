@@ -1,4 +1,4 @@
-"""Load torchvision ResNet / VGG weights (``.pth`` / ``.pt`` or ``.safetensors``) into cnnjax models.
+"""Load torchvision weights (``.pth`` / ``.pt`` or ``.safetensors``) into the cnnjax model of the same name.
 
 ``load_torchvision(arch, path) -> (model, variables)`` with ``model.apply(variables, x_nhwc,
 train=False)`` giving the torch model's logits. The state dict is checked strictly against the
@@ -9,7 +9,6 @@ one error.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,23 +18,14 @@ import numpy as np
 
 from cnnjax import models
 from cnnjax.errors import CnnjaxError, MissingFileError
-from cnnjax.port.torch_state import state_dict_to_variables, torchvision_key
+from cnnjax.port.torch_state import layout_to_variables, torch_layout
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg11", "vgg11_bn", "vgg16", "vgg16_bn")
+# Every ImageNet-layout model of the zoo (default 1000 classes) is torchvision's architecture of the same name.
+ARCHS = tuple(name for name in models.available() if models.default_num_classes(name) == 1000)
 
-# Official torchvision ImageNet weights (IMAGENET1K_V1). The hex part of each file name is the
-# start of the file's sha256, which torchvision (and experiments.port --download) checks.
-WEIGHT_FILES = {
-    "resnet18": "resnet18-f37072fd.pth",
-    "resnet34": "resnet34-b627a593.pth",
-    "resnet50": "resnet50-0676ba61.pth",
-    "resnet101": "resnet101-63fe2227.pth",
-    "resnet152": "resnet152-394f9c45.pth",
-    "vgg11": "vgg11-8a719046.pth",
-    "vgg11_bn": "vgg11_bn-6002323d.pth",
-    "vgg16": "vgg16-397923af.pth",
-    "vgg16_bn": "vgg16_bn-6c64b313.pth",
-}
+# Official torchvision ImageNet weights (IMAGENET1K_V1), by file name. The hex part of each name is the start of
+# the file's sha256, which torchvision (and experiments.port --download) checks.
+WEIGHT_FILES = models.weight_files()
 WEIGHTS_BASE_URL = "https://download.pytorch.org/models/"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -115,29 +105,10 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 
 # --- strict key check --------------------------------------------------------------------------
 
-_FLAX_TO_TORCH_LEAF = {("params", "kernel"): "weight", ("params", "bias"): "bias", ("params", "scale"): "weight",
-                       ("batch_stats", "mean"): "running_mean", ("batch_stats", "var"): "running_var"}
-
-
-def torch_module_path(flax_path: str) -> str:
-    """Inverse of :func:`torchvision_key`: ``layer1_0/downsample_conv -> layer1.0.downsample.0``."""
-    path = flax_path.replace("downsample_conv", "downsample/0").replace("downsample_bn", "downsample/1")
-    path = re.sub(r"\b(layer\d+|features|classifier)_(\d+)\b", r"\1/\2", path)
-    return path.replace("/", ".")
-
 
 def expected_torch_shapes(abstract_variables: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     """torch key -> torch shape that a cnnjax model's variables correspond to."""
-    out = {}
-    for collection, tree in abstract_variables.items():
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-            names = [p.key for p in path]
-            key = f"{torch_module_path('/'.join(names[:-1]))}.{_FLAX_TO_TORCH_LEAF[(collection, names[-1])]}"
-            shape = tuple(leaf.shape)
-            if names[-1] == "kernel":
-                shape = (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape[::-1]
-            out[key] = shape
-    return out
+    return {key: entry.torch_shape for key, entry in torch_layout(abstract_variables).items()}
 
 
 def check_state_dict(state_dict: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], what: str) -> None:
@@ -161,17 +132,31 @@ def check_state_dict(state_dict: Mapping[str, Any], expected: Mapping[str, tuple
 # --- public API ----------------------------------------------------------------------------------
 
 
+def _abstract(arch: str, num_classes: int) -> dict:
+    model = models.create(arch, num_classes=num_classes)
+    shape = (1, *models.DEFAULT_INPUT_SHAPES[arch])
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(shape), train=False))
+
+
+def head_keys(arch: str) -> list[str]:
+    """The torch keys whose shapes follow the number of classes (the classifier), sorted."""
+    a, b = torch_layout(_abstract(arch, 1000)), torch_layout(_abstract(arch, 1001))
+    return sorted(k for k in a if a[k].torch_shape != b[k].torch_shape)
+
+
 def convert(arch: str, state_dict: Mapping[str, Any]) -> tuple[Any, dict]:
-    """``(model, variables)`` for torchvision ``arch`` from an in-memory state dict (strict)."""
+    """``(model, variables)`` for torchvision ``arch`` from an in-memory state dict (strict: one
+    :class:`PortError` lists every missing, unexpected and mis-shaped key before anything is converted).
+    The number of classes is read from the classifier's weight."""
     if arch not in ARCHS:
         raise PortError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)}")
-    fc_key = "fc.weight" if arch.startswith("resnet") else "classifier.6.weight"
-    num_classes = int(np.shape(state_dict[fc_key])[0]) if fc_key in state_dict else 1000
+    heads = [k for k in head_keys(arch) if k.endswith(".weight") and k in state_dict]
+    num_classes = int(np.shape(state_dict[heads[0]])[0]) if heads else 1000
     model = models.create(arch, num_classes=num_classes)
-    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)), train=False))
-    check_state_dict(state_dict, expected_torch_shapes(abstract), f"cnnjax {arch} ({num_classes} classes)")
-    variables = state_dict_to_variables(state_dict, torchvision_key)
-    return model, jax.tree_util.tree_map(jnp.asarray, variables)
+    layout = torch_layout(_abstract(arch, num_classes))
+    check_state_dict(state_dict, {k: e.torch_shape for k, e in layout.items()}, f"cnnjax {arch} ({num_classes} "
+                     "classes)")
+    return model, jax.tree_util.tree_map(jnp.asarray, layout_to_variables(state_dict, layout))
 
 
 def load_torchvision(arch: str, path: str) -> tuple[Any, dict]:

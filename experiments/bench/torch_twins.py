@@ -89,7 +89,10 @@ class LeNet5(nn.Module):
 
 VGG_CFGS = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg13": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
+              512, 512, 512, 512, "M"],
 }
 
 
@@ -140,13 +143,14 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, inplanes, planes, stride=1, downsample=None):
+    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64):
         super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        width = int(planes * (base_width / 64.0)) * groups
+        self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, planes * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * 4)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
@@ -159,14 +163,14 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
-def make_block(block, inplanes, planes, stride):
+def make_block(block, inplanes, planes, stride, **grouping):
     downsample = None
     if stride != 1 or inplanes != planes * block.expansion:
         downsample = nn.Sequential(
             nn.Conv2d(inplanes, planes * block.expansion, 1, stride, bias=False),
             nn.BatchNorm2d(planes * block.expansion),
         )
-    return block(inplanes, planes, stride, downsample)
+    return block(inplanes, planes, stride, downsample, **grouping)
 
 
 RESNET_CFGS = {
@@ -175,11 +179,16 @@ RESNET_CFGS = {
     "resnet50": (Bottleneck, [3, 4, 6, 3]),
     "resnet101": (Bottleneck, [3, 4, 23, 3]),
     "resnet152": (Bottleneck, [3, 8, 36, 3]),
+    "resnext50_32x4d": (Bottleneck, [3, 4, 6, 3], {"groups": 32, "base_width": 4}),
+    "resnext101_32x8d": (Bottleneck, [3, 4, 23, 3], {"groups": 32, "base_width": 8}),
+    "resnext101_64x4d": (Bottleneck, [3, 4, 23, 3], {"groups": 64, "base_width": 4}),
+    "wide_resnet50_2": (Bottleneck, [3, 4, 6, 3], {"base_width": 128}),
+    "wide_resnet101_2": (Bottleneck, [3, 4, 23, 3], {"base_width": 128}),
 }
 
 
 class ResNet(nn.Module):
-    def __init__(self, block, layers, num_classes: int = 1000):
+    def __init__(self, block, layers, num_classes: int = 1000, grouping=None):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
@@ -190,7 +199,7 @@ class ResNet(nn.Module):
             planes = 64 * 2**i
             blocks = []
             for j in range(n):
-                blocks.append(make_block(block, inplanes, planes, 2 if i > 0 and j == 0 else 1))
+                blocks.append(make_block(block, inplanes, planes, 2 if i > 0 and j == 0 else 1, **(grouping or {})))
                 inplanes = planes * block.expansion
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
@@ -319,9 +328,8 @@ def build(name: str, num_classes: int | None = None, **kw) -> nn.Module:
         return FastNet(**extra, **kw)
     if name.startswith("vgg"):
         return VGG(VGG_CFGS[name.removesuffix("_bn")], name.endswith("_bn"), **extra, **kw)
-    if name.startswith("resnet"):
-        block, layers = RESNET_CFGS[name]
-        return ResNet(block, layers, **extra)
+    if name in RESNET_CFGS:
+        return ResNet(*RESNET_CFGS[name][:2], **extra, grouping=(RESNET_CFGS[name][2:] or [None])[0])
     if name.startswith("cifar_resnet"):
         return CifarResNet(int(name.removeprefix("cifar_resnet")), **extra)
     raise KeyError(name)

@@ -225,8 +225,12 @@ def _pool_geometry(x: Array, window: IntPair, stride: IntPair | None, padding: I
     return dims, strides, pads
 
 
-def max_pool(x: Array, window: IntPair, stride: IntPair | None = None, padding: IntPair = 0) -> Array:
-    """torch ``MaxPool2d`` on ``[N, H, W, C]`` (floor mode): padding counts as ``-inf``; stride defaults to window.
+def max_pool(x: Array, window: IntPair, stride: IntPair | None = None, padding: IntPair = 0,
+             ceil_mode: bool = False) -> Array:
+    """torch ``MaxPool2d`` on ``[N, H, W, C]``: padding counts as ``-inf``; stride defaults to window.
+
+    ``ceil_mode`` as torch: ``H' = ceil((H + 2 p - k) / s) + 1``, less one where that last window would start in
+    the right padding; the extra bottom / right rows are ``-inf``.
 
     Plain XLA (``lax.reduce_window``, whose gradient goes to a window's maximum) on every platform; where the
     program is lowered for the CPU, the CPU backend's kernels (:mod:`cnnjax.kernels`), whose gradient goes to the
@@ -234,11 +238,26 @@ def max_pool(x: Array, window: IntPair, stride: IntPair | None = None, padding: 
     """
     dims, strides, pads = _pool_geometry(x, window, stride, padding, "max_pool")
     (kh, kw), (sh, sw), (ph, pw) = dims[1:3], strides[1:3], (pads[1][0], pads[2][0])
+    if ceil_mode:
+        extra = [_ceil_mode_extra(x.shape[1 + a], dims[1 + a], strides[1 + a], pads[1 + a][0]) for a in (0, 1)]
+        if any(extra):
+            x = jnp.pad(x, ((0, 0), (0, extra[0]), (0, extra[1]), (0, 0)), constant_values=-jnp.inf)
     ho, wo = (output_size(x.shape[1 + a], dims[1 + a], strides[1 + a], pads[1 + a]) for a in (0, 1))
     if ho <= 0 or wo <= 0:  # an empty output, as torch's shape rule gives
         return lax.reduce_window(x, -jnp.inf, lax.max, dims, strides, pads)
     return kernels.dispatch("max_pool", reduce_window_max_pool, x, window=(kh, kw), stride=(sh, sw),
                             padding=(ph, pw))
+
+
+def _ceil_mode_extra(length: int, window: int, stride: int, pad: int) -> int:
+    """Rows (or columns) of ``-inf`` to add after the right padding so floor mode gives torch's ceil-mode size."""
+    span = length + 2 * pad - window
+    if span < 0:
+        return 0
+    out = -(-span // stride) + 1
+    if (out - 1) * stride >= length + pad:  # the last window must start inside the input or the left padding
+        out -= 1
+    return max(0, (out - 1) * stride + window - (length + 2 * pad))
 
 
 def reduce_window_max_pool(x: Array, window: tuple[int, int], stride: tuple[int, int],
@@ -298,9 +317,10 @@ class MaxPool(nn.Module):
     window: IntPair
     stride: IntPair | None = None
     padding: IntPair = 0
+    ceil_mode: bool = False
 
     def __call__(self, x: Array) -> Array:
-        return max_pool(x, self.window, self.stride, self.padding)
+        return max_pool(x, self.window, self.stride, self.padding, self.ceil_mode)
 
 
 class AvgPool(nn.Module):
@@ -400,21 +420,26 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     """torchvision ``Bottleneck`` v1.5 (expansion 4): 1x1 -> 3x3 (carries the stride) -> 1x1.
 
-    Output channels ``4 * features``; projection shortcut when stride or channels change.
+    Output channels ``4 * features``; projection shortcut when stride or channels change. The inner width is
+    ``int(features * base_width / 64) * groups`` and the 3x3 conv has ``groups`` groups: ResNeXt's
+    ``32x4d`` is ``groups=32, base_width=4``, Wide ResNet-50-2 is ``base_width=128``.
     """
 
     features: int
     stride: int = 1
     zero_init_last_bn: bool = False
     axis_name: str | None = None
+    groups: int = 1
+    base_width: int = 64
     expansion = 4
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
         out_features = self.features * self.expansion
-        y = Conv(self.features, 1, use_bias=False, kernel_init=kaiming_normal_fan_out, name="conv1")(x)
+        width = int(self.features * (self.base_width / 64.0)) * self.groups
+        y = Conv(width, 1, use_bias=False, kernel_init=kaiming_normal_fan_out, name="conv1")(x)
         y = nn.relu(BatchNorm(axis_name=self.axis_name, name="bn1")(y, train))
-        y = Conv(self.features, 3, self.stride, 1, use_bias=False, kernel_init=kaiming_normal_fan_out,
+        y = Conv(width, 3, self.stride, 1, groups=self.groups, use_bias=False, kernel_init=kaiming_normal_fan_out,
                  name="conv2")(y)
         y = nn.relu(BatchNorm(axis_name=self.axis_name, name="bn2")(y, train))
         y = Conv(out_features, 1, use_bias=False, kernel_init=kaiming_normal_fan_out, name="conv3")(y)

@@ -1,0 +1,4 @@
+"""Placeholder: the shufflenetv2 family is being written (MODELS and WEIGHTS fill in)."""
+
+MODELS: dict = {}
+WEIGHTS: dict[str, str] = {}

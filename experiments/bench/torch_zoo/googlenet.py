@@ -1,0 +1,3 @@
+"""Placeholder: the torch twins of the googlenet family are being written."""
+
+BUILDERS: dict = {}

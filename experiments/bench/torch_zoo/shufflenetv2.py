@@ -1,0 +1,3 @@
+"""Placeholder: the torch twins of the shufflenetv2 family are being written."""
+
+BUILDERS: dict = {}
