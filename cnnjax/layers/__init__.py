@@ -20,7 +20,6 @@ from cnnjax.layers.core import (
     IntPair,
     MaxPool,
     Padding,
-    _pair,
     adaptive_avg_pool,
     avg_pool,
     batch_norm_train,
