@@ -44,9 +44,6 @@ class ResNet(nn.Module):
     ``groups`` / ``width_per_group`` set the bottlenecks' 3x3 conv (ResNeXt 32x4d: 32 / 4; Wide ResNet: 1 / 128).
     ``zero_init_residual`` zeroes the last BN scale of every block (torchvision's option).
     ``features_only=True`` returns the pooled ``[N, 512 * expansion]`` features instead of logits.
-    ``freeze_until=k`` freezes the first ``k`` of (stem, layer1, layer2, layer3, layer4): their
-    BatchNorm always runs in eval mode (running statistics unchanged) and no gradient flows into
-    them (``stop_gradient`` on their output). ``k=5`` is feature extraction, ``k=0`` trains all.
     """
 
     block: Block
@@ -54,7 +51,6 @@ class ResNet(nn.Module):
     num_classes: int = 1000
     zero_init_residual: bool = False
     axis_name: str | None = None
-    freeze_until: int = 0
     groups: int = 1
     width_per_group: int = 64
 
@@ -62,24 +58,16 @@ class ResNet(nn.Module):
     def __call__(self, x: Array, train: bool = False, features_only: bool = False) -> Array:
         if min(x.shape[1:3]) < 32:
             raise UsageError(f"ResNet needs inputs of at least 32x32 (total stride 32), got {x.shape[1:3]}")
-        if not 0 <= self.freeze_until <= 5:
-            raise UsageError(f"freeze_until must be 0..5 (stem, layer1..layer4), got {self.freeze_until}")
-        stem_train = train and self.freeze_until < 1
         x = Conv(64, 7, 2, 3, use_bias=False, kernel_init=kaiming_normal_fan_out, name="conv1")(x)
-        x = nn.relu(BatchNorm(axis_name=self.axis_name, name="bn1")(x, stem_train))
+        x = nn.relu(BatchNorm(axis_name=self.axis_name, name="bn1")(x, train))
         x = MaxPool(3, 2, 1, name="maxpool")(x)
-        if self.freeze_until == 1:
-            x = jax.lax.stop_gradient(x)
         for stage, num_blocks in enumerate(self.stage_sizes):
-            stage_train = train and self.freeze_until < stage + 2
             for i in range(num_blocks):
                 stride = 2 if stage > 0 and i == 0 else 1
                 grouping = {"groups": self.groups, "base_width": self.width_per_group} \
                     if self.block is Bottleneck else {}
                 x = self.block(64 * 2**stage, stride, self.zero_init_residual, self.axis_name, **grouping,
-                               name=f"layer{stage + 1}_{i}")(x, stage_train)
-            if self.freeze_until == stage + 2:
-                x = jax.lax.stop_gradient(x)
+                               name=f"layer{stage + 1}_{i}")(x, train)
         x = global_avg_pool(x)
         if features_only:
             return x

@@ -71,22 +71,23 @@ def runner_for(config: ml_collections.ConfigDict, exp: Experiment, devices: list
                   chunk_steps=chunk_steps(config, steps_per_epoch))
 
 
-def build_model(config: ml_collections.ConfigDict) -> tuple[Any, int]:
-    """The config's model and how many of its stages transfer learning freezes (0: none)."""
+def build_model(config: ml_collections.ConfigDict) -> tuple[Any, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """The config's model and, for transfer learning, ``(frozen stages, head)`` (empty tuples otherwise); a
+    model with frozen stages is wrapped in :class:`cnnjax.transfer.Frozen`."""
     kwargs = dict(config.model.kwargs.to_dict())
-    fields = _fields(config.model.name)
-    if config.parallelism == "pmap" and "axis_name" in fields:
+    if config.parallelism == "pmap" and "axis_name" in _fields(config.model.name):
         kwargs["axis_name"] = AXIS
-    frozen = 0
-    if transfer_on(config):
-        t = config.transfer
-        if "freeze_until" not in fields:
-            raise ConfigError("transfer.mode", f"needs a torchvision-layout ResNet, not {config.model.name!r}")
-        if t.mode != "scratch" and not t.init_from:
-            raise ConfigError("transfer.mode", f"{t.mode} needs `transfer.init_from`=CHECKPOINT_DIR")
-        frozen = transfer.freeze_until(t.mode, t.unfreeze_from)
-        kwargs["freeze_until"] = frozen
-    return models.create(config.model.name, num_classes=config.num_classes, **kwargs), frozen
+    model = models.create(config.model.name, num_classes=config.num_classes, **kwargs)
+    if not transfer_on(config):
+        return model, ((), ())
+    t = config.transfer
+    if t.mode != "scratch" and not t.init_from:
+        raise ConfigError("transfer.mode", f"{t.mode} needs `transfer.init_from`=CHECKPOINT_DIR")
+    layout = transfer.stage_layout(config.model.name, models.DEFAULT_INPUT_SHAPES[config.model.name], **kwargs)
+    if not layout.head:
+        raise ConfigError("transfer.mode", f"{config.model.name!r} has no classification head to replace")
+    frozen = transfer.frozen_stages(layout, t.mode, t.unfreeze_from)
+    return (transfer.Frozen(model, frozen) if frozen else model), (frozen, layout.head)
 
 
 def transfer_on(config: ml_collections.ConfigDict) -> bool:
@@ -98,7 +99,8 @@ def _fields(name: str) -> set[str]:
     return {f.name for f in dataclasses.fields(models.create(name))}
 
 
-def _optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, frozen: int):
+def _optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int,
+               parts: tuple[tuple[str, ...], tuple[str, ...]]):
     tx, schedule = make_optimizer(config, steps_per_epoch, config.num_epochs)
     if not transfer_on(config):
         return tx, schedule
@@ -107,15 +109,16 @@ def _optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, frozen: 
     backbone_cfg.learning_rate = t.backbone_lr
     backbone_tx, _ = make_optimizer(backbone_cfg, steps_per_epoch, config.num_epochs)
     backbone_tx = transfer.after_steps(backbone_tx, int(t.head_first_epochs * steps_per_epoch))
-    return transfer.transfer_optimizer(lambda p: transfer.param_labels(p, frozen), tx, backbone_tx), schedule
+    frozen, head = parts
+    return transfer.transfer_optimizer(lambda p: transfer.param_labels(p, frozen, head), tx, backbone_tx), schedule
 
 
 def retime(config: ml_collections.ConfigDict, exp: Experiment, dataset: str,
            steps_per_epoch: int) -> tuple[Experiment, optax.GradientTransformation]:
     """``exp`` for ``config``'s new length (``num_epochs``, ``budget_replans``): its step spec and schedule, and
     the optimizer for its train state (the same transformations, so the optimizer state carries over)."""
-    _, frozen = build_model(config)
-    tx, schedule = _optimizer(config, steps_per_epoch, frozen)
+    _, parts = build_model(config)
+    tx, schedule = _optimizer(config, steps_per_epoch, parts)
     return exp._replace(spec=build_spec(config, dataset, steps_per_epoch), schedule=schedule), tx
 
 
@@ -128,8 +131,8 @@ def build(config: ml_collections.ConfigDict, data: DataSplits | Dataset, steps_p
     """Model, step spec, initial host state and learning-rate schedule for ``config`` on ``data``."""
     data = splits_of(data) if isinstance(data, Dataset) else data
     spec = build_spec(config, data.name, steps_per_epoch)
-    model, frozen = build_model(config)
-    tx, schedule = _optimizer(config, steps_per_epoch, frozen)
+    model, parts = build_model(config)
+    tx, schedule = _optimizer(config, steps_per_epoch, parts)
     shape = input_shape(data.image_shape, spec)
     try:  # a model that cannot take this shape fails while its init is traced, before anything runs
         state = create_train_state(model, tx, shape, jax.random.PRNGKey(config.seed))
@@ -144,7 +147,7 @@ def build(config: ml_collections.ConfigDict, data: DataSplits | Dataset, steps_p
                                                              spec.std))
     if transfer_on(config) and config.transfer.init_from:
         source, _ = checkpoint.restore_variables(config.transfer.init_from, "best")
-        merged = transfer.transplant(source, model_variables(state.params, state.batch_stats))
+        merged = transfer.transplant(source, model_variables(state.params, state.batch_stats), head=parts[1])
         state = state.replace(params=merged["params"], batch_stats=merged.get("batch_stats", {}))
     if spec.lookahead is not None:
         state = init_lookahead(state)

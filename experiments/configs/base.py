@@ -80,12 +80,12 @@ def data_config() -> ml_collections.ConfigDict:
 
 
 def transfer_config() -> ml_collections.ConfigDict:
-    """``config.transfer``, transfer learning (ResNets): start from a checkpoint dir (a training workdir or
+    """``config.transfer``, transfer learning (any zoo model): start from a checkpoint dir (a training workdir or
     experiments.port's output), replace the head, freeze stages. mode: scratch | feature_extraction | finetune."""
     return ml_collections.ConfigDict({
         "init_from": "",
         "mode": "scratch",
-        "unfreeze_from": "stem",   # finetune: first trainable stage (stem, layer1..layer4)
+        "unfreeze_from": "stem",   # finetune: first trainable stage (stem, or a top-level module / prefix: layer3)
         "backbone_lr": 1e-4,       # finetune: learning rate of the unfrozen backbone stages
         "head_first_epochs": 0,    # finetune: train only the head for this many epochs first
     })
