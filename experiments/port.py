@@ -25,7 +25,8 @@ from cnnjax.errors import MissingFileError, UsageError
 from experiments import cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("arch", None, "resnet18 | resnet34 | resnet50 | resnet101 | resnet152 | vgg11[_bn] | vgg16[_bn]")
+flags.DEFINE_string("arch", None, "a torchvision classification model name (resnet50, mobilenet_v3_large, "
+                                  "efficientnet_b0, convnext_tiny, ...; the README's model table)")
 flags.DEFINE_string("weights", None, "torchvision state dict (.pth / .pt / .safetensors)")
 flags.DEFINE_string("out", None, "output directory (orbax checkpoint + config.json)")
 flags.DEFINE_bool("download", False, "download the official torchvision ImageNet weights")
@@ -36,6 +37,8 @@ def download(arch: str, cache_dir: str) -> str:
     """Fetch torchvision's weights for ``arch`` into ``cache_dir`` and check the sha256 prefix in its name."""
     from cnnjax.port.torchvision import WEIGHT_FILES, WEIGHTS_BASE_URL
 
+    if arch not in WEIGHT_FILES:
+        raise UsageError(f"no official weight file is known for {arch!r}; pass --weights FILE")
     name = WEIGHT_FILES[arch]
     cache_dir = os.path.expanduser(cache_dir)
     path = os.path.join(cache_dir, name)
@@ -61,20 +64,22 @@ def main(argv):
     del argv
     from cnnjax import checkpoint
     from cnnjax.io import write_json_atomic
-    from cnnjax.port import load_torchvision
+    from cnnjax.port import convert, read_state_dict
+    from cnnjax.port.torchvision import ported_kwargs
 
     if not FLAGS.arch or not FLAGS.out:
         raise UsageError("--arch and --out are required")
     if bool(FLAGS.weights) == FLAGS.download:
         raise UsageError("pass exactly one of --weights FILE or --download")
     path = download(FLAGS.arch, FLAGS.cache_dir) if FLAGS.download else FLAGS.weights
-    model, variables = load_torchvision(FLAGS.arch, path)  # strict: fails before anything is written
+    state_dict = read_state_dict(path)
+    model, variables = convert(FLAGS.arch, state_dict)  # strict: fails before anything is written
     if checkpoint.steps(FLAGS.out):
         raise UsageError(f"{FLAGS.out} already holds checkpoints; choose a new --out")
     os.makedirs(FLAGS.out, exist_ok=True)
     num_classes = model.num_classes
     write_json_atomic(os.path.join(FLAGS.out, "config.json"), {
-        "model": {"name": FLAGS.arch, "kwargs": {}}, "num_classes": num_classes,
+        "model": {"name": FLAGS.arch, "kwargs": ported_kwargs(FLAGS.arch, state_dict)}, "num_classes": num_classes,
         "data": {"name": "imagenet", "source_weights": os.path.abspath(path)}})
     checkpoint.save(FLAGS.out, 0, variables, {"epoch": 0, "ported_from": os.path.abspath(path)})
     n = sum(int(v.size) for v in __import__("jax").tree_util.tree_leaves(variables["params"]))

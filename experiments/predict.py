@@ -33,8 +33,9 @@ def unreadable(path: str, reason: str) -> DataFormatError:
     return DataFormatError(f"cannot read image {path}: {reason}; pass an image file (PNG, JPEG, ...)")
 
 
-def preprocess(path: str) -> np.ndarray:
-    """Image file -> float32 ``[224, 224, 3]`` normalised as torchvision's ImageNet eval transform."""
+def preprocess(path: str, crop: int = 224) -> np.ndarray:
+    """Image file -> float32 ``[crop, crop, 3]`` normalised as torchvision's ImageNet eval transform: the shorter
+    side resized to ``round(crop * 256 / 224)`` (256 for 224, 342 for Inception's 299), centre-cropped."""
     from PIL import Image
 
     from cnnjax.data.folder import DECODE_ERRORS
@@ -42,7 +43,7 @@ def preprocess(path: str) -> np.ndarray:
 
     try:
         with Image.open(path) as image:
-            return preprocess_image(image)
+            return preprocess_image(image, resize=round(crop * 256 / 224), crop=crop)
     except DECODE_ERRORS as err:  # missing, a directory, truncated, not an image, a decompression bomb
         raise unreadable(path, " ".join(str(err).split()) or type(err).__name__) from None
 
@@ -92,7 +93,8 @@ def main(argv):
     if folder:  # every image is read before the weights: a bad file costs nothing
         class_names, batch = folder_inputs(config, images)
     else:
-        class_names, batch = CLASS_NAMES, np.stack([preprocess(p) for p in images])
+        crop = models.DEFAULT_INPUT_SHAPES.get(config["model"]["name"], (224,))[0]
+        class_names, batch = CLASS_NAMES, np.stack([preprocess(p, crop) for p in images])
     variables, _ = checkpoint.restore_variables(FLAGS.checkpoint, "best")
     model = models.create(config["model"]["name"], num_classes=config["num_classes"],
                           **config["model"].get("kwargs", {}))

@@ -8,6 +8,7 @@ one error.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -132,28 +133,45 @@ def check_state_dict(state_dict: Mapping[str, Any], expected: Mapping[str, tuple
 # --- public API ----------------------------------------------------------------------------------
 
 
-def _abstract(arch: str, num_classes: int) -> dict:
-    model = models.create(arch, num_classes=num_classes)
+# torchvision builds these with the input transform of the official weights (RGB re-normalised as the original
+# TensorFlow nets expect) and keeps the auxiliary heads' weights in the files.
+_TRANSFORM_INPUT = ("googlenet", "inception_v3")
+
+
+def _abstract(arch: str, num_classes: int, **kwargs: Any) -> dict:
+    model = models.create(arch, num_classes=num_classes, **kwargs)
     shape = (1, *models.DEFAULT_INPUT_SHAPES[arch])
     return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(shape), train=False))
 
 
-def head_keys(arch: str) -> list[str]:
+def head_keys(arch: str, **kwargs: Any) -> list[str]:
     """The torch keys whose shapes follow the number of classes (the classifier), sorted."""
-    a, b = torch_layout(_abstract(arch, 1000)), torch_layout(_abstract(arch, 1001))
+    a, b = torch_layout(_abstract(arch, 1000, **kwargs)), torch_layout(_abstract(arch, 1001, **kwargs))
     return sorted(k for k in a if a[k].torch_shape != b[k].torch_shape)
+
+
+def ported_kwargs(arch: str, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The model options a torchvision state dict implies: ``transform_input`` for GoogLeNet / Inception v3, as
+    torchvision sets it with their weights, and ``aux_logits`` when the file holds auxiliary heads."""
+    kwargs: dict[str, Any] = {"transform_input": True} if arch in _TRANSFORM_INPUT else {}
+    if "aux_logits" in {f.name for f in dataclasses.fields(models.create(arch))}:
+        plain = torch_layout(_abstract(arch, 1000, **kwargs))
+        if any(k not in plain and not k.endswith("num_batches_tracked") for k in state_dict):
+            kwargs["aux_logits"] = True
+    return kwargs
 
 
 def convert(arch: str, state_dict: Mapping[str, Any]) -> tuple[Any, dict]:
     """``(model, variables)`` for torchvision ``arch`` from an in-memory state dict (strict: one
     :class:`PortError` lists every missing, unexpected and mis-shaped key before anything is converted).
-    The number of classes is read from the classifier's weight."""
+    The number of classes is read from the classifier's weight; the options from :func:`ported_kwargs`."""
     if arch not in ARCHS:
         raise PortError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)}")
-    heads = [k for k in head_keys(arch) if k.endswith(".weight") and k in state_dict]
+    kwargs = ported_kwargs(arch, state_dict)
+    heads = [k for k in head_keys(arch, **kwargs) if k.endswith(".weight") and k in state_dict]
     num_classes = int(np.shape(state_dict[heads[0]])[0]) if heads else 1000
-    model = models.create(arch, num_classes=num_classes)
-    layout = torch_layout(_abstract(arch, num_classes))
+    model = models.create(arch, num_classes=num_classes, **kwargs)
+    layout = torch_layout(_abstract(arch, num_classes, **kwargs))
     check_state_dict(state_dict, {k: e.torch_shape for k, e in layout.items()}, f"cnnjax {arch} ({num_classes} "
                      "classes)")
     return model, jax.tree_util.tree_map(jnp.asarray, layout_to_variables(state_dict, layout))

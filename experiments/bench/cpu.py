@@ -45,6 +45,7 @@ from experiments import cli, startup
 from experiments.bench.lib import (
     SHAPES,
     WARMUP_STEPS,
+    ZOO_ROWS,
     bench_model,
     bench_spec,
     bench_torch,
@@ -63,7 +64,8 @@ BACKEND_SWITCH = "CNNJAX_CPU_BACKEND"
 
 def define_flags() -> None:
     """The command's flags (defined when it runs, not on import)."""
-    flags.DEFINE_list("models", list(MODELS), "bench rows (NAME or NAME@SIZE)")
+    flags.DEFINE_list("models", list(MODELS), "bench rows (NAME or NAME@SIZE); 'zoo' adds the later families' rows at "
+                      "224 (run them with --batch 32)")
     flags.DEFINE_list("sides", ["backend", "xla", "torch"], f"sides to time, of {', '.join(SIDES)}")
     flags.DEFINE_integer("rounds", 3, "rounds over the sides; each cell is the median over them")
     flags.DEFINE_integer("steps", 20, "timed train steps per model")
@@ -151,17 +153,18 @@ def main(argv):
         saved = read_saved_result(FLAGS.render, "experiments.bench.cpu")
         print(markdown(saved["rows"], saved["meta"]))
         return
-    unknown = [n for n in FLAGS.models if n not in SHAPES] + [s for s in FLAGS.sides if s not in SIDES]
+    rows = [row for name in FLAGS.models for row in (ZOO_ROWS if name == "zoo" else (name,))]
+    unknown = [n for n in rows if n not in SHAPES] + [s for s in FLAGS.sides if s not in SIDES]
     if unknown or not FLAGS.models or not FLAGS.sides or FLAGS.rounds < 1 or FLAGS.steps < 1:
         raise UsageError(f"--models must name bench rows ({', '.join(SHAPES)}), --sides some of {', '.join(SIDES)}, "
                          f"--rounds and --steps be >= 1; got {unknown or 'an empty list or a count below 1'}")
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "command": " ".join(sys.argv),
-            "models": list(FLAGS.models), "sides": list(FLAGS.sides), "batch": FLAGS.batch, "steps": FLAGS.steps,
+            "models": rows, "sides": list(FLAGS.sides), "batch": FLAGS.batch, "steps": FLAGS.steps,
             "warmup": FLAGS.warmup, "about": {}}
     rows: list[dict] = []
     for round_ in range(1, FLAGS.rounds + 1):
         for side in FLAGS.sides:  # alternated within the round: a slow spell hits every side
-            result = run_side(side, list(FLAGS.models), FLAGS.batch, FLAGS.steps, FLAGS.warmup)
+            result = run_side(side, rows, FLAGS.batch, FLAGS.steps, FLAGS.warmup)
             rows.append({"round": round_, "side": side, "img_s": result["img_s"]})
             meta["about"][side] = result["about"]
             print(f"# round {round_}, {side}: " + ", ".join(f"{n} {v:.0f}" for n, v in result["img_s"].items()),

@@ -84,9 +84,12 @@ def bench_spec(shape: tuple[int, int, int], precision: str = "fp32") -> Any:
 
 
 # Benchmark rows: NAME or NAME@SIZE -> input shape [H, W, C].
+# The later torchvision families at ImageNet's size (``python -m experiments.bench.cpu --models zoo --batch 32``).
+ZOO_ROWS = ("mobilenet_v2@224", "efficientnet_b0@224", "convnext_tiny@224", "regnet_y_400mf@224", "densenet121@224")
 SHAPES = {"lenet5": (32, 32, 1), "improved_cnn": (32, 32, 3), "cifar_resnet20": (32, 32, 3), "resnet18": (32, 32, 3),
           "resnet18@224": (224, 224, 3), "fast_cnn": (32, 32, 3), "simple_cnn@28": (28, 28, 1),
-          "fast_cnn@28": (28, 28, 1), "fast_cnn@28+residual": (28, 28, 1)}
+          "fast_cnn@28": (28, 28, 1), "fast_cnn@28+residual": (28, 28, 1),
+          **{row: (224, 224, 3) for row in ZOO_ROWS}}
 # Rows whose model needs arguments: (cnnjax kwargs, torch twin kwargs). fast_cnn@28 is the net of the
 # Fashion-MNIST recipes (fashion_mnist_30min, unpadded greyscale); +residual airbench96's groups.
 ROW_KWARGS = {"simple_cnn@28": ({"image_size": 28}, {"c_in": 1, "image_size": 28}),
@@ -166,9 +169,9 @@ def machine() -> str:
 
 def bench_torch_model(name: str):
     """The torch twin of bench row ``name`` (10 classes)."""
-    from experiments.bench import torch_twins as torch_models
+    from experiments.bench import torch_zoo
 
-    return torch_models.build(name.split("@")[0], num_classes=10, **ROW_KWARGS.get(name, ({}, {}))[1])
+    return torch_zoo.build(name.split("@")[0], num_classes=10, **ROW_KWARGS.get(name, ({}, {}))[1])
 
 
 def fastest_ms(fn, *args, steps: int) -> float:
