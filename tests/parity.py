@@ -45,7 +45,7 @@ def assert_parity(label: str, jax_value, torch_value, tol: float) -> float:
     return diff
 
 
-def port_twin(model, torch_module: torch.nn.Module, shape: tuple[int, int, int]) -> dict:
+def port_twin(model, torch_module: torch.nn.Module, shape: tuple[int, int, int], dtype=np.float32) -> dict:
     """The twin's weights as ``model``'s variables through the generic port (:func:`cnnjax.port.torch_layout`),
     strictly: every key the model needs, no other, each with the shape the model builds at input ``shape``."""
     import jax
@@ -58,7 +58,7 @@ def port_twin(model, torch_module: torch.nn.Module, shape: tuple[int, int, int])
     layout = torch_layout(abstract)
     state_dict = {k: v.detach().cpu().numpy() for k, v in torch_module.state_dict().items()}
     check_state_dict(state_dict, {k: e.torch_shape for k, e in layout.items()}, type(model).__name__)
-    return layout_to_variables(state_dict, layout)
+    return layout_to_variables(state_dict, layout, dtype)
 
 
 def check_model_parity(name: str, shape: tuple[int, int, int], batch: int, path: str, jax_kwargs=None,
@@ -104,5 +104,5 @@ def check_model_parity(name: str, shape: tuple[int, int, int], batch: int, path:
             variables, x, rngs={"dropout": jax.random.PRNGKey(0)})
         assert_parity(f"{label} train logits", got, want, tol)
         if "batch_stats" in variables:
-            stats = port_twin(model, tm, shape)["batch_stats"]
+            stats = port_twin(model, tm, shape, np.float64 if fp64 else np.float32)["batch_stats"]
             assert_parity(f"{label} train running stats", updated["batch_stats"], stats, stats_tol)

@@ -8,6 +8,7 @@ squeeze-and-excitation, stochastic depth, LayerNorm over channels, channel shuff
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +17,15 @@ import jax
 import jax.numpy as jnp
 
 from cnnjax.errors import UsageError
-from cnnjax.layers.core import BatchNorm, Conv, IntPair, Padding, _check_nhwc, kaiming_normal_fan_out
+from cnnjax.layers.core import (
+    BatchNorm,
+    Conv,
+    IntPair,
+    Padding,
+    _check_nhwc,
+    kaiming_normal_fan_out,
+    torch_default_kernel_init,
+)
 
 Array = jax.Array
 Activation = Callable[[Array], Array]
@@ -61,13 +70,16 @@ class SqueezeExcitation(nn.Module):
     squeeze_channels: int
     activation: Activation = nn.relu
     scale_activation: Activation = jax.nn.sigmoid
+    kernel_init: Any = torch_default_kernel_init
+    bias_init: Any = None  # None: torch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in))
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         _check_nhwc(x, "SqueezeExcitation")
+        conv = functools.partial(Conv, kernel_size=1, kernel_init=self.kernel_init, bias_init=self.bias_init)
         scale = jnp.mean(x, axis=(1, 2), keepdims=True)
-        scale = self.activation(Conv(self.squeeze_channels, 1, name="fc1")(scale))
-        scale = self.scale_activation(Conv(x.shape[-1], 1, name="fc2")(scale))
+        scale = self.activation(conv(self.squeeze_channels, name="fc1")(scale))
+        scale = self.scale_activation(conv(x.shape[-1], name="fc2")(scale))
         return x * scale
 
 

@@ -99,10 +99,10 @@ class TorchEntry:
     torch_shape: tuple[int, ...]
     flax_shape: tuple[int, ...]
 
-    def to_flax(self, value: np.ndarray) -> np.ndarray:
-        """torch layout -> Flax layout: conv ``[O, I, kH, kW] -> [kH, kW, I, O]``, linear ``[out, in] -> [in,
-        out]``, anything else unchanged."""
-        value = np.array(value, np.float32)  # a copy: a torch tensor's numpy view would follow its updates
+    def to_flax(self, value: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
+        """torch layout -> Flax layout (as ``dtype``): conv ``[O, I, kH, kW] -> [kH, kW, I, O]``, linear ``[out,
+        in] -> [in, out]``, anything else unchanged."""
+        value = np.array(value, dtype)  # a copy: a torch tensor's numpy view would follow its updates
         if self.leaf == "kernel":
             return np.transpose(value, (2, 3, 1, 0)) if value.ndim == 4 else value.T
         return value
@@ -129,13 +129,14 @@ def torch_layout(abstract_variables: Mapping[str, Any]) -> dict[str, TorchEntry]
     return out
 
 
-def layout_to_variables(state_dict: Mapping[str, Any], layout: Mapping[str, TorchEntry]) -> dict[str, dict]:
-    """Variables (numpy float32) of a model whose :func:`torch_layout` is ``layout`` from a state dict that has
+def layout_to_variables(state_dict: Mapping[str, Any], layout: Mapping[str, TorchEntry],
+                        dtype: Any = np.float32) -> dict[str, dict]:
+    """Variables (numpy ``dtype``) of a model whose :func:`torch_layout` is ``layout`` from a state dict that has
     every key of ``layout`` (check it first with :func:`cnnjax.port.check_state_dict`)."""
     variables: dict = {}
     for key, entry in layout.items():
         node = variables.setdefault(entry.collection, {})
         for part in entry.path:
             node = node.setdefault(part, {})
-        node[entry.leaf] = entry.to_flax(state_dict[key])
+        node[entry.leaf] = entry.to_flax(state_dict[key], dtype)
     return variables
