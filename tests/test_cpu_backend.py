@@ -259,6 +259,75 @@ def test_onednn_strided_1x1_kernel_gradients_match_xla(c_in, s, pads):
     assert float(jnp.abs(want[2]).max()) > 1.0  # not degenerate
 
 
+# Grouped convs: (hw, c_in, c_out, groups, kernel, strides, pads, dilation); depthwise ones have groups == c_in.
+GROUPED_CASES = [
+    ((9, 9), 4, 6, 2, (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1)),  # groups 2
+    ((8, 8), 64, 64, 32, (3, 3), (2, 2), ((1, 1), (1, 1)), (1, 1)),  # ResNeXt-like: 32 groups of 2
+    ((7, 7), 104, 104, 13, (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1)),  # RegNet-like: 13 groups of 8
+    ((9, 7), 8, 8, 8, (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1)),  # depthwise 3x3
+    ((11, 11), 16, 16, 16, (3, 3), (2, 2), ((1, 1), (1, 1)), (1, 1)),  # depthwise 3x3, stride 2
+    ((13, 13), 12, 12, 12, (5, 5), (2, 2), ((2, 2), (2, 2)), (1, 1)),  # depthwise 5x5, stride 2
+    ((9, 11), 12, 12, 12, (5, 5), (1, 1), ((2, 2), (2, 2)), (1, 1)),  # depthwise 5x5
+    ((9, 9), 24, 24, 24, (7, 7), (1, 1), ((3, 3), (3, 3)), (1, 1)),  # ConvNeXt's depthwise 7x7
+    ((15, 15), 8, 8, 8, (7, 7), (2, 2), ((3, 3), (3, 3)), (1, 1)),  # depthwise 7x7, stride 2
+    ((10, 9), 6, 12, 6, (3, 3), (2, 2), ((0, 1), (1, 0)), (1, 1)),  # depthwise, 2 outputs per channel, asymmetric
+    ((11, 11), 8, 8, 8, (3, 3), (1, 1), ((2, 2), (2, 2)), (2, 2)),  # depthwise, dilated
+    ((9, 8), 8, 12, 4, (1, 1), (2, 2), ((0, 0), (1, 0)), (1, 1)),  # strided 1x1: the gathered kernel gradient
+]
+GROUPED_IDS = [f"{hw[0]}x{hw[1]}x{ci}-{co}-g{g}-k{k[0]}x{k[1]}-s{s[0]}{s[1]}-d{d[0]}"
+               for hw, ci, co, g, k, s, _, d in GROUPED_CASES]
+
+
+@needs_onednn
+@pytest.mark.parametrize("hw,c_in,c_out,groups,k,s,pads,d", GROUPED_CASES, ids=GROUPED_IDS)
+def test_onednn_grouped_conv_matches_xla_values_and_gradients(hw, c_in, c_out, groups, k, s, pads, d):
+    """oneDNN's grouped primitives (the kernel [kH, kW, C / groups, O] as oneDNN's hwigo), forward and both
+    gradients, directly and through conv2d(impl='cpu'); 3 images: slices of 1 and 2."""
+    library()
+    x, w = draw(24, (3, *hw, c_in), (*k, c_in // groups, c_out))
+    want_fn = lambda x, w: conv.xla_conv(x, w, s, pads, d, groups)  # noqa: E731
+    (g,) = draw(25, want_fn(x, w).shape)
+    want = values_and_gradients(want_fn)(x, w, g)
+    for fn in (lambda x, w: onednn_conv(x, w, s, pads, d),
+               lambda x, w: conv.conv2d(x, w, s, pads, d, groups, impl="cpu")):
+        got = jax.jit(values_and_gradients(fn))(x, w, g)
+        assert_close_for_their_size(got, want)
+    assert len(custom_calls(lowered(values_and_gradients(want_fn), x, w, g))) == 0
+    calls = custom_calls(lowered(values_and_gradients(lambda x, w: conv.conv2d(x, w, s, pads, d, groups,
+                                                                              impl="cpu")), x, w, g))
+    assert [c["groups"] for c in calls] == [groups] * 3 and {c["wgrad"] for c in calls} == {0}
+    assert float(jnp.max(jnp.abs(want[2]))) > 0.1  # a kernel gradient that could be wrong
+
+
+@needs_onednn
+@pytest.mark.parametrize("c_in,c_out,groups", [(16, 16, 16), (8, 16, 8), (16, 24, 2)], ids=str)
+def test_onednn_grouped_bfloat16_is_within_one_rounding_of_the_float32_conv(c_in, c_out, groups):
+    skip_without_avx512()
+    pads = ((1, 1), (1, 1))
+    x, w = draw(26, (4, 10, 9, c_in), (3, 3, c_in // groups, c_out), dtype=jnp.bfloat16)
+    (g,) = draw(27, (4, 5, 5, c_out), dtype=jnp.bfloat16)
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+    want = values_and_gradients(lambda x, w: conv.xla_conv(x, w, (2, 2), pads, groups=groups))(f32(x), f32(w), f32(g))
+    fn = jax.jit(values_and_gradients(lambda x, w: conv.conv2d(x, w, (2, 2), pads, groups=groups, impl="cpu")))
+    for got, exact in zip(fn(x, w, g), want, strict=True):
+        assert got.dtype == jnp.bfloat16
+        scale = float(jnp.max(jnp.abs(exact)))
+        np.testing.assert_allclose(np.asarray(got, np.float32), exact, atol=2 ** -7 * scale)
+
+
+@needs_onednn
+def test_grouped_convs_refuse_kernels_that_fit_no_grouping():
+    library()
+    x = jnp.ones((1, 6, 6, 6))
+    static = dict(strides=(1, 1), pads=((1, 1), (1, 1)), dilation=(1, 1), precision=None)
+    with pytest.raises(ValueError, match="do not fit groups 2"):
+        cpu.implementation("conv2d", (x, jnp.ones((3, 3, 2, 4))), {**static, "groups": 2})(x, jnp.ones((3, 3, 2, 4)))
+    with pytest.raises(ValueError, match="do not fit groups 3"):  # 3 groups do not divide 4 outputs
+        cpu.implementation("conv2d", (x, jnp.ones((3, 3, 2, 4))), {**static, "groups": 3})(x, jnp.ones((3, 3, 2, 4)))
+    with pytest.raises(ValueError, match="no grouping fits"):
+        onednn_conv(x, jnp.ones((3, 3, 4, 4)), (1, 1), static["pads"])
+
+
 @needs_onednn
 @pytest.mark.parametrize("batch", [1, 3, 5, 9])
 def test_onednn_batch_slices_match_xla_for_any_batch(batch):
@@ -353,7 +422,8 @@ def test_implementation_offers_kernels_and_declines_what_it_has_not():
     x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
     static = dict(strides=(1, 1), pads=((1, 1), (1, 1)), dilation=(1, 1), groups=1, precision=None)
     assert callable(cpu.implementation("conv2d", (x, w), static))
-    assert cpu.implementation("conv2d", (x, jnp.ones((3, 3, 2, 4))), {**static, "groups": 2}) is None
+    assert callable(cpu.implementation("conv2d", (x, jnp.ones((3, 3, 2, 4))), {**static, "groups": 2}))
+    assert callable(cpu.implementation("conv2d", (x, jnp.ones((3, 3, 1, 8))), {**static, "groups": 4}))
     assert cpu.implementation("conv2d", (x.astype(jnp.float16), w.astype(jnp.float16)), static) is None
     assert cpu.implementation("conv2d", (np.ones(x.shape), np.ones(w.shape)), static) is None  # float64
     pool = dict(window=(2, 2), stride=(2, 2), padding=(0, 0))
@@ -387,7 +457,7 @@ def test_implementation_runs_by_the_rules_it_is_given():
         chex.assert_trees_all_equal(fn(p), layers.reduce_window_max_pool(p, (3, 3), (2, 2), (1, 1)))
 
 
-@pytest.mark.parametrize("x_dtype,groups,what", [(jnp.float32, 2, "float32, groups 2"),
+@pytest.mark.parametrize("x_dtype,groups,what", [(jnp.float16, 2, "float16, groups 2"),
                                                  (jnp.float16, 1, "float16, groups 1")])
 def test_conv2d_impl_cpu_without_a_kernel_is_a_one_line_error(x_dtype, groups, what):
     x, w = jnp.ones((1, 6, 6, 4), x_dtype), jnp.ones((3, 3, 4 // groups, 4), x_dtype)
@@ -444,6 +514,16 @@ CONV_PATH_TABLE = [
 @pytest.mark.parametrize("x_shape,k_shape,strides,pads,runs,want", CONV_PATH_TABLE, ids=str)
 def test_conv_path_rule(x_shape, k_shape, strides, pads, runs, want):
     assert DEFAULT.conv_path(x_shape, k_shape, strides, pads, (1, 1), runs) == want
+
+
+@pytest.mark.parametrize("x_shape,k_shape,groups", [((2, 56, 56, 144), (3, 3, 1, 144), 144),  # depthwise
+                                                   ((2, 28, 28, 16), (3, 3, 1, 32), 16),  # 2 outputs per channel
+                                                   ((2, 56, 56, 128), (3, 3, 4, 128), 32),  # ResNeXt's
+                                                   ((2, 8, 8, 64), (1, 1, 32, 64), 2)], ids=str)
+def test_grouped_convs_take_onednn_wherever_it_runs(x_shape, k_shape, groups):
+    """No shifted sum or patches for groups > 1 (not even 1x1 kernels or one input channel per group)."""
+    for runs, want in ((True, "onednn"), (False, "xla")):
+        assert DEFAULT.conv_path(x_shape, k_shape, (1, 1), ((1, 1), (1, 1)), (1, 1), runs, groups) == want
 
 
 def test_conv_path_rule_follows_its_fields():

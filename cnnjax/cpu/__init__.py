@@ -10,7 +10,8 @@ has no side effects; the library is built and loaded on the first :func:`impleme
 
 Ops and their arguments (arrays positional, the rest keywords):
 
-* ``conv2d(x [N, H, W, C], kernel [kH, kW, C, O]; strides, pads, dilation, groups, precision)``
+* ``conv2d(x [N, H, W, C], kernel [kH, kW, C / groups, O]; strides, pads, dilation, groups, precision)``, grouped
+  and depthwise convs included
 * ``max_pool(x [N, H, W, C]; window, stride, padding)``, every output ``Ho, Wo >= 1``
 * ``batch_norm_train(x [..., C], scale [C], bias [C]; epsilon, axis_name) -> (y, mean, var)``
 """
@@ -27,7 +28,7 @@ _DTYPES = ("float32", "bfloat16")
 
 def implementation(op: str, arrays: tuple[Any, ...], static: dict[str, Any], rules: Any = None) -> Callable | None:
     """The CPU backend's function of ``arrays`` for ``op`` with keywords ``static``, or None where it has none
-    (no oneDNN library here, several processes, or a dtype / grouping it does not take). ``rules``: a
+    (no oneDNN library here, several processes, or a dtype it does not take). ``rules``: a
     :class:`cnnjax.cpu.rules.Rules` (default :data:`cnnjax.cpu.rules.DEFAULT`)."""
     import jax
 
@@ -43,11 +44,9 @@ def implementation(op: str, arrays: tuple[Any, ...], static: dict[str, Any], rul
     if len(names) != 1 or not names <= set(_DTYPES):  # one dtype, as XLA's conv asks
         return None
     if op == "conv2d":
-        if static["groups"] != 1:
-            return None
         from cnnjax.cpu.conv import conv2d
 
-        return functools.partial(conv2d, **{k: v for k, v in static.items() if k != "groups"}, rules=rules)
+        return functools.partial(conv2d, **static, rules=rules)
     if op == "max_pool":
         from cnnjax.cpu.pool import max_pool
 

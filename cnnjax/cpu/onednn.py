@@ -1,10 +1,10 @@
 """The oneDNN library of the CPU backend: build, load, register with XLA:CPU, and the FFI calls.
 
-``onednn_kernels.cc`` holds oneDNN convolutions (forward, input gradient, kernel gradient) and max-pools as XLA FFI
-handlers. No library of the JAX ecosystem exposes oneDNN's convolutions to JAX (jaxlib's XLA:CPU is built without
-them), so :func:`build` compiles the handlers against the system's oneDNN (Debian ``libdnnl-dev``) and jaxlib's FFI
-headers with ``g++``, into ``cnnjax/cpu/_lib/`` (or ``$XDG_CACHE_HOME/cnnjax`` when the package is read-only), once
-per source and jaxlib version. ``python -m cnnjax.cpu`` builds it ahead of time and checks it.
+``onednn_kernels.cc`` holds oneDNN convolutions (forward, input gradient, kernel gradient; grouped ones too) and
+max-pools as XLA FFI handlers. No library of the JAX ecosystem exposes oneDNN's convolutions to JAX (jaxlib's XLA:CPU
+is built without them), so :func:`build` compiles the handlers against the system's oneDNN (Debian ``libdnnl-dev``)
+and jaxlib's FFI headers with ``g++``, into ``cnnjax/cpu/_lib/`` (or ``$XDG_CACHE_HOME/cnnjax`` when the package is
+read-only), once per source and jaxlib version. ``python -m cnnjax.cpu`` builds it ahead of time and checks it.
 
 Each call splits its batch into two slices that run single-threaded on the calling XLA thread and one more of XLA's
 intra-op pool. bfloat16 primitives exist only where oneDNN has its AVX-512 kernels (:attr:`Library.avx512`).
@@ -138,15 +138,19 @@ def _int_attrs(**values: int) -> dict:
     return {k: np.int64(v) for k, v in values.items()}
 
 
-def conv_call(kind: int, a, b, out_shape: tuple[int, ...], strides, pads, dilation, wgrad: str = "native"):
+def conv_call(kind: int, a, b, out_shape: tuple[int, ...], strides, pads, dilation, wgrad: str = "native",
+              groups: int = 1):
     """One call of the conv handler: ``kind`` FORWARD ``(x, kernel)``, INPUT_GRAD ``(g, kernel)`` or KERNEL_GRAD
-    ``(x, g)`` (stride-1 ones by the ``wgrad`` path); NHWC / HWIO operands of one dtype; result ``out_shape``."""
+    ``(x, g)`` (stride-1 groups-1 ones by the ``wgrad`` path, every other by 'native'); NHWC activations
+    ``x [N, H, W, C]``, ``g [N, H', W', O]`` and the HWIO kernel ``[kH, kW, C / groups, O]`` (``groups`` divides
+    ``C`` and ``O``; output channel ``o`` in group ``o // (O / groups)``, as XLA's ``feature_group_count``), of one
+    dtype; result ``out_shape``."""
     import jax
 
     call = jax.ffi.ffi_call(CONV_TARGET, jax.ShapeDtypeStruct(out_shape, a.dtype), vmap_method="sequential")
     return call(a, b, **_int_attrs(kind=kind, wgrad=WGRAD_PATHS[wgrad], sh=strides[0], sw=strides[1],
                                    pt=pads[0][0], pb=pads[0][1], pl=pads[1][0], pr=pads[1][1], dh=dilation[0],
-                                   dw=dilation[1]))
+                                   dw=dilation[1], groups=groups))
 
 
 def _pool_attrs(window, stride, pads) -> dict:

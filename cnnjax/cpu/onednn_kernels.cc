@@ -1,12 +1,14 @@
 // oneDNN convolutions and max-pools as XLA FFI custom calls for the CPU (built by cnnjax/cpu/onednn.py).
 //
-// CnnjaxOnednnConv: three kinds (attribute `kind`), all NHWC activations and HWIO kernels, groups 1:
-//   0 forward:          (x [N,H,W,I], w [KH,KW,I,O])  -> y  [N,Ho,Wo,O]
-//   1 input gradient:   (g [N,Ho,Wo,O], w [KH,KW,I,O]) -> dx [N,H,W,I]
-//   2 kernel gradient:  (x [N,H,W,I], g [N,Ho,Wo,O])  -> dw [KH,KW,I,O]
-// Attributes: strides (sh, sw), paddings (pt, pb, pl, pr), dilations (dh, dw; 1 = none). float32 or
-// bfloat16, the same dtype for every operand. Kernels are reordered between HWIO and the blocked layout
-// oneDNN picks; primitives are cached per shape and kind, and the scratchpad is the caller's thread's.
+// CnnjaxOnednnConv: three kinds (attribute `kind`), all NHWC activations and HWIO kernels, G = `groups`:
+//   0 forward:          (x [N,H,W,I], w [KH,KW,I/G,O])  -> y  [N,Ho,Wo,O]
+//   1 input gradient:   (g [N,Ho,Wo,O], w [KH,KW,I/G,O]) -> dx [N,H,W,I]
+//   2 kernel gradient:  (x [N,H,W,I], g [N,Ho,Wo,O])    -> dw [KH,KW,I/G,O]
+// Attributes: strides (sh, sw), paddings (pt, pb, pl, pr), dilations (dh, dw; 1 = none), groups (G divides I and
+// O; output channel o belongs to group o / (O/G), as in XLA's feature_group_count: the kernel is oneDNN's grouped
+// {G, O/G, I/G, KH, KW} in its `hwigo` layout, which is HWIO with O = G * O/G; I = G is a depthwise conv).
+// float32 or bfloat16, the same dtype for every operand. Kernels are reordered between HWIO and the blocked
+// layout oneDNN picks; primitives are cached per shape and kind, and the scratchpad is the caller's thread's.
 //
 // CnnjaxOnednnMaxPoolForward: x [N,H,W,C] -> (y [N,Ho,Wo,C], workspace: the window position of each maximum,
 // N*Ho*Wo*C bytes); CnnjaxOnednnMaxPoolBackward: (g [N,Ho,Wo,C], workspace) -> dx [N,H,W,C]. Attributes: window
@@ -130,9 +132,17 @@ struct Conv {
   memory::desc scratchpad;
 };
 
+// NCHW-ordered dims: src {N, I, H, W}, weights {O, I/G, KH, KW}, dst {N, O, Ho, Wo}; G = groups.
 struct Geometry {
   memory::dims src, weights, dst, strides, dilations, pad_l, pad_r;
+  int64_t groups = 1;
 };
+
+// The kernel's dims as oneDNN's primitives take them: {O, I, KH, KW}, or {G, O/G, I/G, KH, KW} for G > 1.
+memory::dims WeightsDims(const Geometry& g) {
+  if (g.groups == 1) return g.weights;
+  return {g.groups, g.weights[0] / g.groups, g.weights[1], g.weights[2], g.weights[3]};
+}
 
 template <typename PD>
 void Finish(Conv& c, const PD& pd, const memory::desc& weights_md, bool weights_out) {
@@ -152,8 +162,9 @@ std::unique_ptr<Conv> Build(int kind, memory::data_type dt, const Geometry& g) {
   auto c = std::make_unique<Conv>();
   // Kernel gradients are written in float32 (summed over batch slices, then rounded to `dt` by the caller).
   const auto w_dt = kind == 2 ? memory::data_type::f32 : dt;
-  memory::desc src(g.src, dt, tag::nhwc), dst(g.dst, dt, tag::nhwc), any_w(g.weights, dt, tag::any);
-  c->user_weights = memory::desc(g.weights, w_dt, tag::hwio);
+  const memory::dims weights = WeightsDims(g);
+  memory::desc src(g.src, dt, tag::nhwc), dst(g.dst, dt, tag::nhwc), any_w(weights, dt, tag::any);
+  c->user_weights = memory::desc(weights, w_dt, g.groups == 1 ? tag::hwio : tag::hwigo);
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   const auto alg = dnnl::algorithm::convolution_direct;
@@ -171,7 +182,7 @@ std::unique_ptr<Conv> Build(int kind, memory::data_type dt, const Geometry& g) {
     c->scratchpad = pd.scratchpad_desc();
     Finish(*c, pd, pd.weights_desc(), false);
   } else {
-    memory::desc any_dw(g.weights, w_dt, tag::any);
+    memory::desc any_dw(weights, w_dt, tag::any);
     dnnl::convolution_backward_weights::desc bwd(alg, src, any_dw, dst, g.strides, g.dilations, g.pad_l,
                                                  g.pad_r);
     dnnl::convolution_backward_weights::primitive_desc pd(bwd, attr, Engine(), fwd_pd);
@@ -205,7 +216,8 @@ const auto& CachedBy(const std::string& key, Build build) {
 }
 
 const Conv& Cached(int kind, memory::data_type dt, const Geometry& g) {
-  return CachedBy(CacheKey(std::to_string(kind) + ":" + std::to_string(static_cast<int>(dt)),
+  return CachedBy(CacheKey(std::to_string(kind) + ":" + std::to_string(static_cast<int>(dt)) + ":" +
+                               std::to_string(g.groups),
                            {&g.src, &g.weights, &g.dst, &g.strides, &g.dilations, &g.pad_l, &g.pad_r}),
                   [&] { return Build(kind, dt, g); });
 }
@@ -282,14 +294,15 @@ bool StridedPointwise(const Geometry& g) {
 }
 
 // How a kernel gradient runs: oneDNN's backward-weights primitive (ConvSlice), a forward convolution (WgradSlice) or
-// a matrix product (WgradMatmulSlice), as the call's `wgrad` attribute asks (cnnjax.conv.onednn_wgrad_path chooses,
-// by dtype, CPU and shape); the two others only for stride-1 undilated convolutions. Strided 1x1 kernel gradients
+// a matrix product (WgradMatmulSlice), as the call's `wgrad` attribute asks (cnnjax.cpu.rules.Rules.wgrad_path
+// chooses, by dtype, CPU and shape); the two others only for stride-1 undilated convolutions of groups 1. Strided 1x1 kernel gradients
 // always run as the unit-stride primitive on the gathered input (StridedPointwiseWgradSlice), whatever was asked:
 // oneDNN's own path for them must not run.
 enum class Wgrad { kNative = 0, kForward = 1, kMatmul = 2, kStridedPointwise };
 
 Wgrad WgradMode(Wgrad asked, const Geometry& g) {
   if (StridedPointwise(g)) return Wgrad::kStridedPointwise;
+  if (g.groups != 1) return Wgrad::kNative;  // the forward and matmul paths are written for groups 1
   for (auto s : g.strides) if (s != 1) return Wgrad::kNative;
   for (auto d : g.dilations) if (d != 0) return Wgrad::kNative;
   return asked;
@@ -426,7 +439,8 @@ void StridedPointwiseWgradSlice(memory::data_type dt, const Geometry& g, void* x
   const size_t row = g.src[1] * memory::data_type_size(dt);
   void* gathered = ThreadBuffer(2, g.dst[0] * g.dst[2] * g.dst[3] * row);
   GatherPatches(g, row, x_p, gathered);
-  const Geometry unit{{g.src[0], g.src[1], g.dst[2], g.dst[3]}, g.weights, g.dst, {1, 1}, {0, 0}, {0, 0}, {0, 0}};
+  const Geometry unit{{g.src[0], g.src[1], g.dst[2], g.dst[3]}, g.weights, g.dst, {1, 1}, {0, 0}, {0, 0}, {0, 0},
+                      g.groups};
   ConvSlice(2, dt, unit, gathered, w_out, y_p);
 }
 
@@ -479,7 +493,7 @@ ffi::Error Execute(ffi::ThreadPool* pool, int kind, memory::data_type dt, const 
 
 ffi::Error Run(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out, int64_t kind,
                int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t dh, int64_t dw,
-               int64_t wgrad, ffi::ThreadPool pool) {
+               int64_t wgrad, int64_t groups, ffi::ThreadPool pool) {
   if (kind < 0 || kind > 2) return ffi::Error::InvalidArgument("onednn_conv: kind must be 0, 1 or 2");
   if (wgrad < 0 || wgrad > 2) return ffi::Error::InvalidArgument("onednn_conv: wgrad must be 0, 1 or 2");
   auto type = a.element_type();
@@ -495,8 +509,11 @@ ffi::Error Run(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> o
   auto y_d = kind == 0 ? out->dimensions() : (kind == 1 ? a.dimensions() : b.dimensions());
   if (x_d.size() != 4 || w_d.size() != 4 || y_d.size() != 4)
     return ffi::Error::InvalidArgument("onednn_conv: operands must be rank 4 (NHWC, HWIO)");
+  if (groups < 1 || x_d[3] != groups * w_d[2] || w_d[3] % groups != 0 || y_d[3] != w_d[3])
+    return ffi::Error::InvalidArgument("onednn_conv: x [N,H,W,I], w [KH,KW,I/G,O] and y [N,Ho,Wo,O] with G = groups "
+                                       "dividing I and O");
   Geometry g{{x_d[0], x_d[3], x_d[1], x_d[2]}, {w_d[3], w_d[2], w_d[0], w_d[1]}, {y_d[0], y_d[3], y_d[1], y_d[2]},
-             {sh, sw}, {dh - 1, dw - 1}, {pt, pl}, {pb, pr}};
+             {sh, sw}, {dh - 1, dw - 1}, {pt, pl}, {pb, pr}, groups};
   void* x_p = kind == 1 ? out->untyped_data() : a.untyped_data();
   void* w_p = kind == 2 ? out->untyped_data() : b.untyped_data();
   void* y_p = kind == 0 ? out->untyped_data() : (kind == 1 ? a.untyped_data() : b.untyped_data());
@@ -631,14 +648,22 @@ auto WithPoolAttrs(Binding binding) {
 }
 
 // Whether this CPU's oneDNN builds bfloat16 primitives: a 3x3 convolution (forward, input and kernel gradient, and
-// the kernel gradient's forward and matmul paths), a 2x2 max-pool (both ways). oneDNN 2.6 has none without AVX-512
+// the kernel gradient's forward and matmul paths), the same kinds of a depthwise and a grouped 3x3 convolution, a
+// 2x2 max-pool (both ways). oneDNN 2.6 has none without AVX-512
 // (an AVX2-only AMD EPYC Zen 3 says "could not create a primitive descriptor iterator").
 bool Bf16Primitives() {
   const auto bf16 = memory::data_type::bf16;
   const Geometry g{{2, 16, 4, 4}, {16, 16, 3, 3}, {2, 16, 4, 4}, {1, 1}, {0, 0}, {1, 1}, {1, 1}};
   const PoolGeometry pool{{2, 16, 4, 4}, {2, 16, 2, 2}, {2, 2}, {2, 2}, {0, 0}, {0, 0}};
   try {
-    for (int kind = 0; kind < 3; ++kind) Build(kind, bf16, g);
+    Geometry depthwise = g, grouped = g;
+    depthwise.weights[1] = 1, depthwise.groups = 16;
+    grouped.weights[1] = 8, grouped.groups = 2;
+    for (int kind = 0; kind < 3; ++kind) {
+      Build(kind, bf16, g);
+      Build(kind, bf16, depthwise);
+      Build(kind, bf16, grouped);
+    }
     BuildWgrad(bf16, g);
     BuildWgradMatmul(bf16, g);
     BuildPool(bf16, pool);
@@ -668,6 +693,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnjaxOnednnConv, Run,
                                   .Attr<int64_t>("dh")
                                   .Attr<int64_t>("dw")
                                   .Attr<int64_t>("wgrad")
+                                  .Attr<int64_t>("groups")
                                   .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CnnjaxOnednnMaxPoolForward, MaxPoolForward,

@@ -27,7 +27,12 @@ def output_hw(in_hw: tuple[int, int], kernel_hw: tuple[int, int], strides: tuple
 class Rules:
     """Path rules of the CPU backend, with the defaults it runs by.
 
-    Convolutions (groups 1; :meth:`conv_path`):
+    Grouped convolutions (groups > 1, depthwise ones included; :meth:`conv_path`): 'onednn' (its grouped
+    primitives) wherever oneDNN runs the dtype, else 'xla'; no shifted-sum or patches path takes them (measured
+    against XLA's grouped conv and a shifted sum of per-channel taps: ``python -m experiments.bench.convs
+    --models mobilenet_v2@224,efficientnet_b0@224,convnext_tiny@224,regnet_y_400mf@224 --grouped --batch 32``).
+
+    Convolutions of groups 1 (:meth:`conv_path`):
 
     * ``shifted``: a greyscale input (at most ``shifted_max_in`` channels) with a multiple of
       ``shifted_out_multiple`` output channels and at most ``shifted_max_terms`` kernel taps: one elementwise sum of
@@ -74,9 +79,11 @@ class Rules:
                              f"{self.onednn_max_pool!r}")
 
     def conv_path(self, x_shape: tuple[int, ...], kernel_shape: tuple[int, ...], strides: tuple[int, int],
-                  pads: Pads, dilation: tuple[int, int], onednn_runs: bool) -> str:
-        """One of :data:`CONV_PATHS` for a groups-1 conv of ``x_shape`` ``[N, H, W, C]`` by ``kernel_shape``
-        ``[kH, kW, C, O]``; ``onednn_runs``: whether oneDNN's kernels run this dtype here."""
+                  pads: Pads, dilation: tuple[int, int], onednn_runs: bool, groups: int = 1) -> str:
+        """One of :data:`CONV_PATHS` for a conv of ``x_shape`` ``[N, H, W, C]`` by ``kernel_shape``
+        ``[kH, kW, C / groups, O]``; ``onednn_runs``: whether oneDNN's kernels run this dtype here."""
+        if groups != 1:
+            return "onednn" if onednn_runs else "xla"
         kh, kw, c_in, c_out = kernel_shape
         if c_in <= self.shifted_max_in and c_out % self.shifted_out_multiple == 0 and \
                 kh * kw * c_in <= self.shifted_max_terms and onednn_runs:
