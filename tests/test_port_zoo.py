@@ -115,3 +115,18 @@ def test_port_cli_and_predict_for_a_later_family(tmp_path):
     with torch.no_grad():
         top = int(tm(nchw(preprocess_image(Image.open(image))[None])).argmax())
     assert lines[0].startswith(f"1. {CLASS_NAMES[top]} ")
+
+
+def test_densenet_files_with_torchvisions_legacy_key_names_port(tmp_path):
+    """torchvision's DenseNet files name dense-layer parts ``norm.1`` / ``conv.2``; its loader (and the port) rename
+    them ``norm1`` / ``conv2``."""
+    import re
+
+    tm = _twin("densenet121")
+    legacy = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))(\d)\.", r"\1.\2.", k): v for k, v in tm.state_dict().items()}
+    assert "features.denseblock1.denselayer1.norm.1.weight" in legacy
+    model, variables = port.convert("densenet121", {k: v.numpy() for k, v in legacy.items()})
+    x = np.random.RandomState(3).randn(1, 64, 64, 3).astype(np.float32)
+    with torch.no_grad():
+        want = tm(nchw(x)).numpy()
+    assert_parity("port densenet121 legacy keys", model.apply(variables, x, train=False), want, 1e-4)

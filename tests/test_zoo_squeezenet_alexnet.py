@@ -88,11 +88,8 @@ def test_classifier_dropout_drops_and_rescales(name, shape):
     assert np.all(dropped[~live] == 0)
 
 
-# At the minimum size SqueezeNet's last ceil-mode pool sees a 2x2 map with its 3x3 window (see below).
-EMPTY_LAST_POOL = pytest.mark.xfail(strict=True, raises=UsageError, reason="ceil-mode max_pool gives an empty "
-                                    "map where torch gives one window (cnnjax.layers.core)")
-MIN_SIZES = [pytest.param("squeezenet1_0", 21, marks=EMPTY_LAST_POOL),
-             pytest.param("squeezenet1_1", 17, marks=EMPTY_LAST_POOL), ("alexnet", 63)]
+# At the minimum size SqueezeNet's last ceil-mode pool sees a 2x2 map with its 3x3 window: one output, as torch.
+MIN_SIZES = [("squeezenet1_0", 21), ("squeezenet1_1", 17), ("alexnet", 63)]
 
 
 @pytest.mark.parametrize("name,min_size", [("squeezenet1_0", 21), ("squeezenet1_1", 17), ("alexnet", 63)])
@@ -125,10 +122,9 @@ CEIL_CASES = [
     (10, 11, 3, 3, 0),
     (11, 8, (3, 2), (2, 1), (1, 0)),
 ]
-# The window wider than the input (2 with window 3, stride 2): torch gives one output from the 2 inputs; the pool
-# gives an empty map (SqueezeNet 1.0 / 1.1 at their minimum sizes 21 / 17 reach this in their last pool).
-WIDER_THAN_INPUT = pytest.param((2, 5, 3, 2, 0), marks=pytest.mark.xfail(
-    strict=True, reason="ceil-mode max_pool gives an empty map where torch gives one window (cnnjax.layers.core)"))
+# The window wider than the input (2 with window 3, stride 2): torch gives one output from the 2 inputs (SqueezeNet
+# 1.0 / 1.1 at their minimum sizes 21 / 17 reach this in their last pool).
+WIDER_THAN_INPUT = (2, 5, 3, 2, 0)
 
 
 @pytest.mark.parametrize("case", [*CEIL_CASES, WIDER_THAN_INPUT], ids=str)

@@ -250,14 +250,12 @@ def max_pool(x: Array, window: IntPair, stride: IntPair | None = None, padding: 
 
 
 def _ceil_mode_extra(length: int, window: int, stride: int, pad: int) -> int:
-    """Rows (or columns) of ``-inf`` to add after the right padding so floor mode gives torch's ceil-mode size."""
-    span = length + 2 * pad - window
-    if span < 0:
-        return 0
-    out = -(-span // stride) + 1
-    if (out - 1) * stride >= length + pad:  # the last window must start inside the input or the left padding
+    """Rows (or columns) of ``-inf`` to add after the right padding so floor mode gives torch's ceil-mode size
+    (also where the window is wider than the padded input: torch then still has one output)."""
+    out = (length + 2 * pad - window + stride - 1) // stride + 1
+    if out > 1 and (out - 1) * stride >= length + pad:  # the last window must start inside the input or left pad
         out -= 1
-    return max(0, (out - 1) * stride + window - (length + 2 * pad))
+    return max(0, (out - 1) * stride + window - (length + 2 * pad)) if out > 0 else 0
 
 
 def reduce_window_max_pool(x: Array, window: tuple[int, int], stride: tuple[int, int],

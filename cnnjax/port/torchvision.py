@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -161,12 +162,25 @@ def ported_kwargs(arch: str, state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+# torchvision's DenseNet files keep the dense layers' old key names (``denselayer1.norm.1.weight``), which its
+# loader renames (``denselayer1.norm1.weight``) before loading; so does the port.
+_DENSENET_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|"
+                               r"running_var))$")
+
+
+def renamed_legacy_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """``state_dict`` with torchvision's legacy DenseNet key names brought to the current ones."""
+    return {_DENSENET_OLD_KEY.sub(r"\1\2", k): v
+            for k, v in state_dict.items()}
+
+
 def convert(arch: str, state_dict: Mapping[str, Any]) -> tuple[Any, dict]:
     """``(model, variables)`` for torchvision ``arch`` from an in-memory state dict (strict: one
     :class:`PortError` lists every missing, unexpected and mis-shaped key before anything is converted).
     The number of classes is read from the classifier's weight; the options from :func:`ported_kwargs`."""
     if arch not in ARCHS:
         raise PortError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)}")
+    state_dict = renamed_legacy_keys(state_dict)
     kwargs = ported_kwargs(arch, state_dict)
     heads = [k for k in head_keys(arch, **kwargs) if k.endswith(".weight") and k in state_dict]
     num_classes = int(np.shape(state_dict[heads[0]])[0]) if heads else 1000
