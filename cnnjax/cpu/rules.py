@@ -30,7 +30,8 @@ class Rules:
     Grouped convolutions (groups > 1, depthwise ones included; :meth:`conv_path`): 'onednn' (its grouped
     primitives) wherever oneDNN runs the dtype, else 'xla'; no shifted-sum or patches path takes them (measured
     against XLA's grouped conv and a shifted sum of per-channel taps: ``python -m experiments.bench.convs
-    --models mobilenet_v2@224,efficientnet_b0@224,convnext_tiny@224,regnet_y_400mf@224 --grouped --batch 32``).
+    --models mobilenet_v2@224,efficientnet_b0@224,convnext_tiny@224,regnet_y_400mf@224 --grouped --only conv
+    --batch 32 --steps 3``).
 
     Convolutions of groups 1 (:meth:`conv_path`):
 

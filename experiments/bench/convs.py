@@ -1,14 +1,20 @@
 """Each convolution and max-pool of the bench models alone: the CPU backend against plain XLA and PyTorch eager.
 
-``python -m experiments.bench.convs [--models M,...] [--only conv|pool] [--batch 128] [--steps 10]``
+``python -m experiments.bench.convs [--models M,...] [--only conv|pool] [--grouped] [--batch 128] [--steps 10]``
 
 For each bench model, every distinct conv of its train-mode forward (read from the model itself, in call order,
 with its calls per forward): forward and forward+backward milliseconds through the CPU backend
 (``cnnjax.conv.conv2d(..., impl='cpu')``, the path :class:`cnnjax.cpu.rules.Rules` picks for it), plain XLA
 (``impl='xla'``) and PyTorch eager (``nn.Conv2d``, NCHW, in a process of its own); the first conv of a model
 computes no input gradient, as in a train step. The last row sums each column over one train step (times the calls
-per step). ``--only pool`` times the models' max-pools (after a ReLU, so with ties) the same way: plain XLA's
-``reduce_window``, the CPU backend's pick, its strided views and oneDNN's kernels, and PyTorch's ``MaxPool2d``.
+per step). ``--grouped`` times only the grouped convs (groups > 1, depthwise ones included) and adds two columns:
+a depthwise conv as a pure-JAX sum over the kernel taps of shifted input views times per-channel weights
+(:func:`depthwise_shifted_sum`, JAX's gradients), the alternative to oneDNN's grouped primitives that
+:class:`cnnjax.cpu.rules.Rules` was measured against; the grouped convs of the zoo at ImageNet's size:
+``python -m experiments.bench.convs --models mobilenet_v2@224,efficientnet_b0@224,convnext_tiny@224,regnet_y_400mf@224
+--grouped --only conv --batch 32 --steps 3``. ``--only pool`` times the models' max-pools (after a ReLU, so with
+ties) the same way: plain XLA's ``reduce_window``, the CPU backend's pick, its strided views and oneDNN's kernels,
+and PyTorch's ``MaxPool2d``.
 Random float32 data, no bias; each number is the fastest of ``--steps`` calls after a compile call. The rules'
 docstrings name this command: it is how a path rule is measured.
 """
@@ -36,6 +42,7 @@ def define_flags() -> None:
     """The command's flags (defined when it runs, not on import)."""
     flags.DEFINE_list("models", list(MODELS), "bench rows whose convs and pools to time")
     flags.DEFINE_enum("only", "all", ["all", "conv", "pool"], "which tables to time")
+    flags.DEFINE_bool("grouped", False, "time only the grouped convs, with a depthwise shifted-sum column")
     flags.DEFINE_integer("batch", 128, "batch size")
     flags.DEFINE_integer("steps", 10, "timed calls per number (the fastest counts)")
 
@@ -100,9 +107,33 @@ def conv_label(conv: dict, batch: int) -> str:
             f"s{conv['strides'][0]} p{pad}{more}")
 
 
+def depthwise_shifted_sum(x, kernel, strides: tuple[int, int], pads, dilation: tuple[int, int]):
+    """A depthwise conv ``[N, H, W, C] * [kH, kW, 1, O] -> [N, H', W', O]`` (``O`` a multiple ``m`` of ``C``;
+    output channel ``o`` reads input channel ``o // m``) as the sum over the ``kH * kW`` taps of the strided view of
+    the padded input that tap reads, each channel repeated ``m`` times, times the tap's weights."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    from cnnjax.conv import output_size
+
+    n, h, w, c = x.shape
+    kh, kw, _, o = kernel.shape
+    ho, wo = (output_size(*args) for args in zip((h, w), (kh, kw), strides, pads, dilation, strict=True))
+    xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+    total = None
+    for i in range(kh):
+        for j in range(kw):
+            y0, x0 = i * dilation[0], j * dilation[1]
+            view = lax.slice(xp, (0, y0, x0, 0), (n, y0 + strides[0] * (ho - 1) + 1, x0 + strides[1] * (wo - 1) + 1,
+                                                  c), (1, strides[0], strides[1], 1))
+            term = (view if o == c else jnp.repeat(view, o // c, axis=-1)) * kernel[i, j, 0]
+            total = term if total is None else total + term
+    return total
+
+
 def cnnjax_conv_ms(conv: dict, batch: int, steps: int, impl: str) -> list[float] | None:
-    """``[forward ms, forward+backward ms]`` of ``conv`` through ``cnnjax.conv.conv2d(..., impl=impl)``, or None
-    where that impl has no kernel for it."""
+    """``[forward ms, forward+backward ms]`` of ``conv`` through ``cnnjax.conv.conv2d(..., impl=impl)`` (impl
+    'shifted': :func:`depthwise_shifted_sum`, depthwise convs only), or None where that impl has no kernel for it."""
     import jax
     import numpy as np
 
@@ -111,12 +142,16 @@ def cnnjax_conv_ms(conv: dict, batch: int, steps: int, impl: str) -> list[float]
 
     rng = np.random.RandomState(0)
     (h, w, c), (kh, kw) = conv["input"], conv["kernel"]
+    if impl == "shifted" and conv["groups"] != c:
+        return None
     x = jax.numpy.asarray(rng.randn(batch, h, w, c).astype(np.float32))
     k = jax.numpy.asarray(rng.randn(kh, kw, c // conv["groups"], conv["features"]).astype(np.float32) * 0.05)
 
     def f(x, k):
-        return conv2d(x, k, tuple(conv["strides"]), tuple(map(tuple, conv["pads"])), tuple(conv["dilation"]),
-                      conv["groups"], impl=impl)
+        geometry = tuple(conv["strides"]), tuple(map(tuple, conv["pads"])), tuple(conv["dilation"])
+        if impl == "shifted":
+            return depthwise_shifted_sum(x, k, *geometry)
+        return conv2d(x, k, *geometry, conv["groups"], impl=impl)
 
     try:
         y = jax.eval_shape(f, x, k)
@@ -161,28 +196,32 @@ def torch_conv_ms(convs: list[dict], batch: int, steps: int) -> list[list[float]
     return out
 
 
-def conv_rows(name: str, batch: int, steps: int) -> list[str]:
-    """Markdown rows of bench row ``name``'s convs (see the module doc) and their per-step sums."""
+def conv_rows(name: str, batch: int, steps: int, grouped: bool = False) -> list[str]:
+    """Markdown rows of bench row ``name``'s convs (see the module doc) and their per-step sums; ``grouped``: its
+    grouped convs only, with the depthwise shifted sum's two columns after PyTorch's."""
     import numpy as np
 
     from cnnjax.cpu import onednn
     from cnnjax.cpu.rules import DEFAULT
 
-    convs = model_layers(name)["conv"]
-    theirs_all = in_fresh_process(torch_conv_ms, convs, batch, steps)
-    rows, totals = [], np.zeros(6)
+    convs = [conv for conv in model_layers(name)["conv"] if conv["groups"] != 1 or not grouped]
+    theirs_all = in_fresh_process(torch_conv_ms, convs, batch, steps) if convs else []
+    impls = ("cpu", "xla", "shifted") if grouped else ("cpu", "xla")
+    rows, totals = [], np.zeros(2 * len(impls) + 2)
     for conv, theirs in zip(convs, theirs_all, strict=True):
-        cells = [cnnjax_conv_ms(conv, batch, steps, impl) for impl in ("cpu", "xla")] + [theirs]
+        cells = [cnnjax_conv_ms(conv, batch, steps, impl) for impl in impls]
+        cells.insert(2, theirs)
         (h, w, c), (kh, kw) = conv["input"], conv["kernel"]
-        path = "-" if conv["groups"] != 1 or cells[0] is None else DEFAULT.conv_path(
-            (batch, h, w, c), (kh, kw, c, conv["features"]), tuple(conv["strides"]),
-            tuple(map(tuple, conv["pads"])), tuple(conv["dilation"]), onednn.runs(np.dtype("float32")))
+        path = "-" if cells[0] is None else DEFAULT.conv_path(
+            (batch, h, w, c), (kh, kw, c // conv["groups"], conv["features"]), tuple(conv["strides"]),
+            tuple(map(tuple, conv["pads"])), tuple(conv["dilation"]), onednn.runs(np.dtype("float32")),
+            conv["groups"])
         flat = [v for cell in cells for v in (cell or [float("nan")] * 2)]
         totals += conv["count"] * np.nan_to_num(np.array(flat))
         rows.append(f"| {conv_label(conv, batch)} | {conv['count']} | {path} | "
                     + " | ".join("-" if np.isnan(v) else f"{v:.2f}" for v in flat) + f" | {flat[5] / flat[1]:.2f} |")
-    rows.append("| **per train step** | | | " + " | ".join(f"**{v:.1f}**" for v in totals)
-                + f" | **{totals[5] / totals[1]:.2f}** |")
+    rows.append(f"| **{'grouped convs ' if grouped else ''}per train step** | | | "
+                + " | ".join(f"**{v:.1f}**" for v in totals) + f" | **{totals[5] / totals[1]:.2f}** |")
     return rows
 
 
@@ -257,11 +296,12 @@ def main(argv):
     print(f"{kernels.describe()}; batch {FLAGS.batch}, milliseconds per call, the fastest of {FLAGS.steps}\n")
     for name in FLAGS.models:
         if FLAGS.only in ("all", "conv"):
-            print(f"**{name}**: each conv as its train step runs it\n")
+            print(f"**{name}**: each {'grouped ' if FLAGS.grouped else ''}conv as its train step runs it\n")
+            shifted = "| shifted sum fwd | shifted sum fwd+bwd " if FLAGS.grouped else ""
             print("| conv | calls per step | CPU backend path | backend fwd | backend fwd+bwd | XLA fwd | XLA fwd+bwd "
-                  "| PyTorch fwd | PyTorch fwd+bwd | PyTorch / backend, fwd+bwd |")
-            print("|---|---:|---|" + "---:|" * 7)
-            for row in conv_rows(name, FLAGS.batch, FLAGS.steps):
+                  f"| PyTorch fwd | PyTorch fwd+bwd {shifted}| PyTorch / backend, fwd+bwd |")
+            print("|---|---:|---|" + "---:|" * (9 if FLAGS.grouped else 7))
+            for row in conv_rows(name, FLAGS.batch, FLAGS.steps, FLAGS.grouped):
                 print(row, flush=True)
             print()
         if FLAGS.only in ("all", "pool") and model_layers(name)["pool"]:
