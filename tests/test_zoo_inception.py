@@ -78,7 +78,7 @@ def test_default_input_shapes():
 
 def test_aux_parameters_exist_for_any_init():
     # The aux heads' parameters do not depend on the mode or (Inception v3) the input size of the init.
-    for name, small in (("googlenet", (31, 31, 3)), ("inception_v3", (75, 75, 3))):
+    for name, small in (("googlenet", (15, 15, 3)), ("inception_v3", (75, 75, 3))):
         full = _abstract(name, models.DEFAULT_INPUT_SHAPES[name], train=True, aux_logits=True)
         assert jax.tree_util.tree_map(lambda a: a.shape, _abstract(name, small, aux_logits=True)) == \
             jax.tree_util.tree_map(lambda a: a.shape, full)
@@ -200,8 +200,8 @@ def test_dropout_defaults_and_rates():
 
 
 def test_too_small_inputs():
-    with pytest.raises(UsageError, match="at least 31x31"):
-        _abstract("googlenet", (30, 64, 3))
+    with pytest.raises(UsageError, match="at least 15x15"):
+        _abstract("googlenet", (14, 64, 3))
     with pytest.raises(UsageError, match="at least 75x75"):
         _abstract("inception_v3", (75, 74, 3))
     with pytest.raises(UsageError, match="auxiliary head needs inputs of at least 299x299"):

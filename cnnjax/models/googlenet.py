@@ -1,8 +1,8 @@
 """GoogLeNet (Inception v1, Szegedy et al. 2014) in torchvision's layout (``torchvision.models.googlenet``).
 
-``[N, H, W, 3] -> [N, num_classes]``; H, W >= 31, 224 for ImageNet. (torchvision accepts 15 and up: from 15 to 30
-a ceil-mode max-pool has a window larger than its input, whose one output :func:`cnnjax.layers.max_pool` does
-not produce.) Flax module paths are torch's with '/' for '.': ``conv1`` .. ``conv3`` (:class:`BasicConv2d`:
+``[N, H, W, 3] -> [N, num_classes]``; H, W >= 15 as torchvision (from 15 to 30 a ceil-mode max-pool's window is
+wider than its input and gives one output), 224 for ImageNet. Flax module paths are torch's with '/' for '.':
+``conv1`` .. ``conv3`` (:class:`BasicConv2d`:
 ``conv`` + ``bn``), ceil-mode max-pools, ``inception3a`` .. ``inception5b`` (:class:`Inception`: ``branch1``,
 ``branch2.0/1``, ``branch3.0/1``, ``branch4.1``), optional auxiliary heads ``aux1`` / ``aux2``
 (:class:`InceptionAux`: ``conv``, ``fc1``, ``fc2``), global average pool, dropout, ``fc``. As torchvision,
@@ -46,8 +46,8 @@ Array = jax.Array
 _SCALE = (0.229 / 0.5, 0.224 / 0.5, 0.225 / 0.5)
 _SHIFT = ((0.485 - 0.5) / 0.5, (0.456 - 0.5) / 0.5, (0.406 - 0.5) / 0.5)
 
-# Smallest input side: below it maxpool3 / maxpool4 see a map smaller than their window (see the module docstring).
-MIN_SIZE = 31
+# Smallest input side (torchvision's): below it a ceil-mode max-pool would see an empty map.
+MIN_SIZE = 15
 
 
 class GoogLeNetOutputs(NamedTuple):
