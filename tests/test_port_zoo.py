@@ -17,7 +17,8 @@ from experiments.bench import torch_zoo
 from tests.parity import assert_parity, nchw
 
 ROOT = __file__.rsplit("/tests/", 1)[0]
-# One member per family (its smallest) and an input it takes; every family's parity is in its own test file.
+# One member per family (its smallest) and an input it takes. Every family's parity test already ports its twin through
+# the same strict layout (tests.parity.port_twin); here the files' path runs for three in the default suite.
 FAMILY_MEMBERS = {
     "vgg13_bn": 64, "resnext50_32x4d": 64, "wide_resnet50_2": 64, "alexnet": 64, "squeezenet1_1": 64,
     "googlenet": 64, "inception_v3": 96, "densenet121": 64, "shufflenet_v2_x0_5": 64, "mobilenet_v2": 64,
@@ -26,11 +27,20 @@ FAMILY_MEMBERS = {
 }
 
 
+# torchvision's Inception v3 init (N(0, 0.1^2) weights) with random BatchNorm statistics gives logits near 1e10, where
+# an absolute tolerance means nothing: its twin keeps torch's default init.
+TWIN_KWARGS = {"inception_v3": {"init_weights": False}}
+
+
 def _twin(arch: str, seed: int = 0, **kwargs) -> torch.nn.Module:
     torch.manual_seed(seed)
-    tm = torch_zoo.build(arch, **kwargs)
+    tm = torch_zoo.build(arch, **{**TWIN_KWARGS.get(arch, {}), **kwargs})
     torch_zoo.randomize_bn_stats(tm, torch.Generator().manual_seed(seed + 1))
     return tm.eval()
+
+
+def _logits(model, variables, x):
+    return jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
 
 
 def _save(tm: torch.nn.Module, path) -> str:
@@ -43,7 +53,11 @@ def test_every_imagenet_model_is_portable():
     assert set(FAMILY_MEMBERS) <= set(port.ARCHS)
 
 
-@pytest.mark.parametrize("arch,size", FAMILY_MEMBERS.items())
+DEFAULT_PORTS = ("mobilenet_v3_small", "convnext_tiny", "squeezenet1_1")
+
+
+@pytest.mark.parametrize("arch,size", [(a, s) if a in DEFAULT_PORTS else pytest.param(a, s, marks=pytest.mark.slow)
+                                       for a, s in FAMILY_MEMBERS.items()])
 def test_ported_model_equals_the_twin(arch, size, tmp_path):
     tm = _twin(arch)
     model, variables = port.load_torchvision(arch, _save(tm, tmp_path / "w.safetensors"))
@@ -52,7 +66,7 @@ def test_ported_model_equals_the_twin(arch, size, tmp_path):
     x = np.random.RandomState(0).randn(2, size, size, 3).astype(np.float32)
     with torch.no_grad():
         want = tm(nchw(x)).numpy()
-    assert_parity(f"port {arch} {size}x{size} logits", model.apply(variables, x, train=False), want, 1e-4)
+    assert_parity(f"port {arch} {size}x{size} logits", _logits(model, variables, x), want, 1e-4)
 
 
 def test_other_head_sizes_port_for_the_later_families(tmp_path):
@@ -62,7 +76,7 @@ def test_other_head_sizes_port_for_the_later_families(tmp_path):
     x = np.random.RandomState(1).randn(1, 64, 64, 3).astype(np.float32)
     with torch.no_grad():
         want = tm(nchw(x)).numpy()
-    assert_parity("port mobilenet_v3_small 7 classes", model.apply(variables, x, train=False), want, 1e-4)
+    assert_parity("port mobilenet_v3_small 7 classes", _logits(model, variables, x), want, 1e-4)
 
 
 def test_one_error_names_every_bad_key_of_a_later_family(tmp_path):
@@ -79,7 +93,7 @@ def test_one_error_names_every_bad_key_of_a_later_family(tmp_path):
     assert "classifier.1.bias (got (5,), expected (1000,))" in message
 
 
-@pytest.mark.parametrize("arch", ["googlenet", "inception_v3"])
+@pytest.mark.parametrize("arch", ["googlenet", pytest.param("inception_v3", marks=pytest.mark.slow)])
 def test_files_with_auxiliary_heads_port_with_them(arch, tmp_path):
     """torchvision's GoogLeNet / Inception v3 files keep their auxiliary heads and expect ``transform_input``."""
     tm = _twin(arch, aux_logits=True, transform_input=True)
@@ -89,7 +103,7 @@ def test_files_with_auxiliary_heads_port_with_them(arch, tmp_path):
     x = np.random.RandomState(2).randn(2, 96, 96, 3).astype(np.float32)
     with torch.no_grad():
         want = tm(nchw(x)).numpy()
-    assert_parity(f"port {arch} with auxiliary heads", model.apply(variables, x, train=False), want, 1e-4)
+    assert_parity(f"port {arch} with auxiliary heads", _logits(model, variables, x), want, 1e-4)
 
 
 def test_port_cli_and_predict_for_a_later_family(tmp_path):
@@ -105,7 +119,7 @@ def test_port_cli_and_predict_for_a_later_family(tmp_path):
     out = cli("experiments.port", "--arch", "mobilenet_v3_small", "--weights", weights, "--out", str(tmp_path / "ck"))
     assert out.returncode == 0, out.stderr
     variables, _ = checkpoint.restore_variables(str(tmp_path / "ck"), "best")
-    assert set(variables["params"]) >= {"features.0.0", "classifier.3"}
+    assert set(variables["params"]) >= {"features.0", "classifier.3"}
     image = tmp_path / "img.png"
     Image.fromarray(np.random.RandomState(0).randint(0, 255, (300, 260, 3)).astype(np.uint8)).save(image)
     pred = cli("experiments.predict", "--checkpoint", str(tmp_path / "ck"), str(image))
@@ -129,4 +143,4 @@ def test_densenet_files_with_torchvisions_legacy_key_names_port(tmp_path):
     x = np.random.RandomState(3).randn(1, 64, 64, 3).astype(np.float32)
     with torch.no_grad():
         want = tm(nchw(x)).numpy()
-    assert_parity("port densenet121 legacy keys", model.apply(variables, x, train=False), want, 1e-4)
+    assert_parity("port densenet121 legacy keys", _logits(model, variables, x), want, 1e-4)
