@@ -191,7 +191,7 @@ WGRAD_CASES = [
 
 
 @needs_onednn
-@pytest.mark.parametrize("path", list(onednn.WGRAD_PATHS))
+@pytest.mark.parametrize("path", [p for p in onednn.WGRAD_PATHS if p != "depthwise"])  # groups 1
 @pytest.mark.parametrize("batch,hw,c_in,c_out,k,pads", WGRAD_CASES, ids=str)
 def test_each_float32_kernel_gradient_path_matches_xla(path, batch, hw, c_in, c_out, k, pads):
     library()
@@ -295,16 +295,41 @@ def test_onednn_grouped_conv_matches_xla_values_and_gradients(hw, c_in, c_out, g
     assert len(custom_calls(lowered(values_and_gradients(want_fn), x, w, g))) == 0
     calls = custom_calls(lowered(values_and_gradients(lambda x, w: conv.conv2d(x, w, s, pads, d, groups,
                                                                               impl="cpu")), x, w, g))
-    assert [c["groups"] for c in calls] == [groups] * 3 and {c["wgrad"] for c in calls} == {0}
+    wgrad = onednn.WGRAD_PATHS[DEFAULT.grouped_wgrad_path(w.shape, groups, d)]
+    assert [c["groups"] for c in calls] == [groups] * 3 and [c["wgrad"] for c in calls] == [0, 0, wgrad]
     assert float(jnp.max(jnp.abs(want[2]))) > 0.1  # a kernel gradient that could be wrong
 
 
+DEPTHWISE_CASES = [case for case in GROUPED_CASES if case[3] == case[1]]
+
+
 @needs_onednn
-@pytest.mark.parametrize("c_in,c_out,groups", [(16, 16, 16), (8, 16, 8), (16, 24, 2)], ids=str)
-def test_onednn_grouped_bfloat16_is_within_one_rounding_of_the_float32_conv(c_in, c_out, groups):
+@pytest.mark.parametrize("path", ["native", "depthwise"])
+@pytest.mark.parametrize("hw,c_in,c_out,groups,k,s,pads,d", DEPTHWISE_CASES,
+                         ids=[i for i, case in zip(GROUPED_IDS, GROUPED_CASES, strict=True) if case[3] == case[1]])
+def test_each_depthwise_kernel_gradient_path_matches_xla(path, hw, c_in, c_out, groups, k, s, pads, d):
+    """oneDNN's primitive and cnnjax's loop (onednn_kernels.cc: DepthwiseWgrad), asked for directly: kernels 3 to 7
+    wide, strides, dilation, asymmetric pads, two outputs per channel, channels not a whole vector; 5 images: slices
+    of 2 and 3. (Rules.grouped_wgrad_path picks one of them by shape.)"""
+    library()
+    x, w = draw(28, (5, *hw, c_in), (*k, 1, c_out))
+    want_fn = lambda x, w: conv.xla_conv(x, w, s, pads, d, groups)  # noqa: E731
+    (g,) = draw(29, want_fn(x, w).shape)
+    want = values_and_gradients(want_fn)(x, w, g)[2]
+    fn = jax.jit(lambda x, g: onednn.conv_call(onednn.KERNEL_GRAD, x, g, w.shape, s, pads, d, path, groups))
+    assert_close_for_their_size(fn(x, g), want)
+    (call,) = custom_calls(lowered(fn, x, g))
+    assert call["wgrad"] == onednn.WGRAD_PATHS[path]
+
+
+@needs_onednn
+@pytest.mark.parametrize("c_in,c_out,groups,k", [(16, 16, 16, 3), (16, 16, 16, 7), (8, 16, 8, 5), (16, 24, 2, 3)],
+                         ids=str)
+def test_onednn_grouped_bfloat16_is_within_one_rounding_of_the_float32_conv(c_in, c_out, groups, k):
+    """Depthwise 3x3 and 7x7 (oneDNN's and cnnjax's depthwise kernel gradients), two outputs per channel, groups 2."""
     skip_without_avx512()
-    pads = ((1, 1), (1, 1))
-    x, w = draw(26, (4, 10, 9, c_in), (3, 3, c_in // groups, c_out), dtype=jnp.bfloat16)
+    pads = ((k // 2, k // 2),) * 2
+    x, w = draw(26, (4, 10, 9, c_in), (k, k, c_in // groups, c_out), dtype=jnp.bfloat16)
     (g,) = draw(27, (4, 5, 5, c_out), dtype=jnp.bfloat16)
     f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
     want = values_and_gradients(lambda x, w: conv.xla_conv(x, w, (2, 2), pads, groups=groups))(f32(x), f32(w), f32(g))
@@ -524,6 +549,18 @@ def test_grouped_convs_take_onednn_wherever_it_runs(x_shape, k_shape, groups):
     """No shifted sum or patches for groups > 1 (not even 1x1 kernels or one input channel per group)."""
     for runs, want in ((True, "onednn"), (False, "xla")):
         assert DEFAULT.conv_path(x_shape, k_shape, (1, 1), ((1, 1), (1, 1)), (1, 1), runs, groups) == want
+
+
+def test_grouped_kernel_gradient_rule():
+    """Depthwise kernels at least depthwise_wgrad_loop_min_width wide, or dilated, take the loop; others oneDNN's."""
+    native, loop = "native", "depthwise"
+    assert DEFAULT.grouped_wgrad_path((3, 3, 1, 144), 144, (1, 1)) == native
+    assert DEFAULT.grouped_wgrad_path((3, 3, 1, 144), 144, (2, 2)) == loop
+    assert DEFAULT.grouped_wgrad_path((5, 5, 1, 144), 144, (1, 1)) == loop
+    assert DEFAULT.grouped_wgrad_path((7, 7, 1, 192), 96, (1, 1)) == loop  # two outputs per channel
+    assert DEFAULT.grouped_wgrad_path((7, 7, 2, 192), 96, (1, 1)) == native  # two input channels per group
+    assert Rules(depthwise_wgrad_loop_min_width=0).grouped_wgrad_path((3, 3, 1, 8), 8, (1, 1)) == loop
+    assert Rules(depthwise_wgrad_loop_min_width=8).grouped_wgrad_path((7, 7, 1, 8), 8, (1, 1)) == native
 
 
 def test_conv_path_rule_follows_its_fields():

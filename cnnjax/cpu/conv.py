@@ -89,7 +89,9 @@ def _onednn_gradients(strides, pads, dilation, rules, residuals, g):
     """oneDNN's input and kernel gradients, two calls XLA may run at once."""
     x, kernel = residuals
     groups, wgrad = _groups(x, kernel), "native"
-    if strides == (1, 1) and dilation == (1, 1) and groups == 1:
+    if groups != 1:
+        wgrad = rules.grouped_wgrad_path(kernel.shape, groups, dilation)
+    elif strides == (1, 1) and dilation == (1, 1):
         avx512 = onednn.load().avx512
         wgrad = rules.wgrad_path(x.dtype.name, x.shape, kernel.shape, g.shape[1:3], avx512)
     return (onednn.conv_call(onednn.INPUT_GRAD, g, kernel, x.shape, strides, pads, dilation, groups=groups),

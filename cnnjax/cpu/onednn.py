@@ -34,9 +34,9 @@ CONV_TARGET = "cnnjax_onednn_conv"
 POOL_FORWARD_TARGET, POOL_BACKWARD_TARGET = "cnnjax_onednn_max_pool_fwd", "cnnjax_onednn_max_pool_bwd"
 HANDLERS = {CONV_TARGET: "CnnjaxOnednnConv", POOL_FORWARD_TARGET: "CnnjaxOnednnMaxPoolForward",
             POOL_BACKWARD_TARGET: "CnnjaxOnednnMaxPoolBackward"}
-# The conv handler's `kind` attribute, and its `wgrad` attribute (how a stride-1 kernel gradient is computed).
+# The conv handler's `kind` attribute, and its `wgrad` attribute (how a kernel gradient is computed).
 FORWARD, INPUT_GRAD, KERNEL_GRAD = 0, 1, 2
-WGRAD_PATHS = {"native": 0, "forward": 1, "matmul": 2}
+WGRAD_PATHS = {"native": 0, "forward": 1, "matmul": 2, "depthwise": 3}
 # The max-pool handler keeps each window's maximum position in one byte.
 MAX_POOL_WINDOW = 255
 
@@ -141,7 +141,8 @@ def _int_attrs(**values: int) -> dict:
 def conv_call(kind: int, a, b, out_shape: tuple[int, ...], strides, pads, dilation, wgrad: str = "native",
               groups: int = 1):
     """One call of the conv handler: ``kind`` FORWARD ``(x, kernel)``, INPUT_GRAD ``(g, kernel)`` or KERNEL_GRAD
-    ``(x, g)`` (stride-1 groups-1 ones by the ``wgrad`` path, every other by 'native'); NHWC activations
+    ``(x, g)`` (by the ``wgrad`` path: 'forward' and 'matmul' for stride-1 undilated groups-1 convs, 'depthwise' for
+    depthwise ones, 'native' for any; a path that does not fit runs 'native'); NHWC activations
     ``x [N, H, W, C]``, ``g [N, H', W', O]`` and the HWIO kernel ``[kH, kW, C / groups, O]`` (``groups`` divides
     ``C`` and ``O``; output channel ``o`` in group ``o // (O / groups)``, as XLA's ``feature_group_count``), of one
     dtype; result ``out_shape``."""

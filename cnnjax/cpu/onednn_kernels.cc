@@ -30,6 +30,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <unordered_map>
 #include <vector>
 
@@ -293,15 +294,20 @@ bool StridedPointwise(const Geometry& g) {
   return g.weights[2] == 1 && g.weights[3] == 1 && (g.strides[0] != 1 || g.strides[1] != 1);
 }
 
-// How a kernel gradient runs: oneDNN's backward-weights primitive (ConvSlice), a forward convolution (WgradSlice) or
-// a matrix product (WgradMatmulSlice), as the call's `wgrad` attribute asks (cnnjax.cpu.rules.Rules.wgrad_path
-// chooses, by dtype, CPU and shape); the two others only for stride-1 undilated convolutions of groups 1. Strided 1x1 kernel gradients
-// always run as the unit-stride primitive on the gathered input (StridedPointwiseWgradSlice), whatever was asked:
-// oneDNN's own path for them must not run.
-enum class Wgrad { kNative = 0, kForward = 1, kMatmul = 2, kStridedPointwise };
+// How a kernel gradient runs: oneDNN's backward-weights primitive (ConvSlice), a forward convolution (WgradSlice), a
+// matrix product (WgradMatmulSlice) or a loop for depthwise convolutions (DepthwiseWgradSlice), as the call's `wgrad`
+// attribute asks (cnnjax.cpu.rules.Rules.wgrad_path and grouped_wgrad_path choose, by dtype, CPU and shape); the
+// forward and matmul paths only for stride-1 undilated convolutions of groups 1, the loop only for depthwise ones.
+// Strided 1x1 kernel gradients always run as the unit-stride primitive on the gathered input
+// (StridedPointwiseWgradSlice), whatever was asked: oneDNN's own path for them must not run.
+enum class Wgrad { kNative = 0, kForward = 1, kMatmul = 2, kDepthwise = 3, kStridedPointwise };
+
+// A depthwise convolution: one input channel per group (O a multiple of I).
+bool Depthwise(const Geometry& g) { return g.groups == g.src[1] && g.weights[1] == 1; }
 
 Wgrad WgradMode(Wgrad asked, const Geometry& g) {
   if (StridedPointwise(g)) return Wgrad::kStridedPointwise;
+  if (asked == Wgrad::kDepthwise) return Depthwise(g) ? Wgrad::kDepthwise : Wgrad::kNative;
   if (g.groups != 1) return Wgrad::kNative;  // the forward and matmul paths are written for groups 1
   for (auto s : g.strides) if (s != 1) return Wgrad::kNative;
   for (auto d : g.dilations) if (d != 0) return Wgrad::kNative;
@@ -444,6 +450,150 @@ void StridedPointwiseWgradSlice(memory::data_type dt, const Geometry& g, void* x
   ConvSlice(2, dt, unit, gathered, w_out, y_p);
 }
 
+// --- kernel gradients of depthwise convolutions as a loop ---------------------------------------------------
+//
+// oneDNN 2.6's depthwise backward-weights kernel takes only kernels up to 3 wide, undilated, with pads up to half the
+// kernel; other depthwise kernel gradients fall to its generic grouped kernel, which pads each group's one input and
+// output channel to a 16x16 block. Asked by the `wgrad` attribute (cnnjax.cpu.rules.Rules.grouped_wgrad_path), a
+// depthwise kernel gradient (O = m * I, output channel o reading input channel o / m) runs here instead as
+//   dw[i, j, 0, o] = sum over n, ho, wo of x[n, ho * sh + i * dh - pt, wo * sw + j * dw - pl, o / m] * g[n, ho, wo, o]
+// in float32. The slice's x is first copied as float32 with its padding (zeros) and each channel repeated m times,
+// and g as float32, both with O rounded up to whole vectors of kLanes channels (zeros); then, per vector of channels,
+// image and kernel row i, the kernel row's KW accumulators stay in registers while the row's output positions stream
+// by (one image's vector of channels stays in cache over the KH rows). The loop is compiled for AVX-512, AVX2 and a
+// baseline, the CPU's picked at load time.
+
+constexpr int64_t kLanes = 16;
+typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
+
+inline float Float(float v) { return v; }
+inline float Float(uint16_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Everything DepthwiseKernel calls is inlined into it, so compiled for each of its targets.
+#define CNNJAX_INLINE inline __attribute__((always_inline))
+
+// Unaligned loads and stores (heap buffers are not aligned to a whole vector).
+CNNJAX_INLINE Lanes LoadLanes(const float* p) {
+  Lanes v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+CNNJAX_INLINE void StoreLanes(float* p, Lanes v) { std::memcpy(p, &v, sizeof(v)); }
+
+// The padded, spread float32 input and the float32 output gradient of DepthwiseWgrad: [N, Hp, Wp, Op], [N, Ho, Wo, Op].
+struct DepthwiseOperands {
+  const float* x;
+  const float* g;
+  int64_t batch, hp, wp, ho, wo, op;
+};
+
+// Adds kernel row i's gradient for channels [c0, c0 + kLanes) of image b into the kw vectors at acc (KW > 0: kw == KW,
+// known when compiled, so the accumulators stay in registers).
+template <int KW>
+CNNJAX_INLINE void DepthwiseRow(const DepthwiseOperands& d, const Geometry& g, int64_t b, int64_t i, int64_t c0,
+                                int64_t kw, float* acc) {
+  constexpr int64_t kMax = KW > 0 ? KW : 1;
+  Lanes a[kMax];
+  const int64_t n = KW > 0 ? KW : kw;
+  const int64_t sh = g.strides[0], sw = g.strides[1], dh = g.dilations[0] + 1, dw = g.dilations[1] + 1;
+  if (KW > 0) {
+    for (int64_t j = 0; j < KW; ++j) a[j] = LoadLanes(acc + j * kLanes);
+  }
+  for (int64_t oy = 0; oy < d.ho; ++oy) {
+    const float* x_row = d.x + ((b * d.hp + oy * sh + i * dh) * d.wp) * d.op + c0;
+    const float* g_row = d.g + ((b * d.ho + oy) * d.wo) * d.op + c0;
+    for (int64_t ox = 0; ox < d.wo; ++ox) {
+      const Lanes gv = LoadLanes(g_row + ox * d.op);
+      const float* xp = x_row + ox * sw * d.op;
+      if (KW > 0) {
+        for (int64_t j = 0; j < KW; ++j) a[j] += LoadLanes(xp + j * dw * d.op) * gv;
+      } else {
+        for (int64_t j = 0; j < n; ++j)
+          StoreLanes(acc + j * kLanes, LoadLanes(acc + j * kLanes) + LoadLanes(xp + j * dw * d.op) * gv);
+      }
+    }
+  }
+  if (KW > 0) {
+    for (int64_t j = 0; j < KW; ++j) StoreLanes(acc + j * kLanes, a[j]);
+  }
+}
+
+template <int KW>
+CNNJAX_INLINE void DepthwiseRows(const DepthwiseOperands& d, const Geometry& g, float* w_out, int64_t o) {
+  const int64_t kh = g.weights[2], kw = g.weights[3];
+  std::vector<float> acc(kh * kw * kLanes);
+  for (int64_t c0 = 0; c0 < d.op; c0 += kLanes) {
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int64_t b = 0; b < d.batch; ++b)
+      for (int64_t i = 0; i < kh; ++i) DepthwiseRow<KW>(d, g, b, i, c0, kw, acc.data() + i * kw * kLanes);
+    const int64_t lanes = std::min(kLanes, o - c0);
+    for (int64_t t = 0; t < kh * kw; ++t) std::memcpy(w_out + t * o + c0, &acc[t * kLanes], lanes * sizeof(float));
+  }
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void DepthwiseKernel(const DepthwiseOperands& d, const Geometry& g, float* w_out, int64_t o) {
+  switch (g.weights[3]) {
+    case 1: return DepthwiseRows<1>(d, g, w_out, o);
+    case 2: return DepthwiseRows<2>(d, g, w_out, o);
+    case 3: return DepthwiseRows<3>(d, g, w_out, o);
+    case 4: return DepthwiseRows<4>(d, g, w_out, o);
+    case 5: return DepthwiseRows<5>(d, g, w_out, o);
+    case 6: return DepthwiseRows<6>(d, g, w_out, o);
+    case 7: return DepthwiseRows<7>(d, g, w_out, o);
+    default: return DepthwiseRows<0>(d, g, w_out, o);
+  }
+}
+
+// The float32 HWIO kernel gradient [KH, KW, 1, O] of one batch slice of a depthwise geometry g (NHWC x and y of
+// element type T) into w_out.
+template <typename T>
+void DepthwiseWgrad(const Geometry& g, const T* x, const T* y, float* w_out) {
+  const int64_t batch = g.src[0], c_in = g.src[1], h = g.src[2], w = g.src[3];
+  const int64_t o = g.dst[1], ho = g.dst[2], wo = g.dst[3], m = o / c_in;
+  const int64_t op = (o + kLanes - 1) / kLanes * kLanes;
+  const int64_t hp = h + g.pad_l[0] + g.pad_r[0], wp = w + g.pad_l[1] + g.pad_r[1];
+  const size_t x_count = static_cast<size_t>(batch * hp * wp * op), g_count = static_cast<size_t>(batch * ho * wo * op);
+  auto* xp = static_cast<float*>(ThreadBuffer(2, x_count * sizeof(float)));
+  std::memset(xp, 0, x_count * sizeof(float));
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t iy = 0; iy < h; ++iy)
+      for (int64_t ix = 0; ix < w; ++ix) {
+        const T* from = x + ((b * h + iy) * w + ix) * c_in;
+        float* to = xp + ((b * hp + iy + g.pad_l[0]) * wp + ix + g.pad_l[1]) * op;
+        if (m == 1) {
+          for (int64_t c = 0; c < c_in; ++c) to[c] = Float(from[c]);
+        } else {
+          for (int64_t c = 0; c < c_in; ++c) std::fill(to + c * m, to + (c + 1) * m, Float(from[c]));
+        }
+      }
+  const float* gp = reinterpret_cast<const float*>(y);  // float32 with whole vectors: g itself
+  if (!std::is_same<T, float>::value || o != op) {
+    auto* copy = static_cast<float*>(ThreadBuffer(3, g_count * sizeof(float)));
+    for (int64_t p = 0; p < batch * ho * wo; ++p) {
+      float* to = copy + p * op;
+      for (int64_t c = 0; c < o; ++c) to[c] = Float(y[p * o + c]);
+      std::fill(to + o, to + op, 0.0f);
+    }
+    gp = copy;
+  }
+  // Every tap of every output reads within [0, hp) x [0, wp) (the output size rounds down): no bounds to check.
+  DepthwiseKernel(DepthwiseOperands{xp, gp, batch, hp, wp, ho, wo, op}, g, w_out, o);
+}
+
+void DepthwiseWgradSlice(memory::data_type dt, const Geometry& g, void* x_p, void* y_p, void* w_out) {
+  if (dt == memory::data_type::f32)
+    DepthwiseWgrad(g, static_cast<const float*>(x_p), static_cast<const float*>(y_p), static_cast<float*>(w_out));
+  else
+    DepthwiseWgrad(g, static_cast<const uint16_t*>(x_p), static_cast<const uint16_t*>(y_p), static_cast<float*>(w_out));
+}
+
 // float32 -> bfloat16, rounding to nearest even (NaNs stay NaN).
 uint16_t ToBf16(float f) {
   uint32_t bits;
@@ -475,6 +625,7 @@ ffi::Error Execute(ffi::ThreadPool* pool, int kind, memory::data_type dt, const 
     if (mode == Wgrad::kStridedPointwise) StridedPointwiseWgradSlice(dt, s, x, y, w);
     else if (mode == Wgrad::kForward) WgradSlice(dt, s, x, y, w);
     else if (mode == Wgrad::kMatmul) WgradMatmulSlice(dt, s, x, y, w);
+    else if (mode == Wgrad::kDepthwise) DepthwiseWgradSlice(dt, s, x, y, w);
     else ConvSlice(kind, dt, s, x, w, y);
   });
   if (!error.empty()) return ffi::Error::Internal("onednn_conv: " + error);
@@ -495,7 +646,7 @@ ffi::Error Run(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> o
                int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t dh, int64_t dw,
                int64_t wgrad, int64_t groups, ffi::ThreadPool pool) {
   if (kind < 0 || kind > 2) return ffi::Error::InvalidArgument("onednn_conv: kind must be 0, 1 or 2");
-  if (wgrad < 0 || wgrad > 2) return ffi::Error::InvalidArgument("onednn_conv: wgrad must be 0, 1 or 2");
+  if (wgrad < 0 || wgrad > 3) return ffi::Error::InvalidArgument("onednn_conv: wgrad must be 0, 1, 2 or 3");
   auto type = a.element_type();
   if (b.element_type() != type || out->element_type() != type)
     return ffi::Error::InvalidArgument("onednn_conv: every operand must have one dtype");

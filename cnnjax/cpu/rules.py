@@ -31,7 +31,11 @@ class Rules:
     primitives) wherever oneDNN runs the dtype, else 'xla'; no shifted-sum or patches path takes them (measured
     against XLA's grouped conv and a shifted sum of per-channel taps: ``python -m experiments.bench.convs
     --models mobilenet_v2@224,efficientnet_b0@224,convnext_tiny@224,regnet_y_400mf@224 --grouped --only conv
-    --batch 32 --steps 3``).
+    --batch 32 --steps 3``). Their kernel gradients (:meth:`grouped_wgrad_path`): depthwise ones (one input channel per
+    group) with kernels at least ``depthwise_wgrad_loop_min_width`` wide, or dilated, by cnnjax's own loop over
+    channels ('depthwise'; oneDNN's depthwise backward-weights kernel takes only narrower undilated kernels, and its
+    generic grouped kernel pads each channel to a 16x16 block); every other by oneDNN's primitive ('native'). The
+    command's ``--grouped`` table times each depthwise conv with the other choice too.
 
     Convolutions of groups 1 (:meth:`conv_path`):
 
@@ -48,7 +52,7 @@ class Rules:
     ('matmul') where the conv at least doubles its channels to ``wgrad_matmul_min_out`` or more, or the map is at
     most ``wgrad_matmul_max_hw``, and the patches take at most ``wgrad_matmul_max_bytes``; else one forward conv
     with the batch as the channels ('forward'). bfloat16 (AVX-512): 'forward' up to 4x4 maps, 'matmul' up to 8x8,
-    else 'native'. ``wgrad`` other than 'auto' forces one path for all.
+    else 'native'. ``wgrad`` other than 'auto' forces one path for all groups-1 kernel gradients.
 
     ``forward_as_input_gradient``: float32 stride-1 forwards without AVX-512 run as oneDNN's input gradient of the
     transposed conv, whose AVX2 kernel is the faster one. ``onednn_max_pool``: 'avx512' (oneDNN's max-pool where it
@@ -68,6 +72,7 @@ class Rules:
     wgrad_matmul_min_out: int = 64
     wgrad_matmul_max_hw: int = 4
     wgrad_matmul_max_bytes: int = 256 << 20
+    depthwise_wgrad_loop_min_width: int = 4
     forward_as_input_gradient: bool = True
     onednn_max_pool: str = "avx512"
     closed_form_batch_norm: bool = True
@@ -111,6 +116,13 @@ class Rules:
         widens = c_out >= 2 * c_in and c_out >= self.wgrad_matmul_min_out
         small = patch_bytes <= self.wgrad_matmul_max_bytes
         return "matmul" if (widens or hw <= self.wgrad_matmul_max_hw) and small else "forward"
+
+    def grouped_wgrad_path(self, kernel_shape: tuple[int, ...], groups: int, dilation: tuple[int, int]) -> str:
+        """How oneDNN's backend computes the kernel gradient of a grouped conv (``groups`` > 1) by ``kernel_shape``
+        ``[kH, kW, C / groups, O]``: 'depthwise' (the loop) or 'native'."""
+        depthwise = groups > 1 and kernel_shape[2] == 1
+        wide = kernel_shape[1] >= self.depthwise_wgrad_loop_min_width or dilation != (1, 1)
+        return "depthwise" if depthwise and wide else "native"
 
     def forward_by_input_gradient(self, dtype_name: str, kernel_hw: tuple[int, int], strides: tuple[int, int],
                                   pads: Pads, dilation: tuple[int, int], avx512: bool) -> bool:

@@ -7,10 +7,11 @@ with its calls per forward): forward and forward+backward milliseconds through t
 (``cnnjax.conv.conv2d(..., impl='cpu')``, the path :class:`cnnjax.cpu.rules.Rules` picks for it), plain XLA
 (``impl='xla'``) and PyTorch eager (``nn.Conv2d``, NCHW, in a process of its own); the first conv of a model
 computes no input gradient, as in a train step. The last row sums each column over one train step (times the calls
-per step). ``--grouped`` times only the grouped convs (groups > 1, depthwise ones included) and adds two columns:
-a depthwise conv as a pure-JAX sum over the kernel taps of shifted input views times per-channel weights
+per step). ``--grouped`` times only the grouped convs (groups > 1, depthwise ones included) and adds, for depthwise
+convs, a pure-JAX sum over the kernel taps of shifted input views times per-channel weights
 (:func:`depthwise_shifted_sum`, JAX's gradients), the alternative to oneDNN's grouped primitives that
-:class:`cnnjax.cpu.rules.Rules` was measured against; the grouped convs of the zoo at ImageNet's size:
+:class:`cnnjax.cpu.rules.Rules` was measured against, and the CPU backend's fwd+bwd with the other of its two
+depthwise kernel gradients (oneDNN's primitive or cnnjax's loop); the grouped convs of the zoo at ImageNet's size:
 ``python -m experiments.bench.convs --models mobilenet_v2@224,efficientnet_b0@224,convnext_tiny@224,regnet_y_400mf@224
 --grouped --only conv --batch 32 --steps 3``. ``--only pool`` times the models' max-pools (after a ReLU, so with
 ties) the same way: plain XLA's ``reduce_window``, the CPU backend's pick, its strided views and oneDNN's kernels,
@@ -132,25 +133,41 @@ def depthwise_shifted_sum(x, kernel, strides: tuple[int, int], pads, dilation: t
 
 
 def cnnjax_conv_ms(conv: dict, batch: int, steps: int, impl: str) -> list[float] | None:
-    """``[forward ms, forward+backward ms]`` of ``conv`` through ``cnnjax.conv.conv2d(..., impl=impl)`` (impl
-    'shifted': :func:`depthwise_shifted_sum`, depthwise convs only), or None where that impl has no kernel for it."""
+    """``[forward ms, forward+backward ms]`` of ``conv`` through ``cnnjax.conv.conv2d(..., impl=impl)``, or None
+    where that impl has no kernel for it. Two more impls for depthwise convs only: 'shifted'
+    (:func:`depthwise_shifted_sum`) and 'cpu-other-wgrad' (the CPU backend with the other of its two depthwise kernel
+    gradients: :meth:`cnnjax.cpu.rules.Rules.grouped_wgrad_path` flipped)."""
+    import dataclasses
+
     import jax
     import numpy as np
 
+    from cnnjax import cpu
     from cnnjax.conv import conv2d
+    from cnnjax.cpu.rules import DEFAULT
     from cnnjax.errors import UsageError
 
     rng = np.random.RandomState(0)
     (h, w, c), (kh, kw) = conv["input"], conv["kernel"]
-    if impl == "shifted" and conv["groups"] != c:
+    if impl in ("shifted", "cpu-other-wgrad") and (conv["groups"] != c or c == 1):
         return None
+    geometry = tuple(conv["strides"]), tuple(map(tuple, conv["pads"])), tuple(conv["dilation"])
+    if impl == "cpu-other-wgrad":
+        picked = DEFAULT.grouped_wgrad_path((kh, kw, 1, conv["features"]), conv["groups"], geometry[2])
+        other = dataclasses.replace(DEFAULT, depthwise_wgrad_loop_min_width=1 << 30 if picked == "depthwise" else 0)
+        static = dict(zip(("strides", "pads", "dilation"), geometry, strict=True), groups=conv["groups"],
+                      precision=None)
     x = jax.numpy.asarray(rng.randn(batch, h, w, c).astype(np.float32))
     k = jax.numpy.asarray(rng.randn(kh, kw, c // conv["groups"], conv["features"]).astype(np.float32) * 0.05)
 
     def f(x, k):
-        geometry = tuple(conv["strides"]), tuple(map(tuple, conv["pads"])), tuple(conv["dilation"])
         if impl == "shifted":
             return depthwise_shifted_sum(x, k, *geometry)
+        if impl == "cpu-other-wgrad":
+            fn = cpu.implementation("conv2d", (x, k), static, rules=other)
+            if fn is None:
+                raise UsageError("the CPU backend has no kernel for this conv")
+            return fn(x, k)
         return conv2d(x, k, *geometry, conv["groups"], impl=impl)
 
     try:
@@ -198,7 +215,8 @@ def torch_conv_ms(convs: list[dict], batch: int, steps: int) -> list[list[float]
 
 def conv_rows(name: str, batch: int, steps: int, grouped: bool = False) -> list[str]:
     """Markdown rows of bench row ``name``'s convs (see the module doc) and their per-step sums; ``grouped``: its
-    grouped convs only, with the depthwise shifted sum's two columns after PyTorch's."""
+    grouped convs only, with the depthwise shifted sum's two columns after PyTorch's and the CPU backend's fwd+bwd with
+    its other depthwise kernel gradient."""
     import numpy as np
 
     from cnnjax.cpu import onednn
@@ -206,17 +224,20 @@ def conv_rows(name: str, batch: int, steps: int, grouped: bool = False) -> list[
 
     convs = [conv for conv in model_layers(name)["conv"] if conv["groups"] != 1 or not grouped]
     theirs_all = in_fresh_process(torch_conv_ms, convs, batch, steps) if convs else []
-    impls = ("cpu", "xla", "shifted") if grouped else ("cpu", "xla")
-    rows, totals = [], np.zeros(2 * len(impls) + 2)
+    impls = ("cpu", "xla", "shifted", "cpu-other-wgrad") if grouped else ("cpu", "xla")
+    widths = (2, 2, 2, 2, 1) if grouped else (2, 2, 2)  # the other kernel gradient: its fwd+bwd only
+    rows, totals = [], np.zeros(sum(widths))
     for conv, theirs in zip(convs, theirs_all, strict=True):
         cells = [cnnjax_conv_ms(conv, batch, steps, impl) for impl in impls]
         cells.insert(2, theirs)
+        if grouped and cells[-1] is not None:
+            cells[-1] = cells[-1][1:]
         (h, w, c), (kh, kw) = conv["input"], conv["kernel"]
         path = "-" if cells[0] is None else DEFAULT.conv_path(
             (batch, h, w, c), (kh, kw, c // conv["groups"], conv["features"]), tuple(conv["strides"]),
             tuple(map(tuple, conv["pads"])), tuple(conv["dilation"]), onednn.runs(np.dtype("float32")),
             conv["groups"])
-        flat = [v for cell in cells for v in (cell or [float("nan")] * 2)]
+        flat = [v for cell, width in zip(cells, widths, strict=True) for v in (cell or [float("nan")] * width)]
         totals += conv["count"] * np.nan_to_num(np.array(flat))
         rows.append(f"| {conv_label(conv, batch)} | {conv['count']} | {path} | "
                     + " | ".join("-" if np.isnan(v) else f"{v:.2f}" for v in flat) + f" | {flat[5] / flat[1]:.2f} |")
@@ -297,10 +318,11 @@ def main(argv):
     for name in FLAGS.models:
         if FLAGS.only in ("all", "conv"):
             print(f"**{name}**: each {'grouped ' if FLAGS.grouped else ''}conv as its train step runs it\n")
-            shifted = "| shifted sum fwd | shifted sum fwd+bwd " if FLAGS.grouped else ""
+            more = "| shifted sum fwd | shifted sum fwd+bwd | backend fwd+bwd, other kernel gradient " \
+                if FLAGS.grouped else ""
             print("| conv | calls per step | CPU backend path | backend fwd | backend fwd+bwd | XLA fwd | XLA fwd+bwd "
-                  f"| PyTorch fwd | PyTorch fwd+bwd {shifted}| PyTorch / backend, fwd+bwd |")
-            print("|---|---:|---|" + "---:|" * (9 if FLAGS.grouped else 7))
+                  f"| PyTorch fwd | PyTorch fwd+bwd {more}| PyTorch / backend, fwd+bwd |")
+            print("|---|---:|---|" + "---:|" * (10 if FLAGS.grouped else 7))
             for row in conv_rows(name, FLAGS.batch, FLAGS.steps, FLAGS.grouped):
                 print(row, flush=True)
             print()
