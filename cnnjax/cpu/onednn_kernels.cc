@@ -225,7 +225,8 @@ const Conv& Cached(int kind, memory::data_type dt, const Geometry& g) {
 
 // Per-thread buffers (grown, never shrunk): 0 the scratchpad, 1 the blocked kernel, 2-4 the source, kernel and
 // output of a kernel gradient run as a forward convolution (WgradSlice); 2 also the input patches of
-// WgradMatmulSlice and the gathered input of StridedPointwiseWgradSlice.
+// WgradMatmulSlice and the gathered input of StridedPointwiseWgradSlice; 2 and 3 also the float32 input and output
+// gradient of DepthwiseWgradSlice.
 #ifdef CNNJAX_ONEDNN_TEST_BUFFERS
 // tests/cpu_native/buffer_bounds.cc builds this file with buffers of its own that end at an unmapped page.
 void* TestThreadBuffer(int which, size_t bytes);
