@@ -16,9 +16,8 @@ A block adds its input back (after stochastic depth, row mode) iff stride 1 and 
 block ``b`` of ``B`` (counted over all stages from 0) drops with ``stochastic_depth_prob * b / B``.
 BatchNorm: torch's defaults (eps 1e-5, momentum 0.1) for B0-B4; eps 1e-3 and momentum 0.01 for B5-B7
 (their weights come from TensorFlow); eps 1e-3, momentum 0.1 for V2. Init as torchvision: convs
-``kaiming_normal(fan_out)``, linear ``U(-1/sqrt(out), 1/sqrt(out))`` with zero bias; except the
-squeeze-excitation ``fc1`` / ``fc2``, which keep :class:`cnnjax.layers.SqueezeExcitation`'s torch-default init
-(torchvision re-initialises them ``kaiming_normal(fan_out)`` with zero bias).
+``kaiming_normal(fan_out)`` with zero bias (squeeze-excitation's too), linear ``U(-1/sqrt(out), 1/sqrt(out))``
+with zero bias.
 ``WEIGHTS`` are torchvision's ``IMAGENET1K_V1`` files; note that V2-L's expect inputs normalised with
 mean = std = 0.5 rather than ImageNet's statistics.
 """
@@ -44,6 +43,7 @@ from cnnjax.layers import (
     SqueezeExcitation,
     StochasticDepth,
     global_avg_pool,
+    kaiming_normal_fan_out,
     make_divisible,
     silu,
 )
@@ -130,7 +130,8 @@ class MBConv(nn.Module):
             i += 1
         y = ConvNormAct(expanded, self.kernel, self.stride, groups=expanded, activation=silu, **norm,
                         name=f"block.{i}")(y, train)
-        y = SqueezeExcitation(max(1, cin // 4), activation=silu, name=f"block.{i + 1}")(y)
+        y = SqueezeExcitation(max(1, cin // 4), activation=silu, kernel_init=kaiming_normal_fan_out,
+                              bias_init=nn.initializers.zeros, name=f"block.{i + 1}")(y)
         y = ConvNormAct(self.out_channels, 1, activation=None, **norm, name=f"block.{i + 2}")(y, train)
         if self.stride == 1 and cin == self.out_channels:
             y = StochasticDepth(self.stochastic_depth_rate)(y, train) + x
