@@ -130,7 +130,7 @@ SHORTCUT_MARKER = "downsample"  # modules on a parallel projection branch, skipp
 
 
 def _spatial_op(module: nn.Module) -> SpatialOp:
-    pair = layers.core._pair
+    pair = layers.core.int_pair
     if isinstance(module, layers.Conv):
         return SpatialOp(pair(module.kernel_size, "k"), pair(module.stride, "s"), pair(module.dilation, "d"))
     stride = module.stride if module.stride is not None else module.window

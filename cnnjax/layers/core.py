@@ -50,7 +50,7 @@ def torch_default_bias_init(fan_in: int) -> Initializer:
     return init
 
 
-def _pair(value: IntPair, what: str) -> tuple[int, int]:
+def int_pair(value: IntPair, what: str) -> tuple[int, int]:
     if isinstance(value, int):
         return (value, value)
     if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
@@ -65,13 +65,13 @@ def canonical_padding(padding: Padding) -> str | tuple[tuple[int, int], tuple[in
         if mode not in ("SAME", "VALID"):
             raise UsageError(f"padding must be 'SAME', 'VALID', an int or (ph, pw); got {padding!r}")
         return mode
-    ph, pw = _pair(padding, "padding")
+    ph, pw = int_pair(padding, "padding")
     if ph < 0 or pw < 0:
         raise UsageError(f"padding must be non-negative, got {padding!r}")
     return ((ph, ph), (pw, pw))
 
 
-def _check_nhwc(x: Array, layer: str) -> None:
+def check_nhwc(x: Array, layer: str) -> None:
     if x.ndim != 4:
         raise UsageError(f"{layer} expects an [N, H, W, C] array, got shape {tuple(x.shape)}")
 
@@ -97,8 +97,8 @@ class Conv(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        _check_nhwc(x, "Conv")
-        kh, kw = _pair(self.kernel_size, "kernel_size")
+        check_nhwc(x, "Conv")
+        kh, kw = int_pair(self.kernel_size, "kernel_size")
         in_features = x.shape[-1]
         if in_features % self.groups or self.features % self.groups:
             raise UsageError(
@@ -108,8 +108,8 @@ class Conv(nn.Module):
         kernel_shape = (kh, kw, in_features // self.groups, self.features)
         kernel = self.param("kernel", self.kernel_init, kernel_shape, jnp.float32)
         dtype = self.dtype or x.dtype
-        y = conv2d(x.astype(dtype), kernel.astype(dtype), _pair(self.stride, "stride"),
-                   canonical_padding(self.padding), _pair(self.dilation, "dilation"), self.groups,
+        y = conv2d(x.astype(dtype), kernel.astype(dtype), int_pair(self.stride, "stride"),
+                   canonical_padding(self.padding), int_pair(self.dilation, "dilation"), self.groups,
                    self.precision)
         if self.use_bias:
             fan_in = kh * kw * in_features // self.groups
@@ -213,10 +213,10 @@ def batch_norm_train(x: Array, scale: Array, bias: Array, epsilon: float,
 
 
 def _pool_geometry(x: Array, window: IntPair, stride: IntPair | None, padding: IntPair, name: str):
-    _check_nhwc(x, name)
-    kh, kw = _pair(window, "window")
-    sh, sw = _pair(stride if stride is not None else (kh, kw), "stride")
-    ph, pw = _pair(padding, "padding")
+    check_nhwc(x, name)
+    kh, kw = int_pair(window, "window")
+    sh, sw = int_pair(stride if stride is not None else (kh, kw), "stride")
+    ph, pw = int_pair(padding, "padding")
     if 2 * ph > kh or 2 * pw > kw:
         raise UsageError(f"{name}: padding {(ph, pw)} must be at most half the window {(kh, kw)} (torch rule)")
     dims = (1, kh, kw, 1)
@@ -284,7 +284,7 @@ def avg_pool(
 
 def global_avg_pool(x: Array) -> Array:
     """``[N, H, W, C] -> [N, C]``: mean over the spatial axes (torch ``AdaptiveAvgPool2d(1)`` + flatten)."""
-    _check_nhwc(x, "global_avg_pool")
+    check_nhwc(x, "global_avg_pool")
     return jnp.mean(x, axis=(1, 2))
 
 
@@ -293,8 +293,8 @@ def adaptive_avg_pool(x: Array, output_size: IntPair) -> Array:
 
     Bin ``i`` along an axis of length ``L`` covers ``[floor(i L / o), ceil((i + 1) L / o))``.
     """
-    _check_nhwc(x, "adaptive_avg_pool")
-    oh, ow = _pair(output_size, "output_size")
+    check_nhwc(x, "adaptive_avg_pool")
+    oh, ow = int_pair(output_size, "output_size")
     h, w = x.shape[1:3]
     if h % oh == 0 and w % ow == 0:
         return avg_pool(x, (h // oh, w // ow))

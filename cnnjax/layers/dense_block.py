@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnjax.errors import UsageError
-from cnnjax.layers.core import BatchNorm, Conv, Dropout, _check_nhwc, avg_pool
+from cnnjax.layers.core import BatchNorm, Conv, Dropout, check_nhwc, avg_pool
 
 Array = jax.Array
 
@@ -39,7 +39,7 @@ class DenseLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        _check_nhwc(x, "DenseLayer")
+        check_nhwc(x, "DenseLayer")
         y = nn.relu(BatchNorm(axis_name=self.axis_name, name="norm1")(x, train))
         y = Conv(self.bn_size * self.growth_rate, 1, use_bias=False, kernel_init=kaiming_normal_fan_in,
                  name="conv1")(y)
@@ -62,7 +62,7 @@ class DenseBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        _check_nhwc(x, "DenseBlock")
+        check_nhwc(x, "DenseBlock")
         if self.num_layers < 1:
             raise UsageError(f"DenseBlock needs at least one layer, got num_layers={self.num_layers}")
         for k in range(1, self.num_layers + 1):
@@ -81,7 +81,7 @@ class Transition(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        _check_nhwc(x, "Transition")
+        check_nhwc(x, "Transition")
         if min(x.shape[1:3]) < 2:
             raise UsageError(f"Transition needs a feature map of at least 2x2 (a 2x2 average pool), got "
                              f"{tuple(x.shape[1:3])}")

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 
 from cnnjax.errors import UsageError
-from cnnjax.layers.core import BatchNorm, Conv, _check_nhwc, kaiming_normal_fan_out
+from cnnjax.layers.core import BatchNorm, Conv, check_nhwc, kaiming_normal_fan_out
 from cnnjax.layers.mobile import ConvNormAct, SqueezeExcitation, hardsigmoid, hardswish, make_divisible, relu6
 
 Array = jax.Array
@@ -37,7 +37,7 @@ class InvertedResidual(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        _check_nhwc(x, "InvertedResidual")
+        check_nhwc(x, "InvertedResidual")
         if self.stride not in (1, 2):
             raise UsageError(f"InvertedResidual: stride must be 1 or 2, got {self.stride}")
         channels = x.shape[-1]
@@ -84,7 +84,7 @@ class InvertedResidualV3(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool) -> Array:
-        _check_nhwc(x, "InvertedResidualV3")
+        check_nhwc(x, "InvertedResidualV3")
         if self.stride not in (1, 2):
             raise UsageError(f"InvertedResidualV3: stride must be 1 or 2, got {self.stride}")
         channels = x.shape[-1]

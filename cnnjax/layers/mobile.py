@@ -22,7 +22,7 @@ from cnnjax.layers.core import (
     Conv,
     IntPair,
     Padding,
-    _check_nhwc,
+    check_nhwc,
     kaiming_normal_fan_out,
     torch_default_kernel_init,
 )
@@ -75,7 +75,7 @@ class SqueezeExcitation(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        _check_nhwc(x, "SqueezeExcitation")
+        check_nhwc(x, "SqueezeExcitation")
         conv = functools.partial(Conv, kernel_size=1, kernel_init=self.kernel_init, bias_init=self.bias_init)
         scale = jnp.mean(x, axis=(1, 2), keepdims=True)
         scale = self.activation(conv(self.squeeze_channels, name="fc1")(scale))
@@ -126,7 +126,7 @@ class ChannelLayerNorm(nn.Module):
 def channel_shuffle(x: Array, groups: int) -> Array:
     """ShuffleNet's channel shuffle on ``[N, H, W, C]``: channel ``g * (C / groups) + i`` moves to
     ``i * groups + g``, as torch's ``view(N, groups, C / groups, H, W).transpose(1, 2)`` on NCHW."""
-    _check_nhwc(x, "channel_shuffle")
+    check_nhwc(x, "channel_shuffle")
     n, h, w, c = x.shape
     if c % groups:
         raise UsageError(f"channel_shuffle: {c} channels do not split into {groups} groups")

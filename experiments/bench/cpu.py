@@ -153,18 +153,18 @@ def main(argv):
         saved = read_saved_result(FLAGS.render, "experiments.bench.cpu")
         print(markdown(saved["rows"], saved["meta"]))
         return
-    rows = [row for name in FLAGS.models for row in (ZOO_ROWS if name == "zoo" else (name,))]
-    unknown = [n for n in rows if n not in SHAPES] + [s for s in FLAGS.sides if s not in SIDES]
+    models = [row for name in FLAGS.models for row in (ZOO_ROWS if name == "zoo" else (name,))]
+    unknown = [n for n in models if n not in SHAPES] + [s for s in FLAGS.sides if s not in SIDES]
     if unknown or not FLAGS.models or not FLAGS.sides or FLAGS.rounds < 1 or FLAGS.steps < 1:
         raise UsageError(f"--models must name bench rows ({', '.join(SHAPES)}), --sides some of {', '.join(SIDES)}, "
                          f"--rounds and --steps be >= 1; got {unknown or 'an empty list or a count below 1'}")
     meta = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "command": " ".join(sys.argv),
-            "models": rows, "sides": list(FLAGS.sides), "batch": FLAGS.batch, "steps": FLAGS.steps,
+            "models": models, "sides": list(FLAGS.sides), "batch": FLAGS.batch, "steps": FLAGS.steps,
             "warmup": FLAGS.warmup, "about": {}}
     rows: list[dict] = []
     for round_ in range(1, FLAGS.rounds + 1):
         for side in FLAGS.sides:  # alternated within the round: a slow spell hits every side
-            result = run_side(side, rows, FLAGS.batch, FLAGS.steps, FLAGS.warmup)
+            result = run_side(side, models, FLAGS.batch, FLAGS.steps, FLAGS.warmup)
             rows.append({"round": round_, "side": side, "img_s": result["img_s"]})
             meta["about"][side] = result["about"]
             print(f"# round {round_}, {side}: " + ", ".join(f"{n} {v:.0f}" for n, v in result["img_s"].items()),
