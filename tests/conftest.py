@@ -69,3 +69,12 @@ def pytest_testnodedown(node, error):
     from tests.parity import REPORT
 
     REPORT.update(getattr(node, "workeroutput", {}).get("parity", {}))
+
+
+def pytest_collection_modifyitems(items):
+    """Each zoo family's odd-size parity runs on both paths; its plain-XLA run is under ``-m slow`` by default, as the
+    family's 224x224 run is on that path already (``tests/test_zoo_*.py``)."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if item.path.name.startswith("test_zoo_") and "odd_size" in item.name and params.get("path") == "xla":
+            item.add_marker(pytest.mark.slow)

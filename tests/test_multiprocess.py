@@ -80,7 +80,9 @@ def assert_rows_close(ra, rb, tol=1e-5):
             np.testing.assert_allclose(x[key], y[key], atol=tol, rtol=0, err_msg=f"epoch {x['epoch']} {key}")
 
 
-@pytest.mark.parametrize("mode", ["sharded", "pmap"])
+# pmap across processes and the resume from two processes to one run with -m slow (the default suite keeps the
+# sharded step and the resume from one process to two).
+@pytest.mark.parametrize("mode", ["sharded", pytest.param("pmap", marks=pytest.mark.slow)])
 def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path, mode):
     overrides = (f"--config.parallelism={mode}", "--config.num_epochs=3", "--config.optimizer=sgd",
                  "--config.learning_rate=0.05")
@@ -132,7 +134,8 @@ def test_sigterm_mid_epoch_then_relaunch_is_bit_identical(tmp_path):
         assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-6)  # partial sums regrouped
 
 
-@pytest.mark.parametrize("first,second", [((2, 2), (1, 1)), ((1, 1), (2, 2))], ids=["2x2_to_1x1", "1x1_to_2x2"])
+@pytest.mark.parametrize("first,second", [pytest.param((2, 2), (1, 1), marks=pytest.mark.slow), ((1, 1), (2, 2))],
+                         ids=["2x2_to_1x1", "1x1_to_2x2"])
 def test_elastic_resume_continues_the_same_global_batches(tmp_path, first, second):
     overrides = ("--config.parallelism=sharded", "--config.num_epochs=2", "--config.optimizer=sgd",
                  "--config.learning_rate=0.05")
@@ -147,6 +150,7 @@ def test_elastic_resume_continues_the_same_global_batches(tmp_path, first, secon
     assert_rows_close(rows(tmp_path / "ref"), rows(tmp_path / "run"))
 
 
+@pytest.mark.slow
 def test_evaluate_in_one_process_reads_a_two_process_workdir(tmp_path):
     train(2, 2, tmp_path, "--config.parallelism=pmap", "--config.num_epochs=2", "--config.optimizer=sgd",
           "--config.learning_rate=0.01")
