@@ -106,3 +106,10 @@ def check_model_parity(name: str, shape: tuple[int, int, int], batch: int, path:
         if "batch_stats" in variables:
             stats = port_twin(model, tm, shape, np.float64 if fp64 else np.float32)["batch_stats"]
             assert_parity(f"{label} train running stats", updated["batch_stats"], stats, stats_tol)
+
+
+def param_count(tree) -> int:
+    """Number of scalars in a tree of arrays or ``ShapeDtypeStruct``s (e.g. a model's abstract ``params``)."""
+    import jax
+
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(tree))

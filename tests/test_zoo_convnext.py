@@ -17,7 +17,7 @@ from cnnjax.models.convnext import CNBlock, ConvNeXt
 from experiments.bench import torch_zoo
 from experiments.bench.torch_zoo import convnext as twins
 from tests.onednn_marks import use_path
-from tests.parity import assert_parity, nchw, nhwc, port_twin
+from tests.parity import assert_parity, nchw, nhwc, param_count, port_twin
 
 PARAM_COUNTS = {
     "convnext_tiny": 28_589_128,
@@ -27,9 +27,6 @@ PARAM_COUNTS = {
 }
 DEFAULT_SD_PROB = {"convnext_tiny": 0.1, "convnext_small": 0.4, "convnext_base": 0.5, "convnext_large": 0.5}
 
-
-def _count(tree) -> int:
-    return sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(tree))
 
 
 def test_registry_has_the_family_and_weight_files():
@@ -49,7 +46,7 @@ def test_parameter_count(name):
     x = jnp.zeros((1, *models.DEFAULT_INPUT_SHAPES[name]), jnp.float32)
     abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
     assert set(abstract) == {"params"}
-    assert _count(abstract["params"]) == PARAM_COUNTS[name]
+    assert param_count(abstract["params"]) == PARAM_COUNTS[name]
 
 
 @pytest.mark.parametrize("name", list(PARAM_COUNTS))

@@ -16,7 +16,7 @@ from cnnjax.layers.dense_block import DenseBlock, DenseLayer, Transition
 from experiments.bench import torch_zoo
 from experiments.bench.torch_zoo import densenet as tv_densenet
 from tests.onednn_marks import use_path
-from tests.parity import assert_parity, check_model_parity, nchw, nhwc, variables_of
+from tests.parity import assert_parity, check_model_parity, nchw, nhwc, param_count, variables_of
 
 PARAM_COUNTS = {
     "densenet121": 7_978_856,
@@ -26,9 +26,6 @@ PARAM_COUNTS = {
 }
 NO_DROPOUT = {"jax_kwargs": {"dropout_rate": 0.0}, "torch_kwargs": {"drop_rate": 0.0}}
 
-
-def _count(tree) -> int:
-    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(tree))
 
 
 def test_registered_with_weight_files():
@@ -43,7 +40,7 @@ def test_parameter_count(name):
     model = models.create(name)
     shape = models.DEFAULT_INPUT_SHAPES[name]
     variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)), train=False))
-    assert _count(variables["params"]) == PARAM_COUNTS[name]
+    assert param_count(variables["params"]) == PARAM_COUNTS[name]
 
 
 @pytest.mark.parametrize("name", list(PARAM_COUNTS))

@@ -18,7 +18,7 @@ from cnnjax.port.torchvision import convert
 from experiments.bench import torch_zoo
 from experiments.bench.torch_zoo import googlenet as googlenet_twin
 from tests.onednn_marks import use_path
-from tests.parity import assert_parity, check_model_parity, nchw, nhwc, port_twin
+from tests.parity import assert_parity, check_model_parity, nchw, nhwc, param_count, port_twin
 
 # torchvision's figures (1000 classes); the aux variants are the twins' counts with aux_logits=True (Inception v3's
 # equals torchvision's IMAGENET1K_V1 num_params, whose file carries the aux head).
@@ -43,9 +43,6 @@ def _abstract(name: str, shape: tuple[int, int, int], train: bool = False, **kwa
     return jax.eval_shape(lambda: model.init(rngs, jnp.zeros((1, *shape)), train=train))
 
 
-def _count(tree) -> int:
-    return sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(tree))
-
 
 # Inception v3's train-mode logits amplify float32 rounding through 94 BatchNorms over small maps (batch 2): they
 # agree to ~8e-5 on logits of ~1 at 161x141 (test_inception_v3_parity_fp64 checks train mode in float64).
@@ -62,7 +59,7 @@ def _parity(name: str, shape: tuple[int, int, int], path: str, **kwargs) -> None
 @pytest.mark.parametrize("name, aux", list(PARAM_COUNTS))
 def test_parameter_count(name, aux):
     shape = models.DEFAULT_INPUT_SHAPES[name]
-    assert _count(_abstract(name, shape, aux_logits=aux)["params"]) == PARAM_COUNTS[name, aux]
+    assert param_count(_abstract(name, shape, aux_logits=aux)["params"]) == PARAM_COUNTS[name, aux]
 
 
 @pytest.mark.parametrize("name, aux", list(PARAM_COUNTS))
@@ -217,4 +214,4 @@ def test_official_file_layout_ports(name):
     state_dict = {k: v.numpy() for k, v in twin.state_dict().items()}
     model, variables = convert(name, state_dict)
     assert model.aux_logits and model.transform_input and model.num_classes == 1000
-    assert _count(variables["params"]) == PARAM_COUNTS[name, True]
+    assert param_count(variables["params"]) == PARAM_COUNTS[name, True]

@@ -19,7 +19,7 @@ from cnnjax.layers.inverted_residual import InvertedResidual, InvertedResidualV3
 from experiments.bench import torch_zoo
 from experiments.bench.torch_zoo import mobilenet as tv_mobilenet
 from tests.onednn_marks import use_path
-from tests.parity import assert_parity, check_model_parity, nchw, nhwc, port_twin, variables_of
+from tests.parity import assert_parity, check_model_parity, nchw, nhwc, param_count, port_twin, variables_of
 
 PARAM_COUNTS = {
     "mobilenet_v2": 3_504_872,
@@ -32,9 +32,6 @@ PARAM_COUNTS = {
 }
 NO_DROPOUT = {"jax_kwargs": {"dropout_rate": 0.0}, "torch_kwargs": {"dropout": 0.0}}
 
-
-def _count(tree) -> int:
-    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(tree))
 
 
 def test_registered_with_weight_files():
@@ -56,7 +53,7 @@ def test_parameter_count(name):
     model = models.create(name)
     shape = models.DEFAULT_INPUT_SHAPES[name]
     variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)), train=False))
-    assert _count(variables["params"]) == PARAM_COUNTS[name]
+    assert param_count(variables["params"]) == PARAM_COUNTS[name]
 
 
 @pytest.mark.parametrize("name", list(PARAM_COUNTS))

@@ -13,7 +13,7 @@ from cnnjax.layers import channel_shuffle
 from experiments.bench import torch_zoo
 from experiments.bench.torch_zoo import shufflenetv2 as twin
 from tests.onednn_marks import use_path
-from tests.parity import check_model_parity, nchw, nhwc
+from tests.parity import check_model_parity, nchw, nhwc, param_count
 
 # torchvision's figures (1000 classes).
 PARAM_COUNTS = {
@@ -29,14 +29,11 @@ def _abstract(name: str, shape: tuple[int, int, int], **kwargs):
     return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)), train=False))
 
 
-def _count(tree) -> int:
-    return sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(tree))
-
 
 @pytest.mark.parametrize("name", list(PARAM_COUNTS))
 def test_parameter_count(name):
     assert models.DEFAULT_INPUT_SHAPES[name] == (224, 224, 3)
-    assert _count(_abstract(name, (224, 224, 3))["params"]) == PARAM_COUNTS[name]
+    assert param_count(_abstract(name, (224, 224, 3))["params"]) == PARAM_COUNTS[name]
 
 
 @pytest.mark.parametrize("name", list(PARAM_COUNTS))

@@ -16,7 +16,7 @@ from cnnjax.errors import UsageError
 from cnnjax.layers import max_pool
 from experiments.bench import torch_zoo
 from tests.onednn_marks import use_path
-from tests.parity import assert_parity, check_model_parity, nchw, nhwc, port_twin
+from tests.parity import assert_parity, check_model_parity, nchw, nhwc, param_count, port_twin
 
 PARAM_COUNTS = {
     "squeezenet1_0": 1_248_424,
@@ -31,9 +31,6 @@ WEIGHT_FILES = {
 NO_DROPOUT = {"jax_kwargs": {"dropout_rate": 0.0}, "torch_kwargs": {"dropout": 0.0}}
 
 
-def _count(tree) -> int:
-    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(tree))
-
 
 def test_registered_with_weight_files():
     files = models.weight_files()
@@ -45,7 +42,7 @@ def test_parameter_count(name):
     model = models.create(name)
     shape = models.DEFAULT_INPUT_SHAPES[name]
     variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)), train=False))
-    assert _count(variables["params"]) == PARAM_COUNTS[name]
+    assert param_count(variables["params"]) == PARAM_COUNTS[name]
 
 
 @pytest.mark.parametrize("name", list(PARAM_COUNTS))
