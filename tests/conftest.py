@@ -71,10 +71,19 @@ def pytest_testnodedown(node, error):
     REPORT.update(getattr(node, "workeroutput", {}).get("parity", {}))
 
 
+# test_models.py's models that also run at 224x224 on plain XLA (test_family_parity_at_imagenet_size).
+AT_IMAGENET_SIZE = ("vgg11_bn", "resnet18", "resnext50_32x4d", "wide_resnet50_2")
+
+
 def pytest_collection_modifyitems(items):
-    """Each zoo family's odd-size parity runs on both paths; its plain-XLA run is under ``-m slow`` by default, as the
-    family's 224x224 run is on that path already (``tests/test_zoo_*.py``)."""
+    """A family's reduced-size parity runs on both paths; its plain-XLA run is under ``-m slow`` by default where the
+    family's 224x224 run is on that path already (``tests/test_zoo_*.py``, and the models of AT_IMAGENET_SIZE)."""
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
-        if item.path.name.startswith("test_zoo_") and "odd_size" in item.name and params.get("path") == "xla":
+        if params.get("path") != "xla":
+            continue
+        zoo_odd_size = item.path.name.startswith("test_zoo_") and "odd_size" in item.name
+        imagenet_family = item.path.name == "test_models.py" and item.originalname == "test_model_parity_with_torch" \
+            and params.get("name") in AT_IMAGENET_SIZE
+        if zoo_odd_size or imagenet_family:
             item.add_marker(pytest.mark.slow)
