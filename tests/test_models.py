@@ -110,9 +110,9 @@ PARITY_CASES = [
     pytest.param("resnet152", (128, 128, 3), 4, marks=pytest.mark.slow),
     ("resnext50_32x4d", (97, 97, 3), 2),
     ("wide_resnet50_2", (71, 89, 3), 2),
-    pytest.param("resnext101_32x8d", (64, 64, 3), 2, marks=pytest.mark.slow),
-    pytest.param("resnext101_64x4d", (64, 64, 3), 2, marks=pytest.mark.slow),
-    pytest.param("wide_resnet101_2", (64, 64, 3), 2, marks=pytest.mark.slow),
+    pytest.param("resnext101_32x8d", (128, 128, 3), 4, marks=pytest.mark.slow),
+    pytest.param("resnext101_64x4d", (128, 128, 3), 4, marks=pytest.mark.slow),
+    pytest.param("wide_resnet101_2", (128, 128, 3), 4, marks=pytest.mark.slow),
     pytest.param("vgg13", (64, 64, 3), 2, marks=pytest.mark.slow),
     pytest.param("vgg13_bn", (64, 64, 3), 2, marks=pytest.mark.slow),
     pytest.param("vgg19", (64, 64, 3), 2, marks=pytest.mark.slow),
@@ -179,7 +179,8 @@ def test_model_parity_with_torch(name, shape, batch, path):
 # its fp64 logits by 2.8e-4 (resnet101) and 1.3e-3 (resnet152) on these inputs, so no fp32
 # implementation can meet 1e-4 against torch fp32. These are checked in fp64 (<= 1e-9), and in
 # fp32 to within torch's own fp32 error.
-ILL_CONDITIONED_TRAIN = {"resnet101": 5e-4, "resnet152": 2e-3}
+ILL_CONDITIONED_TRAIN = {"resnet101": 5e-4, "resnet152": 2e-3, "resnext101_32x8d": 5e-4, "resnext101_64x4d": 5e-4,
+                         "wide_resnet101_2": 5e-4}
 
 
 def _check_train_parity_fp64(label, model, variables, tm, x):
