@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnjax.errors import UsageError
-from cnnjax.layers.core import BatchNorm, Conv, Dropout, check_nhwc, avg_pool
+from cnnjax.layers.core import BatchNorm, Conv, Dropout, avg_pool, check_nhwc
 
 Array = jax.Array
 
