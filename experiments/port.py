@@ -65,21 +65,24 @@ def main(argv):
     from cnnjax import checkpoint
     from cnnjax.io import write_json_atomic
     from cnnjax.port import convert, read_state_dict
-    from cnnjax.port.torchvision import ported_kwargs
+    from cnnjax.port.torchvision import ARCHS, ported_kwargs, renamed_legacy_keys
 
     if not FLAGS.arch or not FLAGS.out:
         raise UsageError("--arch and --out are required")
     if bool(FLAGS.weights) == FLAGS.download:
         raise UsageError("pass exactly one of --weights FILE or --download")
     path = download(FLAGS.arch, FLAGS.cache_dir) if FLAGS.download else FLAGS.weights
-    state_dict = read_state_dict(path)
-    model, variables = convert(FLAGS.arch, state_dict)  # strict: fails before anything is written
+    if FLAGS.arch not in ARCHS:
+        raise UsageError(f"unknown --arch {FLAGS.arch!r}; choose one of: {', '.join(ARCHS)}")
+    state_dict = renamed_legacy_keys(read_state_dict(path))
+    kwargs = ported_kwargs(FLAGS.arch, state_dict)
+    model, variables = convert(FLAGS.arch, state_dict, kwargs)  # strict: fails before anything is written
     if checkpoint.steps(FLAGS.out):
         raise UsageError(f"{FLAGS.out} already holds checkpoints; choose a new --out")
     os.makedirs(FLAGS.out, exist_ok=True)
     num_classes = model.num_classes
     write_json_atomic(os.path.join(FLAGS.out, "config.json"), {
-        "model": {"name": FLAGS.arch, "kwargs": ported_kwargs(FLAGS.arch, state_dict)}, "num_classes": num_classes,
+        "model": {"name": FLAGS.arch, "kwargs": kwargs}, "num_classes": num_classes,
         "data": {"name": "imagenet", "source_weights": os.path.abspath(path)}})
     checkpoint.save(FLAGS.out, 0, variables, {"epoch": 0, "ported_from": os.path.abspath(path)})
     n = sum(int(v.size) for v in __import__("jax").tree_util.tree_leaves(variables["params"]))

@@ -100,7 +100,6 @@ class InvertedResidualV3(nn.Module):
         index += 1
         if self.use_se:
             y = SqueezeExcitation(make_divisible(self.expanded // 4, 8), scale_activation=hardsigmoid,
-                                  kernel_init=kaiming_normal_fan_out, bias_init=nn.initializers.zeros,
                                   name=f"block.{index}")(y)
             index += 1
         y = ConvNormAct(self.features, 1, activation=None, **norm, name=f"block.{index}")(y, train)

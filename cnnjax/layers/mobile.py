@@ -24,7 +24,6 @@ from cnnjax.layers.core import (
     Padding,
     check_nhwc,
     kaiming_normal_fan_out,
-    torch_default_kernel_init,
 )
 
 Array = jax.Array
@@ -63,15 +62,16 @@ class SqueezeExcitation(nn.Module):
     """``torchvision.ops.SqueezeExcitation``: ``x * scale_activation(fc2(activation(fc1(mean_hw(x)))))``.
 
     ``[N, H, W, C] -> [N, H, W, C]``; ``fc1`` / ``fc2`` are 1x1 convolutions with bias (``C -> squeeze_channels
-    -> C``). MobileNetV3 uses ``scale_activation=hardsigmoid``; EfficientNet ``activation=silu``; RegNet the
-    defaults (ReLU, sigmoid).
+    -> C``), initialised kaiming-normal (fan-out) with zero bias. MobileNetV3 uses
+    ``scale_activation=hardsigmoid``; EfficientNet ``activation=silu``; RegNet the defaults (ReLU, sigmoid).
     """
 
     squeeze_channels: int
     activation: Activation = nn.relu
     scale_activation: Activation = jax.nn.sigmoid
-    kernel_init: Any = torch_default_kernel_init
-    bias_init: Any = None  # None: torch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    # torchvision's MobileNetV3, EfficientNet and RegNet all re-initialise these convs so.
+    kernel_init: Any = kaiming_normal_fan_out
+    bias_init: Any = nn.initializers.zeros
 
     @nn.compact
     def __call__(self, x: Array) -> Array:

@@ -43,7 +43,6 @@ from cnnjax.layers import (
     SqueezeExcitation,
     StochasticDepth,
     global_avg_pool,
-    kaiming_normal_fan_out,
     make_divisible,
     silu,
 )
@@ -130,8 +129,7 @@ class MBConv(nn.Module):
             i += 1
         y = ConvNormAct(expanded, self.kernel, self.stride, groups=expanded, activation=silu, **norm,
                         name=f"block.{i}")(y, train)
-        y = SqueezeExcitation(max(1, cin // 4), activation=silu, kernel_init=kaiming_normal_fan_out,
-                              bias_init=nn.initializers.zeros, name=f"block.{i + 1}")(y)
+        y = SqueezeExcitation(max(1, cin // 4), activation=silu, name=f"block.{i + 1}")(y)
         y = ConvNormAct(self.out_channels, 1, activation=None, **norm, name=f"block.{i + 2}")(y, train)
         if self.stride == 1 and cin == self.out_channels:
             y = StochasticDepth(self.stochastic_depth_rate)(y, train) + x

@@ -32,7 +32,6 @@ from cnnjax.layers import (
     Dense,
     SqueezeExcitation,
     global_avg_pool,
-    kaiming_normal_fan_out,
     make_divisible,
 )
 
@@ -100,8 +99,7 @@ class BottleneckTransform(nn.Module):
         x = conv(w_b, 1, name="a")(x, train)
         x = conv(w_b, 3, self.stride, groups=w_b // self.group_width, name="b")(x, train)
         if self.se_ratio:
-            x = SqueezeExcitation(int(round(self.se_ratio * width_in)), kernel_init=kaiming_normal_fan_out,
-                                  bias_init=nn.initializers.zeros, name="se")(x)
+            x = SqueezeExcitation(int(round(self.se_ratio * width_in)), name="se")(x)
         return conv(self.width_out, 1, activation=None, name="c")(x, train)
 
 

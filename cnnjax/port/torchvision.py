@@ -146,7 +146,9 @@ def _abstract(arch: str, num_classes: int, **kwargs: Any) -> dict:
 
 
 def head_keys(arch: str, **kwargs: Any) -> list[str]:
-    """The torch keys whose shapes follow the number of classes (the classifier), sorted."""
+    """The torch keys whose shapes follow the number of classes (the classifier's weights), sorted. (Finer than
+    :func:`cnnjax.transfer.stage_layout`'s head, which is whole top-level modules: GoogLeNet's ``aux1`` holds
+    class-independent convs too.)"""
     a, b = torch_layout(_abstract(arch, 1000, **kwargs)), torch_layout(_abstract(arch, 1001, **kwargs))
     return sorted(k for k in a if a[k].torch_shape != b[k].torch_shape)
 
@@ -174,14 +176,15 @@ def renamed_legacy_keys(state_dict: Mapping[str, Any]) -> dict[str, Any]:
             for k, v in state_dict.items()}
 
 
-def convert(arch: str, state_dict: Mapping[str, Any]) -> tuple[Any, dict]:
+def convert(arch: str, state_dict: Mapping[str, Any], kwargs: dict[str, Any] | None = None) -> tuple[Any, dict]:
     """``(model, variables)`` for torchvision ``arch`` from an in-memory state dict (strict: one
     :class:`PortError` lists every missing, unexpected and mis-shaped key before anything is converted).
-    The number of classes is read from the classifier's weight; the options from :func:`ported_kwargs`."""
+    The number of classes is read from the classifier's weight; the model options are ``kwargs``, by default
+    :func:`ported_kwargs`."""
     if arch not in ARCHS:
         raise PortError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)}")
     state_dict = renamed_legacy_keys(state_dict)
-    kwargs = ported_kwargs(arch, state_dict)
+    kwargs = ported_kwargs(arch, state_dict) if kwargs is None else kwargs
     heads = [k for k in head_keys(arch, **kwargs) if k.endswith(".weight") and k in state_dict]
     num_classes = int(np.shape(state_dict[heads[0]])[0]) if heads else 1000
     model = models.create(arch, num_classes=num_classes, **kwargs)
